@@ -1,0 +1,266 @@
+"""Typed, validated hardware / quantization / energy configuration loaded from YAML.
+
+Every section is a frozen dataclass; the loader checks the YAML against the dataclass
+fields (unknown keys, missing keys, wrong types, out-of-range values, duplicate keys) and
+reports the first problem as one line naming the file and the key path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tpusim.errors import ConfigError
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass(frozen=True)
+class ArrayConfig:
+    rows: int = field(metadata=_range(1, 8192))
+    cols: int = field(metadata=_range(1, 8192))
+    clock_mhz: float = field(metadata=_range(0, None, lo_open=True))
+    datatype: Literal["int8", "fp32"]
+
+    @property
+    def element_bytes(self) -> int:
+        return 1 if self.datatype == "int8" else 4
+
+    @property
+    def clock_hz(self) -> float:
+        return self.clock_mhz * 1e6
+
+
+@dataclass(frozen=True)
+class WeightMemoryConfig:
+    technology: str
+    capacity_bytes: int = field(metadata=_range(1))
+    bandwidth_gb_s: float = field(metadata=_range(0, None, lo_open=True))
+    latency_cycles: int = field(metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class UnifiedBufferConfig:
+    capacity_bytes: int = field(metadata=_range(1))
+    width_bytes: int = field(metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class AccumulatorConfig:
+    entries: int = field(metadata=_range(1))
+    bits: int = field(metadata=_range(16, 64))
+    double_buffered: bool
+
+
+@dataclass(frozen=True)
+class WeightFifoConfig:
+    depth_tiles: int = field(metadata=_range(1, 1024))
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    bandwidth_gb_s: float = field(metadata=_range(0, None, lo_open=True))
+    latency_cycles: int = field(metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class ActivationUnitConfig:
+    lanes: int = field(metadata=_range(1))
+    per_channel_requant: Literal["native", "extra_pass"]
+    pipeline_latency_cycles: int = field(metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    weights: Literal["per-tensor", "per-channel"]
+    activations: Literal["asymmetric-uint8", "symmetric-int8"]
+    calibration: Literal["minmax", "percentile", "entropy", "mse"]
+    percentile: float = field(metadata=_range(50, 100))
+    histogram_bins: int = field(metadata=_range(16, 1 << 20))
+    calibration_samples: int = field(metadata=_range(1, 100000))
+    seed: int = field(metadata=_range(0))
+    cross_layer_equalization: bool
+    bias_correction: bool
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    table: str
+    static_power_w: float = field(metadata=_range(0))
+    idle_pe_gated: bool
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    name: str
+    array: ArrayConfig
+    weight_memory: WeightMemoryConfig
+    unified_buffer: UnifiedBufferConfig
+    accumulators: AccumulatorConfig
+    weight_fifo: WeightFifoConfig
+    host: HostConfig
+    activation_unit: ActivationUnitConfig
+    quant: QuantConfig
+    energy: EnergyConfig
+
+    @property
+    def tile_bytes(self) -> int:
+        """One weight tile fills the array: rows x cols weights."""
+        return self.array.rows * self.array.cols * self.array.element_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **overrides: Any) -> "HardwareConfig":
+        """A copy with dotted-key overrides applied, e.g. ``replace(**{"array.rows": 128})``."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value, "override")
+        return from_dict(data, "override")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML silently keeps the last of two equal keys; this loader refuses them."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"{loader.name}: line {key_node.start_mark.line + 1}: duplicate key {key!r}"
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value: Any, tp: Any, meta: Any, where: str, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {path}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where, path)
+    if typing.get_origin(tp) is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {path}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {path}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {path}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {path}: expected a non-empty string, got {value!r}")
+        return value
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+        raise ConfigError(f"{where}: {path}: must be {bound}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: {path}: must be <= {hi}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: {path}: unknown key (expected one of {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            raise ConfigError(f"{where}: {path}: missing key")
+        values[name] = _check_value(data[name], hints[name], f.metadata, where, path)
+    return cls(**values)
+
+
+def from_dict(data: Any, where: str) -> HardwareConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    return _build(HardwareConfig, data, where)
+
+
+def _set_dotted(data: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])}: no such section")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"{where}: {key}: unknown key")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``array.rows=128`` -> ("array.rows", 128); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> HardwareConfig:
+    """Load and validate a YAML config; relative energy-table paths resolve against the file."""
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    try:
+        loader = _UniqueKeyLoader(text)
+        loader.name = where
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: {line}invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value, f"{where} (--set {key})")
+    energy = data.get("energy")
+    if isinstance(energy, dict) and isinstance(energy.get("table"), str):
+        table = Path(energy["table"])
+        if not table.is_absolute():
+            energy["table"] = str((path.parent / table).resolve())
+    return from_dict(data, where)

@@ -1,0 +1,111 @@
+"""Dtype-generic NCHW tensor operations in numpy, shared by the FP32 reference, the workload
+generators and the integer executor. They favour clarity; the hot integer paths use Numba kernels."""
+from __future__ import annotations
+
+import numpy as np
+
+from tpusim.ir import ConvAttrs, PoolAttrs
+
+
+def conv_output_hw(h: int, w: int, attrs: ConvAttrs) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = attrs.kernel, attrs.strides, attrs.pads, attrs.dilations
+    h_out = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    return h_out, w_out
+
+
+def pool_output_hw(h: int, w: int, attrs: PoolAttrs) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = attrs.kernel, attrs.strides, attrs.pads
+    rounding = np.ceil if attrs.ceil_mode else np.floor
+    h_out = int(rounding((h + pt + pb - kh) / sh)) + 1
+    w_out = int(rounding((w + pl + pr - kw) / sw)) + 1
+    if attrs.ceil_mode:
+        # ONNX: a window that starts inside the right/bottom padding is dropped.
+        if (h_out - 1) * sh >= h + pt:
+            h_out -= 1
+        if (w_out - 1) * sw >= w + pl:
+            w_out -= 1
+    return h_out, w_out
+
+
+def im2col(x: np.ndarray, attrs: ConvAttrs, pad_value: float | int = 0) -> np.ndarray:
+    """(B, C, H, W) -> (groups, B*Hout*Wout, C/groups*kh*kw), K ordered (c, kh, kw) like OIHW."""
+    b, c, h, w = x.shape
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = attrs.kernel, attrs.strides, attrs.pads, attrs.dilations
+    h_out, w_out = conv_output_hw(h, w, attrs)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=pad_value)
+    cols = np.empty((b, c, kh, kw, h_out, w_out), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            hs, ws = i * dh, j * dw
+            cols[:, :, i, j] = xp[:, :, hs : hs + sh * (h_out - 1) + 1 : sh, ws : ws + sw * (w_out - 1) + 1 : sw]
+    g = attrs.groups
+    cols = cols.reshape(b, g, c // g, kh, kw, h_out * w_out)
+    return np.ascontiguousarray(cols.transpose(1, 0, 5, 2, 3, 4).reshape(g, b * h_out * w_out, (c // g) * kh * kw))
+
+
+def col2nchw(y: np.ndarray, batch: int, h_out: int, w_out: int) -> np.ndarray:
+    """(groups, B*Hout*Wout, N/groups) -> (B, N, Hout, Wout)."""
+    g, _, n = y.shape
+    return np.ascontiguousarray(y.reshape(g, batch, h_out, w_out, n).transpose(1, 0, 4, 2, 3).reshape(batch, g * n, h_out, w_out))
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, attrs: ConvAttrs) -> np.ndarray:
+    """Float convolution via im2col + matmul; weight is OIHW."""
+    b, _, h, w = x.shape
+    h_out, w_out = conv_output_hw(h, w, attrs)
+    g = attrs.groups
+    cols = im2col(x, attrs)
+    wmat = weight.reshape(g, weight.shape[0] // g, -1)
+    y = np.matmul(cols, wmat.transpose(0, 2, 1))
+    out = col2nchw(y, b, h_out, w_out)
+    if bias is not None:
+        out = out + bias.reshape(1, -1, 1, 1).astype(out.dtype)
+    return out
+
+
+def _pool_windows(x: np.ndarray, attrs: PoolAttrs, pad_value: float) -> np.ndarray:
+    """(B, C, H, W) -> (B, C, Hout, Wout, kh*kw) windows, padded with pad_value."""
+    b, c, h, w = x.shape
+    (kh, kw), (sh, sw), (pt, pl, _, _) = attrs.kernel, attrs.strides, attrs.pads
+    h_out, w_out = pool_output_hw(h, w, attrs)
+    need_h = (h_out - 1) * sh + kh
+    need_w = (w_out - 1) * sw + kw
+    pb = max(0, need_h - h - pt)
+    pr = max(0, need_w - w - pl)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=pad_value)
+    win = np.empty((b, c, h_out, w_out, kh * kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            win[..., i * kw + j] = xp[:, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw]
+    return win
+
+
+def pool_counts(h: int, w: int, attrs: PoolAttrs) -> np.ndarray:
+    """Number of elements averaged per output window, (Hout, Wout)."""
+    ones = np.ones((1, 1, h, w), dtype=np.float64)
+    if attrs.count_include_pad:
+        (pt, pl, pb, pr) = attrs.pads
+        ones = np.pad(ones, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=1.0)
+        shifted = PoolAttrs(attrs.kernel, attrs.strides, (0, 0, 0, 0), attrs.ceil_mode, True)
+        return _pool_windows(ones, shifted, 0.0).sum(-1)[0, 0]
+    return _pool_windows(ones, attrs, 0.0).sum(-1)[0, 0]
+
+
+def maxpool(x: np.ndarray, attrs: PoolAttrs) -> np.ndarray:
+    lowest = np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.integer) else -np.inf
+    return _pool_windows(x, attrs, lowest).max(-1)
+
+
+def avgpool(x: np.ndarray, attrs: PoolAttrs) -> np.ndarray:
+    sums = _pool_windows(x.astype(np.float64), attrs, 0.0).sum(-1)
+    return (sums / pool_counts(x.shape[2], x.shape[3], attrs)).astype(x.dtype)
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
