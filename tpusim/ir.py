@@ -7,6 +7,7 @@ stored as (N, K) = (out_features, in_features), so every matrix layer computes
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -188,7 +189,7 @@ class CycleBreakdown:
     input_stall: int = 0
 
     def __add__(self, other: "CycleBreakdown") -> "CycleBreakdown":
-        return CycleBreakdown(*(a + b for a, b in zip(dataclasses_astuple(self), dataclasses_astuple(other))))
+        return CycleBreakdown(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,3 @@ class LayerCounts:
     host_out_bytes: int = 0       # PCIe unified buffer -> host
     wrapped_accumulations: int = 0  # outputs whose exact sum left the accumulator's range
 
-
-def dataclasses_astuple(obj) -> tuple:
-    import dataclasses
-
-    return tuple(getattr(obj, f.name) for f in dataclasses.fields(obj))
