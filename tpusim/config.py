@@ -77,6 +77,11 @@ class ActivationUnitConfig:
 
 
 @dataclass(frozen=True)
+class MappingConfig:
+    pack_groups: bool
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     weights: Literal["per-tensor", "per-channel"]
     activations: Literal["asymmetric-uint8", "symmetric-int8"]
@@ -106,6 +111,7 @@ class HardwareConfig:
     weight_fifo: WeightFifoConfig
     host: HostConfig
     activation_unit: ActivationUnitConfig
+    mapping: MappingConfig
     quant: QuantConfig
     energy: EnergyConfig
 
