@@ -1,0 +1,79 @@
+"""Small ONNX graphs built with onnx.helper for the tests, and an ONNX Runtime runner."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+
+class GraphBuilder:
+    """Append nodes one by one; ``model()`` returns a checked ModelProto with one float input."""
+
+    def __init__(self, input_shape, opset: int = 17, seed: int = 0, input_name: str = "input"):
+        self.input_shape = list(input_shape)
+        self.input_name = input_name
+        self.opset = opset
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}{self._count}"
+
+    def const(self, array, prefix: str = "c") -> str:
+        name = self.name(prefix)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def weight(self, shape, scale: float = 0.3) -> str:
+        return self.const((self.rng.standard_normal(shape) * scale).astype(np.float32), "w")
+
+    def node(self, op_type: str, inputs, n_outputs: int = 1, **attrs) -> str:
+        outputs = [self.name(op_type.lower()) for _ in range(n_outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=self.name(op_type + "_node"), **attrs))
+        return outputs[0]
+
+    def conv(self, x: str, c_in: int, c_out: int, k: int = 3, group: int = 1, bias: bool = True, **attrs) -> str:
+        inputs = [x, self.weight((c_out, c_in // group, k, k))]
+        if bias:
+            inputs.append(self.const((self.rng.standard_normal(c_out) * 0.1).astype(np.float32), "b"))
+        return self.node("Conv", inputs, group=group, **attrs)
+
+    def batchnorm(self, x: str, channels: int) -> str:
+        r = self.rng
+        params = [r.uniform(0.5, 2.0, channels), r.normal(0, 0.3, channels), r.normal(0, 0.5, channels),
+                  r.uniform(0.2, 3.0, channels)]
+        return self.node("BatchNormalization", [x] + [self.const(p.astype(np.float32), "bn") for p in params],
+                         epsilon=1e-5)
+
+    def model(self, outputs, batch_dim="batch", spatial=None) -> onnx.ModelProto:
+        outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+        shape = list(self.input_shape)
+        shape[0] = batch_dim
+        if spatial is not None:
+            shape[1:] = spatial
+        graph = helper.make_graph(
+            self.nodes, "test_graph",
+            [helper.make_tensor_value_info(self.input_name, TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+            self.initializers,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        model.ir_version = min(model.ir_version, 10)
+        done = onnx.shape_inference.infer_shapes(model).graph
+        inferred = {vi.name: vi for vi in list(done.value_info) + list(done.output) if vi.type.tensor_type.HasField("shape")}
+        for output in model.graph.output:
+            if output.name in inferred:
+                output.type.CopyFrom(inferred[output.name].type)
+        onnx.checker.check_model(model)
+        return model
+
+
+def run_onnxruntime(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})

@@ -1,0 +1,115 @@
+"""The config loader: the shipped configs load; every class of bad input is one ConfigError line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tpusim.config import HardwareConfig, load_config, parse_override
+from tpusim.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TPU_V1 = CONFIGS / "tpu_v1.yaml"
+
+
+def _write_variant(tmp_path, edit) -> Path:
+    data = yaml.safe_load(TPU_V1.read_text())
+    edit(data)
+    data["energy"]["table"] = str(CONFIGS / "energy" / "horowitz45.yaml")
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_tpu_v1_values():
+    cfg = load_config(TPU_V1)
+    assert isinstance(cfg, HardwareConfig)
+    assert (cfg.array.rows, cfg.array.cols, cfg.array.clock_mhz) == (256, 256, 700.0)
+    assert cfg.tile_bytes == 65536
+    assert cfg.weight_memory.bandwidth_gb_s == 34.0
+    assert cfg.unified_buffer.capacity_bytes == 24 * 2**20
+    assert cfg.accumulators.entries * cfg.array.cols * cfg.accumulators.bits // 8 == 4 * 2**20
+    assert cfg.weight_fifo.depth_tiles == 4
+    assert Path(cfg.energy.table).is_absolute() and Path(cfg.energy.table).name == "horowitz45.yaml"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    load_config(path)
+
+
+def test_every_key_of_the_shipped_config_has_a_comment():
+    for number, line in enumerate(TPU_V1.read_text().splitlines(), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and ":" in stripped and not stripped.endswith(":"):
+            assert "#" in line, f"line {number} has no comment: {line!r}"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["array"].update(colums=3), r"array\.colums: unknown key"),
+    (lambda d: d["array"].pop("rows"), r"array\.rows: missing key"),
+    (lambda d: d["array"].update(rows="many"), r"array\.rows: expected an integer"),
+    (lambda d: d["array"].update(rows=2.5), r"array\.rows: expected an integer"),
+    (lambda d: d["array"].update(rows=0), r"array\.rows: must be >= 1"),
+    (lambda d: d["array"].update(clock_mhz=0), r"array\.clock_mhz: must be > 0"),
+    (lambda d: d["array"].update(datatype="int4"), r"array\.datatype: expected one of 'int8', 'fp32'"),
+    (lambda d: d["quant"].update(weights="per-row"), r"quant\.weights: expected one of"),
+    (lambda d: d["quant"].update(percentile=101), r"quant\.percentile: must be <= 100"),
+    (lambda d: d["accumulators"].update(double_buffered=1), r"accumulators\.double_buffered: expected true or false"),
+    (lambda d: d.update(host=5), r"host: expected a mapping"),
+    (lambda d: d.update(extra={}), r"extra: unknown key"),
+])
+def test_bad_values_name_file_and_key(tmp_path, edit, message):
+    path = _write_variant(tmp_path, edit)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_duplicate_keys_are_an_error(tmp_path):
+    text = TPU_V1.read_text().replace("  rows: 256", "  rows: 256\n  rows: 128", 1)
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"dup\.yaml: line \d+: duplicate key 'rows'"):
+        load_config(path)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("array: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml: line .*invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.yaml")
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(path)
+
+
+def test_overrides_apply_and_are_validated():
+    cfg = load_config(TPU_V1, {"array.rows": 128, "quant.weights": "per-tensor"})
+    assert cfg.array.rows == 128 and cfg.quant.weights == "per-tensor"
+    assert cfg.tile_bytes == 128 * 256
+    with pytest.raises(ConfigError, match=r"--set array\.rowz\): array\.rowz: unknown key"):
+        load_config(TPU_V1, {"array.rowz": 1})
+    with pytest.raises(ConfigError, match=r"array\.rows: must be >= 1"):
+        load_config(TPU_V1, {"array.rows": -4})
+    with pytest.raises(ConfigError, match="no such section"):
+        load_config(TPU_V1, {"nosection.rows": 1})
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("array.rows=128") == ("array.rows", 128)
+    assert parse_override("mapping.pack_groups=false") == ("mapping.pack_groups", False)
+    assert parse_override("quant.weights=per-tensor") == ("quant.weights", "per-tensor")
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        parse_override("array.rows")
+
+
+def test_effective_config_round_trips(tmp_path):
+    cfg = load_config(TPU_V1, {"array.cols": 64})
+    path = tmp_path / "effective.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+    assert cfg.replace(**{"array.rows": 32}).array.rows == 32

@@ -1,0 +1,118 @@
+"""Command-line interface: argument parsing -> pipeline -> report. Errors are one line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tpusim import pipeline, workloads
+from tpusim.config import parse_override
+from tpusim.errors import TpusimError
+from tpusim.report.tables import format_table
+
+EXIT_USAGE = 2
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"dimensions must be positive, got {text!r}")
+    return dims
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="hardware config YAML, e.g. configs/tpu_v1.yaml")
+    parser.add_argument("--model", required=True,
+                        help=f"path to an .onnx file or a built-in workload ({', '.join(workloads.WORKLOADS)})")
+    parser.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                        help="input shape for models with dynamic dimensions (the batch comes from --batch)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a config value, e.g. --set array.rows=128 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpusim",
+        description="Cycle-level, bit-exact simulator of a TPU-v1-style weight-stationary systolic array.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="lower, quantize, map and simulate a model; write reports",
+                              description="Run a model on the configured chip and write the reports to --out.")
+    _add_model_arguments(run)
+    run.add_argument("--out", type=Path, help="output folder (default results/<model>-<config>/)")
+    run.set_defaults(handler=_cmd_run)
+
+    wl = commands.add_parser("workloads", help="list or build the built-in ONNX workloads")
+    wl_commands = wl.add_subparsers(dest="workloads_command", required=True, metavar="ACTION")
+    wl_list = wl_commands.add_parser("list", help="list the built-in workloads")
+    wl_list.set_defaults(handler=_cmd_workloads_list)
+    wl_build = wl_commands.add_parser("build", help="write a built-in workload as an ONNX file")
+    wl_build.add_argument("name", help="workload name (see `tpusim workloads list`)")
+    wl_build.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
+    wl_build.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights (default 0)")
+    wl_build.set_defaults(handler=_cmd_workloads_build)
+    return parser
+
+
+def _overrides(items: Sequence[str]) -> dict:
+    return dict(parse_override(item) for item in items)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    options = pipeline.RunOptions(config=args.config, model=args.model, out_dir=args.out, batch=args.batch,
+                                  overrides=_overrides(args.overrides), input_shape=args.input_shape)
+    result = pipeline.run(options)
+    columns = ("layer", "op", "output_shape", "M", "K", "N", "macs", "weight_bytes")
+    print(format_table(columns, result.layer_rows, max_rows=40))
+    print(f"\n{len(result.graph.layers)} layers, {result.graph.macs:,} MACs")
+    for path in result.files:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_workloads_list(args: argparse.Namespace) -> int:
+    width = max(len(name) for name in workloads.WORKLOADS)
+    for name, workload in workloads.WORKLOADS.items():
+        shape = "x".join(str(d) for d in workload.input_shape)
+        print(f"{name.ljust(width)}  {shape:>14}  {workload.description}")
+    return 0
+
+
+def _cmd_workloads_build(args: argparse.Namespace) -> int:
+    if args.name not in workloads.WORKLOADS:
+        raise TpusimError(f"{args.name}: unknown workload (built-in: {', '.join(workloads.WORKLOADS)})")
+    workloads.save_model(workloads.build_model(args.name, seed=args.seed), args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except TpusimError as exc:
+        print(f"tpusim: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tpusim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

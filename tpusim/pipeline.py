@@ -1,0 +1,69 @@
+"""The one place that composes the stages: config -> front end -> (quantize -> map -> simulate ->
+energy) -> report. Each stage takes and returns typed values; nothing here reaches back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tpusim import workloads
+from tpusim.config import HardwareConfig, load_config
+from tpusim.errors import ModelError
+from tpusim.frontend import load_onnx
+from tpusim.ir import Graph, Shape
+from tpusim.report.files import atomic_write_csv, atomic_write_text
+from tpusim.report.layers import LAYER_TABLE_COLUMNS, layer_table
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    config: Path
+    model: str
+    out_dir: Path | None = None
+    batch: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)
+    input_shape: Shape | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    config: HardwareConfig
+    graph: Graph
+    layer_rows: list[dict[str, Any]]
+    out_dir: Path
+    files: tuple[Path, ...]
+
+
+def resolve_model(model: str) -> Path:
+    """A path to an ``.onnx`` file, or the name of a built-in workload (generated and cached on first use)."""
+    path = Path(model)
+    if path.suffix == ".onnx" or path.exists() or "/" in model:
+        return path
+    if model in workloads.WORKLOADS:
+        return workloads.workload_file(model)
+    raise ModelError(f"{model}: not a file and not a built-in workload (built-in: {', '.join(workloads.WORKLOADS)})")
+
+
+def model_label(model: str) -> str:
+    return Path(model).stem if model.endswith(".onnx") or "/" in model else model
+
+
+def default_out_dir(model: str, config: HardwareConfig) -> Path:
+    return Path("results") / f"{model_label(model)}-{config.name}"
+
+
+def load_inputs(options: RunOptions) -> tuple[HardwareConfig, Graph]:
+    config = load_config(options.config, options.overrides)
+    graph = load_onnx(resolve_model(options.model), batch=options.batch, input_shape=options.input_shape)
+    return config, graph
+
+
+def run(options: RunOptions) -> RunResult:
+    config, graph = load_inputs(options)
+    out_dir = options.out_dir or default_out_dir(options.model, config)
+    rows = layer_table(graph, config.array.element_bytes)
+    files = (
+        atomic_write_csv(out_dir / "layers.csv", LAYER_TABLE_COLUMNS, rows),
+        atomic_write_text(out_dir / "config.yaml", config.to_yaml()),
+    )
+    return RunResult(config=config, graph=graph, layer_rows=rows, out_dir=out_dir, files=files)

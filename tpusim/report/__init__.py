@@ -1,0 +1,1 @@
+"""Reports: tables, CSV, JSON and plots. No arithmetic beyond formatting lives here."""
