@@ -1,0 +1,96 @@
+"""Built-in ONNX workloads: torchvision-topology CNNs, the TPU v1 paper's MLP and a tiny test CNN.
+
+Weights are synthetic but shaped like a trained network's (per-channel scale spread, real BN
+statistics), so quantization choices behave on them as they would on real checkpoints.
+Generated files are cached; the file name carries the seed and the generator version.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+import tpusim
+from tpusim.errors import ModelError
+from tpusim.workloads import models
+from tpusim.workloads.builder import GeneratedModel
+from tpusim.workloads.models import GENERATOR_VERSION
+
+CACHE_ENV_VAR = "TPUSIM_WORKLOAD_CACHE"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    input_shape: tuple[int, ...]  # batch 1; the ONNX input's batch dimension is symbolic
+    build: Callable[[int], GeneratedModel]  # seed -> model and the sample batch it was built on
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("resnet50", "ResNet-50 v1.5, torchvision topology, 224x224", (1, 3, 224, 224), models.resnet50),
+        Workload("resnet18", "ResNet-18, torchvision topology, 224x224", (1, 3, 224, 224), models.resnet18),
+        Workload(
+            "mobilenet_v2", "MobileNet-v2 1.0, torchvision topology, depthwise convs, ReLU6", (1, 3, 224, 224),
+            models.mobilenet_v2,
+        ),
+        Workload("tiny_cnn", "Tiny CNN on 32x32 covering every lowered op", (1, 3, 32, 32), models.tiny_cnn),
+        Workload("mlp", "TPU v1 paper MLP0: 5 x 2048-wide fully connected + ReLU", (1, 2048), models.mlp),
+    )
+}
+
+
+def get_workload(name: str) -> Workload:
+    try:
+        return WORKLOADS[name]
+    except KeyError:
+        raise ModelError(f"{name}: unknown workload (built-in: {', '.join(WORKLOADS)})") from None
+
+
+def build_model(name: str, seed: int = 0) -> onnx.ModelProto:
+    return get_workload(name).build(seed).model
+
+
+def save_model(model: onnx.ModelProto, path: Path | str) -> Path:
+    """Write atomically, so a concurrent reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def default_cache_dir() -> Path:
+    """$TPUSIM_WORKLOAD_CACHE, else the checkout's workloads/ folder, else ~/.cache/tpusim/workloads."""
+    from_env = os.environ.get(CACHE_ENV_VAR)
+    if from_env:
+        return Path(from_env)
+    checkout = Path(tpusim.__file__).resolve().parents[1] / "workloads"
+    if checkout.is_dir():
+        return checkout
+    return Path.home() / ".cache" / "tpusim" / "workloads"
+
+
+def workload_file_name(name: str, seed: int = 0) -> str:
+    return f"{name}_seed{seed}_gen{GENERATOR_VERSION}.onnx"
+
+
+def workload_file(name: str, seed: int = 0, cache_dir: Path | None = None) -> Path:
+    """Path of the cached ONNX file for (name, seed), generating it first if it is missing."""
+    get_workload(name)
+    path = (cache_dir if cache_dir is not None else default_cache_dir()) / workload_file_name(name, seed)
+    if not path.exists():
+        save_model(build_model(name, seed), path)
+    return path
