@@ -1,0 +1,114 @@
+"""Tiler: tile shapes, loop order, accumulator chunking, unified-buffer allocation and spilling."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tpusim.config import load_config
+from tpusim.errors import TpusimError
+from tpusim.ir import Graph, Layer
+from tpusim.mapping import Activate, MatrixMultiply, ReadHostMemory, ReadWeights, WriteHostMemory, compile_program
+from tpusim.mapping.tiler import UbAllocator, column_tiles
+
+BASE = load_config(Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml")
+
+
+def gemm_graph(m, k, n):
+    layer = Layer("fc", "gemm", ("x",), "fc", ((m, k),), (m, n), weight=np.broadcast_to(np.int8(0), (n, k)))
+    return Graph("g", "x", (m, k), ("fc",), (layer,))
+
+
+def of_type(program, kind):
+    return [ins for ins in program.instructions if isinstance(ins, kind)]
+
+
+def test_column_tiles_fold_k_over_rows_and_n_over_columns():
+    tiles, per_tile = column_tiles(600, 300, 1, 256, 256, 1, pack_groups=True)
+    assert per_tile == 1
+    assert [t.n_cols for t in tiles] == [256, 44]
+    assert [f.k_rows for f in tiles[0].folds] == [256, 256, 88]
+    assert sum(f.nbytes for t in tiles for f in t.folds) == 600 * 300
+
+
+def test_column_tiles_pack_groups_block_diagonally():
+    tiles, per_tile = column_tiles(9, 1, 64, 256, 256, 1, pack_groups=True)
+    assert per_tile == 28
+    assert [(f.k_rows, f.n_cols, f.macs_per_row) for t in tiles for f in t.folds] == [
+        (252, 28, 252), (252, 28, 252), (72, 8, 72)]
+    tiles, per_tile = column_tiles(9, 1, 64, 256, 256, 1, pack_groups=False)
+    assert per_tile == 1 and len(tiles) == 64
+    # groups too big to pack fall back to one group per tile
+    tiles, per_tile = column_tiles(300, 8, 2, 256, 256, 1, pack_groups=True)
+    assert per_tile == 1 and [len(t.folds) for t in tiles] == [2, 2]
+
+
+def test_m_chunks_bounded_by_half_the_accumulators_and_k_folds_refetched_per_chunk():
+    program = compile_program(gemm_graph(5000, 512, 256), BASE)
+    mmuls = of_type(program, MatrixMultiply)
+    assert [i.m_rows for i in mmuls] == [2048, 2048, 2048, 2048, 904, 904]
+    assert [i.acc_addr for i in mmuls] == [0, 0, 2048, 2048, 0, 0]
+    assert [i.accumulate for i in mmuls] == [False, True] * 3
+    assert sum(i.nbytes for i in of_type(program, ReadWeights)) == 3 * 2 * 256 * 256
+    assert program.mappings[0].m_chunks == 3 and program.mappings[0].weight_tiles == 6
+
+
+def test_single_k_fold_keeps_weights_across_chunks():
+    program = compile_program(gemm_graph(5000, 256, 512), BASE)
+    mmuls = of_type(program, MatrixMultiply)
+    assert [i.load_weights for i in mmuls] == [True, False, False] * 2
+    assert len(of_type(program, ReadWeights)) == 2
+
+
+def test_single_buffered_accumulators_use_all_entries():
+    program = compile_program(gemm_graph(5000, 256, 256), BASE.replace(**{"accumulators.double_buffered": False}))
+    assert [i.m_rows for i in of_type(program, MatrixMultiply)] == [4096, 904]
+    assert {i.acc_addr for i in of_type(program, MatrixMultiply)} == {0}
+
+
+def test_activation_follows_each_chunk_and_writes_the_output_rows():
+    program = compile_program(gemm_graph(3000, 256, 256), BASE)
+    acts = of_type(program, Activate)
+    assert [(a.acc_rows, a.out_bytes) for a in acts] == [(2048, 2048 * 256), (952, 952 * 256)]
+    assert acts[1].dst.addr == acts[0].dst.addr + 2048 * 256
+
+
+def test_spilled_tensor_goes_through_staging_in_chunks():
+    first = Layer("fc1", "gemm", ("x",), "fc1", ((512, 64),), (512, 256),
+                  weight=np.broadcast_to(np.int8(0), (256, 64)))
+    second = Layer("fc2", "gemm", ("fc1",), "fc2", ((512, 256),), (512, 64),
+                   weight=np.broadcast_to(np.int8(0), (64, 256)))
+    graph = Graph("chain", "x", (512, 64), ("fc2",), (first, second))
+    program = compile_program(graph, BASE.replace(**{"unified_buffer.capacity_bytes": 96 * 1024}))
+    spills = [i for i in of_type(program, WriteHostMemory) if i.spill]
+    refills = [i for i in of_type(program, ReadHostMemory) if i.spill]
+    assert sum(i.src.nbytes for i in spills) == sum(i.dst.nbytes for i in refills) == 512 * 256
+    assert len(spills) > 1 and len(refills) > 1
+    assert all(m.spilled for m in program.mappings)
+    assert all(i.src.addr + i.src.nbytes <= 96 * 1024 for i in of_type(program, MatrixMultiply))
+
+
+def test_unified_buffer_too_small_to_stage_is_a_user_error():
+    with pytest.raises(TpusimError, match="fc"):
+        compile_program(gemm_graph(64, 256, 256), BASE.replace(**{"unified_buffer.capacity_bytes": 256}))
+
+
+def test_reshape_is_an_alias_without_instructions():
+    gap = Layer("gap", "global_avgpool", ("x",), "gap", ((1, 64, 4, 4),), (1, 64, 1, 1))
+    flat = Layer("flat", "reshape", ("gap",), "flat", ((1, 64, 1, 1),), (1, 64))
+    fc = Layer("fc", "gemm", ("flat",), "fc", ((1, 64),), (1, 10), weight=np.broadcast_to(np.int8(0), (10, 64)))
+    program = compile_program(Graph("h", "x", (1, 64, 4, 4), ("fc",), (gap, flat, fc)), BASE)
+    assert not [i for i in program.instructions if i.layer == 1]
+    act = of_type(program, Activate)[0]
+    assert of_type(program, MatrixMultiply)[0].src == act.dst
+    assert act.pool_ops == 64 * 16 and act.vector_passes == 4
+
+
+def test_allocator_first_fit_aligned_and_merges_free_blocks():
+    ub = UbAllocator(1024, 256)
+    a, b, c = ub.alloc(10), ub.alloc(300), ub.alloc(256)
+    assert (a, b, c) == (0, 256, 768)
+    assert ub.alloc(1) is None
+    ub.free(a, 10)
+    ub.free(b, 300)
+    assert ub.largest_free() == 768
+    assert ub.alloc(700) == 0

@@ -1,0 +1,219 @@
+"""Timeline engine: exact cycle counts derived by hand from the config, and counting invariants."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tpusim.config import load_config
+from tpusim.ir import Activation, ConvAttrs, Graph, Layer, PoolAttrs
+from tpusim.sim import compile_program, simulate, transfer_cycles
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml"
+BASE = load_config(CONFIG)
+R, C = BASE.array.rows, BASE.array.cols
+LATENCY = BASE.activation_unit.pipeline_latency_cycles
+RELU = Activation("relu", 0.0)
+FAST_HOST = {"host.bandwidth_gb_s": 1e6, "host.latency_cycles": 0}  # every host transfer takes 1 cycle
+FAST_WEIGHTS = {"weight_memory.bandwidth_gb_s": 1e6, "weight_memory.latency_cycles": 0}
+
+
+def cfg(**overrides):
+    return BASE.replace(**overrides)
+
+
+def zeros(*shape):
+    return np.broadcast_to(np.int8(0), shape)
+
+
+def gemm_layer(name, x, m, k, n, activation=Activation()):
+    return Layer(name, "gemm", (x,), name, ((m, k),), (m, n), activation, weight=zeros(n, k))
+
+
+def gemm_graph(m, k, n):
+    return Graph("g", "x", (m, k), ("fc",), (gemm_layer("fc", "x", m, k, n),))
+
+
+def conv_layer(name, x, in_shape, c_out, k, stride=1, groups=1, activation=RELU):
+    n, c, h, w = in_shape
+    p = k // 2
+    out = (n, c_out, (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1)
+    attrs = ConvAttrs((k, k), (stride, stride), (p, p, p, p), (1, 1), groups)
+    return Layer(name, "conv", (x,), name, (in_shape,), out, activation, weight=zeros(c_out, c // groups, k, k),
+                 conv=attrs)
+
+
+def small_cnn():
+    conv1 = conv_layer("conv1", "x", (2, 3, 32, 32), 64, 3)
+    pool = Layer("pool", "maxpool", ("conv1",), "pool", (conv1.output_shape,), (2, 64, 16, 16),
+                 pool=PoolAttrs((2, 2), (2, 2), (0, 0, 0, 0), False, False))
+    conv2 = conv_layer("conv2", "pool", pool.output_shape, 64, 3)
+    dw = conv_layer("dw", "conv2", conv2.output_shape, 64, 3, groups=64)
+    add = Layer("add", "add", ("dw", "pool"), "add", (dw.output_shape, pool.output_shape), dw.output_shape, RELU)
+    gap = Layer("gap", "global_avgpool", ("add",), "gap", (add.output_shape,), (2, 64, 1, 1))
+    flat = Layer("flat", "reshape", ("gap",), "flat", ((2, 64, 1, 1),), (2, 64))
+    fc = gemm_layer("fc", "flat", 2, 64, 10)
+    soft = Layer("soft", "softmax", ("fc",), "soft", ((2, 10),), (2, 10))
+    return Graph("cnn", "x", (2, 3, 32, 32), ("soft",), (conv1, pool, conv2, dw, add, gap, flat, fc, soft))
+
+
+@pytest.mark.parametrize("m", [100, 300])
+def test_weights_ready_gemm_equals_closed_form(m):
+    tiles = 4
+    hw = cfg(**FAST_HOST, **FAST_WEIGHTS)
+    result = simulate(gemm_graph(m, tiles * R, C), hw)
+    closed = R + (tiles - 1) * max(m, R) + m + R + C - 2
+    trace = result.trace
+    assert trace.last_output[-1] - trace.shift_start[0] == closed
+    # fetch 1 + closed form + first accumulator row lag 1 + latency + 1-cycle host write
+    assert result.total_cycles == 1 + closed + 1 + LATENCY + 1
+    b = result.layers[0].breakdown
+    assert b.active == tiles * m
+    assert b.input_stall == 1 and b.weight_stall == 1
+    assert b.weight_shift == (R - 1) + (tiles - 1) * max(0, R - m)
+    assert b.total == result.total_cycles
+
+
+def test_weights_ready_matches_systolic_kernel():
+    systolic = pytest.importorskip("tpusim.kernels.systolic")
+    m, tiles = 77, 3
+    result = simulate(gemm_graph(m, tiles * R, C), cfg(**FAST_HOST, **FAST_WEIGHTS))
+    span = result.trace.last_output[-1] - result.trace.shift_start[0]
+    assert span == systolic.tile_sequence_cycles(m, tiles, R, C)
+
+
+def test_dram_bound_gemm_exposes_fetch_minus_max_m_r_per_tile():
+    m, tiles = 64, 4
+    fetch = transfer_cycles(R * C, 34.0, 700.0, 70)
+    assert fetch == 1350 + 70  # 65536 B at 34 GB/s / 700 MHz = 1349.3 cycles, rounded up, plus latency
+    result = simulate(gemm_graph(m, tiles * R, C), cfg(**FAST_HOST))
+    b = result.layers[0].breakdown
+    assert b.weight_stall == fetch + (tiles - 1) * (fetch - max(m, R))
+    assert b.weight_shift == (R - 1) + (tiles - 1) * (R - m)
+    assert b.active == tiles * m
+    assert result.total_cycles == tiles * fetch + R + (R + C - 1) + m + LATENCY + 1
+    assert np.array_equal(np.diff(result.trace.stream_start), [fetch] * (tiles - 1))
+
+
+def test_faster_weight_memory_changes_weight_stall_only():
+    graph = gemm_graph(64, 4 * R, C)
+    ddr3 = simulate(graph, cfg(**FAST_HOST)).layers[0].breakdown
+    fast = simulate(graph, cfg(**FAST_HOST, **{"weight_memory.bandwidth_gb_s": 320.0})).layers[0].breakdown
+    assert fast.weight_stall < ddr3.weight_stall
+    assert (fast.active, fast.weight_shift, fast.non_matrix) == (ddr3.active, ddr3.weight_shift, ddr3.non_matrix)
+    assert ddr3.total - fast.total == ddr3.weight_stall - fast.weight_stall
+
+
+def test_breakdown_tiles_the_run_exactly():
+    graph = small_cnn()
+    result = simulate(graph, BASE)
+    for layer in result.layers:
+        b = layer.breakdown
+        assert b.active + b.weight_stall + b.weight_shift + b.non_matrix == b.total
+        assert b.useful_mac + b.unused_mac == b.active
+        assert b.raw_stall + b.input_stall <= b.non_matrix
+        assert layer.counts.mac_slots == b.active * R * C
+    assert sum(layer.cycles for layer in result.layers) == result.total_cycles == result.breakdown.total
+    assert [layer.macs for layer in result.layers] == [layer.macs for layer in graph.layers]
+    assert result.macs == graph.macs
+    assert result.layers[graph.layers.index(graph.producer("flat"))].cycles == 0
+    assert result.breakdown.input_stall > 0 and result.breakdown.raw_stall > 0
+    program = compile_program(graph, BASE)
+    weights = sum(ins.nbytes for ins in program.instructions if type(ins).__name__ == "ReadWeights")
+    assert result.counts.weight_dram_bytes == weights == sum(layer.weight_count for layer in graph.layers)
+
+
+def test_batch_raises_macs_per_weight_byte_and_utilization():
+    one = simulate(gemm_graph(1, 512, 512), BASE)
+    many = simulate(gemm_graph(64, 512, 512), BASE)
+    assert one.counts.weight_dram_bytes == many.counts.weight_dram_bytes == 512 * 512
+    assert many.macs / many.counts.weight_dram_bytes == 64 * one.macs / one.counts.weight_dram_bytes
+    assert many.layers[0].utilization > one.layers[0].utilization
+    assert many.inferences_per_s > one.inferences_per_s
+
+
+def test_depthwise_packing_raises_utilization_and_cuts_cycles():
+    layer = conv_layer("dw", "x", (1, 64, 16, 16), 64, 3, groups=64)
+    graph = Graph("dw", "x", (1, 64, 16, 16), ("dw",), (layer,))
+    packed = simulate(graph, BASE)
+    single = simulate(graph, cfg(**{"mapping.pack_groups": False}))
+    p_map = compile_program(graph, BASE).mappings[0]
+    s_map = compile_program(graph, cfg(**{"mapping.pack_groups": False})).mappings[0]
+    assert (p_map.groups_per_tile, p_map.weight_tiles) == (28, 3)  # floor(256 / 9) groups per tile
+    assert (s_map.groups_per_tile, s_map.weight_tiles) == (1, 64)
+    assert p_map.mapping_utilization == 64 * 9 / (3 * R * C)
+    assert s_map.mapping_utilization == 9 / (R * C)
+    assert packed.counts.weight_dram_bytes == single.counts.weight_dram_bytes == 64 * 9
+    assert packed.macs == single.macs == 256 * 64 * 9
+    assert packed.total_cycles < single.total_cycles
+    assert packed.layers[0].utilization > single.layers[0].utilization
+    assert packed.layers[0].breakdown.active == 3 * 256 and single.layers[0].breakdown.active == 64 * 256
+
+
+def test_unified_buffer_spill_is_counted():
+    first = gemm_layer("fc1", "x", 512, 64, 256)
+    second = gemm_layer("fc2", "fc1", 512, 256, 64)
+    graph = Graph("chain", "x", (512, 64), ("fc2",), (first, second))
+    roomy = simulate(graph, BASE)
+    small = simulate(graph, cfg(**{"unified_buffer.capacity_bytes": 96 * 1024}))
+    assert roomy.counts.spill_bytes == 0
+    # fc1's 128 KiB output cannot live in 96 KiB: written out by fc1, read back by fc2
+    assert [layer.counts.spill_bytes for layer in small.layers] == [512 * 256, 512 * 256]
+    assert small.counts.host_in_bytes == 512 * 64 + 512 * 256
+    assert small.counts.host_out_bytes == 512 * 256 + 512 * 64
+    assert small.total_cycles > roomy.total_cycles
+    assert small.macs == roomy.macs
+
+
+@pytest.mark.parametrize("rows", [2048, 100])
+def test_per_channel_extra_pass_costs_cycles_native_equals_per_tensor(rows):
+    graph = gemm_graph(rows, R, C)
+    native = simulate(graph, cfg(**FAST_HOST))
+    extra = simulate(graph, cfg(**FAST_HOST, **{"activation_unit.per_channel_requant": "extra_pass"}))
+    tensor = simulate(graph, cfg(**FAST_HOST, **{"quant.weights": "per-tensor"}))
+    assert native.total_cycles == tensor.total_cycles
+    assert extra.total_cycles - native.total_cycles == rows  # one more vector pass per output vector
+    assert native.counts.requant_scale_bytes == C * 5 and tensor.counts.requant_scale_bytes == 5
+    assert native.counts.requant_ops == rows * C
+
+
+def test_accumulator_chunks_drain_without_stalls_when_activation_keeps_up():
+    result = simulate(gemm_graph(3 * 2048, R, C), cfg(**FAST_HOST, **FAST_WEIGHTS))
+    assert np.array_equal(np.diff(result.trace.stream_start), [2048, 2048])
+    assert result.counts.acc_read_bytes == 3 * 2048 * C * 4
+    assert result.counts.acc_write_bytes == 3 * 2048 * C * 4
+
+
+def test_counts_follow_the_program():
+    result = simulate(gemm_graph(100, 2 * R, 2 * C), BASE)
+    c = result.counts
+    assert c.weight_dram_bytes == c.weight_fifo_bytes == 4 * R * C
+    assert c.ub_read_bytes == 2 * 100 * 2 * R + 100 * 2 * C  # input per column tile + output to host
+    assert c.acc_write_bytes == 4 * 100 * C * 4
+    assert c.acc_read_bytes == 2 * 100 * C * 4 + 2 * 100 * C * 4  # accumulate-in-place + drain
+    assert c.weight_shift_bytes == 4 * C * R * (R + 1) // 2
+    assert c.host_in_bytes == 100 * 2 * R and c.host_out_bytes == 100 * 2 * C
+
+
+def test_resnet_sized_run_is_fast():
+    import time
+
+    layers, shape, x = [], (1, 64, 64, 64), "x"
+    for i in range(40):
+        layer = conv_layer(f"c{i}", x, shape, 64, 3)
+        layers.append(layer)
+        x, shape = layer.output, layer.output_shape
+    graph = Graph("deep", "x", (1, 64, 64, 64), (x,), tuple(layers))
+    start = time.perf_counter()
+    result = simulate(graph, BASE)
+    assert time.perf_counter() - start < 2.0
+    assert result.macs == graph.macs
+
+
+def test_vector_layers_stage_host_resident_operands():
+    graph = small_cnn()
+    result = simulate(graph, cfg(**{"unified_buffer.capacity_bytes": 24 * 1024}))
+    pool = result.layers[1]
+    # conv1's 128 KiB output lives in host memory: the pool reads it back and spills its own 32 KiB output
+    assert pool.counts.spill_bytes == 2 * 64 * 32 * 32 + 2 * 64 * 16 * 16
+    assert sum(layer.cycles for layer in result.layers) == result.total_cycles
+    assert result.macs == graph.macs

@@ -1,0 +1,28 @@
+"""Mapping: layers -> weight tiles -> a TPU-v1-like instruction stream (pure, no I/O)."""
+from tpusim.mapping.isa import (
+    Activate,
+    Instruction,
+    LayerMapping,
+    MatrixMultiply,
+    Program,
+    ReadHostMemory,
+    ReadWeights,
+    Sync,
+    UbRegion,
+    WriteHostMemory,
+)
+from tpusim.mapping.tiler import compile_program
+
+__all__ = [
+    "Activate",
+    "Instruction",
+    "LayerMapping",
+    "MatrixMultiply",
+    "Program",
+    "ReadHostMemory",
+    "ReadWeights",
+    "Sync",
+    "UbRegion",
+    "WriteHostMemory",
+    "compile_program",
+]

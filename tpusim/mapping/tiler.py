@@ -1,0 +1,426 @@
+"""Tiler: a layer graph + an array configuration -> a TPU-v1-like :class:`Program`. Pure, no I/O.
+
+Matrix layers (conv, gemm) are GEMMs ``y[M, N] = x[M, K] @ W[K, N]`` per group, with im2col done on the
+fly by the unified buffer's input path (M = batch x Hout x Wout, K = Cin/g x kh x kw, N = Cout/g).
+K is folded over the array's rows, N over its columns, and M is streamed in chunks that fit one
+accumulator buffer (``entries``, halved when double-buffered so one half drains while the other fills).
+
+Loop order, per layer: for each column tile (N), for each M chunk, for each K fold: stream the chunk
+through the fold's weight tile, accumulating. A compiler keeps the column tile outermost because
+the accumulators can hold only one chunk of partial sums and cannot spill them, so a layer with
+several K folds and several M chunks must re-fetch its K folds once per chunk (counted in
+``ReadWeights`` bytes); a layer with one K fold keeps its tile in the array across all chunks.
+
+Grouped / depthwise convs: with ``mapping.pack_groups`` ``min(floor(R/K_g), floor(C/N_g))`` groups
+share a tile block-diagonally (zeros off the diagonal blocks); otherwise each group gets its own
+tiles. Either way ``LayerMapping.mapping_utilization`` reports the fraction of MAC slots doing work.
+
+Unified buffer: a first-fit allocator with real addresses, tensors freed after their last consumer,
+``reshape`` an alias. A tensor that cannot be allocated lives in host memory: its producer writes it
+out chunk by chunk through staging buffers and every consumer reads it back chunk by chunk (both
+counted as spill bytes; the refill of a conv input ignores the im2col halo between chunks).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tpusim.config import HardwareConfig
+from tpusim.errors import TpusimError
+from tpusim.ir import Graph, Layer
+from tpusim.mapping.isa import (
+    Activate,
+    Instruction,
+    LayerMapping,
+    MatrixMultiply,
+    Program,
+    ReadHostMemory,
+    ReadWeights,
+    RequantMode,
+    Sync,
+    UbRegion,
+    WriteHostMemory,
+)
+
+REQUANT_VECTOR_BYTES = 5  # one int32 fixed-point multiplier + one int8 shift per output channel
+SOFTMAX_PASSES = 3        # max, exp-and-sum, normalise: three passes over each vector
+
+
+class UbAllocator:
+    """First-fit allocation of unified-buffer bytes, every block aligned to the buffer's width."""
+
+    def __init__(self, capacity: int, align: int):
+        self.capacity = capacity
+        self.align = align
+        self._free: list[tuple[int, int]] = [(0, capacity)]  # sorted (addr, size)
+
+    def _rounded(self, nbytes: int) -> int:
+        return max(self.align, -(-nbytes // self.align) * self.align)
+
+    def alloc(self, nbytes: int) -> int | None:
+        size = self._rounded(nbytes)
+        for i, (addr, free) in enumerate(self._free):
+            if free >= size:
+                if free == size:
+                    del self._free[i]
+                else:
+                    self._free[i] = (addr + size, free - size)
+                return addr
+        return None
+
+    def free(self, addr: int, nbytes: int) -> None:
+        size = self._rounded(nbytes)
+        self._free.append((addr, size))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for a, s in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], merged[-1][1] + s)
+            else:
+                merged.append((a, s))
+        self._free = merged
+
+    def largest_free(self) -> int:
+        return max((s for _, s in self._free), default=0)
+
+
+@dataclass(frozen=True)
+class WeightFold:
+    """One weight tile of a column tile: ``k_rows`` x ``n_cols`` used, ``macs_per_row`` useful."""
+
+    k_rows: int
+    n_cols: int
+    macs_per_row: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ColumnTile:
+    """A set of output channels computed together: ``n_cols`` array columns, K folded into ``folds``."""
+
+    n_cols: int
+    folds: tuple[WeightFold, ...]
+
+
+def column_tiles(k_g: int, n_g: int, groups: int, rows: int, cols: int, element_bytes: int,
+                 pack_groups: bool) -> tuple[tuple[ColumnTile, ...], int]:
+    """Tiles of a (grouped) GEMM and the number of groups packed per tile."""
+    per_tile = min(groups, rows // k_g, cols // n_g) if pack_groups and groups > 1 else 0
+    if per_tile > 1:
+        tiles = []
+        for first in range(0, groups, per_tile):
+            g = min(per_tile, groups - first)
+            macs = g * k_g * n_g
+            tiles.append(ColumnTile(g * n_g, (WeightFold(g * k_g, g * n_g, macs, macs * element_bytes),)))
+        return tuple(tiles), per_tile
+    tiles = []
+    for _ in range(groups):
+        for n0 in range(0, n_g, cols):
+            n = min(cols, n_g - n0)
+            folds = tuple(
+                WeightFold(min(rows, k_g - k0), n, min(rows, k_g - k0) * n, min(rows, k_g - k0) * n * element_bytes)
+                for k0 in range(0, k_g, rows)
+            )
+            tiles.append(ColumnTile(n, folds))
+    return tuple(tiles), 1
+
+
+@dataclass
+class _Tensor:
+    """Compile-time placement of one activation tensor (mutable while the program is being built)."""
+
+    nbytes: int
+    elements: int
+    ub_addr: int | None
+    host_addr: int
+    last_use: int
+    graph_input: bool
+
+
+def _split(total: int, parts: int, i: int) -> int:
+    """Part ``i`` of ``total`` split into ``parts`` integer pieces that sum exactly to ``total``."""
+    return total * (i + 1) // parts - total * i // parts
+
+
+class _Compiler:
+    def __init__(self, graph: Graph, cfg: HardwareConfig):
+        self.graph = graph
+        self.cfg = cfg
+        self.rows = cfg.array.rows
+        self.cols = cfg.array.cols
+        self.eb = cfg.array.element_bytes
+        self.int8 = cfg.array.datatype == "int8"
+        self.lanes = cfg.activation_unit.lanes
+        acc = cfg.accumulators
+        self.acc_chunk = acc.entries // 2 if acc.double_buffered else acc.entries
+        self.double_buffered = acc.double_buffered
+        self.ub = UbAllocator(cfg.unified_buffer.capacity_bytes, cfg.unified_buffer.width_bytes)
+        self.code: list[Instruction] = []
+        self.mappings: list[LayerMapping] = []
+        self.tensors: dict[str, _Tensor] = {}
+        self.alias: dict[str, str] = {}
+        self.host_top = 0
+        self.dram_top = 0
+        self.chunk_counter = 0
+        self.staging_counter = 0
+
+    # -- tensors -----------------------------------------------------------------------------
+    def resolve(self, name: str) -> str:
+        while name in self.alias:
+            name = self.alias[name]
+        return name
+
+    def _host_alloc(self, nbytes: int) -> int:
+        addr = self.host_top
+        self.host_top += nbytes
+        return addr
+
+    def _place(self, name: str, elements: int, last_use: int, graph_input: bool) -> _Tensor:
+        nbytes = elements * self.eb
+        tensor = _Tensor(nbytes, elements, self.ub.alloc(nbytes), self._host_alloc(nbytes), last_use, graph_input)
+        self.tensors[name] = tensor
+        return tensor
+
+    def _last_uses(self) -> dict[str, int]:
+        last: dict[str, int] = {}
+        for i, layer in enumerate(self.graph.layers):
+            if layer.op == "reshape":
+                self.alias[layer.output] = layer.inputs[0]
+            for name in layer.inputs:
+                last[self.resolve(name)] = i
+        for name in self.graph.outputs:
+            root = self.resolve(name)
+            producer = self.graph.producer(root)
+            index = self.graph.layers.index(producer) if producer is not None else 0
+            last[root] = max(last.get(root, index), index)
+        return last
+
+    def _release(self, layer_index: int) -> None:
+        for tensor in self.tensors.values():
+            if tensor.last_use == layer_index and tensor.ub_addr is not None:
+                self.ub.free(tensor.ub_addr, tensor.nbytes)
+                tensor.ub_addr = None
+
+    def _staging(self, layer: Layer, bytes_per_part: int) -> int:
+        """Double staging buffers for host-resident operands; returns the base address."""
+        addr = self.ub.alloc(2 * bytes_per_part)
+        if addr is None:
+            raise TpusimError(
+                f"layer {layer.name!r}: unified buffer ({self.cfg.unified_buffer.capacity_bytes} bytes) "
+                f"has no room for staging buffers of {2 * bytes_per_part} bytes"
+            )
+        return addr
+
+    def _staging_room(self, layer: Layer) -> int:
+        """Bytes one of two staging buffers may hold so that both fit in the largest free block."""
+        room = self.ub.largest_free() // 2 - self.ub.align
+        if room <= 0:
+            raise TpusimError(f"layer {layer.name!r}: unified buffer has no room for staging buffers")
+        return room
+
+    # -- program -----------------------------------------------------------------------------
+    def compile(self) -> Program:
+        graph = self.graph
+        last = self._last_uses()
+        first_consumer = next(
+            (i for i, layer in enumerate(graph.layers) if graph.input_name in map(self.resolve, layer.inputs)), 0
+        )
+        source = self._place(graph.input_name, math.prod(graph.input_shape), last.get(graph.input_name, 0), True)
+        if source.ub_addr is not None:
+            self.code.append(ReadHostMemory(first_consumer, source.host_addr, UbRegion(source.ub_addr, source.nbytes),
+                                            spill=False))
+        outputs = {self.resolve(name) for name in graph.outputs}
+        for i, layer in enumerate(graph.layers):
+            if layer.op == "reshape":
+                self.mappings.append(LayerMapping(layer.name, layer.op, None, 0, 0, 0, 0, 0, False, 0.0))
+                self._release(i)
+                continue
+            out = self._place(layer.output, math.prod(layer.output_shape), last.get(layer.output, i),
+                              graph_input=False)
+            is_output = layer.output in outputs
+            if layer.is_matrix:
+                self._matrix_layer(i, layer, out, is_output)
+            else:
+                self._vector_layer(i, layer, out, is_output)
+            if is_output and out.ub_addr is not None:
+                self.code.append(WriteHostMemory(i, UbRegion(out.ub_addr, out.nbytes), out.host_addr, spill=False))
+            self._release(i)
+        self.code.append(Sync(len(graph.layers) - 1))
+        return Program(
+            graph_name=graph.name,
+            config_name=self.cfg.name,
+            rows=self.rows,
+            cols=self.cols,
+            layer_names=tuple(layer.name for layer in graph.layers),
+            layer_ops=tuple(layer.op for layer in graph.layers),
+            mappings=tuple(self.mappings),
+            instructions=tuple(self.code),
+        )
+
+    def _next_acc_addr(self) -> int:
+        addr = (self.chunk_counter % 2) * self.acc_chunk if self.double_buffered else 0
+        self.chunk_counter += 1
+        return addr
+
+    def _requant_mode(self) -> RequantMode:
+        if not self.int8:
+            return "none"
+        return "per-channel" if self.cfg.quant.weights == "per-channel" else "per-tensor"
+
+    def _matrix_layer(self, li: int, layer: Layer, out: _Tensor, is_output: bool) -> None:
+        shape = layer.gemm
+        tiles, per_tile = column_tiles(shape.k, shape.n, shape.groups, self.rows, self.cols, self.eb,
+                                       self.cfg.mapping.pack_groups)
+        inp = self.tensors[self.resolve(layer.inputs[0])]
+        m_total = shape.m
+        out_row_bytes = out.nbytes // m_total
+        in_host = inp.ub_addr is None
+        out_host = out.ub_addr is None
+        chunk = self.acc_chunk
+        stage_in = stage_out = staging = 0
+        if in_host or out_host:
+            row_bytes = (-(-inp.nbytes // m_total) if in_host else 0) + (out_row_bytes if out_host else 0)
+            chunk = min(chunk, self._staging_room(layer) // row_bytes)
+            if chunk < 1:
+                raise TpusimError(f"layer {layer.name!r}: unified buffer cannot stage one row of {row_bytes} bytes")
+            stage_in = -(-inp.nbytes * chunk // m_total) if in_host else 0
+            stage_out = chunk * out_row_bytes if out_host else 0
+            staging = self._staging(layer, stage_in + stage_out)
+        requant = self._requant_mode()
+        weight_base = self.dram_top
+        self.dram_top += layer.weight_count * self.eb
+        m_chunks = -(-m_total // chunk)
+        fetched = streamed_rows = useful = 0
+        column_offset = 0
+        for t, tile in enumerate(tiles):
+            weight_addr = weight_base
+            for c in range(m_chunks):
+                m0, rows = c * chunk, min(chunk, m_total - c * chunk)
+                parity = self.staging_counter % 2
+                self.staging_counter += 1
+                if in_host:
+                    src = UbRegion(staging + parity * (stage_in + stage_out), _split(inp.nbytes, m_chunks, c))
+                    self.code.append(ReadHostMemory(li, inp.host_addr + inp.nbytes * c // m_chunks, src,
+                                                    spill=not inp.graph_input))
+                else:
+                    src = UbRegion(inp.ub_addr, inp.nbytes)
+                acc_addr = self._next_acc_addr()
+                weight_addr = weight_base
+                for f, fold in enumerate(tile.folds):
+                    load = c == 0 or len(tile.folds) > 1
+                    if load:
+                        self.code.append(ReadWeights(li, weight_addr, fold.nbytes, fold.k_rows, fold.n_cols))
+                        fetched += 1
+                    self.code.append(MatrixMultiply(
+                        li, src, acc_addr, rows, fold.k_rows, fold.n_cols, fold.macs_per_row,
+                        rows * fold.k_rows * self.eb, load_weights=load, accumulate=f > 0,
+                    ))
+                    weight_addr += fold.nbytes
+                    streamed_rows += rows
+                    useful += rows * fold.macs_per_row
+                out_bytes = rows * tile.n_cols * self.eb
+                if out_host:
+                    dst = UbRegion(staging + parity * (stage_in + stage_out) + stage_in, out_bytes)
+                else:
+                    dst = UbRegion(out.ub_addr + m0 * out_row_bytes, rows * out_row_bytes)
+                elements = rows * tile.n_cols
+                passes = rows * -(-tile.n_cols // self.lanes)
+                if requant == "per-channel" and self.cfg.activation_unit.per_channel_requant == "extra_pass":
+                    passes *= 2
+                if requant == "per-channel":
+                    scale_bytes = tile.n_cols * REQUANT_VECTOR_BYTES if c == 0 else 0
+                else:
+                    scale_bytes = REQUANT_VECTOR_BYTES if requant == "per-tensor" and t == 0 and c == 0 else 0
+                self.code.append(Activate(
+                    li, layer.activation.label, "none", requant, acc_addr, rows, tile.n_cols, (), dst, out_bytes,
+                    passes,
+                    activation_ops=elements if layer.activation.kind != "none" else 0,
+                    pool_ops=0,
+                    requant_ops=elements if requant != "none" else 0,
+                    requant_scale_bytes=scale_bytes,
+                ))
+                if out_host:
+                    host = out.host_addr + m0 * out_row_bytes + column_offset
+                    self.code.append(WriteHostMemory(li, dst, host, spill=not is_output))
+            column_offset += tile.n_cols * self.eb
+            weight_base = weight_addr
+        if in_host or out_host:
+            self.ub.free(staging, 2 * (stage_in + stage_out))
+        k_folds = max(len(t.folds) for t in tiles)
+        self.mappings.append(LayerMapping(
+            layer.name, layer.op, shape, len(tiles), k_folds, m_chunks, per_tile, fetched, in_host or out_host,
+            useful / (streamed_rows * self.rows * self.cols),
+        ))
+
+    def _vector_costs(self, layer: Layer, in_elements: list[int], out_elements: int) -> tuple[str, str, int, int, int, int]:
+        """(function, pooling, vector passes, activation ops, pool ops, requant ops) of a non-matrix layer."""
+        lanes, op = self.lanes, layer.op
+        fused = out_elements if layer.activation.kind != "none" else 0
+        requant_out = out_elements if self.int8 else 0
+        vectors = -(-out_elements // lanes)
+        if op in ("maxpool", "avgpool"):
+            assert layer.pool is not None
+            (kh, kw), (sh, sw) = layer.pool.kernel, layer.pool.strides
+            window = kh * kw
+            pooling = f"{op[:3]}{kh}x{kw}/{sh}x{sw}"
+            return (layer.activation.label, pooling, vectors * window, fused, out_elements * window,
+                    requant_out if op == "avgpool" else 0)
+        if op == "global_avgpool":
+            return (layer.activation.label, "global_avg", -(-in_elements[0] // lanes), fused, in_elements[0],
+                    requant_out)
+        if op in ("add", "concat"):
+            passes = sum(-(-e // lanes) for e in in_elements)
+            return (f"{op}+{layer.activation.label}", "none", passes, fused, 0,
+                    sum(in_elements) if self.int8 else 0)
+        if op == "softmax":
+            return "softmax", "none", SOFTMAX_PASSES * vectors, SOFTMAX_PASSES * out_elements, 0, requant_out
+        if op in ("sigmoid", "tanh"):
+            return op, "none", vectors, out_elements, 0, requant_out
+        if op == "activation":
+            return layer.activation.label, "none", vectors, out_elements, 0, 0
+        raise TpusimError(f"layer {layer.name!r}: op {op!r} has no activation-unit mapping")
+
+    def _vector_layer(self, li: int, layer: Layer, out: _Tensor, is_output: bool) -> None:
+        inputs = [self.tensors[self.resolve(name)] for name in layer.inputs]
+        function, pooling, passes, act_ops, pool_ops, requant_ops = self._vector_costs(
+            layer, [t.elements for t in inputs], out.elements)
+        host_inputs = [t for t in inputs if t.ub_addr is None]
+        out_host = out.ub_addr is None
+        streamed = [t.nbytes for t in host_inputs] + ([out.nbytes] if out_host else [])
+        parts, stage, staging = 1, 0, 0
+        if streamed:
+            parts = min(max(1, out.elements), -(-sum(streamed) // self._staging_room(layer)))
+            stage = sum(-(-b // parts) for b in streamed)
+            staging = self._staging(layer, stage)
+        for p in range(parts):
+            base = staging + (p % 2) * stage
+            sources = []
+            for t in inputs:
+                if t.ub_addr is None:
+                    region = UbRegion(base, _split(t.nbytes, parts, p))
+                    base += region.nbytes
+                    self.code.append(ReadHostMemory(li, t.host_addr + t.nbytes * p // parts, region,
+                                                    spill=not t.graph_input))
+                else:
+                    region = UbRegion(t.ub_addr, t.nbytes)
+                sources.append(region)
+            out_bytes = _split(out.nbytes, parts, p)
+            dst = UbRegion(base, out_bytes) if out_host else UbRegion(out.ub_addr, out.nbytes)
+            self.code.append(Activate(
+                li, function, pooling, "none", 0, 0, 0, tuple(sources), dst, out_bytes,
+                _split(passes, parts, p), _split(act_ops, parts, p), _split(pool_ops, parts, p),
+                _split(requant_ops, parts, p),
+                requant_scale_bytes=REQUANT_VECTOR_BYTES if requant_ops and p == 0 else 0,
+            ))
+            if out_host:
+                self.code.append(WriteHostMemory(li, dst, out.host_addr + out.nbytes * p // parts,
+                                                 spill=not is_output))
+        if streamed:
+            self.ub.free(staging, 2 * stage)
+        self.mappings.append(LayerMapping(layer.name, layer.op, None, 0, 0, parts, 0, 0,
+                                          bool(streamed), 0.0))
+
+
+def compile_program(graph: Graph, cfg: HardwareConfig) -> Program:
+    """Map every layer of ``graph`` onto the array of ``cfg`` and emit its instruction stream."""
+    return _Compiler(graph, cfg).compile()

@@ -1,0 +1,359 @@
+"""Instruction-level timeline engine: a :class:`Program` -> cycles, stalls by cause, and event counts.
+
+Timeline model. Six units run concurrently, each executing its own instructions in program order
+(decoupled access/execute), and wait for one another only through data:
+
+* DRAM (``ReadWeights``): one tile at a time, ``ceil(bytes / bytes-per-cycle) + latency_cycles`` each,
+  into a weight FIFO of ``depth_tiles`` slots; a slot frees when its tile has been shifted into the
+  array, so fetches run ahead of the MXU -- across layer boundaries too -- by up to the FIFO depth.
+* MXU (``MatrixMultiply``): a new tile shifts in over R cycles into shadow registers; the shift may
+  start once the previous tile has started streaming and the new tile is in the FIFO. A multiply
+  streams its M input vectors one per cycle, starting when the MXU is free, its weights are shifted
+  in, its input bytes in the unified buffer have been written (RAW on addresses) and its accumulator
+  rows have been drained; its last output reaches the accumulators M + R + C - 2 cycles after its
+  first input. With weights always ready T tiles take R + (T-1) max(M, R) + M + R + C - 2 cycles.
+* Activation unit (``Activate``): one ``lanes``-wide vector per cycle plus ``pipeline_latency_cycles``;
+  it drains accumulator rows as the last K fold's multiply delivers them (from its first output,
+  R + C - 1 cycles after that multiply's first input; at least one pass per row, so it never overtakes
+  the array), or waits for all of its unified-buffer operands.
+* Host link in / out (``ReadHostMemory`` / ``WriteHostMemory``): PCIe, ``latency + bytes / bandwidth``.
+
+Cycle categories (the TPU v1 paper's, Jouppi et al. 2017 Table 3) are the MXU's point of view: every
+cycle of the run is exactly one of *active* (streaming), *weight_stall*, *weight_shift* or
+*non_matrix*. The idle cycles before a multiply are split in this order: first those spent waiting
+for its input data (``input_stall`` if the bytes come over PCIe, else ``raw_stall``; both are
+non-matrix), then the weight shift it would have exposed even with weights ready (``weight_shift``:
+R - M per tile when M < R), then any further wait for the weight memory (``weight_stall``: a tile's
+fetch minus max(M, R) when DRAM-bound), and the rest is waiting for the activation unit to drain an
+accumulator buffer (non-matrix). Cycles after the last multiply are non-matrix. A layer's span runs
+from the end of the previous layer to the end of its own work (its last multiply's streaming for a
+matrix layer, its last activation-unit or host-write result otherwise; the last layer ends the run),
+so spans tile the run and per-layer totals sum to the run's cycles. Active cycles split into
+useful/unused MAC cycles by the fraction of the array's MAC slots doing real work (floor of the
+useful MAC count over R x C; the remainder is unused).
+
+Counting conventions: ``ub_read_bytes`` counts what the MXU input path reads (M x K bytes per column
+tile pass, im2col re-reads included), activation-unit operand reads and host writes' reads;
+``ub_write_bytes`` counts activation-unit results and host reads into the buffer; accumulator
+bytes use ``accumulators.bits``; ``weight_shift_bytes`` counts byte-hops of the used columns over the
+full R-row shift. ``wrapped_accumulations`` needs values and is left 0 here (the bit-exact executor
+fills it).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from tpusim.config import HardwareConfig
+from tpusim.ir import CycleBreakdown, GemmShape, Graph, LayerCounts
+from tpusim.mapping.isa import (
+    Activate,
+    MatrixMultiply,
+    Program,
+    ReadHostMemory,
+    ReadWeights,
+    Sync,
+    UbRegion,
+    WriteHostMemory,
+)
+from tpusim.mapping.tiler import compile_program
+
+ACTIVE, WEIGHT_STALL, WEIGHT_SHIFT, RAW_STALL, INPUT_STALL, OTHER_NON_MATRIX = range(6)
+_N_CATEGORIES = 6
+
+
+def transfer_cycles(nbytes: int, bandwidth_gb_s: float, clock_mhz: float, latency_cycles: int) -> int:
+    """Cycles to move ``nbytes`` over a link: latency plus ceil(bytes / bytes-per-cycle), exactly."""
+    bytes_per_cycle = Fraction(bandwidth_gb_s) * 1000 / Fraction(clock_mhz)
+    return latency_cycles + int(-(-Fraction(nbytes) // bytes_per_cycle))
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """Per-instruction times of the MXU and the weight memory, for plots and worked examples.
+
+    ``shift_start`` is -1 for a multiply that keeps the array's weights.
+    """
+
+    mxu_layer: np.ndarray
+    stream_start: np.ndarray
+    stream_end: np.ndarray
+    shift_start: np.ndarray
+    last_output: np.ndarray
+    fetch_start: np.ndarray
+    fetch_end: np.ndarray
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    name: str
+    op: str
+    gemm: GemmShape | None
+    macs: int
+    breakdown: CycleBreakdown
+    counts: LayerCounts
+    utilization: float
+
+    @property
+    def cycles(self) -> int:
+        return self.breakdown.total
+
+
+@dataclass(frozen=True, eq=False)
+class SimResult:
+    graph_name: str
+    config_name: str
+    layers: tuple[LayerTiming, ...]
+    total_cycles: int
+    latency_s: float
+    tops: float
+    inferences_per_s: float
+    batch: int
+    macs: int
+    breakdown: CycleBreakdown
+    counts: LayerCounts
+    trace: Trace
+
+
+def _ub_rows(region: UbRegion, width: int) -> slice:
+    return slice(region.addr // width, -(-(region.addr + region.nbytes) // width))
+
+
+class _Timeline:
+    """Runs the program once, recording per-layer end times, counts and MXU idle intervals."""
+
+    def __init__(self, program: Program, cfg: HardwareConfig):
+        self.program = program
+        self.cfg = cfg
+        n_layers = len(program.layer_names)
+        self.counts = [dict.fromkeys((f.name for f in dataclasses.fields(LayerCounts)), 0) for _ in range(n_layers)]
+        self.matrix_end = np.full(n_layers, -1, dtype=np.int64)
+        self.other_end = np.full(n_layers, -1, dtype=np.int64)
+        # Intervals of the MXU's time line: start, end, category, useful MACs per cycle.
+        self.iv_start: list[int] = []
+        self.iv_end: list[int] = []
+        self.iv_cat: list[int] = []
+        self.iv_rate: list[int] = []
+
+    def _interval(self, start: int, end: int, category: int, rate: int = 0) -> None:
+        if end > start:
+            self.iv_start.append(start)
+            self.iv_end.append(end)
+            self.iv_cat.append(category)
+            self.iv_rate.append(rate)
+
+    def run(self) -> tuple[int, Trace]:
+        cfg = self.cfg
+        rows, cols = cfg.array.rows, cfg.array.cols
+        width = cfg.unified_buffer.width_bytes
+        acc_bytes = cfg.accumulators.bits // 8
+        eb = cfg.array.element_bytes
+        depth = cfg.weight_fifo.depth_tiles
+        clock = cfg.array.clock_mhz
+        wm, host, act = cfg.weight_memory, cfg.host, cfg.activation_unit
+        n_ub_rows = -(-cfg.unified_buffer.capacity_bytes // width)
+        ub_ready = np.zeros(n_ub_rows, dtype=np.int64)       # time the last write of each row lands
+        ub_from_host = np.zeros(n_ub_rows, dtype=bool)       # whether that write came over PCIe
+        ub_read_done = np.zeros(n_ub_rows, dtype=np.int64)   # time the last read of each row ends
+        # First row of each accumulator range final: the activation unit drains rows as they arrive
+        # (one per cycle), so it may start then; it is never faster than that, so it cannot overtake.
+        acc_first_row = np.zeros(cfg.accumulators.entries, dtype=np.int64)
+        acc_free = np.zeros(cfg.accumulators.entries, dtype=np.int64)
+        fetch_start: list[int] = []
+        fetch_end: list[int] = []
+        shift_end_of_tile: list[int] = []
+        trace_mxu: list[tuple[int, int, int, int, int]] = []
+        dram_free = host_in_free = host_out_free = act_free = 0
+        mxu_free = 0
+        tile_stream_start = 0  # when the weights now in the array were swapped in
+        finish = 0
+        for ins in self.program.instructions:
+            c = self.counts[ins.layer]
+            if isinstance(ins, MatrixMultiply):
+                src = _ub_rows(ins.src, width)
+                data_ready = int(ub_ready[src].max())
+                data_category = INPUT_STALL if ub_from_host[src][int(ub_ready[src].argmax())] else RAW_STALL
+                acc = slice(ins.acc_addr, ins.acc_addr + ins.m_rows)
+                acc_wait = 0 if ins.accumulate else int(acc_free[acc].max())
+                shift_ideal = shift_end = 0
+                shift_start = -1
+                if ins.load_weights:
+                    tile = len(shift_end_of_tile)
+                    shift_start = max(tile_stream_start, fetch_end[tile])
+                    shift_end = shift_start + rows
+                    shift_ideal = tile_stream_start + rows
+                    shift_end_of_tile.append(shift_end)
+                start = max(mxu_free, data_ready, shift_end, acc_wait)
+                level = mxu_free
+                for bound, category in ((data_ready, data_category), (shift_ideal, WEIGHT_SHIFT),
+                                        (shift_end, WEIGHT_STALL), (start, OTHER_NON_MATRIX)):
+                    bound = min(max(bound, level), start)
+                    self._interval(level, bound, category)
+                    level = bound
+                end = start + ins.m_rows
+                self._interval(start, end, ACTIVE, ins.macs_per_row)
+                if ins.load_weights:
+                    tile_stream_start = start
+                    c["weight_shift_bytes"] += ins.n_cols * eb * rows * (rows + 1) // 2
+                last_output = start + ins.m_rows + rows + cols - 2
+                mxu_free = end
+                acc_first_row[acc] = start + rows + cols - 1
+                ub_read_done[src] = np.maximum(ub_read_done[src], end)
+                trace_mxu.append((ins.layer, start, end, shift_start, last_output))
+                self.matrix_end[ins.layer] = end
+                finish = max(finish, last_output)
+                c["macs"] += ins.m_rows * ins.macs_per_row
+                c["ub_read_bytes"] += ins.input_bytes
+                acc_traffic = ins.m_rows * ins.n_cols * acc_bytes
+                c["acc_write_bytes"] += acc_traffic
+                if ins.accumulate:
+                    c["acc_read_bytes"] += acc_traffic
+            elif isinstance(ins, ReadWeights):
+                tile = len(fetch_end)
+                start = max(dram_free, shift_end_of_tile[tile - depth] if tile >= depth else 0)
+                dram_free = start + transfer_cycles(ins.nbytes, wm.bandwidth_gb_s, clock, wm.latency_cycles)
+                fetch_start.append(start)
+                fetch_end.append(dram_free)
+                c["weight_dram_bytes"] += ins.nbytes
+                c["weight_fifo_bytes"] += ins.nbytes
+            elif isinstance(ins, Activate):
+                start = act_free
+                if ins.acc_rows:
+                    acc = slice(ins.acc_addr, ins.acc_addr + ins.acc_rows)
+                    start = max(start, int(acc_first_row[acc].max()))
+                for region in ins.sources:
+                    start = max(start, int(ub_ready[_ub_rows(region, width)].max()))
+                dst = _ub_rows(ins.dst, width)
+                start = max(start, int(ub_read_done[dst].max()))
+                act_free = start + ins.vector_passes
+                done = act_free + act.pipeline_latency_cycles
+                if ins.acc_rows:
+                    acc_free[acc] = act_free
+                    c["acc_read_bytes"] += ins.acc_rows * ins.cols * acc_bytes
+                for region in ins.sources:
+                    rows_read = _ub_rows(region, width)
+                    ub_read_done[rows_read] = np.maximum(ub_read_done[rows_read], act_free)
+                    c["ub_read_bytes"] += region.nbytes
+                ub_ready[dst] = done
+                ub_from_host[dst] = False
+                self.other_end[ins.layer] = max(self.other_end[ins.layer], done)
+                finish = max(finish, done)
+                c["ub_write_bytes"] += ins.out_bytes
+                c["requant_ops"] += ins.requant_ops
+                c["requant_scale_bytes"] += ins.requant_scale_bytes
+                c["activation_ops"] += ins.activation_ops
+                c["pool_ops"] += ins.pool_ops
+            elif isinstance(ins, ReadHostMemory):
+                dst = _ub_rows(ins.dst, width)
+                start = max(host_in_free, int(ub_read_done[dst].max()), int(ub_ready[dst].max()))
+                host_in_free = start + transfer_cycles(ins.dst.nbytes, host.bandwidth_gb_s, clock,
+                                                       host.latency_cycles)
+                ub_ready[dst] = host_in_free
+                ub_from_host[dst] = True
+                self.other_end[ins.layer] = max(self.other_end[ins.layer], host_in_free)
+                finish = max(finish, host_in_free)
+                c["host_in_bytes"] += ins.dst.nbytes
+                c["ub_write_bytes"] += ins.dst.nbytes
+                c["spill_bytes"] += ins.dst.nbytes if ins.spill else 0
+            elif isinstance(ins, WriteHostMemory):
+                src = _ub_rows(ins.src, width)
+                start = max(host_out_free, int(ub_ready[src].max()))
+                host_out_free = start + transfer_cycles(ins.src.nbytes, host.bandwidth_gb_s, clock,
+                                                        host.latency_cycles)
+                ub_read_done[src] = np.maximum(ub_read_done[src], host_out_free)
+                self.other_end[ins.layer] = max(self.other_end[ins.layer], host_out_free)
+                finish = max(finish, host_out_free)
+                c["host_out_bytes"] += ins.src.nbytes
+                c["ub_read_bytes"] += ins.src.nbytes
+                c["spill_bytes"] += ins.src.nbytes if ins.spill else 0
+            elif isinstance(ins, Sync):
+                finish = max(finish, dram_free, host_in_free, host_out_free, act_free, mxu_free)
+        self._interval(mxu_free, finish, OTHER_NON_MATRIX)
+        mxu = np.array(trace_mxu, dtype=np.int64).reshape(-1, 5)
+        trace = Trace(mxu[:, 0], mxu[:, 1], mxu[:, 2], mxu[:, 3], mxu[:, 4],
+                      np.array(fetch_start, dtype=np.int64), np.array(fetch_end, dtype=np.int64))
+        return finish, trace
+
+    def layer_ends(self, total: int) -> np.ndarray:
+        """End of each layer's span: monotone, the last one the end of the run."""
+        ops = self.program.layer_ops
+        own = np.where([op in ("conv", "gemm") for op in ops], self.matrix_end, self.other_end)
+        ends = np.maximum.accumulate(np.maximum(own, 0))
+        ends[-1] = total
+        return np.minimum(ends, total)
+
+    def split(self, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cycles per (layer, category) and useful MAC slots per layer, from the MXU intervals."""
+        start = np.array(self.iv_start, dtype=np.int64)
+        end = np.array(self.iv_end, dtype=np.int64)
+        category = np.array(self.iv_cat, dtype=np.int64)
+        rate = np.array(self.iv_rate, dtype=np.int64)
+        bounds = np.concatenate(([0], ends))
+
+        def cumulative(weight: np.ndarray) -> np.ndarray:
+            """Integral of a piecewise-constant weight over [0, b) at every span bound b."""
+            before = np.concatenate(([0], np.cumsum(weight * (end - start))))
+            i = np.searchsorted(end, bounds, side="right")
+            inside = np.clip(bounds - start[np.minimum(i, len(start) - 1)], 0, None) if len(start) else 0
+            partial = np.where(i < len(start), weight[np.minimum(i, len(start) - 1)] * inside, 0) if len(start) else 0
+            return np.diff(before[i] + partial)
+
+        per_category = np.stack([cumulative((category == k).astype(np.int64)) for k in range(_N_CATEGORIES)], axis=1)
+        useful_slots = cumulative(np.where(category == ACTIVE, rate, 0))
+        return per_category, useful_slots
+
+
+def simulate_program(program: Program, cfg: HardwareConfig, batch: int) -> SimResult:
+    """Run ``program`` (compiled for ``cfg``) on the units of ``cfg``; ``batch`` inputs per inference."""
+    timeline = _Timeline(program, cfg)
+    total, trace = timeline.run()
+    ends = timeline.layer_ends(total)
+    per_category, useful_slots = timeline.split(ends)
+    slots_per_cycle = cfg.array.rows * cfg.array.cols
+    layers = []
+    for i, name in enumerate(program.layer_names):
+        cycles = per_category[i]
+        active = int(cycles[ACTIVE])
+        useful = min(active, int(useful_slots[i]) // slots_per_cycle)
+        breakdown = CycleBreakdown(
+            total=int(cycles.sum()),
+            active=active,
+            weight_stall=int(cycles[WEIGHT_STALL]),
+            weight_shift=int(cycles[WEIGHT_SHIFT]),
+            non_matrix=int(cycles[RAW_STALL] + cycles[INPUT_STALL] + cycles[OTHER_NON_MATRIX]),
+            useful_mac=useful,
+            unused_mac=active - useful,
+            raw_stall=int(cycles[RAW_STALL]),
+            input_stall=int(cycles[INPUT_STALL]),
+        )
+        counts = LayerCounts(**{**timeline.counts[i], "mac_slots": active * slots_per_cycle})
+        gemm = program.mappings[i].gemm
+        macs = counts.macs
+        utilization = macs / (breakdown.total * slots_per_cycle) if breakdown.total else 0.0
+        layers.append(LayerTiming(name, program.layer_ops[i], gemm, macs, breakdown, counts, utilization))
+    breakdown = sum((layer.breakdown for layer in layers), CycleBreakdown())
+    counts = LayerCounts(*(sum(values) for values in zip(*(dataclasses.astuple(l.counts) for l in layers))))
+    macs = counts.macs
+    latency = total / cfg.array.clock_hz
+    return SimResult(
+        graph_name=program.graph_name,
+        config_name=program.config_name,
+        layers=tuple(layers),
+        total_cycles=total,
+        latency_s=latency,
+        tops=2 * macs / latency / 1e12 if latency else 0.0,
+        inferences_per_s=batch / latency if latency else 0.0,
+        batch=batch,
+        macs=macs,
+        breakdown=breakdown,
+        counts=counts,
+        trace=trace,
+    )
+
+
+def simulate(graph: Graph, cfg: HardwareConfig) -> SimResult:
+    """Compile ``graph`` for ``cfg`` and run it on the timeline."""
+    return simulate_program(compile_program(graph, cfg), cfg, graph.batch)
