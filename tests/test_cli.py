@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,14 @@ def test_run_writes_layer_table_and_effective_config(tmp_path, small_model, caps
     assert [r["op"] for r in rows] == ["conv", "global_avgpool", "reshape", "gemm"]
     conv = rows[0]
     assert (int(conv["M"]), int(conv["K"]), int(conv["N"])) == (2 * 16 * 16, 27, 8)
-    assert int(conv["macs"]) == 2 * 16 * 16 * 27 * 8 and int(conv["weight_bytes"]) == 8 * 27
+    assert int(conv["macs"]) == 2 * 16 * 16 * 27 * 8 and int(conv["dram_bytes"]) == 8 * 27
+    for row in rows:
+        parts = sum(int(row[c]) for c in ("active_cycles", "weight_stall_cycles", "weight_shift_cycles",
+                                          "non_matrix_cycles"))
+        assert parts == int(row["cycles"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["batch"] == 2 and summary["macs"] == sum(int(r["macs"]) for r in rows)
+    assert summary["total_cycles"] == sum(int(r["cycles"]) for r in rows)
     assert "rows: 128" in (out / "config.yaml").read_text()
     assert "layers.csv" in stdout
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -78,9 +78,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = pipeline.RunOptions(config=args.config, model=args.model, out_dir=args.out, batch=args.batch,
                                   overrides=_overrides(args.overrides), input_shape=args.input_shape)
     result = pipeline.run(options)
-    columns = ("layer", "op", "output_shape", "M", "K", "N", "macs", "weight_bytes")
+    columns = ("layer", "op", "M", "K", "N", "cycles", "utilization", "active_cycles", "weight_stall_cycles",
+               "weight_shift_cycles", "non_matrix_cycles")
     print(format_table(columns, result.layer_rows, max_rows=40))
-    print(f"\n{len(result.graph.layers)} layers, {result.graph.macs:,} MACs")
+    s = result.summary
+    print(f"\n{result.graph.name}: {len(result.graph.layers)} layers, {s['macs']:,} MACs, batch {s['batch']}")
+    print(f"{s['total_cycles']:,} cycles = {s['latency_s'] * 1e3:.4g} ms; {s['tops']:.4g} TOPS; "
+          f"{s['inferences_per_s']:.4g} inferences/s; utilization {s['utilization']:.1%}")
     for path in result.files:
         print(f"wrote {path}")
     return 0

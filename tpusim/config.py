@@ -95,6 +95,15 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
+class InputPreprocessingConfig:
+    """How a folder of images becomes model inputs: resize to the model's H x W, scale, normalise."""
+
+    pixel_scale: float = field(metadata=_range(0, None, lo_open=True))
+    mean: tuple[float, ...]
+    std: tuple[float, ...] = field(metadata=_range(0, None, lo_open=True))
+
+
+@dataclass(frozen=True)
 class EnergyConfig:
     table: str
     static_power_w: float = field(metadata=_range(0))
@@ -113,6 +122,7 @@ class HardwareConfig:
     activation_unit: ActivationUnitConfig
     mapping: MappingConfig
     quant: QuantConfig
+    input_preprocessing: InputPreprocessingConfig
     energy: EnergyConfig
 
     @property
@@ -168,6 +178,11 @@ def _check_value(value: Any, tp: Any, meta: Any, where: str, path: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: {path}: expected {_type_name(tp)}, got {value!r}")
         return value
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{where}: {path}: expected a non-empty list, got {value!r}")
+        (item_type, _) = typing.get_args(tp)
+        return tuple(_check_value(v, item_type, meta, where, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {path}: expected true or false, got {value!r}")

@@ -1,5 +1,5 @@
-"""The one place that composes the stages: config -> front end -> (quantize -> map -> simulate ->
-energy) -> report. Each stage takes and returns typed values; nothing here reaches back."""
+"""The one place that composes the stages: config -> front end -> quantize -> map -> simulate ->
+energy -> report. Each stage takes and returns typed values; nothing here reaches back."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,11 +8,15 @@ from typing import Any
 
 from tpusim import workloads
 from tpusim.config import HardwareConfig, load_config
+from tpusim.energy.model import RunEnergy, run_energy
+from tpusim.energy.table import load_energy_table
 from tpusim.errors import ModelError
 from tpusim.frontend import load_onnx
 from tpusim.ir import Graph, Shape
-from tpusim.report.files import atomic_write_csv, atomic_write_text
-from tpusim.report.layers import LAYER_TABLE_COLUMNS, layer_table
+from tpusim.mapping import Program, compile_program
+from tpusim.report import run_report
+from tpusim.report.files import atomic_write_csv, atomic_write_json, atomic_write_text
+from tpusim.sim import SimResult, simulate_program
 
 
 @dataclass(frozen=True)
@@ -25,11 +29,15 @@ class RunOptions:
     input_shape: Shape | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RunResult:
     config: HardwareConfig
     graph: Graph
+    program: Program
+    sim: SimResult
+    energy: RunEnergy
     layer_rows: list[dict[str, Any]]
+    summary: dict[str, Any]
     out_dir: Path
     files: tuple[Path, ...]
 
@@ -58,12 +66,24 @@ def load_inputs(options: RunOptions) -> tuple[HardwareConfig, Graph]:
     return config, graph
 
 
+def time_and_energy(graph: Graph, config: HardwareConfig) -> tuple[Program, SimResult, RunEnergy]:
+    program = compile_program(graph, config)
+    sim = simulate_program(program, config, graph.batch)
+    table = load_energy_table(config.energy.table)
+    energy = run_energy([(t.name, t.counts) for t in sim.layers], sim.latency_s, sim.macs, sim.batch, config, table)
+    return program, sim, energy
+
+
 def run(options: RunOptions) -> RunResult:
     config, graph = load_inputs(options)
+    program, sim, energy = time_and_energy(graph, config)
     out_dir = options.out_dir or default_out_dir(options.model, config)
-    rows = layer_table(graph, config.array.element_bytes)
+    rows = run_report.layer_rows(sim, energy)
+    summary = run_report.summary(graph, sim, config, energy)
     files = (
-        atomic_write_csv(out_dir / "layers.csv", LAYER_TABLE_COLUMNS, rows),
+        atomic_write_csv(out_dir / "layers.csv", run_report.TIMING_COLUMNS + run_report.ENERGY_COLUMNS, rows),
+        atomic_write_json(out_dir / "summary.json", summary),
         atomic_write_text(out_dir / "config.yaml", config.to_yaml()),
     )
-    return RunResult(config=config, graph=graph, layer_rows=rows, out_dir=out_dir, files=files)
+    return RunResult(config=config, graph=graph, program=program, sim=sim, energy=energy, layer_rows=rows,
+                     summary=summary, out_dir=out_dir, files=files)

@@ -1,0 +1,68 @@
+"""The per-layer table (`layers.csv`) and run summary (`summary.json`) of `tpusim run`.
+
+Column and key names are a contract that users' scripts rely on: add, never rename.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tpusim.config import HardwareConfig
+from tpusim.energy.model import RunEnergy
+from tpusim.ir import CycleBreakdown, Graph
+from tpusim.sim import SimResult
+
+TIMING_COLUMNS = (
+    "layer", "op", "M", "K", "N", "groups", "macs", "cycles", "utilization", "dram_bytes", "ub_bytes", "acc_bytes",
+    "active_cycles", "weight_stall_cycles", "weight_shift_cycles", "non_matrix_cycles",
+    "useful_mac_cycles", "unused_mac_cycles", "raw_stall_cycles", "input_stall_cycles",
+    "spill_bytes", "requant_ops", "requant_scale_bytes",
+)
+ENERGY_COLUMNS = ("energy_pj",)
+
+
+def breakdown_dict(b: CycleBreakdown) -> dict[str, int]:
+    return {
+        "active_cycles": b.active, "weight_stall_cycles": b.weight_stall, "weight_shift_cycles": b.weight_shift,
+        "non_matrix_cycles": b.non_matrix, "useful_mac_cycles": b.useful_mac, "unused_mac_cycles": b.unused_mac,
+        "raw_stall_cycles": b.raw_stall, "input_stall_cycles": b.input_stall,
+    }
+
+
+def layer_rows(sim: SimResult, energy: RunEnergy | None = None) -> list[dict[str, Any]]:
+    rows = []
+    energies = dict(energy.layers) if energy is not None else {}
+    for timing in sim.layers:
+        c = timing.counts
+        gemm = timing.gemm
+        row = {
+            "layer": timing.name, "op": timing.op,
+            "M": gemm.m if gemm else "", "K": gemm.k if gemm else "", "N": gemm.n if gemm else "",
+            "groups": gemm.groups if gemm else "",
+            "macs": timing.macs, "cycles": timing.cycles, "utilization": round(timing.utilization, 6),
+            "dram_bytes": c.weight_dram_bytes, "ub_bytes": c.ub_read_bytes + c.ub_write_bytes,
+            "acc_bytes": c.acc_read_bytes + c.acc_write_bytes,
+            **breakdown_dict(timing.breakdown),
+            "spill_bytes": c.spill_bytes, "requant_ops": c.requant_ops, "requant_scale_bytes": c.requant_scale_bytes,
+        }
+        if timing.name in energies:
+            row["energy_pj"] = round(energies[timing.name].total, 3)
+        rows.append(row)
+    return rows
+
+
+def summary(graph: Graph, sim: SimResult, cfg: HardwareConfig, energy: RunEnergy | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "model": graph.name,
+        "config": sim.config_name,
+        "batch": sim.batch,
+        "macs": sim.macs,
+        "total_cycles": sim.total_cycles,
+        "latency_s": sim.latency_s,
+        "tops": sim.tops,
+        "inferences_per_s": sim.inferences_per_s,
+        "utilization": sim.macs / (sim.total_cycles * cfg.array.rows * cfg.array.cols) if sim.total_cycles else 0.0,
+        "breakdown": {"total_cycles": sim.breakdown.total, **breakdown_dict(sim.breakdown)},
+    }
+    if energy is not None:
+        result["energy"] = energy.summary()
+    return result
