@@ -27,19 +27,37 @@ class RunOptions:
     batch: int = 1
     overrides: dict[str, Any] = field(default_factory=dict)
     input_shape: Shape | None = None
+    calib_data: Path | str | None = None
+    quantize: bool = True
+    progress: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """What the stages after the front end produced for one model on one config."""
+
+    program: Program
+    sim: SimResult
+    energy: RunEnergy
+    layer_rows: list[dict[str, Any]]
+    summary: dict[str, Any]
 
 
 @dataclass(frozen=True, eq=False)
 class RunResult:
     config: HardwareConfig
     graph: Graph
-    program: Program
-    sim: SimResult
-    energy: RunEnergy
-    layer_rows: list[dict[str, Any]]
-    summary: dict[str, Any]
+    evaluation: Evaluation
     out_dir: Path
     files: tuple[Path, ...]
+
+    @property
+    def layer_rows(self) -> list[dict[str, Any]]:
+        return self.evaluation.layer_rows
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.evaluation.summary
 
 
 def resolve_model(model: str) -> Path:
@@ -60,10 +78,12 @@ def default_out_dir(model: str, config: HardwareConfig) -> Path:
     return Path("results") / f"{model_label(model)}-{config.name}"
 
 
-def load_inputs(options: RunOptions) -> tuple[HardwareConfig, Graph]:
+def prepare(options: RunOptions) -> tuple[HardwareConfig, Graph, Path]:
+    """Load and validate the config, resolve the model and lower it."""
     config = load_config(options.config, options.overrides)
-    graph = load_onnx(resolve_model(options.model), batch=options.batch, input_shape=options.input_shape)
-    return config, graph
+    model_path = resolve_model(options.model)
+    graph = load_onnx(model_path, batch=options.batch, input_shape=options.input_shape)
+    return config, graph, model_path
 
 
 def time_and_energy(graph: Graph, config: HardwareConfig) -> tuple[Program, SimResult, RunEnergy]:
@@ -74,16 +94,25 @@ def time_and_energy(graph: Graph, config: HardwareConfig) -> tuple[Program, SimR
     return program, sim, energy
 
 
-def run(options: RunOptions) -> RunResult:
-    config, graph = load_inputs(options)
+def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> Evaluation:
     program, sim, energy = time_and_energy(graph, config)
-    out_dir = options.out_dir or default_out_dir(options.model, config)
     rows = run_report.layer_rows(sim, energy)
     summary = run_report.summary(graph, sim, config, energy)
-    files = (
-        atomic_write_csv(out_dir / "layers.csv", run_report.TIMING_COLUMNS + run_report.ENERGY_COLUMNS, rows),
-        atomic_write_json(out_dir / "summary.json", summary),
+    return Evaluation(program=program, sim=sim, energy=energy, layer_rows=rows, summary=summary)
+
+
+def write_reports(config: HardwareConfig, evaluation: Evaluation, out_dir: Path) -> tuple[Path, ...]:
+    return (
+        atomic_write_csv(out_dir / "layers.csv", run_report.TIMING_COLUMNS + run_report.ENERGY_COLUMNS,
+                         evaluation.layer_rows),
+        atomic_write_json(out_dir / "summary.json", evaluation.summary),
         atomic_write_text(out_dir / "config.yaml", config.to_yaml()),
     )
-    return RunResult(config=config, graph=graph, program=program, sim=sim, energy=energy, layer_rows=rows,
-                     summary=summary, out_dir=out_dir, files=files)
+
+
+def run(options: RunOptions) -> RunResult:
+    config, graph, model_path = prepare(options)
+    evaluation = evaluate(config, graph, model_path, options)
+    out_dir = options.out_dir or default_out_dir(options.model, config)
+    files = write_reports(config, evaluation, out_dir)
+    return RunResult(config=config, graph=graph, evaluation=evaluation, out_dir=out_dir, files=files)
