@@ -81,3 +81,17 @@ def test_console_entry_point_help():
     for argv in (["--help"], ["run", "--help"], ["workloads", "list", "--help"]):
         result = subprocess.run([sys.executable, "-m", "tpusim", *argv], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "usage: tpusim" in result.stdout
+
+
+def test_compile_listing_has_one_line_per_instruction(tmp_path, small_model, capsys):
+    code, stdout, _ = _run(capsys, "compile", TPU_V1, "--model", small_model, "--listing")
+    assert code == 0
+    lines = stdout.strip().splitlines()
+    assert lines[0].split()[1] == "RHM" and any(" MMUL " in line for line in lines)
+    layer_names = {line.rsplit("; ", 1)[1] for line in lines}
+    assert len(layer_names) == 4 and all(name.endswith("_node" + name.rsplit("_node", 1)[1]) for name in layer_names)
+    out = tmp_path / "listing.txt"
+    code, _, _ = _run(capsys, "compile", TPU_V1, "--model", small_model, "-o", out)
+    assert code == 0 and out.read_text().strip().splitlines() == lines
+    code, stdout, _ = _run(capsys, "compile", TPU_V1, "--model", small_model)
+    assert "instructions for 4 layers" in stdout and "MatrixMultiply" in stdout

@@ -9,6 +9,8 @@ from typing import Sequence
 from tpusim import pipeline, workloads
 from tpusim.config import parse_override
 from tpusim.errors import TpusimError
+from tpusim.mapping import compile_program
+from tpusim.report.files import atomic_write_text
 from tpusim.report.tables import format_table
 
 EXIT_USAGE = 2
@@ -58,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (default results/<model>-<config>/)")
     run.set_defaults(handler=_cmd_run)
 
+    comp = commands.add_parser("compile", help="compile a model to the TPU instruction stream",
+                               description="Lower and tile a model; print a summary of the program or, with "
+                                           "--listing, one line per instruction with its operands.")
+    _add_model_arguments(comp)
+    comp.add_argument("--listing", action="store_true", help="print every instruction")
+    comp.add_argument("-o", "--output", type=Path, help="write the listing to this file instead of stdout")
+    comp.set_defaults(handler=_cmd_compile)
+
     wl = commands.add_parser("workloads", help="list or build the built-in ONNX workloads")
     wl_commands = wl.add_subparsers(dest="workloads_command", required=True, metavar="ACTION")
     wl_list = wl_commands.add_parser("list", help="list the built-in workloads")
@@ -87,6 +97,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"{s['inferences_per_s']:.4g} inferences/s; utilization {s['utilization']:.1%}")
     for path in result.files:
         print(f"wrote {path}")
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    options = pipeline.RunOptions(config=args.config, model=args.model, batch=args.batch,
+                                  overrides=_overrides(args.overrides), input_shape=args.input_shape)
+    config, graph, _ = pipeline.prepare(options)
+    program = compile_program(graph, config)
+    if args.listing or args.output:
+        text = program.listing() + "\n"
+        if args.output:
+            atomic_write_text(args.output, text)
+            print(f"wrote {args.output}")
+        else:
+            sys.stdout.write(text)
+        return 0
+    counts: dict[str, int] = {}
+    for instruction in program.instructions:
+        counts[type(instruction).__name__] = counts.get(type(instruction).__name__, 0) + 1
+    print(f"{graph.name} on {config.name}: {len(program.instructions)} instructions for {len(graph.layers)} layers")
+    for mnemonic, count in sorted(counts.items()):
+        print(f"  {mnemonic:<16} {count:>8,}")
     return 0
 
 

@@ -46,6 +46,10 @@ REQUANT_VECTOR_BYTES = 5  # one int32 fixed-point multiplier + one int8 shift pe
 SOFTMAX_PASSES = 3        # max, exp-and-sum, normalise: three passes over each vector
 
 
+IN_PLACE_OPS = ("add", "activation", "sigmoid", "tanh")
+DONATED = -1
+
+
 class UbAllocator:
     """First-fit allocation of unified-buffer bytes, every block aligned to the buffer's width."""
 
@@ -181,6 +185,22 @@ class _Compiler:
         self.tensors[name] = tensor
         return tensor
 
+    def _place_output(self, layer_index: int, layer: Layer, last_use: int) -> _Tensor:
+        """Elementwise vector ops write in place over an input that nobody reads afterwards, as a compiler
+        would: the activation unit reads each vector before it writes the same positions back."""
+        elements = math.prod(layer.output_shape)
+        if layer.op in IN_PLACE_OPS:
+            for name in layer.inputs:
+                candidate = self.tensors[self.resolve(name)]
+                if (candidate.last_use == layer_index and candidate.ub_addr is not None
+                        and candidate.elements == elements and not candidate.graph_input):
+                    tensor = _Tensor(candidate.nbytes, elements, candidate.ub_addr, self._host_alloc(candidate.nbytes),
+                                     last_use, False)
+                    candidate.last_use = DONATED  # its bytes now belong to the output: never freed on its own
+                    self.tensors[layer.output] = tensor
+                    return tensor
+        return self._place(layer.output, elements, last_use, graph_input=False)
+
     def _last_uses(self) -> dict[str, int]:
         last: dict[str, int] = {}
         for i, layer in enumerate(self.graph.layers):
@@ -235,8 +255,7 @@ class _Compiler:
                 self.mappings.append(LayerMapping(layer.name, layer.op, None, 0, 0, 0, 0, 0, False, 0.0))
                 self._release(i)
                 continue
-            out = self._place(layer.output, math.prod(layer.output_shape), last.get(layer.output, i),
-                              graph_input=False)
+            out = self._place_output(i, layer, last.get(layer.output, i))
             is_output = layer.output in outputs
             if layer.is_matrix:
                 self._matrix_layer(i, layer, out, is_output)

@@ -313,6 +313,11 @@ def simulate_program(program: Program, cfg: HardwareConfig, batch: int) -> SimRe
     ends = timeline.layer_ends(total)
     per_category, useful_slots = timeline.split(ends)
     slots_per_cycle = cfg.array.rows * cfg.array.cols
+    # A layer's MAC slots are its own streamed vectors; its span may also hold cycles of a neighbour's stream.
+    streamed_rows = [0] * len(program.layer_names)
+    for instruction in program.instructions:
+        if isinstance(instruction, MatrixMultiply):
+            streamed_rows[instruction.layer] += instruction.m_rows
     layers = []
     for i, name in enumerate(program.layer_names):
         cycles = per_category[i]
@@ -329,7 +334,7 @@ def simulate_program(program: Program, cfg: HardwareConfig, batch: int) -> SimRe
             raw_stall=int(cycles[RAW_STALL]),
             input_stall=int(cycles[INPUT_STALL]),
         )
-        counts = LayerCounts(**{**timeline.counts[i], "mac_slots": active * slots_per_cycle})
+        counts = LayerCounts(**{**timeline.counts[i], "mac_slots": streamed_rows[i] * slots_per_cycle})
         gemm = program.mappings[i].gemm
         macs = counts.macs
         utilization = macs / (breakdown.total * slots_per_cycle) if breakdown.total else 0.0
