@@ -89,7 +89,8 @@ def test_compile_listing_has_one_line_per_instruction(tmp_path, small_model, cap
     lines = stdout.strip().splitlines()
     assert lines[0].split()[1] == "RHM" and any(" MMUL " in line for line in lines)
     layer_names = {line.rsplit("; ", 1)[1] for line in lines}
-    assert len(layer_names) == 4 and all(name.endswith("_node" + name.rsplit("_node", 1)[1]) for name in layer_names)
+    # A reshape is only a new view of the same unified-buffer bytes: it has no instruction.
+    assert sorted(name.split("_node")[0] for name in layer_names) == ["Conv", "Gemm", "GlobalAveragePool"]
     out = tmp_path / "listing.txt"
     code, _, _ = _run(capsys, "compile", TPU_V1, "--model", small_model, "-o", out)
     assert code == 0 and out.read_text().strip().splitlines() == lines
