@@ -1,0 +1,268 @@
+"""ONNX exports of a lowered graph, for cross-checking the integer model against ONNX Runtime.
+
+- :func:`export_fp32`: the lowered (BN-folded) graph as a plain FP32 ONNX model; a fused activation
+  becomes a Relu/Clip after its producer, whose own output is named ``<tensor>__preact``.
+- :func:`export_qdq`: the same graph in the standard QDQ format with our parameters:
+  QuantizeLinear/DequantizeLinear around every activation, int8 weight initializers with a
+  (per-channel, axis 0) DequantizeLinear, int32 biases with a DequantizeLinear at ``s_x * s_w``.
+  A fused activation that tightens the output grid (ReLU on a signed grid, ReLU6 below the
+  calibrated maximum) is written as Q -> DQ -> Relu/Clip -> Q on the output's grid, which is
+  exactly the integer clamp of the chip.
+- :func:`ort_quantize_static`: ONNX Runtime's own quantizer run on :func:`export_fp32`, with our
+  activation parameters passed as ``TensorQuantOverrides``; weights and biases it quantizes itself.
+
+Integer tensors are exposed under :func:`quantized_name` (our export) or as the output of the
+QuantizeLinear ORT inserted (:func:`ort_quantized_outputs`).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tpusim.ir import Graph, Layer
+from tpusim.quant.arithmetic import QParams
+from tpusim.quant.quantize import QuantizedGraph, own_params_tensors
+
+OPSET = 17
+PREACT_SUFFIX = "__preact"
+
+
+def quantized_name(tensor: str) -> str:
+    return f"{tensor}__q"
+
+
+def preact_name(layer: Layer) -> str:
+    return layer.output + PREACT_SUFFIX if layer.activation.kind != "none" and layer.op != "activation" else layer.output
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._names: set[str] = set()
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        if name not in self._names:
+            self._names.add(name)
+            self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: Sequence[str], output: str, name: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, list(inputs), [output], name=name, **attrs))
+        return output
+
+
+def _activation_node(b: _Builder, layer: Layer, x: str, y: str, name: str) -> None:
+    act = layer.activation
+    if act.kind == "relu":
+        b.node("Relu", [x], y, name)
+        return
+    lo = b.const(f"{name}_min", np.float32(act.lo)) if math.isfinite(act.lo) else ""
+    hi = b.const(f"{name}_max", np.float32(act.hi)) if math.isfinite(act.hi) else ""
+    b.node("Clip", [x, lo, hi], y, name)
+
+
+def _pool_attrs(layer: Layer) -> dict:
+    p = layer.pool
+    attrs = dict(kernel_shape=list(p.kernel), strides=list(p.strides), pads=[p.pads[0], p.pads[1], p.pads[2], p.pads[3]],
+                 ceil_mode=int(p.ceil_mode))
+    if layer.op == "avgpool":
+        attrs["count_include_pad"] = int(p.count_include_pad)
+    return attrs
+
+
+def _op_node(b: _Builder, layer: Layer, inputs: list[str], weight: str | None, bias: str | None, y: str) -> None:
+    """The layer's own op (without its fused activation) on float inputs."""
+    op, name = layer.op, layer.name
+    if op == "conv":
+        c = layer.conv
+        b.node("Conv", [inputs[0], weight] + ([bias] if bias else []), y, name, kernel_shape=list(c.kernel),
+               strides=list(c.strides), pads=list(c.pads), dilations=list(c.dilations), group=c.groups)
+    elif op == "gemm" and len(layer.input_shapes[0]) == 2:
+        b.node("Gemm", [inputs[0], weight] + ([bias] if bias else []), y, name, transB=1)
+    elif op == "gemm":
+        raise ValueError(f"{name}: only 2-D Gemm inputs can be exported")
+    elif op in ("maxpool", "avgpool"):
+        b.node("MaxPool" if op == "maxpool" else "AveragePool", inputs, y, name, **_pool_attrs(layer))
+    elif op == "global_avgpool":
+        b.node("GlobalAveragePool", inputs, y, name)
+    elif op == "add":
+        b.node("Add", inputs, y, name)
+    elif op == "concat":
+        b.node("Concat", inputs, y, name, axis=layer.axis)
+    elif op == "reshape":
+        shape = b.const(f"{name}_shape", np.array(layer.output_shape, np.int64))
+        b.node("Reshape", [inputs[0], shape], y, name)
+    elif op == "softmax":
+        b.node("Softmax", inputs, y, name, axis=layer.axis)
+    elif op == "sigmoid":
+        b.node("Sigmoid", inputs, y, name)
+    elif op == "tanh":
+        b.node("Tanh", inputs, y, name)
+    else:
+        raise ValueError(f"{name}: no ONNX export for op {op!r}")
+
+
+def _model(b: _Builder, graph: Graph, outputs: list[onnx.ValueInfoProto], name: str) -> onnx.ModelProto:
+    inp = helper.make_tensor_value_info(graph.input_name, TensorProto.FLOAT, list(graph.input_shape))
+    g = helper.make_graph(b.nodes, name, [inp], outputs, b.initializers)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tpusim")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def export_fp32(graph: Graph) -> onnx.ModelProto:
+    """The lowered graph (BN folded, activations as separate Relu/Clip nodes) as an FP32 ONNX model."""
+    b = _Builder()
+    for layer in graph.layers:
+        weight = b.const(f"{layer.name}_W", layer.weight) if layer.weight is not None else None
+        bias = b.const(f"{layer.name}_B", layer.bias) if layer.bias is not None else None
+        if layer.op == "activation":
+            _activation_node(b, layer, layer.inputs[0], layer.output, layer.name)
+            continue
+        _op_node(b, layer, list(layer.inputs), weight, bias, preact_name(layer))
+        if layer.activation.kind != "none":
+            _activation_node(b, layer, preact_name(layer), layer.output, f"{layer.name}_act")
+    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, list(graph.shape_of(o))) for o in graph.outputs]
+    return _model(b, graph, outputs, graph.name)
+
+
+def _onnx_type(qp: QParams) -> int:
+    return TensorProto.UINT8 if qp.storage_dtype == np.uint8 else TensorProto.INT8
+
+
+def _qparam_consts(b: _Builder, tensor: str, qp: QParams) -> tuple[str, str]:
+    scale = b.const(f"{tensor}_scale", qp.scale.astype(np.float32))
+    zero = b.const(f"{tensor}_zero_point", qp.zero_point.astype(qp.storage_dtype))
+    return scale, zero
+
+
+def export_qdq(qgraph: QuantizedGraph, graph: Graph, expose: Sequence[str] = ()) -> onnx.ModelProto:
+    """A QDQ ONNX model of ``graph`` with ``qgraph``'s scales, zero points, int8 weights and int32 biases.
+
+    Its outputs are the integer graph outputs (named by :func:`quantized_name`), plus the integer
+    tensors named in ``expose``.
+    """
+    b = _Builder()
+    params = qgraph.tensor_qparams
+
+    def quantize_to(x: str, tensor: str, q_out: str, node: str) -> str:
+        scale, zero = _qparam_consts(b, tensor, params[tensor])
+        return b.node("QuantizeLinear", [x, scale, zero], q_out, node)
+
+    def dequantize_for(tensor: str, consumer: str) -> str:
+        scale, zero = _qparam_consts(b, tensor, params[tensor])
+        return b.node("DequantizeLinear", [quantized_name(tensor), scale, zero], f"{tensor}__dq_{consumer}",
+                      f"{tensor}_DQ_{consumer}")
+
+    quantize_to(graph.input_name, graph.input_name, quantized_name(graph.input_name), f"{graph.input_name}_Q")
+    for ql, layer in zip(qgraph.layers, graph.layers):
+        name = layer.name
+        inputs = [dequantize_for(t, f"{name}_{i}") for i, t in enumerate(layer.inputs)]
+        weight = bias = None
+        if layer.is_matrix:
+            w_qp = ql.weight_qparams
+            axis = {} if w_qp.axis is None else {"axis": 0}
+            w_scale = b.const(f"{name}_W_scale", w_qp.scale.astype(np.float32))
+            w_zero = b.const(f"{name}_W_zero_point", w_qp.zero_point.astype(np.int8))
+            weight = b.node("DequantizeLinear", [b.const(f"{name}_W_quantized", ql.weight_q), w_scale, w_zero],
+                            f"{name}_W_dq", f"{name}_W_DQ", **axis)
+            s_x = float(params[layer.inputs[0]].scale)
+            bias_scale = (np.broadcast_to(w_qp.scale, ql.bias_q.shape) * s_x).astype(np.float32)
+            b_scale = b.const(f"{name}_B_scale", bias_scale)
+            b_zero = b.const(f"{name}_B_zero_point", np.zeros(ql.bias_q.shape, np.int32))
+            bias = b.node("DequantizeLinear", [b.const(f"{name}_B_quantized", ql.bias_q), b_scale, b_zero],
+                          f"{name}_B_dq", f"{name}_B_DQ", axis=0)
+        out = layer.output
+        y_qp = params[out]
+        tightened = (ql.out_qmin, ql.out_qmax) != (y_qp.qmin, y_qp.qmax)
+        if layer.op == "activation":
+            _activation_node(b, layer, inputs[0], f"{out}__float", name)
+            quantize_to(f"{out}__float", out, quantized_name(out), f"{out}_Q")
+            continue
+        _op_node(b, layer, inputs, weight, bias, f"{out}__float")
+        if tightened:
+            quantize_to(f"{out}__float", out, f"{out}__q_preact", f"{out}_Q_preact")
+            scale, zero = _qparam_consts(b, out, y_qp)
+            b.node("DequantizeLinear", [f"{out}__q_preact", scale, zero], f"{out}__dq_preact", f"{out}_DQ_preact")
+            _activation_node(b, layer, f"{out}__dq_preact", f"{out}__float_act", f"{name}_act")
+            quantize_to(f"{out}__float_act", out, quantized_name(out), f"{out}_Q")
+        else:
+            quantize_to(f"{out}__float", out, quantized_name(out), f"{out}_Q")
+    names = list(dict.fromkeys(list(graph.outputs) + list(expose)))
+    outputs = [helper.make_tensor_value_info(quantized_name(t), _onnx_type(params[t]), list(graph.shape_of(t)))
+               for t in names]
+    return _model(b, graph, outputs, f"{graph.name}_qdq")
+
+
+def _override(qp: QParams) -> list[dict]:
+    return [{"scale": np.asarray(qp.scale, np.float32), "zero_point": np.asarray(qp.zero_point).astype(qp.storage_dtype)}]
+
+
+def ort_quantize_static(qgraph: QuantizedGraph, calibration: np.ndarray) -> onnx.ModelProto:
+    """ONNX Runtime's ``quantize_static`` (QDQ) of :func:`export_fp32` with our activation parameters.
+
+    Weight granularity and activation type follow ``qgraph.quant``; weights are symmetric int8.
+    Pre-activation tensors (``__preact``) get their output's parameters, so a Relu/Clip that ORT
+    keeps (it keeps them for signed activations) is a clamp on the output's grid, as on the chip.
+    ``calibration`` only feeds ORT's calibrator, whose ranges the overrides replace.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    graph = qgraph.graph
+    params = qgraph.tensor_qparams
+    overrides = {t: _override(params[t]) for t in own_params_tensors(graph)}
+    for layer in graph.layers:
+        if preact_name(layer) != layer.output:
+            overrides[preact_name(layer)] = _override(params[layer.output])
+        elif layer.op == "activation":
+            overrides[layer.output] = _override(params[layer.output])
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([{graph.input_name: calibration[i : i + graph.batch]}
+                                  for i in range(0, len(calibration) - graph.batch + 1, graph.batch)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    symmetric = qgraph.quant.activations == "symmetric-int8"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"
+        onnx.save(export_fp32(graph), str(src))
+        quantize_static(
+            str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ,
+            per_channel=qgraph.quant.weights == "per-channel", reduce_range=False,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                           "TensorQuantOverrides": overrides},
+        )
+        return onnx.load(str(dst))
+
+
+def ort_quantized_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, str]:
+    """Name of the integer tensor ORT's quantizer made for each float tensor (its QuantizeLinear output)."""
+    found = {node.input[0]: node.output[0] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+    # A graph output keeps its float name: ORT renames the producer's tensor and ends with a DequantizeLinear.
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in {o.name for o in model.graph.output}:
+            found.setdefault(node.output[0], node.input[0])
+    return {t: found[t] for t in tensors if t in found}
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``names`` (type left to ONNX Runtime)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in present:
+            exposed.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return exposed

@@ -1,0 +1,71 @@
+"""How closely the integer model follows FP32: per-layer SQNR and output agreement.
+
+SQNR of a tensor is ``10 log10(sum(x_fp32**2) / sum((x_int8 - x_fp32)**2))`` over all inputs, with
+``x_int8`` the dequantized integer tensor of the whole-network integer run (so a layer's SQNR includes
+the error it inherits). Output metrics compare the last graph output, one row per sample, on the last
+axis (the classes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tpusim.frontend.reference import run_reference
+from tpusim.ir import Graph
+from tpusim.quant.arithmetic import dequantize
+from tpusim.quant.execute import run_integer
+from tpusim.quant.quantize import QuantizedGraph
+
+_TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class FidelityReport:
+    layer_sqnr_db: dict[str, float]  # layer name -> SQNR of its output tensor
+    top1_agreement: float            # fraction of samples whose argmax matches FP32
+    top5_agreement: float            # fraction whose FP32 top-1 class is in the integer model's top 5
+    cosine_similarity: float         # of the flattened outputs, mean over samples
+    max_abs_error: float             # largest |int8 - fp32| of the outputs
+    samples: int
+
+
+def output_agreement(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float, float, float]:
+    """(top-1 agreement, top-5 agreement, mean cosine similarity, max abs error) over rows of the last axis."""
+    ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+    out = approx.reshape(-1, approx.shape[-1]).astype(np.float64)
+    ref_top1 = ref.argmax(axis=1)
+    top1 = float(np.mean(out.argmax(axis=1) == ref_top1))
+    k = min(5, out.shape[1])
+    top_k = np.argpartition(-out, k - 1, axis=1)[:, :k]
+    top5 = float(np.mean(np.any(top_k == ref_top1[:, None], axis=1)))
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    cosine = float(np.mean(np.sum(ref * out, axis=1) / np.maximum(norms, _TINY)))
+    return top1, top5, cosine, float(np.max(np.abs(out - ref)))
+
+
+def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray) -> FidelityReport:
+    """Run FP32 and integer execution on ``inputs`` (samples along axis 0, one graph batch at a time)."""
+    batch = graph.batch
+    if len(inputs) < batch or len(inputs) % batch:
+        raise ValueError(f"{len(inputs)} samples are not a whole number of batches of {batch}")
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    outputs_ref, outputs_int = [], []
+    final = graph.outputs[-1]
+    for start in range(0, len(inputs), batch):
+        x = inputs[start : start + batch]
+        ref = run_reference(graph, x, keep_all=True)
+        run = run_integer(qgraph, x, keep_all=True)
+        for layer in graph.layers:
+            r = ref[layer.output].astype(np.float64)
+            q = dequantize(run.tensors[layer.output], qgraph.tensor_qparams[layer.output]).astype(np.float64)
+            signal[layer.name] = signal.get(layer.name, 0.0) + float(np.sum(r * r))
+            noise[layer.name] = noise.get(layer.name, 0.0) + float(np.sum((q - r) ** 2))
+        outputs_ref.append(ref[final])
+        outputs_int.append(run.dequantized[final])
+    layer_sqnr = {name: float("inf") if noise[name] == 0.0 else 10.0 * np.log10(max(signal[name], _TINY) / noise[name])
+                  for name in signal}
+    top1, top5, cosine, max_err = output_agreement(np.concatenate(outputs_ref), np.concatenate(outputs_int))
+    return FidelityReport(layer_sqnr_db=layer_sqnr, top1_agreement=top1, top5_agreement=top5,
+                          cosine_similarity=cosine, max_abs_error=max_err, samples=len(inputs))
