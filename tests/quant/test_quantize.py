@@ -121,3 +121,26 @@ def test_sigmoid_and_tanh_are_exact_lookup_tables():
         f = (lambda v: 1 / (1 + np.exp(-v))) if ql.layer.op == "sigmoid" else np.tanh
         expected = quantize(f(dequantize(q_in, ql.input_qparams[0])).astype(np.float32), ql.output_qparams)
         np.testing.assert_array_equal(run.tensors[ql.layer.output], expected)
+
+
+@pytest.mark.parametrize("weights", ["per-tensor", "per-channel"])
+def test_dead_channel_with_a_bias_still_fits_the_int32_accumulator(weights):
+    b = GraphBuilder((1, 3, 6, 6))
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w[2] = 3e-9  # a dead channel, as trained checkpoints have, with a real bias below
+    y = b.node("Conv", ["input", b.const(w), b.const(np.array([0.1, -0.2, 0.5, 0.0], np.float32))], pads=[1, 1, 1, 1])
+    model = b.model(y)
+    graph = lower_model(model, "dead.onnx")
+    stats = collect_statistics(model, graph, synthetic_inputs(graph.input_shape[1:], 2, seed=0), 2048)
+    ql = quantize_graph(graph, stats, quant(weights=weights)).layers[0]
+    s_x = float(ql.input_qparams[0].scale)
+    assert np.all(np.abs(ql.acc_bias.astype(np.int64)) < 2**31)
+    # The bias is still represented to within one integer step of its scale.
+    s_w = np.broadcast_to(ql.weight_qparams.scale, (4,))
+    np.testing.assert_allclose(ql.bias_q * s_w * s_x, [0.1, -0.2, 0.5, 0.0], atol=float(np.max(s_w * s_x)))
+    if weights == "per-channel":
+        live = [0, 1, 3]
+        expected = np.abs(w[live]).reshape(3, -1).max(axis=1) / 127
+        np.testing.assert_allclose(ql.weight_qparams.scale[live], expected, rtol=1e-6)
+        assert ql.weight_qparams.scale[2] > 3e-9 / 127

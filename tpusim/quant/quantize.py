@@ -159,8 +159,32 @@ def _scalar(values: np.ndarray) -> float:
     return float(np.asarray(values).reshape(-1)[0])
 
 
+def _bias_safe_weight_qparams(layer: Layer, w_qp: QParams, x_qp: QParams) -> QParams:
+    """Raise weight scales just enough that each int32 accumulator start (bias / (s_w s_x) minus the
+    folded zero-point term, at most |z_x| 127 K) fits in int32.
+
+    Trained nets have dead channels (weights ~1e-9 with a real bias); their per-channel scale would
+    make the integer bias overflow. ONNX Runtime's quantizer adjusts the weight scale the same way."""
+    if layer.bias is None:
+        return w_qp
+    n_out = layer.weight.shape[0]
+    k = layer.weight.size // n_out
+    room = _INT32_MAX - abs(int(x_qp.zero_point)) * w_qp.qmax * k
+    if room <= 0:
+        raise ModelError(f"{layer.name}: K={k} products with zero point {int(x_qp.zero_point)} cannot fit an int32 "
+                         "accumulator")
+    needed = np.abs(layer.bias.astype(np.float64)) / (_scalar(x_qp.scale) * room)
+    if w_qp.axis is None:
+        needed = np.array(needed.max())
+    floor = np.nextafter(needed.astype(np.float32), np.float32(np.inf)).astype(np.float64)
+    if np.all(floor <= w_qp.scale):
+        return w_qp
+    return QParams(np.maximum(w_qp.scale, floor), w_qp.zero_point, w_qp.qmin, w_qp.qmax, w_qp.axis)
+
+
 def _matrix_layer(layer: Layer, x_qp: QParams, y_qp: QParams, quant: QuantConfig, input_mean) -> QLayer:
     w_qp = weight_qparams(layer.weight, quant.weights, axis=0, name=f"{layer.name} weight")
+    w_qp = _bias_safe_weight_qparams(layer, w_qp, x_qp)
     weight_q = quantize(layer.weight, w_qp)
     if input_mean is not None:
         layer = dataclasses.replace(layer, bias=correct_bias(layer, dequantize(weight_q, w_qp), input_mean))
