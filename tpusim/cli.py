@@ -11,6 +11,7 @@ from tpusim.config import parse_override
 from tpusim.errors import TpusimError
 from tpusim.mapping import compile_program
 from tpusim.report.files import atomic_write_text
+from tpusim.sweeps import add_sweep_command
 from tpusim.report.tables import format_table
 
 EXIT_USAGE = 2
@@ -47,6 +48,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set array.rows=128 (repeatable)")
 
 
+def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib-data", metavar="PATH",
+                        help="calibration inputs: a .npy/.npz of input tensors or a folder of images "
+                             "(default: a seeded synthetic set, reported as such)")
+    parser.add_argument("--weights", choices=("per-tensor", "per-channel"),
+                        help="weight quantization granularity (overrides quant.weights)")
+    parser.add_argument("--calibration", choices=("minmax", "percentile", "entropy", "mse"),
+                        help="activation range method (overrides quant.calibration)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tpusim",
@@ -58,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Run a model on the configured chip and write the reports to --out.")
     _add_model_arguments(run)
     run.add_argument("--out", type=Path, help="output folder (default results/<model>-<config>/)")
+    _add_quant_arguments(run)
+    run.add_argument("--no-quantize", dest="quantize", action="store_false",
+                     help="skip calibration and integer execution (timing and energy only)")
+    run.add_argument("--fidelity", choices=("kernel", "pe"), default="kernel",
+                     help="what computes the int8 values: the int8 GEMM kernel (default) or the PE-level "
+                          "cycle-stepped array (slower; adds pe_array_cycles to layers.csv)")
+    run.add_argument("--eval-samples", type=_positive_int, default=4,
+                     help="inputs on which int8 fidelity is measured (default 4)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     run.set_defaults(handler=_cmd_run)
 
     comp = commands.add_parser("compile", help="compile a model to the TPU instruction stream",
@@ -67,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--listing", action="store_true", help="print every instruction")
     comp.add_argument("-o", "--output", type=Path, help="write the listing to this file instead of stdout")
     comp.set_defaults(handler=_cmd_compile)
+
+    add_sweep_command(commands)
 
     wl = commands.add_parser("workloads", help="list or build the built-in ONNX workloads")
     wl_commands = wl.add_subparsers(dest="workloads_command", required=True, metavar="ACTION")
@@ -80,14 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(items: Sequence[str]) -> dict:
-    return dict(parse_override(item) for item in items)
+def _overrides(items: Sequence[str], args: argparse.Namespace | None = None) -> dict:
+    overrides = dict(parse_override(item) for item in items)
+    for flag, key in (("weights", "quant.weights"), ("calibration", "quant.calibration")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    return overrides
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     options = pipeline.RunOptions(config=args.config, model=args.model, out_dir=args.out, batch=args.batch,
-                                  overrides=_overrides(args.overrides), input_shape=args.input_shape)
+                                  overrides=_overrides(args.overrides, args), input_shape=args.input_shape,
+                                  calib_data=args.calib_data, quantize=args.quantize, eval_samples=args.eval_samples,
+                                  fidelity=args.fidelity, progress=args.progress)
     result = pipeline.run(options)
+    for warning in result.evaluation.warnings:
+        print(f"tpusim: warning: {warning}", file=sys.stderr)
     columns = ("layer", "op", "M", "K", "N", "cycles", "utilization", "active_cycles", "weight_stall_cycles",
                "weight_shift_cycles", "non_matrix_cycles")
     print(format_table(columns, result.layer_rows, max_rows=40))
@@ -95,6 +126,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"\n{result.graph.name}: {len(result.graph.layers)} layers, {s['macs']:,} MACs, batch {s['batch']}")
     print(f"{s['total_cycles']:,} cycles = {s['latency_s'] * 1e3:.4g} ms; {s['tops']:.4g} TOPS; "
           f"{s['inferences_per_s']:.4g} inferences/s; utilization {s['utilization']:.1%}")
+    if "energy" in s:
+        e = s["energy"]
+        print(f"energy {e['total_pj'] / 1e6 / s['batch']:.4g} uJ per inference ({e['dynamic_pj'] / 1e6 / s['batch']:.4g} "
+              f"dynamic); {e['total_power_w']:.3g} W; {e['total_tops_per_w']:.3g} TOPS/W "
+              f"({e['dynamic_tops_per_w']:.3g} dynamic only)")
+    if "fidelity" in s:
+        f, c = s["fidelity"], s["calibration"]
+        print(f"int8 ({c['weights']} weights, {c['method']} calibration): "
+              f"top-1 agreement {f['top1_agreement']:.0%}, top-5 {f['top5_agreement']:.0%}, cosine {f['cosine']:.4f}, "
+              f"output SQNR {f['output_sqnr_db']:.1f} dB on {f['evaluated_on']}")
     for path in result.files:
         print(f"wrote {path}")
     return 0

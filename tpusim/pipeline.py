@@ -2,9 +2,13 @@
 energy -> report. Each stage takes and returns typed values; nothing here reaches back."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import onnx
+from tqdm import tqdm
 
 from tpusim import workloads
 from tpusim.config import HardwareConfig, load_config
@@ -14,6 +18,7 @@ from tpusim.errors import ModelError
 from tpusim.frontend import load_onnx
 from tpusim.ir import Graph, Shape
 from tpusim.mapping import Program, compile_program
+from tpusim.quant.stage import QuantOutcome, quantize_and_measure
 from tpusim.report import run_report
 from tpusim.report.files import atomic_write_csv, atomic_write_json, atomic_write_text
 from tpusim.sim import SimResult, simulate_program
@@ -29,6 +34,8 @@ class RunOptions:
     input_shape: Shape | None = None
     calib_data: Path | str | None = None
     quantize: bool = True
+    eval_samples: int = 4
+    fidelity: str = "kernel"  # "kernel": int8 GEMM kernel computes values; "pe": the PE-level array does
     progress: bool = False
 
 
@@ -39,8 +46,23 @@ class Evaluation:
     program: Program
     sim: SimResult
     energy: RunEnergy
+    quant: QuantOutcome | None
     layer_rows: list[dict[str, Any]]
     summary: dict[str, Any]
+
+    @property
+    def warnings(self) -> list[str]:
+        """Things a user must not miss: synthetic calibration data, accumulator wrap-around."""
+        if self.quant is None:
+            return []
+        notes = []
+        if self.quant.calibration.synthetic:
+            notes.append(f"calibrated on SYNTHETIC data ({self.quant.calibration.source}); pass --calib-data "
+                         "for ranges (and fidelity) that mean something for real inputs")
+        for layer, count in self.quant.fidelity.wrapped.items():
+            if count:
+                notes.append(f"layer {layer!r}: {count} accumulations wrapped around the 32-bit accumulator")
+        return notes
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,17 +116,38 @@ def time_and_energy(graph: Graph, config: HardwareConfig) -> tuple[Program, SimR
     return program, sim, energy
 
 
+def quantize(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> QuantOutcome:
+    """Quantize and run in integers; values do not depend on the batch, so this uses a batch-1 lowering."""
+    single = graph if graph.batch == 1 else load_onnx(model_path, batch=1, input_shape=options.input_shape)
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        bar = bars.get(phase)
+        if bar is None:
+            label = {"calibrate": "calibrating (samples)", "execute": "integer execution (layers)"}[phase]
+            bar = bars[phase] = tqdm(total=total, desc=label, unit="", leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        return quantize_and_measure(single, onnx.load(str(model_path)), config, options.calib_data,
+                                    options.eval_samples, options.fidelity,
+                                    progress=progress if options.progress else None)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
 def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> Evaluation:
+    quant = quantize(config, graph, model_path, options) if options.quantize and config.array.datatype == "int8" else None
     program, sim, energy = time_and_energy(graph, config)
-    rows = run_report.layer_rows(sim, energy)
-    summary = run_report.summary(graph, sim, config, energy)
-    return Evaluation(program=program, sim=sim, energy=energy, layer_rows=rows, summary=summary)
+    rows = run_report.layer_rows(sim, energy, quant)
+    summary = run_report.summary(graph, sim, config, energy, quant)
+    return Evaluation(program=program, sim=sim, energy=energy, quant=quant, layer_rows=rows, summary=summary)
 
 
 def write_reports(config: HardwareConfig, evaluation: Evaluation, out_dir: Path) -> tuple[Path, ...]:
     return (
-        atomic_write_csv(out_dir / "layers.csv", run_report.TIMING_COLUMNS + run_report.ENERGY_COLUMNS,
-                         evaluation.layer_rows),
+        atomic_write_csv(out_dir / "layers.csv", run_report.columns(evaluation.quant), evaluation.layer_rows),
         atomic_write_json(out_dir / "summary.json", evaluation.summary),
         atomic_write_text(out_dir / "config.yaml", config.to_yaml()),
     )

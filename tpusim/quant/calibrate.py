@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -93,7 +94,8 @@ def _load_image_folder(folder: Path, sample_shape: Shape, prep: InputPreprocessi
 
 def load_calibration_set(path: str | Path | None, sample_shape: Shape, samples: int, seed: int,
                          prep: InputPreprocessingConfig) -> CalibrationSet:
-    """``.npy``/``.npz`` of inputs, a folder of images, or (``path=None``) a seeded synthetic set."""
+    """``.npy``/``.npz`` of inputs or a folder of images (every sample in it), or (``path=None``) a seeded
+    synthetic set of ``samples`` inputs."""
     if path is None:
         return synthetic_inputs(sample_shape, samples, seed)
     path = Path(path)
@@ -105,7 +107,6 @@ def load_calibration_set(path: str | Path | None, sample_shape: Shape, samples: 
         data = _load_array_file(path, sample_shape)
     else:
         raise DataError(f"{path}: no such calibration file or folder")
-    data = data[:samples]
     return CalibrationSet(data, f"{path} ({len(data)} samples)", synthetic=False)
 
 
@@ -132,8 +133,10 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
 
 
 def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSet, bins: int,
-                       batch_size: int = 8) -> dict[str, TensorStats]:
-    """Run the FP32 model over the calibration set and return merged statistics per graph tensor."""
+                       batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> dict[str, TensorStats]:
+    """Run the FP32 model over the calibration set and return merged statistics per graph tensor.
+
+    ``progress(samples done, samples total)`` is called after every batch."""
     tensors = graph_tensors(graph)
     session = _session_exposing(model, tensors)
     input_name = session.get_inputs()[0].name
@@ -150,6 +153,8 @@ def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSe
         for name in [graph.input_name] + wanted:
             observed = observe(results[name], bins, name=name)
             stats[name] = observed if stats.get(name) is None else merge(stats[name], observed)
+        if progress is not None:
+            progress(min(start + step, len(data.inputs)), len(data.inputs))
     missing = [name for name in tensors if stats.get(name) is None]
     if missing:
         raise DataError(f"calibration produced no statistics for {missing[:3]} (is the set smaller than the "

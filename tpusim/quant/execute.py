@@ -21,7 +21,9 @@ from tpusim.quant.arithmetic import dequantize, quantize
 from tpusim.quant.fixed_point import requantize
 from tpusim.quant.quantize import ADD_LEFT_SHIFT, QLayer, QuantizedGraph, Requant
 
-GemmEngine = Literal["exact-blas", "int8-gemm"]
+# A matrix unit: (activations (M, K), weights (K, N) int8, int32 bias (N,), acc_bits) -> (accumulators, wraps).
+MatrixUnit = Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, int]]
+GemmEngine = Literal["exact-blas", "int8-gemm"] | MatrixUnit
 ProgressCallback = Callable[[int, int, str], None]  # (layers done, total layers, name of the layer just run)
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
@@ -76,7 +78,9 @@ def _accumulate(cols: np.ndarray, weight: np.ndarray, acc_bias: np.ndarray, acc_
     wrapped = 0
     for g in range(groups):
         bias = acc_bias[g * n_g : (g + 1) * n_g]
-        if engine == "int8-gemm":
+        if callable(engine):
+            result, count = engine(cols[g], np.ascontiguousarray(weight[g].T), bias, acc_bits)
+        elif engine == "int8-gemm":
             result, count = int8_gemm(cols[g], np.ascontiguousarray(weight[g].T), acc_bits, bias)
         else:
             result, count = _gemm_blas(cols[g], weight[g].T, bias, acc_bits)
@@ -214,7 +218,8 @@ def run_integer(
     :mod:`tpusim.kernels.gemm` (single-threaded); ``exact-blas`` computes the same integers with
     float32 BLAS on chunks of K small enough that every partial sum is an exactly representable
     integer (faster on an idle machine, much slower when BLAS threads compete for busy cores);
-    tests hold the two equal, wrap counts included.
+    tests hold the two equal, wrap counts included. A callable ``MatrixUnit`` (for example the
+    PE-level array of :mod:`tpusim.kernels.systolic`) may stand in for either.
     """
     graph = qgraph.graph
     tensors = {graph.input_name: quantize(np.asarray(x_float, np.float32), qgraph.input_qparams)}

@@ -14,7 +14,7 @@ import numpy as np
 from tpusim.frontend.reference import run_reference
 from tpusim.ir import Graph
 from tpusim.quant.arithmetic import dequantize
-from tpusim.quant.execute import run_integer
+from tpusim.quant.execute import GemmEngine, ProgressCallback, run_integer
 from tpusim.quant.quantize import QuantizedGraph
 
 _TINY = 1e-30
@@ -28,6 +28,7 @@ class FidelityReport:
     cosine_similarity: float         # of the flattened outputs, mean over samples
     max_abs_error: float             # largest |int8 - fp32| of the outputs
     samples: int
+    wrapped: dict[str, int]          # matrix layer name -> accumulator wrap-arounds over all samples
 
 
 def output_agreement(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float, float, float]:
@@ -44,19 +45,25 @@ def output_agreement(reference: np.ndarray, approx: np.ndarray) -> tuple[float, 
     return top1, top5, cosine, float(np.max(np.abs(out - ref)))
 
 
-def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray) -> FidelityReport:
-    """Run FP32 and integer execution on ``inputs`` (samples along axis 0, one graph batch at a time)."""
+def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray, engine: GemmEngine = "int8-gemm",
+             progress: ProgressCallback | None = None) -> FidelityReport:
+    """Run FP32 and integer execution on ``inputs`` (samples along axis 0, one graph batch at a time).
+
+    ``engine`` and ``progress`` are passed to :func:`run_integer` for every batch."""
     batch = graph.batch
     if len(inputs) < batch or len(inputs) % batch:
         raise ValueError(f"{len(inputs)} samples are not a whole number of batches of {batch}")
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
     outputs_ref, outputs_int = [], []
+    wrapped: dict[str, int] = {}
     final = graph.outputs[-1]
     for start in range(0, len(inputs), batch):
         x = inputs[start : start + batch]
         ref = run_reference(graph, x, keep_all=True)
-        run = run_integer(qgraph, x, keep_all=True)
+        run = run_integer(qgraph, x, keep_all=True, engine=engine, progress=progress)
+        for name, count in run.wrapped.items():
+            wrapped[name] = wrapped.get(name, 0) + count
         for layer in graph.layers:
             r = ref[layer.output].astype(np.float64)
             q = dequantize(run.tensors[layer.output], qgraph.tensor_qparams[layer.output]).astype(np.float64)
@@ -68,4 +75,5 @@ def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray) -> Fideli
                   for name in signal}
     top1, top5, cosine, max_err = output_agreement(np.concatenate(outputs_ref), np.concatenate(outputs_int))
     return FidelityReport(layer_sqnr_db=layer_sqnr, top1_agreement=top1, top5_agreement=top5,
-                          cosine_similarity=cosine, max_abs_error=max_err, samples=len(inputs))
+                          cosine_similarity=cosine, max_abs_error=max_err, samples=len(inputs),
+                          wrapped=wrapped)

@@ -9,6 +9,7 @@ from typing import Any
 from tpusim.config import HardwareConfig
 from tpusim.energy.model import RunEnergy
 from tpusim.ir import CycleBreakdown, Graph
+from tpusim.quant.stage import QuantOutcome
 from tpusim.sim import SimResult
 
 TIMING_COLUMNS = (
@@ -18,6 +19,8 @@ TIMING_COLUMNS = (
     "spill_bytes", "requant_ops", "requant_scale_bytes",
 )
 ENERGY_COLUMNS = ("energy_pj",)
+QUANT_COLUMNS = ("sqnr_db", "wrapped_accumulations")
+PE_COLUMNS = ("pe_array_cycles",)
 
 
 def breakdown_dict(b: CycleBreakdown) -> dict[str, int]:
@@ -28,7 +31,7 @@ def breakdown_dict(b: CycleBreakdown) -> dict[str, int]:
     }
 
 
-def layer_rows(sim: SimResult, energy: RunEnergy | None = None) -> list[dict[str, Any]]:
+def layer_rows(sim: SimResult, energy: RunEnergy | None = None, quant: QuantOutcome | None = None) -> list[dict[str, Any]]:
     rows = []
     energies = dict(energy.layers) if energy is not None else {}
     for timing in sim.layers:
@@ -46,11 +49,44 @@ def layer_rows(sim: SimResult, energy: RunEnergy | None = None) -> list[dict[str
         }
         if timing.name in energies:
             row["energy_pj"] = round(energies[timing.name].total, 3)
+        if quant is not None:
+            sqnr = quant.fidelity.layer_sqnr_db.get(timing.name)
+            row["sqnr_db"] = "" if sqnr is None else round(sqnr, 3)
+            row["wrapped_accumulations"] = quant.fidelity.wrapped.get(timing.name, "")
+            if quant.pe_array_cycles is not None:
+                row["pe_array_cycles"] = quant.pe_array_cycles.get(timing.name, "")
         rows.append(row)
     return rows
 
 
-def summary(graph: Graph, sim: SimResult, cfg: HardwareConfig, energy: RunEnergy | None = None) -> dict[str, Any]:
+def columns(quant: QuantOutcome | None) -> tuple[str, ...]:
+    extra = () if quant is None else QUANT_COLUMNS + (PE_COLUMNS if quant.pe_array_cycles is not None else ())
+    return TIMING_COLUMNS + ENERGY_COLUMNS + extra
+
+
+def quant_summary(quant: QuantOutcome, cfg: HardwareConfig) -> dict[str, Any]:
+    f = quant.fidelity
+    finite = [v for v in f.layer_sqnr_db.values() if v != float("inf")]
+    return {
+        "calibration": {
+            "method": cfg.quant.calibration, "weights": cfg.quant.weights, "activations": cfg.quant.activations,
+            "source": quant.calibration.source, "synthetic": quant.calibration.synthetic,
+            "samples": len(quant.calibration.inputs), "cross_layer_equalization": cfg.quant.cross_layer_equalization,
+            "bias_correction": cfg.quant.bias_correction,
+        },
+        "fidelity": {
+            "evaluated_on": quant.evaluation_source, "samples": f.samples,
+            "top1_agreement": f.top1_agreement, "top5_agreement": f.top5_agreement,
+            "cosine": f.cosine_similarity, "max_abs_error": f.max_abs_error,
+            "output_sqnr_db": f.layer_sqnr_db[quant.graph.layers[-1].name],
+            "min_layer_sqnr_db": min(finite) if finite else float("inf"),
+            "wrapped_accumulations": sum(f.wrapped.values()),
+        },
+    }
+
+
+def summary(graph: Graph, sim: SimResult, cfg: HardwareConfig, energy: RunEnergy | None = None,
+            quant: QuantOutcome | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": graph.name,
         "config": sim.config_name,
@@ -65,4 +101,6 @@ def summary(graph: Graph, sim: SimResult, cfg: HardwareConfig, energy: RunEnergy
     }
     if energy is not None:
         result["energy"] = energy.summary()
+    if quant is not None:
+        result.update(quant_summary(quant, cfg))
     return result

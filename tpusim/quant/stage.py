@@ -1,0 +1,94 @@
+"""The quantization stage as the pipeline runs it: calibrate, (equalize), quantize, execute in integers,
+measure fidelity. Input: a batch-1 lowered graph, its ONNX model and the config; output: a
+:class:`QuantOutcome`. Values do not depend on the timing batch, so this stage always runs batch 1."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from tpusim.config import HardwareConfig
+from tpusim.ir import Graph
+from tpusim.kernels.systolic import pe_gemm
+from tpusim.quant.calibrate import CalibrationSet, collect_statistics, load_calibration_set, synthetic_inputs
+from tpusim.quant.equalization import equalize
+from tpusim.quant.execute import GemmEngine
+from tpusim.quant.export import export_fp32
+from tpusim.quant.fidelity import FidelityReport, fidelity
+from tpusim.quant.quantize import QuantizedGraph, quantize_graph
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantOutcome:
+    graph: Graph                      # the batch-1 graph that was quantized (equalized when configured)
+    calibration: CalibrationSet
+    evaluation_source: str
+    qgraph: QuantizedGraph
+    fidelity: FidelityReport
+    pe_array_cycles: dict[str, int] | None  # per matrix layer, when the PE-level array computed the values
+
+
+class _PeArrayUnit:
+    """The PE-level cycle-stepped array as the integer executor's matrix unit, counting its cycles."""
+
+    def __init__(self, rows: int, cols: int):
+        self.rows, self.cols = rows, cols
+        self.cycles_since_layer = 0
+
+    def __call__(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray, acc_bits: int) -> tuple[np.ndarray, int]:
+        result = pe_gemm(x, w, self.rows, self.cols, acc_bits, bias)
+        self.cycles_since_layer += result.cycles
+        return result.result, result.wrapped_count
+
+
+def evaluation_inputs(calibration: CalibrationSet, graph: Graph, samples: int, seed: int) -> tuple[np.ndarray, str]:
+    """Inputs for fidelity, disjoint from the calibration samples whenever the data allow it."""
+    if calibration.synthetic:
+        held_out = synthetic_inputs(graph.input_shape[1:], samples, seed + 1)
+        return held_out.inputs, f"synthetic N(0,1), seed {seed + 1}, {samples} samples (held out)"
+    return calibration.inputs[:samples], f"the first {min(samples, len(calibration.inputs))} calibration samples"
+
+
+def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareConfig, calib_data,
+                         eval_samples: int, fidelity_mode: str = "kernel",
+                         progress: Progress | None = None) -> QuantOutcome:
+    quant = config.quant
+    data = load_calibration_set(calib_data, graph.input_shape[1:], quant.calibration_samples, quant.seed,
+                                config.input_preprocessing)
+    available = len(data.inputs)
+    calibration = CalibrationSet(data.inputs[: quant.calibration_samples], data.source, data.synthetic)
+    if quant.cross_layer_equalization:
+        graph = equalize(graph)
+        model = export_fp32(graph)
+    stats = collect_statistics(model, graph, calibration, quant.histogram_bins,
+                               progress=None if progress is None else lambda d, t: progress("calibrate", d, t))
+    qgraph = quantize_graph(graph, stats, quant)
+    if not calibration.synthetic and available > quant.calibration_samples:
+        eval_x = data.inputs[quant.calibration_samples : quant.calibration_samples + eval_samples]
+        eval_source = f"{len(eval_x)} held-out samples of {data.source}"
+    else:
+        eval_x, eval_source = evaluation_inputs(calibration, graph, eval_samples, quant.seed)
+    engine: GemmEngine = "int8-gemm"
+    pe_cycles: dict[str, int] | None = None
+    layer_progress = None
+    if fidelity_mode == "pe":
+        unit = _PeArrayUnit(config.array.rows, config.array.cols)
+        engine, pe_cycles = unit, {}
+        matrix_layers = {layer.name for layer in graph.layers if layer.is_matrix}
+
+        def layer_progress(done: int, total: int, name: str) -> None:
+            if name in matrix_layers:
+                pe_cycles[name] = pe_cycles.get(name, 0) + unit.cycles_since_layer
+            unit.cycles_since_layer = 0
+            if progress is not None:
+                progress("execute", done, total)
+    elif progress is not None:
+        def layer_progress(done: int, total: int, name: str) -> None:
+            progress("execute", done, total)
+    report = fidelity(graph, qgraph, eval_x, engine=engine, progress=layer_progress)
+    return QuantOutcome(graph=graph, calibration=calibration, evaluation_source=eval_source, qgraph=qgraph,
+                        fidelity=report, pe_array_cycles=pe_cycles)
