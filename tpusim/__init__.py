@@ -4,7 +4,7 @@
 first use so that ``import tpusim.config`` stays light.
 """
 
-_API = {"simulate": "tpusim.api", "Result": "tpusim.api", "sweep": "tpusim.sweep"}
+_API = {"simulate": "tpusim.api", "Result": "tpusim.api", "sweep": "tpusim.sweeps"}
 
 
 def __getattr__(name: str):

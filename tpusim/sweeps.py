@@ -1,0 +1,444 @@
+"""Design-space sweeps: many independent ``tpusim.simulate`` runs, in parallel, resumable, as one tidy table.
+
+A sweep is a set of *points*; each point is a model, a batch size and a set of config overrides. The
+points are the cross product of the swept values (or, with ``zip=True``, the config values taken position by
+position) and run on local worker processes or on a Dask distributed cluster. With an output folder,
+every finished point is written at once to ``points/<hash>.json`` (atomically), so an interrupted sweep
+resumes where it stopped; ``sweep.csv`` and the plots are then assembled from the point files.
+
+>>> import tpusim
+>>> rows = tpusim.sweep("configs/tpu_v1.yaml", "mlp", {"array.rows": [64, 128, 256], "array.cols": [64, 128, 256]},
+...                     zip=True, batch=[1, 8], out="results/mlp-arrays")
+>>> rows[0]["latency_s"], rows[0]["total_tops_per_w"]
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from tpusim.api import Result, simulate
+from tpusim.config import load_config
+from tpusim.errors import ConfigError, ModelError, TpusimError
+from tpusim.pipeline import model_label, resolve_model
+from tpusim.report.files import atomic_write_csv, atomic_write_json
+from tpusim.report.tables import format_table
+
+POINTS_DIR = "points"
+CSV_NAME = "sweep.csv"
+POINT_FORMAT = 1  # bump when a point file's record changes meaning, so old files are not reused
+BREAKDOWN_KEYS = ("active_cycles", "weight_stall_cycles", "weight_shift_cycles", "non_matrix_cycles",
+                  "raw_stall_cycles", "input_stall_cycles", "useful_mac_cycles", "unused_mac_cycles")
+ENERGY_KEYS = ("total_pj", "dynamic_pj", "static_pj", "total_tops_per_w", "dynamic_tops_per_w",
+               "total_inferences_per_j", "dynamic_inferences_per_j")
+PLOTTED_METRICS = ("latency_s", "utilization", "total_tops_per_w")
+
+
+class SweepError(TpusimError):
+    """A sweep grid or option is invalid, or one of its points cannot run."""
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One design point: what ``tpusim.simulate`` is called with (the config file is the sweep's)."""
+
+    model: str
+    batch: int
+    overrides: tuple[tuple[str, Any], ...]
+    quantize: bool
+    key: str  # names the point's file; see point_key
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The swept parameters as they appear in the sweep's table."""
+        return {"model": model_label(self.model), "batch": self.batch, **dict(self.overrides)}
+
+    def label(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.params.items())
+
+
+def point_key(config_digest: str, model: str, model_digest: str, batch: int,
+              overrides: tuple[tuple[str, Any], ...], quantize: bool) -> str:
+    """A stable name for a point: changes with the config file's or the model file's content and any value."""
+    identity = {"format": POINT_FORMAT, "config": config_digest, "model": model, "model_file": model_digest,
+                "batch": batch, "overrides": [list(item) for item in overrides], "quantize": quantize}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _model_digest(model: str) -> str:
+    path = resolve_model(model)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    return _file_digest(path)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def expand_grid(grid: Mapping[str, Sequence[Any]], *, zip: bool = False) -> list[dict[str, Any]]:
+    """Every combination of the grid's values (cross product, first key outermost), or with ``zip=True``
+    the values position by position; in zip mode a key with a single value is held constant."""
+    for name, values in grid.items():
+        if len(values) == 0:
+            raise SweepError(f"sweep grid: {name}: no values")
+    names = list(grid)
+    if not zip:
+        return [dict(builtins.zip(names, combo)) for combo in itertools.product(*grid.values())]
+    lengths = {name: len(values) for name, values in grid.items() if len(values) > 1}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{name}: {n} values" for name, n in lengths.items())
+        raise SweepError(f"--zip needs value lists of equal length (or a single value), got {listed}")
+    count = next(iter(lengths.values()), 1)
+    return [{name: values[i] if len(values) > 1 else values[0] for name, values in grid.items()}
+            for i in range(count)]
+
+
+def parse_values(text: str) -> list[Any]:
+    """``"32,64,128"`` -> [32, 64, 128]; each value is read as YAML, so ``[1,2],[3,4]`` is two lists."""
+    try:
+        values = yaml.safe_load(f"[{text}]")
+    except yaml.YAMLError:
+        raise ConfigError(f"{text!r}: cannot read as comma-separated values") from None
+    if not values or any(value is None for value in values):
+        raise ConfigError(f"{text!r}: expected comma-separated values like 32,64,128")
+    return values
+
+
+def parse_set(text: str) -> tuple[str, list[Any]]:
+    """``array.rows=32,64`` -> ("array.rows", [32, 64])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE[,VALUE...]")
+    return key.strip(), parse_values(raw)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def build_points(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Sequence[Any]], *,
+                 zip: bool = False, batch: int | Sequence[int] = 1, quantize: bool = False) -> list[SweepPoint]:
+    """The sweep's points in grid order (models, then batches, then the grid's settings), each checked
+    (config values, model, batch) before anything runs. ``zip`` applies to the grid's values only:
+    models and batch sizes are always crossed with the grid's settings."""
+    for reserved in ("model", "batch"):
+        if reserved in grid:
+            raise SweepError(f"sweep grid: {reserved}: pass it as the {reserved} argument, not a grid key")
+    batches = _as_list(batch)
+    for value in batches:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SweepError(f"batch: expected positive integers, got {value!r}")
+    models = [str(m) for m in _as_list(model)]
+    if not models or not batches:
+        raise SweepError("a sweep needs at least one model and one batch size")
+    settings = [tuple(combo.items()) for combo in expand_grid({k: _as_list(v) for k, v in grid.items()}, zip=zip)]
+    for overrides in settings:
+        load_config(config, dict(overrides))  # a bad key or value fails here, naming it, before any work
+    config_digest = _file_digest(Path(config))
+    model_digests = {name: _model_digest(name) for name in models}
+    return [SweepPoint(model=m, batch=b, overrides=overrides, quantize=quantize,
+                       key=point_key(config_digest, m, model_digests[m], b, overrides, quantize))
+            for m, b, overrides in itertools.product(models, batches, settings)]
+
+
+def point_record(point: SweepPoint, result: Result) -> dict[str, Any]:
+    """One row of the sweep table: the point's parameters, then what ``tpusim.simulate`` reported."""
+    s = result.summary
+    energy = s["energy"]
+    record: dict[str, Any] = {
+        **point.params,
+        "latency_s": s["latency_s"], "total_cycles": s["total_cycles"], "tops": s["tops"],
+        "inferences_per_s": s["inferences_per_s"], "utilization": s["utilization"], "macs": s["macs"],
+        "energy_per_inference_pj": energy["total_pj"] / s["batch"],
+        **{key: energy[key] for key in ENERGY_KEYS},
+        **{key: s["breakdown"][key] for key in BREAKDOWN_KEYS},
+        **{f"energy_{component}_pj": pj for component, pj in result.evaluation.energy.dynamic.as_dict().items()
+           if component != "total"},
+    }
+    record.update({key: value for key, value in s.get("fidelity", {}).items()
+                   if value is None or isinstance(value, (bool, int, float, str))})
+    return record
+
+
+def simulate_point(config: str, point: SweepPoint) -> dict[str, Any]:
+    """Run one point (in a worker process, local or Dask) and return its record."""
+    result = simulate(config, point.model, batch=point.batch, overrides=dict(point.overrides),
+                      quantize=point.quantize)
+    return point_record(point, result)
+
+
+class _PointStore:
+    """Finished points as ``DIR/points/<key>.json``, each written atomically as it finishes."""
+
+    def __init__(self, out: Path | None):
+        self.folder = out / POINTS_DIR if out is not None else None
+
+    def path(self, point: SweepPoint) -> Path | None:
+        return self.folder / f"{point.key}.json" if self.folder is not None else None
+
+    def load(self, point: SweepPoint) -> dict[str, Any] | None:
+        path = self.path(point)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())["record"]
+        except (ValueError, KeyError, TypeError):
+            return None  # unreadable: compute the point again and overwrite the file
+
+    def save(self, point: SweepPoint, record: dict[str, Any]) -> None:
+        path = self.path(point)
+        if path is not None:
+            atomic_write_json(path, {"point": point.params, "quantize": point.quantize, "record": record})
+
+    def discard_all(self) -> None:
+        if self.folder is not None and self.folder.is_dir():
+            for path in self.folder.glob("*.json"):
+                path.unlink()
+
+
+Completed = Iterator[tuple[SweepPoint, dict[str, Any]]]
+
+
+def _run_in_process(config: str, points: Sequence[SweepPoint]) -> Completed:
+    for point in points:
+        yield point, _checked(point, lambda: simulate_point(config, point))
+
+
+def _run_local(config: str, points: Sequence[SweepPoint], jobs: int) -> Completed:
+    # forkserver: forking a parent that has threads (a notebook kernel, tqdm) can deadlock a worker
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs,
+                                                mp_context=multiprocessing.get_context(method)) as pool:
+        futures = {pool.submit(simulate_point, config, point): point for point in points}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                point = futures[future]
+                yield point, _checked(point, future.result)
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _run_dask(config: str, points: Sequence[SweepPoint], scheduler: str | None, jobs: int) -> Completed:
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise SweepError("--executor dask needs the dask distributed package: pip install 'tpusim[dask]'") from None
+    # Without an address Dask starts its own local cluster; workers must see the config file's path.
+    try:
+        client = Client(scheduler) if scheduler else Client(n_workers=jobs, threads_per_worker=1)
+    except (OSError, TimeoutError) as exc:
+        raise SweepError(f"--scheduler {scheduler}: cannot reach the Dask scheduler: {exc}") from None
+    try:
+        futures = client.map(simulate_point, [config] * len(points), points, pure=False)
+        by_future = dict(zip(futures, points))
+        try:
+            for future in as_completed(futures):
+                point = by_future[future]
+                yield point, _checked(point, future.result)
+        finally:
+            client.cancel(futures)
+    finally:
+        client.close()
+
+
+def _checked(point: SweepPoint, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return compute()
+    except TpusimError as exc:
+        raise SweepError(f"sweep point {point.label()}: {exc}") from exc
+    except Exception as exc:
+        raise RuntimeError(f"sweep point {point.label()} failed: {exc!r}") from exc
+
+
+def sweep(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Sequence[Any]], *, zip: bool = False,
+          batch: int | Sequence[int] = 1, out: str | Path | None = None, fresh: bool = False,
+          executor: str = "local", scheduler: str | None = None, jobs: int | None = None, quantize: bool = False,
+          progress: bool = True, plots: bool = True) -> list[dict[str, Any]]:
+    """Simulate every point of a design-space grid and return one record (a flat dict) per point, in grid order.
+
+    ``grid`` maps config key paths to the values to sweep, e.g. ``{"array.rows": [128, 256]}``; ``model``
+    (a built-in workload name or an ``.onnx`` path) and ``batch`` may be single values or lists and are
+    swept too. The points are the cross product of all the lists, or with ``zip=True`` the grid's lists
+    are taken position by position (all of equal length; a single value is held constant) and crossed
+    with the models and batch sizes.
+
+    Each record holds the point's parameters (``model``, ``batch`` and every grid key) and its results:
+    ``latency_s``, ``total_cycles``, ``tops``, ``inferences_per_s``, ``utilization``, ``macs``,
+    ``energy_per_inference_pj``, the energy totals and efficiencies (``total_pj``, ``dynamic_pj``,
+    ``static_pj``, ``total_tops_per_w``, ``dynamic_tops_per_w``, ``total_inferences_per_j``, ...),
+    the cycle breakdown (``active_cycles``, ``weight_stall_cycles``, ``weight_shift_cycles``,
+    ``non_matrix_cycles``, ...), dynamic energy per component (``energy_mac_pj``, ...) and, with
+    ``quantize=True``, the fidelity figures of ``Result.summary["fidelity"]``. ``pandas.DataFrame(records)``
+    gives the table.
+
+    With ``out``, each finished point is saved at once as ``out/points/<hash>.json``; a rerun skips the
+    saved points (``fresh=True`` discards them first), and ``out/sweep.csv`` plus, with ``plots``, one PNG
+    per swept parameter (``out/sweep_<parameter>.png``) are assembled from the point files. Points run on
+    ``jobs`` local processes (default: one per CPU) or, with ``executor="dask"``, on the Dask distributed
+    cluster at ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``; without one Dask starts a local
+    cluster). Dask workers read the config and model files from the same paths as this process.
+    """
+    if executor not in ("local", "dask"):
+        raise SweepError(f"executor: expected 'local' or 'dask', got {executor!r}")
+    if scheduler is not None and executor != "dask":
+        raise SweepError("a scheduler address needs executor 'dask'")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise SweepError(f"jobs: expected a positive integer, got {jobs!r}")
+    config_path = Path(config).resolve()
+    points = build_points(config_path, model, grid, zip=zip, batch=batch, quantize=quantize)
+    out_dir = Path(out) if out is not None else None
+    store = _PointStore(out_dir)
+    if fresh:
+        store.discard_all()
+
+    records: dict[str, dict[str, Any]] = {}
+    pending: dict[str, SweepPoint] = {}
+    for point in points:
+        if point.key in records or point.key in pending:
+            continue
+        saved = store.load(point)
+        if saved is not None:
+            records[point.key] = saved
+        else:
+            pending[point.key] = point
+
+    workers = min(jobs or os.cpu_count() or 1, max(len(pending), 1))
+    todo = list(pending.values())
+    if not todo:
+        completed: Completed = iter(())
+    elif executor == "dask":
+        completed = _run_dask(str(config_path), todo, scheduler, workers)
+    elif workers == 1:
+        completed = _run_in_process(str(config_path), todo)
+    else:
+        completed = _run_local(str(config_path), todo, workers)
+    with tqdm(total=len(records) + len(todo), initial=len(records), desc="sweep", unit="point",
+              disable=not progress) as bar:
+        for point, record in completed:
+            store.save(point, record)
+            records[point.key] = record
+            bar.update()
+
+    rows = [dict(records[point.key]) for point in points]
+    if out_dir is not None:
+        write_table(rows, out_dir / CSV_NAME)
+        if plots:
+            write_plots(rows, swept_parameters(points, grid), out_dir)
+    return rows
+
+
+def swept_parameters(points: Sequence[SweepPoint], grid: Mapping[str, Sequence[Any]]) -> list[str]:
+    """Parameters that take more than one value across the points, in table order."""
+    names = ["model", "batch", *grid]
+    return [name for name in names if len({json.dumps(p.params[name], default=str) for p in points}) > 1]
+
+
+def _columns(rows: Iterable[dict[str, Any]]) -> list[str]:
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    return list(columns)
+
+
+def write_table(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    return atomic_write_csv(path, _columns(rows), rows)
+
+
+def write_plots(rows: Sequence[dict[str, Any]], parameters: Sequence[str], out_dir: Path) -> list[Path]:
+    """Latency, utilization and TOPS/W against each numeric swept parameter (against each swept parameter
+    if none is numeric), a line per combination of the others; a parameter swept in lockstep with one
+    already plotted (``zip``) gets no plot of its own."""
+    from tpusim.report.plots import determined_by, plot_sweep
+
+    numeric = [p for p in parameters if all(isinstance(r[p], (int, float)) and not isinstance(r[p], bool)
+                                            for r in rows)]
+    axes: list[str] = []
+    for name in numeric or parameters:
+        if not any(determined_by(rows, name, x) and determined_by(rows, x, name) for x in axes):
+            axes.append(name)
+    return [plot_sweep(rows, x=name, metrics=PLOTTED_METRICS, path=out_dir / f"sweep_{_file_safe(name)}.png",
+                       params=parameters)
+            for name in axes]
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``tpusim sweep`` on the CLI's subcommand parsers."""
+    parser = subparsers.add_parser(
+        "sweep", help="simulate a grid of design points in parallel; write sweep.csv and plots",
+        description="Simulate every combination of the swept values (or, with --zip, the values position by "
+                    "position) and write one row per point to OUT/sweep.csv, with plots. Finished points are "
+                    "kept in OUT/points/, so a rerun resumes where the last one stopped.")
+    parser.add_argument("config", type=Path, help="hardware config YAML, e.g. configs/tpu_v1.yaml")
+    parser.add_argument("--model", required=True, metavar="M[,M...]",
+                        help="built-in workload names or .onnx paths, comma-separated")
+    parser.add_argument("--batch", default="1", metavar="B[,B...]", help="batch sizes, comma-separated (default 1)")
+    parser.add_argument("--set", dest="grid", action="append", default=[], metavar="KEY.PATH=V1[,V2...]",
+                        help="sweep a config value, e.g. --set array.rows=32,64,128 (repeatable; one value "
+                             "just overrides)")
+    parser.add_argument("--zip", action="store_true",
+                        help="take the --set value lists position by position instead of their cross product (models and "
+                             "batch sizes are still crossed with them)")
+    parser.add_argument("--out", type=Path, help="output folder (default results/sweep-<models>-<config>/)")
+    parser.add_argument("--fresh", action="store_true", help="discard finished points in OUT and recompute all")
+    parser.add_argument("--jobs", type=_positive_int, help="local worker processes (default: one per CPU)")
+    parser.add_argument("--executor", choices=("local", "dask"), default="local",
+                        help="local processes (default) or a Dask distributed cluster")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="Dask scheduler address for --executor dask, e.g. tcp://10.0.0.5:8786")
+    parser.add_argument("--quantize", action="store_true",
+                        help="calibrate and run the integer model too, adding fidelity columns (slower)")
+    parser.set_defaults(handler=_cmd_sweep)
+    return parser
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    grid: dict[str, list[Any]] = {}
+    for item in args.grid:
+        key, values = parse_set(item)
+        if key in grid:
+            raise ConfigError(f"--set {key}: given twice")
+        grid[key] = values
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    if not models:
+        raise SweepError(f"--model {args.model!r}: expected model names")
+    batches = parse_values(args.batch)
+    out = args.out or Path("results") / f"sweep-{'-'.join(model_label(m) for m in models)}-{Path(args.config).stem}"
+    rows = sweep(args.config, models, grid, zip=args.zip, batch=batches, out=out, fresh=args.fresh,
+                 executor=args.executor, scheduler=args.scheduler, jobs=args.jobs, quantize=args.quantize)
+    shown = ["model", "batch", *grid, "latency_s", "tops", "utilization", "total_tops_per_w"]
+    print(format_table(shown, rows, max_rows=40))
+    for path in sorted(out.glob("sweep*")):
+        print(f"wrote {path}")
+    return 0
