@@ -109,6 +109,7 @@ def test_each_component_is_count_times_table_value(hand_config, hand_table):
     assert e == LayerEnergy(
         mac=1000 * MAC_INT8,
         idle_pe=536 * IDLE_PE,
+        array_transport=1536 * SHIFT * (1 + 4),  # an int8 activation and a 32-bit partial sum per PE-cycle
         weight_dram=300 * DRAM_DDR3,
         weight_fifo=256 * FIFO_WRITE_PLUS_READ,
         weight_shift=4096 * SHIFT,
@@ -120,7 +121,7 @@ def test_each_component_is_count_times_table_value(hand_config, hand_table):
         spill=64 * (LINK + (UB_READ + UB_WRITE) / 2),
     )
     assert e.mac == 375.0 and e.weight_shift == 16384.0 and e.activation_unit == 291.375
-    assert e.total == 28298.375
+    assert e.total == 28298.375 + 30720.0
     assert e.total == sum(dataclasses.astuple(e))
     assert e.as_dict()["total"] == e.total
 
@@ -202,12 +203,15 @@ def test_run_without_energy_and_bad_arguments(hand_config, hand_table):
 
 
 def test_tpu_v1_peak_mac_power():
-    """Sanity figure: all 65,536 MACs busy at 700 MHz with the shipped table is 13.76 W of MAC energy."""
+    """Sanity figure: all 65,536 MACs busy at 700 MHz with the shipped table is 13.76 W of MAC energy,
+    plus 16.5 W moving each PE's int8 activation and 32-bit partial sum one register on."""
     cfg = load_config(REPO / "configs" / "tpu_v1.yaml")
     table = load_energy_table(cfg.energy.table)
     cycles = 700_000_000
     macs = 256 * 256 * cycles
     run = run_energy([("peak", LayerCounts(macs=macs, mac_slots=macs))], 1.0, macs, 1, cfg, table)
     assert run.dynamic.mac / 1e12 == pytest.approx(65536 * 0.3 * 700e6 / 1e12, rel=1e-12)
-    assert run.dynamic_power_w == pytest.approx(13.76256, rel=1e-9)
-    assert run.total_tops_per_w == pytest.approx(91.75 / (13.76256 + 28), rel=1e-3)
+    transport_w = 65536 * 700e6 * 40 * 0.009 / 1e12
+    assert run.dynamic.array_transport / 1e12 == pytest.approx(transport_w, rel=1e-12)
+    assert run.dynamic_power_w == pytest.approx(13.76256 + transport_w, rel=1e-9)
+    assert run.total_tops_per_w == pytest.approx(91.75 / (13.76256 + transport_w + 28), rel=1e-3)

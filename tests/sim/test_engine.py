@@ -174,6 +174,10 @@ def test_per_channel_extra_pass_costs_cycles_native_equals_per_tensor(rows):
     assert extra.total_cycles - native.total_cycles == rows  # one more vector pass per output vector
     assert native.counts.requant_scale_bytes == C * 5 and tensor.counts.requant_scale_bytes == 5
     assert native.counts.requant_ops == rows * C
+    # The extra pass writes the scaled accumulators back and reads them again, and multiplies once more.
+    assert extra.counts.requant_ops == 2 * rows * C
+    assert extra.counts.acc_write_bytes - native.counts.acc_write_bytes == rows * C * 4
+    assert extra.counts.acc_read_bytes - native.counts.acc_read_bytes == rows * C * 4
 
 
 def test_accumulator_chunks_drain_without_stalls_when_activation_keeps_up():

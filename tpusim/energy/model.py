@@ -24,6 +24,7 @@ from tpusim.energy.table import BITS_PER_BYTE, EnergyTable
 from tpusim.ir import LayerCounts
 
 PJ_PER_J = 1e12
+PARTIAL_SUM_BYTES = 4  # partial sums travel down the array as 32-bit values (int32 or FP32)
 OPS_PER_MAC = 2  # TOPS counts a MAC as two operations [Jouppi et al., ISCA 2017]
 
 
@@ -33,6 +34,7 @@ class LayerEnergy:
 
     mac: float = 0.0
     idle_pe: float = 0.0
+    array_transport: float = 0.0  # activations hopping right and partial sums hopping down, per active PE-cycle
     weight_dram: float = 0.0
     weight_fifo: float = 0.0
     weight_shift: float = 0.0
@@ -60,6 +62,7 @@ class ActionPrices:
 
     mac: float
     idle_pe_cycle: float  # 0 when idle PEs are clock-gated
+    array_hop_slot: float  # one activation register hop + one partial-sum register hop
     weight_dram_byte: float
     weight_fifo_byte: float  # one write into the FIFO and one read out of it
     weight_shift_byte: float  # one register hop
@@ -86,6 +89,7 @@ def action_prices(cfg: HardwareConfig, table: EnergyTable) -> ActionPrices:
     return ActionPrices(
         mac=table.mac_pj(cfg.array.datatype),
         idle_pe_cycle=0.0 if cfg.energy.idle_pe_gated else table.idle_pe_pj_per_cycle,
+        array_hop_slot=table.register_pj_per_byte * (cfg.array.element_bytes + PARTIAL_SUM_BYTES),
         weight_dram_byte=table.dram_pj_per_byte(cfg.weight_memory.technology),
         weight_fifo_byte=table.sram_pj_per_byte(fifo, "write") + table.sram_pj_per_byte(fifo, "read"),
         weight_shift_byte=table.register_pj_per_byte,
@@ -107,6 +111,7 @@ def priced_layer_energy(counts: LayerCounts, prices: ActionPrices) -> LayerEnerg
     return LayerEnergy(
         mac=counts.macs * p.mac,
         idle_pe=(counts.mac_slots - counts.macs) * p.idle_pe_cycle,
+        array_transport=counts.mac_slots * p.array_hop_slot,
         weight_dram=counts.weight_dram_bytes * p.weight_dram_byte,
         weight_fifo=counts.weight_fifo_bytes * p.weight_fifo_byte,
         weight_shift=counts.weight_shift_bytes * p.weight_shift_byte,

@@ -91,6 +91,8 @@ class Activate:
     ``acc_rows`` > 0 means the source is accumulator rows ``[acc_addr, acc_addr + acc_rows)``
     (``cols`` wide). ``vector_passes`` is the number of ``lanes``-wide vectors the unit processes
     (its occupancy in cycles); ``out_bytes`` is what it writes (``dst`` is the address range it spans).
+    ``extra_requant_pass``: per-channel requantization without per-lane multipliers; the unit writes the
+    accumulator rows back scaled by the shared multiplier and reads them again to apply each channel's.
     """
 
     layer: int
@@ -108,6 +110,7 @@ class Activate:
     pool_ops: int
     requant_ops: int
     requant_scale_bytes: int
+    extra_requant_pass: bool = False
 
 
 @dataclass(frozen=True)

@@ -344,7 +344,8 @@ class _Compiler:
                     dst = UbRegion(out.ub_addr + m0 * out_row_bytes, rows * out_row_bytes)
                 elements = rows * tile.n_cols
                 passes = rows * -(-tile.n_cols // self.lanes)
-                if requant == "per-channel" and self.cfg.activation_unit.per_channel_requant == "extra_pass":
+                extra_pass = requant == "per-channel" and self.cfg.activation_unit.per_channel_requant == "extra_pass"
+                if extra_pass:
                     passes *= 2
                 if requant == "per-channel":
                     scale_bytes = tile.n_cols * REQUANT_VECTOR_BYTES if c == 0 else 0
@@ -355,8 +356,9 @@ class _Compiler:
                     passes,
                     activation_ops=elements if layer.activation.kind != "none" else 0,
                     pool_ops=0,
-                    requant_ops=elements if requant != "none" else 0,
+                    requant_ops=(2 if extra_pass else 1) * elements if requant != "none" else 0,
                     requant_scale_bytes=scale_bytes,
+                    extra_requant_pass=extra_pass,
                 ))
                 if out_host:
                     host = out.host_addr + m0 * out_row_bytes + column_offset

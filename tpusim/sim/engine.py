@@ -232,7 +232,9 @@ class _Timeline:
                 done = act_free + act.pipeline_latency_cycles
                 if ins.acc_rows:
                     acc_free[acc] = act_free
-                    c["acc_read_bytes"] += ins.acc_rows * ins.cols * acc_bytes
+                    acc_traffic = ins.acc_rows * ins.cols * acc_bytes
+                    c["acc_read_bytes"] += acc_traffic * (2 if ins.extra_requant_pass else 1)
+                    c["acc_write_bytes"] += acc_traffic if ins.extra_requant_pass else 0
                 for region in ins.sources:
                     rows_read = _ub_rows(region, width)
                     ub_read_done[rows_read] = np.maximum(ub_read_done[rows_read], act_free)
