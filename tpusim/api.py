@@ -42,7 +42,7 @@ def _merge_overrides(overrides: dict[str, Any] | None, keyword_overrides: dict[s
 
 def simulate(config: str | Path, model: str | Path | Graph, *, batch: int = 1, input_shape: Shape | None = None,
              overrides: dict[str, Any] | None = None, quantize: bool = True, calib_data: str | Path | None = None,
-             **keyword_overrides: Any) -> Result:
+             eval_samples: int = 4, fidelity: str = "kernel", **keyword_overrides: Any) -> Result:
     """Simulate ``model`` (an ``.onnx`` path or built-in workload name) on the chip described by ``config``.
 
     Config values are overridden by ``overrides={"array.rows": 128}`` or, equivalently, keyword arguments with
@@ -51,7 +51,7 @@ def simulate(config: str | Path, model: str | Path | Graph, *, batch: int = 1, i
     """
     options = pipeline.RunOptions(config=Path(config), model=str(model), batch=batch, input_shape=input_shape,
                                   overrides=_merge_overrides(overrides, keyword_overrides), calib_data=calib_data,
-                                  quantize=quantize)
+                                  quantize=quantize, eval_samples=eval_samples, fidelity=fidelity)
     cfg, graph, model_path = pipeline.prepare(options)
     evaluation = pipeline.evaluate(cfg, graph, model_path, options)
     return Result(config=cfg, graph=graph, evaluation=evaluation)

@@ -11,6 +11,7 @@ from tpusim.config import parse_override
 from tpusim.errors import TpusimError
 from tpusim.mapping import compile_program
 from tpusim.report.files import atomic_write_text
+from tpusim.compare import add_compare_command
 from tpusim.sweeps import add_sweep_command
 from tpusim.report.tables import format_table
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(handler=_cmd_compile)
 
     add_sweep_command(commands)
+    add_compare_command(commands, _add_model_arguments)
 
     wl = commands.add_parser("workloads", help="list or build the built-in ONNX workloads")
     wl_commands = wl.add_subparsers(dest="workloads_command", required=True, metavar="ACTION")

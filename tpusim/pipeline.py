@@ -12,14 +12,16 @@ from tqdm import tqdm
 
 from tpusim import workloads
 from tpusim.config import HardwareConfig, load_config
-from tpusim.energy.model import RunEnergy, run_energy
+from tpusim.energy.model import RunEnergy, action_prices, run_energy
 from tpusim.energy.table import load_energy_table
 from tpusim.errors import ModelError
 from tpusim.frontend import load_onnx
 from tpusim.ir import Graph, Shape
 from tpusim.mapping import Program, compile_program
 from tpusim.quant.stage import QuantOutcome, quantize_and_measure
+from tpusim.rescale import LayerRescale, per_tensor_twin, rescale_report
 from tpusim.report import run_report
+from tpusim.report.plots import plot_energy_breakdown, plot_latency_breakdown, plot_roofline
 from tpusim.report.files import atomic_write_csv, atomic_write_json, atomic_write_text
 from tpusim.sim import SimResult, simulate_program
 
@@ -47,6 +49,7 @@ class Evaluation:
     sim: SimResult
     energy: RunEnergy
     quant: QuantOutcome | None
+    rescale: list[LayerRescale]
     layer_rows: list[dict[str, Any]]
     summary: dict[str, Any]
 
@@ -116,6 +119,15 @@ def time_and_energy(graph: Graph, config: HardwareConfig) -> tuple[Program, SimR
     return program, sim, energy
 
 
+def measure_rescale(graph: Graph, config: HardwareConfig, program: Program, sim: SimResult,
+                    energy: RunEnergy) -> list[LayerRescale]:
+    """Requantization cost per layer, and the per-channel overhead against a per-tensor twin run."""
+    twin = per_tensor_twin(config)
+    baseline = time_and_energy(graph, twin)[1:] if twin is not None else None
+    prices = action_prices(config, load_energy_table(config.energy.table))
+    return rescale_report(program, sim, energy, prices, baseline)
+
+
 def quantize(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> QuantOutcome:
     """Quantize and run in integers; values do not depend on the batch, so this uses a batch-1 lowering."""
     single = graph if graph.batch == 1 else load_onnx(model_path, batch=1, input_shape=options.input_shape)
@@ -140,17 +152,32 @@ def quantize(config: HardwareConfig, graph: Graph, model_path: Path, options: Ru
 def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> Evaluation:
     quant = quantize(config, graph, model_path, options) if options.quantize and config.array.datatype == "int8" else None
     program, sim, energy = time_and_energy(graph, config)
+    rescale = measure_rescale(graph, config, program, sim, energy)
     rows = run_report.layer_rows(sim, energy, quant)
-    summary = run_report.summary(graph, sim, config, energy, quant)
-    return Evaluation(program=program, sim=sim, energy=energy, quant=quant, layer_rows=rows, summary=summary)
+    summary = run_report.summary(graph, sim, config, energy, quant, rescale)
+    return Evaluation(program=program, sim=sim, energy=energy, quant=quant, rescale=rescale, layer_rows=rows,
+                      summary=summary)
 
 
-def write_reports(config: HardwareConfig, evaluation: Evaluation, out_dir: Path) -> tuple[Path, ...]:
-    return (
+def write_reports(config: HardwareConfig, evaluation: Evaluation, out_dir: Path, plots: bool = True) -> tuple[Path, ...]:
+    energy_rows = run_report.energy_rows(evaluation.energy)
+    files = [
         atomic_write_csv(out_dir / "layers.csv", run_report.columns(evaluation.quant), evaluation.layer_rows),
+        atomic_write_csv(out_dir / "energy.csv", run_report.ENERGY_CSV_COLUMNS, energy_rows),
+        atomic_write_csv(out_dir / "rescale.csv", run_report.RESCALE_COLUMNS, run_report.rescale_rows(evaluation.rescale)),
         atomic_write_json(out_dir / "summary.json", evaluation.summary),
         atomic_write_text(out_dir / "config.yaml", config.to_yaml()),
-    )
+    ]
+    if plots:
+        title = f"{evaluation.sim.graph_name} on {config.name}, batch {evaluation.sim.batch}"
+        files += [
+            plot_latency_breakdown(evaluation.layer_rows, out_dir / "latency_breakdown.png", title=f"cycles per layer: {title}"),
+            plot_energy_breakdown({name: e.as_dict() for name, e in evaluation.energy.layers},
+                                  out_dir / "energy_breakdown.png",
+                                  title=f"dynamic energy per layer: {title}"),
+            plot_roofline(config, evaluation.layer_rows, out_dir / "roofline.png", title=f"roofline: {title}"),
+        ]
+    return tuple(files)
 
 
 def run(options: RunOptions) -> RunResult:

@@ -4,12 +4,14 @@ Column and key names are a contract that users' scripts rely on: add, never rena
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from tpusim.config import HardwareConfig
-from tpusim.energy.model import RunEnergy
+from tpusim.energy.model import LayerEnergy, RunEnergy
 from tpusim.ir import CycleBreakdown, Graph
 from tpusim.quant.stage import QuantOutcome
+from tpusim.rescale import LayerRescale
 from tpusim.sim import SimResult
 
 TIMING_COLUMNS = (
@@ -19,6 +21,13 @@ TIMING_COLUMNS = (
     "spill_bytes", "requant_ops", "requant_scale_bytes",
 )
 ENERGY_COLUMNS = ("energy_pj",)
+ENERGY_COMPONENTS = tuple(f.name for f in dataclasses.fields(LayerEnergy))
+ENERGY_CSV_COLUMNS = ("layer",) + tuple(f"{c}_pj" for c in ENERGY_COMPONENTS) + ("total_pj",)
+RESCALE_COLUMNS = (
+    "layer", "requant_ops", "scale_bytes", "requant_unit_cycles", "requant_pj", "requant_pct_of_layer_energy",
+    "layer_cycles", "layer_pj", "overhead_cycles", "overhead_pct_of_layer_cycles", "overhead_pj",
+    "overhead_pct_of_layer_energy",
+)
 QUANT_COLUMNS = ("sqnr_db", "wrapped_accumulations")
 PE_COLUMNS = ("pe_array_cycles",)
 
@@ -59,6 +68,44 @@ def layer_rows(sim: SimResult, energy: RunEnergy | None = None, quant: QuantOutc
     return rows
 
 
+def energy_rows(energy: RunEnergy) -> list[dict[str, Any]]:
+    rows = []
+    for name, layer in energy.layers:
+        row: dict[str, Any] = {"layer": name}
+        row.update({f"{c}_pj": round(getattr(layer, c), 3) for c in ENERGY_COMPONENTS})
+        row["total_pj"] = round(layer.total, 3)
+        rows.append(row)
+    return rows
+
+
+def rescale_rows(rescale: list[LayerRescale]) -> list[dict[str, Any]]:
+    return [{
+        "layer": r.layer, "requant_ops": r.requant_ops, "scale_bytes": r.scale_bytes,
+        "requant_unit_cycles": r.requant_unit_cycles, "requant_pj": round(r.requant_pj, 3),
+        "requant_pct_of_layer_energy": round(r.requant_pj_pct, 4), "layer_cycles": r.layer_cycles,
+        "layer_pj": round(r.layer_pj, 3), "overhead_cycles": r.overhead_cycles,
+        "overhead_pct_of_layer_cycles": round(r.overhead_cycles_pct, 4), "overhead_pj": round(r.overhead_pj, 3),
+        "overhead_pct_of_layer_energy": round(r.overhead_pj_pct, 4),
+    } for r in rescale]
+
+
+def rescale_summary(rescale: list[LayerRescale], sim: SimResult, energy: RunEnergy) -> dict[str, Any]:
+    requant_pj = sum(r.requant_pj for r in rescale)
+    overhead_cycles = sum(r.overhead_cycles for r in rescale)
+    overhead_pj = sum(r.overhead_pj for r in rescale)
+    return {
+        "requant_ops": sum(r.requant_ops for r in rescale),
+        "scale_bytes": sum(r.scale_bytes for r in rescale),
+        "requant_unit_cycles": sum(r.requant_unit_cycles for r in rescale),
+        "requant_pj": requant_pj,
+        "requant_pct_of_dynamic_energy": 100.0 * requant_pj / energy.dynamic_pj if energy.dynamic_pj else 0.0,
+        "per_channel_overhead_cycles": overhead_cycles,
+        "per_channel_overhead_pct_of_latency": 100.0 * overhead_cycles / sim.total_cycles if sim.total_cycles else 0.0,
+        "per_channel_overhead_pj": overhead_pj,
+        "per_channel_overhead_pct_of_dynamic_energy": 100.0 * overhead_pj / energy.dynamic_pj if energy.dynamic_pj else 0.0,
+    }
+
+
 def columns(quant: QuantOutcome | None) -> tuple[str, ...]:
     extra = () if quant is None else QUANT_COLUMNS + (PE_COLUMNS if quant.pe_array_cycles is not None else ())
     return TIMING_COLUMNS + ENERGY_COLUMNS + extra
@@ -86,7 +133,7 @@ def quant_summary(quant: QuantOutcome, cfg: HardwareConfig) -> dict[str, Any]:
 
 
 def summary(graph: Graph, sim: SimResult, cfg: HardwareConfig, energy: RunEnergy | None = None,
-            quant: QuantOutcome | None = None) -> dict[str, Any]:
+            quant: QuantOutcome | None = None, rescale: list[LayerRescale] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": graph.name,
         "config": sim.config_name,
@@ -101,6 +148,8 @@ def summary(graph: Graph, sim: SimResult, cfg: HardwareConfig, energy: RunEnergy
     }
     if energy is not None:
         result["energy"] = energy.summary()
+    if rescale is not None and energy is not None:
+        result["rescale"] = rescale_summary(rescale, sim, energy)
     if quant is not None:
         result.update(quant_summary(quant, cfg))
     return result

@@ -1,0 +1,186 @@
+"""`tpusim compare`: the grid of weight granularities x calibration methods (and an FP32 baseline), every
+cell a measurement of this run: output agreement with FP32, perf/W, latency, rescale overhead."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from tpusim import api
+from tpusim.config import load_config, parse_override
+from tpusim.errors import ConfigError
+from tpusim.pipeline import default_out_dir
+from tpusim.report.files import atomic_write_csv, atomic_write_text
+from tpusim.report.tables import format_table
+
+WEIGHTS = ("per-tensor", "per-channel")
+CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
+
+COLUMNS = (
+    "weights", "calibration", "top1_agreement", "top5_agreement", "output_sqnr_db", "cosine", "latency_s",
+    "latency_vs_per_tensor_pct", "tops", "total_tops_per_w", "dynamic_tops_per_w", "perf_per_w_gain_vs_fp32",
+    "dynamic_perf_per_w_gain_vs_fp32", "latency_gain_vs_fp32", "energy_per_inference_uj",
+    "requant_pct_of_dynamic_energy", "per_channel_overhead_pct_of_latency",
+    "per_channel_overhead_pct_of_dynamic_energy", "calibration_data",
+)
+
+
+@dataclass(frozen=True)
+class CompareRequest:
+    config: Path
+    model: str
+    weights: tuple[str, ...] = WEIGHTS
+    calibrations: tuple[str, ...] = ("percentile", "mse")
+    baseline: str | None = "fp32"  # "fp32": this config with FP32 MACs; or a path to a baseline config
+    batch: int = 1
+    overrides: tuple[tuple[str, Any], ...] = ()
+    calib_data: str | None = None
+    eval_samples: int = 4
+    progress: bool = True
+
+
+def _int8_row(result: api.Result) -> dict[str, Any]:
+    s = result.summary
+    f, e, r = s["fidelity"], s["energy"], s["rescale"]
+    return {
+        "weights": s["calibration"]["weights"], "calibration": s["calibration"]["method"],
+        "top1_agreement": f["top1_agreement"], "top5_agreement": f["top5_agreement"],
+        "output_sqnr_db": round(f["output_sqnr_db"], 3), "cosine": round(f["cosine"], 6),
+        "latency_s": s["latency_s"], "tops": s["tops"],
+        "total_tops_per_w": e["total_tops_per_w"], "dynamic_tops_per_w": e["dynamic_tops_per_w"],
+        "energy_per_inference_uj": e["total_pj"] / 1e6 / s["batch"],
+        "requant_pct_of_dynamic_energy": round(r["requant_pct_of_dynamic_energy"], 4),
+        "per_channel_overhead_pct_of_latency": round(r["per_channel_overhead_pct_of_latency"], 4),
+        "per_channel_overhead_pct_of_dynamic_energy": round(r["per_channel_overhead_pct_of_dynamic_energy"], 4),
+        "calibration_data": s["calibration"]["source"],
+    }
+
+
+def _baseline(request: CompareRequest) -> api.Result | None:
+    if request.baseline is None:
+        return None
+    overrides = dict(request.overrides)
+    if request.baseline == "fp32":
+        return api.simulate(request.config, request.model, batch=request.batch, quantize=False,
+                            overrides={**overrides, "array.datatype": "fp32"})
+    path = Path(request.baseline)
+    if not path.is_file():
+        raise ConfigError(f"--baseline {request.baseline}: expected 'fp32' or a config file")
+    return api.simulate(path, request.model, batch=request.batch, quantize=False, overrides=overrides)
+
+
+def compare(request: CompareRequest) -> list[dict[str, Any]]:
+    """Run every (weights, calibration) point and the baseline; one row per point plus the baseline row."""
+    points = [(w, c) for w in request.weights for c in request.calibrations]
+    bar = tqdm(total=len(points) + (request.baseline is not None), desc="compare (runs)", disable=not request.progress,
+               file=sys.stderr)
+    base = _baseline(request)
+    bar.update(1 if base is not None else 0)
+    rows = []
+    for weights, calibration in points:
+        overrides = {**dict(request.overrides), "quant.weights": weights, "quant.calibration": calibration}
+        result = api.simulate(request.config, request.model, batch=request.batch, overrides=overrides,
+                              calib_data=request.calib_data, eval_samples=request.eval_samples)
+        rows.append(_int8_row(result))
+        bar.update(1)
+    bar.close()
+    per_tensor_latency = {r["calibration"]: r["latency_s"] for r in rows if r["weights"] == "per-tensor"}
+    for row in rows:
+        reference = per_tensor_latency.get(row["calibration"])
+        row["latency_vs_per_tensor_pct"] = "" if reference is None else round(
+            100.0 * (row["latency_s"] - reference) / reference, 4)
+        if base is not None:
+            be = base.summary["energy"]
+            row["perf_per_w_gain_vs_fp32"] = round(row["total_tops_per_w"] / be["total_tops_per_w"], 4)
+            row["dynamic_perf_per_w_gain_vs_fp32"] = round(row["dynamic_tops_per_w"] / be["dynamic_tops_per_w"], 4)
+            row["latency_gain_vs_fp32"] = round(base.summary["latency_s"] / row["latency_s"], 4)
+    if base is not None:
+        s, e = base.summary, base.summary["energy"]
+        rows.insert(0, {
+            "weights": f"{base.config.array.datatype} baseline ({base.config.name})", "calibration": "",
+            "top1_agreement": 1.0, "top5_agreement": 1.0, "output_sqnr_db": "", "cosine": 1.0,
+            "latency_s": s["latency_s"], "tops": s["tops"], "total_tops_per_w": e["total_tops_per_w"],
+            "dynamic_tops_per_w": e["dynamic_tops_per_w"], "perf_per_w_gain_vs_fp32": 1.0,
+            "dynamic_perf_per_w_gain_vs_fp32": 1.0, "latency_gain_vs_fp32": 1.0,
+            "energy_per_inference_uj": e["total_pj"] / 1e6 / s["batch"], "latency_vs_per_tensor_pct": "",
+            "requant_pct_of_dynamic_energy": "", "per_channel_overhead_pct_of_latency": "",
+            "per_channel_overhead_pct_of_dynamic_energy": "", "calibration_data": "",
+        })
+    return rows
+
+
+def _pct(value: Any, digits: int = 2) -> str:
+    return "" if value == "" else f"{value:+.{digits}f} %"
+
+
+def markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
+    """The seed explainer's summary table, every cell measured in this run."""
+    lines = [
+        f"### {title}", "",
+        "| method | calibration | output agreement vs FP32 (top-1 / top-5, output SQNR) | perf/W gain vs FP32 "
+        "(with static / dynamic only) | end-to-end latency vs per-tensor | rescale overhead (latency / dynamic "
+        "energy; requant share of energy) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["calibration"] == "":
+            lines.append(f"| {r['weights']} | -- | reference | 1.00x | -- | -- |")
+            continue
+        gain = ("" if "perf_per_w_gain_vs_fp32" not in r else
+                f"{r['perf_per_w_gain_vs_fp32']:.2f}x / {r['dynamic_perf_per_w_gain_vs_fp32']:.2f}x")
+        lines.append(
+            f"| int8 {r['weights']} | {r['calibration']} | {r['top1_agreement']:.0%} / {r['top5_agreement']:.0%}, "
+            f"{r['output_sqnr_db']:.1f} dB | {gain} | {_pct(r['latency_vs_per_tensor_pct'])} | "
+            f"{_pct(r['per_channel_overhead_pct_of_latency'])} / {_pct(r['per_channel_overhead_pct_of_dynamic_energy'])}; "
+            f"{r['requant_pct_of_dynamic_energy']:.2f} % |")
+    sources = sorted({r["calibration_data"] for r in rows if r["calibration_data"]})
+    lines += ["", f"Calibration data: {'; '.join(sources)}."]
+    return "\n".join(lines) + "\n"
+
+
+def _list(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"{flag}: expected a comma list of {', '.join(allowed)}, got {text!r}")
+    return values
+
+
+def add_compare_command(commands: argparse._SubParsersAction, add_model_arguments) -> None:
+    parser = commands.add_parser(
+        "compare", help="per-tensor vs per-channel x calibration methods (and FP32): accuracy, perf/W, latency",
+        description="Run the grid of weight granularities and calibration methods, plus an FP32 baseline, and "
+                    "write compare.csv and compare.md (every cell measured in this run).")
+    add_model_arguments(parser)
+    parser.add_argument("--weights", type=lambda t: _list(t, WEIGHTS, "--weights"), default=WEIGHTS,
+                        help="comma list (default per-tensor,per-channel)")
+    parser.add_argument("--calibration", type=lambda t: _list(t, CALIBRATIONS, "--calibration"),
+                        default=("percentile", "mse"), help="comma list of minmax,percentile,entropy,mse "
+                                                           "(default percentile,mse)")
+    parser.add_argument("--baseline", default="fp32",
+                        help="'fp32' (this config with FP32 MACs), a baseline config file, or 'none'")
+    parser.add_argument("--calib-data", metavar="PATH", help="calibration inputs (.npy/.npz or image folder)")
+    parser.add_argument("--eval-samples", type=int, default=4, help="inputs on which fidelity is measured")
+    parser.add_argument("--out", type=Path, help="output folder (default results/<model>-<config>/)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(handler=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    request = CompareRequest(
+        config=args.config, model=args.model, weights=args.weights, calibrations=args.calibration,
+        baseline=None if args.baseline == "none" else args.baseline, batch=args.batch,
+        overrides=tuple(parse_override(item) for item in args.overrides), calib_data=args.calib_data,
+        eval_samples=args.eval_samples, progress=args.progress)
+    rows = compare(request)
+    out = args.out or default_out_dir(args.model, load_config(args.config, dict(request.overrides)))
+    csv_path = atomic_write_csv(out / "compare.csv", COLUMNS, rows)
+    md_path = atomic_write_text(out / "compare.md", markdown(rows, f"{args.model} on {args.config.stem}, batch {args.batch}"))
+    print(format_table(("weights", "calibration", "top1_agreement", "output_sqnr_db", "perf_per_w_gain_vs_fp32",
+                        "latency_vs_per_tensor_pct", "per_channel_overhead_pct_of_latency"), rows))
+    print(f"wrote {csv_path}\nwrote {md_path}")
+    return 0
