@@ -6,10 +6,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import onnx
+
 from tpusim import pipeline, workloads
 from tpusim.config import parse_override
 from tpusim.errors import TpusimError
 from tpusim.mapping import compile_program
+from tpusim.quant.export import export_qdq
+from tpusim.quant.stage import calibrate_and_quantize
 from tpusim.report.files import atomic_write_text
 from tpusim.compare import add_compare_command
 from tpusim.sweeps import add_sweep_command
@@ -89,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", type=Path, help="write the listing to this file instead of stdout")
     comp.set_defaults(handler=_cmd_compile)
 
+    quant = commands.add_parser("quantize", help="calibrate and quantize a model; export standard QDQ ONNX",
+                                description="Calibrate and quantize a model as the config says and write it as a "
+                                            "QDQ ONNX file (int8 weights, int32 biases, our scales) that ONNX "
+                                            "Runtime runs.")
+    _add_model_arguments(quant)
+    _add_quant_arguments(quant)
+    quant.add_argument("-o", "--output", type=Path, required=True, help="QDQ ONNX file to write")
+    quant.set_defaults(handler=_cmd_quantize)
+
     add_sweep_command(commands)
     add_compare_command(commands, _add_model_arguments)
 
@@ -162,6 +175,21 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     print(f"{graph.name} on {config.name}: {len(program.instructions)} instructions for {len(graph.layers)} layers")
     for mnemonic, count in sorted(counts.items()):
         print(f"  {mnemonic:<16} {count:>8,}")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    options = pipeline.RunOptions(config=args.config, model=args.model, batch=1, overrides=_overrides(args.overrides, args),
+                                  input_shape=args.input_shape, calib_data=args.calib_data)
+    config, graph, model_path = pipeline.prepare(options)
+    if config.array.datatype != "int8":
+        raise TpusimError(f"{args.config}: array.datatype is {config.array.datatype}; quantize needs an int8 config")
+    quantized = calibrate_and_quantize(graph, onnx.load(str(model_path)), config, args.calib_data)
+    workloads.save_model(export_qdq(quantized.qgraph, quantized.graph), args.output)
+    if quantized.calibration.synthetic:
+        print(f"tpusim: warning: calibrated on SYNTHETIC data ({quantized.calibration.source})", file=sys.stderr)
+    print(f"wrote {args.output} ({config.quant.weights} weights, {config.quant.calibration} calibration, "
+          f"{config.quant.activations} activations)")
     return 0
 
 

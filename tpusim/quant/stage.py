@@ -53,20 +53,35 @@ def evaluation_inputs(calibration: CalibrationSet, graph: Graph, samples: int, s
     return calibration.inputs[:samples], f"the first {min(samples, len(calibration.inputs))} calibration samples"
 
 
-def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareConfig, calib_data,
-                         eval_samples: int, fidelity_mode: str = "kernel",
-                         progress: Progress | None = None) -> QuantOutcome:
+@dataclass(frozen=True, eq=False)
+class Quantized:
+    graph: Graph                   # the graph that was quantized (equalized when configured)
+    data: CalibrationSet           # everything the calibration source holds
+    calibration: CalibrationSet    # the part of it that calibrated
+    qgraph: QuantizedGraph
+
+
+def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto, config: HardwareConfig, calib_data,
+                           progress: Progress | None = None) -> Quantized:
     quant = config.quant
     data = load_calibration_set(calib_data, graph.input_shape[1:], quant.calibration_samples, quant.seed,
                                 config.input_preprocessing)
-    available = len(data.inputs)
     calibration = CalibrationSet(data.inputs[: quant.calibration_samples], data.source, data.synthetic)
     if quant.cross_layer_equalization:
         graph = equalize(graph)
         model = export_fp32(graph)
     stats = collect_statistics(model, graph, calibration, quant.histogram_bins,
                                progress=None if progress is None else lambda d, t: progress("calibrate", d, t))
-    qgraph = quantize_graph(graph, stats, quant)
+    return Quantized(graph=graph, data=data, calibration=calibration, qgraph=quantize_graph(graph, stats, quant))
+
+
+def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareConfig, calib_data,
+                         eval_samples: int, fidelity_mode: str = "kernel",
+                         progress: Progress | None = None) -> QuantOutcome:
+    quant = config.quant
+    quantized = calibrate_and_quantize(graph, model, config, calib_data, progress)
+    graph, data, calibration, qgraph = quantized.graph, quantized.data, quantized.calibration, quantized.qgraph
+    available = len(data.inputs)
     if not calibration.synthetic and available > quant.calibration_samples:
         eval_x = data.inputs[quant.calibration_samples : quant.calibration_samples + eval_samples]
         eval_source = f"{len(eval_x)} held-out samples of {data.source}"

@@ -1,0 +1,132 @@
+"""`tpusim run` end to end on the tiny model: every report, quantization on every run, bad calibration data,
+the PE-level fidelity mode, and the QDQ export."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tpusim.cli import main
+
+TPU_V1 = str(Path(__file__).resolve().parents[1] / "configs" / "tpu_v1.yaml")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["run", TPU_V1, "--model", "tiny_cnn", "--out", str(out), "--no-progress", "--eval-samples", "2",
+                 "--fidelity", "pe"]) == 0
+    return out
+
+
+def test_every_report_is_written(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert names == {"layers.csv", "energy.csv", "rescale.csv", "summary.json", "config.yaml",
+                     "latency_breakdown.png", "energy_breakdown.png", "roofline.png"}
+    for png in ("latency_breakdown.png", "energy_breakdown.png", "roofline.png"):
+        assert (tiny_run / png).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_energy_csv_sums_to_the_summary(tiny_run):
+    rows = list(csv.DictReader((tiny_run / "energy.csv").open()))
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    for row in rows:
+        parts = sum(float(v) for k, v in row.items() if k.endswith("_pj") and k != "total_pj")
+        assert parts == pytest.approx(float(row["total_pj"]), rel=1e-6)
+    assert sum(float(r["total_pj"]) for r in rows) == pytest.approx(summary["energy"]["dynamic_pj"], rel=1e-6)
+    e = summary["energy"]
+    assert e["static_pj"] == pytest.approx(28.0 * summary["latency_s"] * 1e12)
+    assert e["total_tops_per_w"] == pytest.approx(2 * summary["macs"] / (e["total_pj"] * 1e-12) / 1e12)
+
+
+def test_quantization_columns_and_pe_fidelity(tiny_run):
+    rows = list(csv.DictReader((tiny_run / "layers.csv").open()))
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    matrix = [r for r in rows if r["op"] in ("conv", "gemm")]
+    assert all(float(r["sqnr_db"]) > 10 for r in matrix)
+    assert all(int(r["pe_array_cycles"]) > 0 for r in matrix)
+    assert summary["calibration"]["synthetic"] is True and summary["fidelity"]["samples"] == 2
+    assert summary["fidelity"]["wrapped_accumulations"] == 0
+
+
+def test_pe_array_computes_the_same_values_as_the_kernel(tiny_run, tmp_path):
+    assert main(["run", TPU_V1, "--model", "tiny_cnn", "--out", str(tmp_path), "--no-progress", "--eval-samples",
+                 "2"]) == 0
+    kernel = list(csv.DictReader((tmp_path / "layers.csv").open()))
+    pe = list(csv.DictReader((tiny_run / "layers.csv").open()))
+    assert [r["sqnr_db"] for r in kernel] == [r["sqnr_db"] for r in pe]
+    assert "pe_array_cycles" not in kernel[0]
+
+
+def _bad_data(tmp_path, kind):
+    if kind == "wrong shape":
+        path = tmp_path / "x.npy"
+        np.save(path, np.zeros((4, 3, 16, 16), np.float32))
+    elif kind == "wrong dtype":
+        path = tmp_path / "x.npy"
+        np.save(path, np.array([["a"] * 3] * 2))
+    elif kind == "nan":
+        path = tmp_path / "x.npy"
+        data = np.zeros((4, 3, 32, 32), np.float32)
+        data[1, 2, 3, 4] = np.nan
+        np.save(path, data)
+    elif kind == "empty folder":
+        path = tmp_path / "images"
+        path.mkdir()
+    else:
+        path = tmp_path / "notes.txt"
+        path.write_text("hello")
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("wrong shape", "expected samples of shape (3, 32, 32)"),
+    ("wrong dtype", "expected a numeric array"),
+    ("nan", "NaN or inf"),
+    ("empty folder", "no images"),
+    ("text file", "must be a .npy/.npz file or a folder of images"),
+])
+def test_bad_calibration_data_is_one_line_and_exit_2(tmp_path, capsys, kind, message):
+    path = _bad_data(tmp_path, kind)
+    out = tmp_path / "out"
+    code = main(["run", TPU_V1, "--model", "tiny_cnn", "--calib-data", str(path), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and str(path) in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_real_calibration_data_from_npy_and_images(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "calib.npy"
+    np.save(data, rng.standard_normal((40, 3, 32, 32)).astype(np.float32))
+    assert main(["run", TPU_V1, "--model", "tiny_cnn", "--calib-data", str(data), "--out", str(tmp_path / "a"),
+                 "--no-progress", "--eval-samples", "2"]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["calibration"]["synthetic"] is False and summary["calibration"]["samples"] == 32
+    assert summary["fidelity"]["evaluated_on"].startswith("2 held-out samples")
+    assert "SYNTHETIC" not in capsys.readouterr().err
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    assert main(["run", TPU_V1, "--model", "tiny_cnn", "--calib-data", str(folder), "--out", str(tmp_path / "b"),
+                 "--no-progress", "--eval-samples", "1"]) == 0
+
+
+def test_quantize_exports_qdq_that_onnxruntime_runs(tmp_path, capsys):
+    out = tmp_path / "tiny_int8.onnx"
+    assert main(["quantize", TPU_V1, "--model", "tiny_cnn", "--weights", "per-tensor", "--calibration", "mse",
+                 "-o", str(out)]) == 0
+    assert "per-tensor weights, mse calibration" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    y = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 32, 32), np.float32)})[0]
+    assert y.shape == (1, 10) and np.all(np.isfinite(y))
+    code = main(["quantize", TPU_V1, "--model", "tiny_cnn", "--set", "array.datatype=fp32", "-o", str(tmp_path / "x")])
+    assert code == 2 and not (tmp_path / "x").exists()
