@@ -10,6 +10,7 @@ from tpusim.quant.ranges import (
     expected_sq_errors_reference,
     kl_divergences_reference,
     magnitude_histogram,
+    magnitude_without_zero_spike,
     minmax_range,
     mse_range,
     percentile_range,
@@ -114,7 +115,27 @@ def test_entropy_clips_outliers_but_keeps_uniform_data(heavy_tailed):
 def test_entropy_of_one_sided_data_on_an_asymmetric_grid_starts_at_zero():
     relu = np.maximum(np.random.default_rng(3).normal(size=100_000), 0.0)
     lo, hi = entropy_range(observe(relu), symmetric=False)
-    assert lo == 0.0 and 1.0 < hi < relu.max()
+    assert lo == 0.0 and np.quantile(relu, 0.9999) < hi <= relu.max()
+
+
+def test_zero_spike_is_capped_at_the_next_bin():
+    np.testing.assert_array_equal(magnitude_without_zero_spike(np.array([900, 40, 7])), [40.0, 40.0, 7.0])
+    np.testing.assert_array_equal(magnitude_without_zero_spike(np.array([3, 40, 7])), [3.0, 40.0, 7.0])
+    np.testing.assert_array_equal(magnitude_without_zero_spike(np.array([5])), [5.0])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_entropy_of_relu_outputs_ignores_the_exact_zeros(symmetric):
+    # Exact zeros are exact on every grid: however many a ReLU emits, the threshold must stay at
+    # the tail of the positives (it fell to 2.0 with half zeros and 1.0 with 80 % before).
+    positives = np.abs(np.random.default_rng(4).normal(size=50_000))
+    tail = np.quantile(positives, 0.999)
+    thresholds = set()
+    for zeros in (50_000, 200_000):
+        lo, hi = entropy_range(observe(np.concatenate([positives, np.zeros(zeros)])), symmetric)
+        assert hi >= tail and lo == (-hi if symmetric else 0.0)
+        thresholds.add(hi)
+    assert len(thresholds) == 1
 
 
 def test_mse_kernel_matches_numerical_integration():

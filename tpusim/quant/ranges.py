@@ -65,6 +65,14 @@ def magnitude_histogram(stats: TensorStats) -> np.ndarray:
     return magnitude[: np.flatnonzero(magnitude)[-1] + 1]
 
 
+def magnitude_without_zero_spike(magnitude: np.ndarray) -> np.ndarray:
+    """The magnitude histogram with bin 0 capped at the count of bin 1 (float64, for the KL)."""
+    smoothed = magnitude.astype(np.float64)
+    if smoothed.size > 1:
+        smoothed[0] = min(smoothed[0], smoothed[1])
+    return smoothed
+
+
 def _magnitude_bins(stats: TensorStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     magnitude = magnitude_histogram(stats)
     occupied = np.flatnonzero(magnitude)
@@ -188,15 +196,22 @@ def entropy_range(
     levels are shared by both signs), and 2**b levels for one-sided data on an asymmetric grid.
     Asymmetric two-sided data is clipped at ``-t`` and ``t``; a finer search over the two
     thresholds separately is what :func:`mse_range` does.
+
+    Bin 0 is capped at the count of bin 1 (NVIDIA pytorch-quantization sets it to bin 1's count).
+    A ReLU output puts its exact zeros there, often more than half the tensor. Zero is exact on
+    every grid, but left in, that spike dominates the KL: each candidate spreads it over the
+    ``i / levels`` bins of the first group, a cost growing with ``i`` that pulls the threshold down
+    to ~2 sigma or below. Other spikes (a constant image background, ReLU6 saturation) still
+    mislead the KL, as they do in TensorRT.
     """
-    magnitude = magnitude_histogram(stats)
+    magnitude = magnitude_without_zero_spike(magnitude_histogram(stats))
     amax = _amax(stats)
     one_sided = stats.min >= 0.0 or stats.max <= 0.0
     levels = 1 << (num_bits if one_sided and not symmetric else num_bits - 1)
     if magnitude.size <= start_bin:
         threshold = amax
     else:
-        divergences = _kl_divergences(magnitude.astype(np.float64), start_bin, levels)
+        divergences = _kl_divergences(magnitude, start_bin, levels)
         threshold = min((start_bin + int(np.argmin(divergences))) * stats.bin_width, amax)
     if symmetric:
         return _symmetric(threshold)
