@@ -317,6 +317,7 @@ class Scheme:
     weights: WeightGranularity | None  # None: the FP32 reference
     calibration: RangeMethod | None
     equalize: Relu6Policy | None = None  # cross-layer equalization first, with this ReLU6 policy
+    bias_correction: bool = False        # white paper sec. 3.3, from the calibration statistics
 
 
 FP32 = Scheme("FP32", None, None)
@@ -324,11 +325,16 @@ FP32 = Scheme("FP32", None, None)
 
 def default_schemes(equalized_calibration: RangeMethod = "mse") -> tuple[Scheme, ...]:
     """FP32; per-tensor and per-channel weights with each range method; per-tensor after equalization
-    (ReLU6 pairs skipped); and FP32 after equalization with ReLU6 -> ReLU, which shows why they are skipped."""
+    (ReLU6 pairs skipped), with bias correction, and with both; and FP32 after equalization with
+    ReLU6 -> ReLU, which shows why those pairs are skipped."""
     schemes = [FP32]
     for weights in ("per-tensor", "per-channel"):
         schemes += [Scheme(f"int8 {weights}, {method}", weights, method) for method in RANGE_METHODS]
     schemes.append(Scheme(f"int8 per-tensor + CLE, {equalized_calibration}", "per-tensor", equalized_calibration, "skip"))
+    schemes.append(Scheme(f"int8 per-tensor + bias correction, {equalized_calibration}", "per-tensor",
+                          equalized_calibration, bias_correction=True))
+    schemes.append(Scheme(f"int8 per-tensor + CLE + bias correction, {equalized_calibration}", "per-tensor",
+                          equalized_calibration, "skip", bias_correction=True))
     schemes.append(Scheme("FP32 + CLE with ReLU6 -> ReLU", None, None, "to_relu"))
     return tuple(schemes)
 
@@ -375,7 +381,7 @@ def quant_config(scheme: Scheme, settings: StudySettings) -> QuantConfig:
     return QuantConfig(weights=scheme.weights, activations=settings.activations, calibration=scheme.calibration,
                        percentile=settings.percentile, histogram_bins=settings.bins,
                        calibration_samples=settings.calibration_count, seed=settings.seed,
-                       cross_layer_equalization=scheme.equalize is not None, bias_correction=False)
+                       cross_layer_equalization=scheme.equalize is not None, bias_correction=scheme.bias_correction)
 
 
 class _GraphSet:
