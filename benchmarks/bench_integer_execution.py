@@ -7,6 +7,7 @@ The target is ours within 5x of ONNX Runtime.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -51,7 +52,8 @@ def main(name: str = "resnet50", repeats: int = 3) -> None:
     blas = best_time(lambda: run_integer(qgraph, x, engine="exact-blas"), repeats)
     theirs = best_time(lambda: session.run(None, feed), repeats)
     print(f"{name} batch 1, {graph.macs / 1e9:.2f} GMAC, {config.quant.weights} weights, "
-          f"{config.quant.activations} activations; best of {repeats}")
+          f"{config.quant.activations} activations; best of {repeats}; "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (both sides slow down under load)")
     print(f"  tpusim run_integer        : {ours * 1e3:8.1f} ms (engine int8-gemm, the default)")
     print(f"  tpusim run_integer        : {blas * 1e3:8.1f} ms (engine exact-blas)")
     print(f"  ONNX Runtime QDQ int8     : {theirs * 1e3:8.1f} ms (intra-op threads: default)")

@@ -28,18 +28,37 @@ def pool_output_hw(h: int, w: int, attrs: PoolAttrs) -> tuple[int, int]:
     return h_out, w_out
 
 
+# Channels per group from which im2col goes through a channels-last copy (few channels: tiny runs).
+_CHANNELS_LAST_MIN = 16
+
+
 def im2col(x: np.ndarray, attrs: ConvAttrs, pad_value: float | int = 0) -> np.ndarray:
     """(B, C, H, W) -> (groups, B*Hout*Wout, C/groups*kh*kw), K ordered (c, kh, kw) like OIHW."""
     b, c, h, w = x.shape
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = attrs.kernel, attrs.strides, attrs.pads, attrs.dilations
     h_out, w_out = conv_output_hw(h, w, attrs)
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=pad_value)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=pad_value) if any(attrs.pads) else x
+    g = attrs.groups
+    if kh == kw == 1:
+        # One window: the columns are the (strided) input moved to channels-last, a single copy.
+        picked = xp[:, :, : sh * (h_out - 1) + 1 : sh, : sw * (w_out - 1) + 1 : sw]
+        channels_last = picked.reshape(b, g, c // g, h_out, w_out).transpose(1, 0, 3, 4, 2).copy()
+        return channels_last.reshape(g, b * h_out * w_out, c // g)
+    if c // g >= _CHANNELS_LAST_MIN:
+        # Channels-last first: each window copy then moves whole runs of channels straight into
+        # place, about twice as fast as transposing the finished columns.
+        xt = np.ascontiguousarray(xp.reshape(b, g, c // g, *xp.shape[2:]).transpose(1, 0, 3, 4, 2))
+        cols = np.empty((g, b, h_out, w_out, c // g, kh, kw), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                hs, ws = i * dh, j * dw
+                cols[..., i, j] = xt[:, :, hs : hs + sh * (h_out - 1) + 1 : sh, ws : ws + sw * (w_out - 1) + 1 : sw]
+        return cols.reshape(g, b * h_out * w_out, (c // g) * kh * kw)
     cols = np.empty((b, c, kh, kw, h_out, w_out), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
             hs, ws = i * dh, j * dw
             cols[:, :, i, j] = xp[:, :, hs : hs + sh * (h_out - 1) + 1 : sh, ws : ws + sw * (w_out - 1) + 1 : sw]
-    g = attrs.groups
     cols = cols.reshape(b, g, c // g, kh, kw, h_out * w_out)
     return np.ascontiguousarray(cols.transpose(1, 0, 5, 2, 3, 4).reshape(g, b * h_out * w_out, (c // g) * kh * kw))
 

@@ -1,7 +1,18 @@
 import numpy as np
 import pytest
 
-from tpusim.kernels.gemm import int8_gemm, int8_gemm_reference, wrap_reference, wrap_to_bits
+from tpusim.kernels.gemm import (
+    HAS_VNNI,
+    grouped_int8_gemm,
+    int8_gemm,
+    int8_gemm_reference,
+    wrap_reference,
+    wrap_to_bits,
+)
+
+# The vpdpbusd kernel runs only on CPUs with AVX-512 VNNI; the portable kernel runs everywhere.
+KERNELS = [pytest.param(True, marks=pytest.mark.skipif(not HAS_VNNI, reason="CPU lacks AVX-512 VNNI"), id="vnni"),
+           pytest.param(False, id="portable")]
 
 
 def random_operands(rng, m, k, n, unsigned=False):
@@ -93,3 +104,83 @@ def test_wrap_kernel_equals_oracle(bits):
 def test_rejects_bad_operands(x, w, bias, bits):
     with pytest.raises(ValueError):
         int8_gemm(x, w, acc_bits=bits, bias=bias)
+
+
+def grouped_reference(x, w_nk, acc_bits, bias):
+    """Oracle per group: the (M, K) x (K, N) reference on each group's slice."""
+    n_g = w_nk.shape[1]
+    results = [int8_gemm_reference(x[g], w_nk[g].T, acc_bits, None if bias is None else bias[g * n_g : (g + 1) * n_g])
+               for g in range(x.shape[0])]
+    return np.stack([r.result for r in results]), sum(r.wrapped_count for r in results)
+
+
+@pytest.mark.parametrize("use_vnni", KERNELS)
+@pytest.mark.parametrize("acc_bits", [32, 16, 40])
+@pytest.mark.parametrize(
+    "groups, m, k, n",
+    [
+        (1, 8, 64, 8),      # whole 4 x 4 tiles, one 64-byte block
+        (1, 13, 147, 10),   # K zero-padded to 192, edge rows and columns
+        (3, 9, 128, 4),     # grouped conv
+        (5, 7, 9, 1),       # depthwise: one weight row per group
+        (2, 5, 300, 7),
+        (1, 6, 37, 12),     # K too short to pad: the portable kernel takes it
+    ],
+)
+@pytest.mark.parametrize("unsigned", [True, False])
+def test_grouped_kernel_equals_oracle(groups, m, k, n, acc_bits, use_vnni, unsigned):
+    rng = np.random.default_rng(groups * 1000 + m * 100 + k + n + acc_bits + unsigned)
+    x = rng.integers(0, 256, (groups, m, k)).astype(np.uint8) if unsigned else \
+        rng.integers(-128, 128, (groups, m, k)).astype(np.int8)
+    w = rng.integers(-128, 128, (groups, n, k)).astype(np.int8)
+    bias = rng.integers(-2**31, 2**31, groups * n).astype(np.int32)
+    got = grouped_int8_gemm(x, w, acc_bits, bias, use_vnni=use_vnni)
+    want, wrapped = grouped_reference(x, w, acc_bits, bias)
+    assert got.result.shape == (groups, m, n) and got.result.dtype == want.dtype
+    np.testing.assert_array_equal(got.result, want)
+    assert got.wrapped_count == wrapped
+    if acc_bits == 16:
+        assert wrapped > 0
+
+
+@pytest.mark.parametrize("use_vnni", KERNELS)
+def test_grouped_result_is_channel_major(use_vnni):
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (2, 8, 64)).astype(np.uint8)
+    w = rng.integers(-128, 128, (2, 4, 64)).astype(np.int8)
+    result = grouped_int8_gemm(x, w, use_vnni=use_vnni).result
+    # (groups, M, N) values over (groups, N, M) memory: a batch-1 conv output is NCHW with no copy
+    assert result.transpose(0, 2, 1).flags.c_contiguous
+    np.testing.assert_array_equal(result, grouped_reference(x, w, 32, None)[0])
+
+
+@pytest.mark.parametrize("use_vnni", KERNELS)
+@pytest.mark.parametrize("x_value, k, wraps", [
+    # 255 * -128 * 65792 = -(2**31 - 2**15) still fits int32; 2**17 terms wrap (past the int32-safe
+    # chunk both kernels fold int32 chunk sums into int64).
+    (255, 65792, 0), (255, 2**17, 16),
+    # int8 -128 becomes 0 on the way into vpdpbusd; the bias carries all of 2**14 * K.
+    (-128, 65792, 0), (-128, 2**17, 16), (127, 65792, 0),
+])
+def test_full_tiles_at_the_int32_chunk_limit(x_value, k, wraps, use_vnni):
+    x = np.full((4, k), x_value, np.uint8 if x_value > 127 else np.int8)
+    w = np.full((4, k), -128, np.int8)
+    got = grouped_int8_gemm(x[None], w[None], use_vnni=use_vnni)
+    want = int8_gemm_reference(x, w.T)
+    np.testing.assert_array_equal(got.result[0], want.result)
+    assert got.wrapped_count == want.wrapped_count == wraps
+
+
+@pytest.mark.parametrize(
+    "x, w, bias",
+    [
+        (np.zeros((2, 3), np.uint8), np.zeros((1, 2, 3), np.int8), None),
+        (np.zeros((1, 2, 3), np.uint8), np.zeros((2, 2, 3), np.int8), None),
+        (np.zeros((1, 2, 3), np.uint8), np.zeros((1, 2, 4), np.int8), None),
+        (np.zeros((1, 2, 3), np.uint8), np.zeros((1, 2, 3), np.uint8), None),
+        (np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 3), np.int8), np.zeros(2, np.int32)),
+    ],
+)
+def test_grouped_rejects_bad_operands(x, w, bias):
+    with pytest.raises(ValueError):
+        grouped_int8_gemm(x, w, bias=bias)

@@ -16,7 +16,7 @@ import numpy as np
 
 from tpusim import tensor_ops
 from tpusim.ir import PoolAttrs
-from tpusim.kernels.gemm import int8_gemm
+from tpusim.kernels.gemm import grouped_int8_gemm
 from tpusim.quant.arithmetic import dequantize, quantize
 from tpusim.quant.fixed_point import requantize
 from tpusim.quant.quantize import ADD_LEFT_SHIFT, QLayer, QuantizedGraph, Requant
@@ -74,6 +74,10 @@ def _accumulate(cols: np.ndarray, weight: np.ndarray, acc_bias: np.ndarray, acc_
     """(groups, M, K) activations x (groups, N/g, K) weights + bias -> (groups, M, N/g) int32 accumulators."""
     groups, m, _ = cols.shape
     n_g = weight.shape[1]
+    if engine == "int8-gemm" and acc_bits <= 32:
+        # One kernel call for all groups. Its (groups, M, N/g) result is a view of channel-major
+        # memory, so col2nchw of a batch-1 result is a free reshape.
+        return grouped_int8_gemm(cols, weight, acc_bits, acc_bias)
     acc = np.empty((groups, m, n_g), np.int32)
     wrapped = 0
     for g in range(groups):
@@ -81,7 +85,8 @@ def _accumulate(cols: np.ndarray, weight: np.ndarray, acc_bias: np.ndarray, acc_
         if callable(engine):
             result, count = engine(cols[g], np.ascontiguousarray(weight[g].T), bias, acc_bits)
         elif engine == "int8-gemm":
-            result, count = int8_gemm(cols[g], np.ascontiguousarray(weight[g].T), acc_bits, bias)
+            result, count = grouped_int8_gemm(cols[g : g + 1], weight[g : g + 1], acc_bits, bias)
+            result = result[0]
         else:
             result, count = _gemm_blas(cols[g], weight[g].T, bias, acc_bits)
         if result.min(initial=0) < _INT32_MIN or result.max(initial=0) > _INT32_MAX:
@@ -215,9 +220,9 @@ def run_integer(
     """Run the whole network in integers on the float input ``x_float`` (shaped like the graph input).
 
     ``engine`` evaluates the matrix unit's sums: ``int8-gemm`` is the Numba kernel of
-    :mod:`tpusim.kernels.gemm` (single-threaded); ``exact-blas`` computes the same integers with
-    float32 BLAS on chunks of K small enough that every partial sum is an exactly representable
-    integer (faster on an idle machine, much slower when BLAS threads compete for busy cores);
+    :mod:`tpusim.kernels.gemm` (single-threaded, AVX-512 VNNI where the CPU has it); ``exact-blas``
+    computes the same integers with float32 BLAS on chunks of K small enough that every partial sum
+    is an exactly representable integer (slower, and much slower when BLAS threads compete for busy cores);
     tests hold the two equal, wrap counts included. A callable ``MatrixUnit`` (for example the
     PE-level array of :mod:`tpusim.kernels.systolic`) may stand in for either.
     """
