@@ -253,21 +253,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> HardwareConfig:
-    """Load and validate a YAML config; relative energy-table paths resolve against the file."""
-    path = Path(path)
+def read_yaml_file(path: Path, what: str) -> Any:
+    """Parse a YAML file strictly (duplicate keys refused); every failure is one ConfigError line."""
     where = str(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{where}: no such config file") from None
+        raise ConfigError(f"{where}: no such {what}") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
     try:
         loader = _UniqueKeyLoader(text)
         loader.name = where
         try:
-            data = loader.get_single_data()
+            return loader.get_single_data()
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
@@ -275,6 +274,13 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ha
         line = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: {line}invalid YAML: {problem}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> HardwareConfig:
+    """Load and validate a YAML config; relative energy-table paths resolve against the file."""
+    path = Path(path)
+    where = str(path)
+    data = read_yaml_file(path, "config file")
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
     for key, value in (overrides or {}).items():

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
-from tpusim.config import _UniqueKeyLoader
+from tpusim.config import read_yaml_file
 from tpusim.errors import ConfigError
 
 ARITHMETIC_OPS = (
@@ -140,24 +139,7 @@ def load_energy_table(path: str | Path) -> EnergyTable:
     """Read, validate and build the table named by a config's ``energy.table``."""
     path = Path(path)
     where = str(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such energy table file") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
-    try:
-        loader = _UniqueKeyLoader(text)
-        loader.name = where
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: {line}invalid YAML: {problem}") from None
+    data = read_yaml_file(path, "energy table file")
     return _build_table(data, where)
 
 
