@@ -113,15 +113,16 @@ class GraphBuilder:
         )
         return self._store(name, tensor_ops.conv2d(x_value, weight, None, attrs))
 
-    def batch_norm(self, x: str, *, name: str, gamma_sigma: float) -> str:
-        """Inference BN whose running statistics are (jittered) statistics of its actual input."""
+    def batch_norm(self, x: str, *, name: str, gamma_sigma: float, gamma_scale: float = 1.0) -> str:
+        """Inference BN whose running statistics are (jittered) statistics of its actual input;
+        ``gamma_scale`` shrinks the gain of a residual branch's last BN, as trained ResNets have it."""
         x_value = self._values[x]
         channels = x_value.shape[1]
         mean = x_value.mean(axis=(0, 2, 3), dtype=np.float64)
         var = x_value.var(axis=(0, 2, 3), dtype=np.float64)
         running_mean = mean + STAT_JITTER * np.sqrt(var) * self._rng.standard_normal(channels)
         running_var = var * np.exp(2.0 * STAT_JITTER * self._rng.standard_normal(channels))
-        gamma = np.exp(gamma_sigma * self._rng.standard_normal(channels))
+        gamma = gamma_scale * np.exp(gamma_sigma * self._rng.standard_normal(channels))
         beta = BETA_STD * self._rng.standard_normal(channels)
         params = [p.astype(np.float32) for p in (gamma, beta, running_mean, running_var)]
         names = [

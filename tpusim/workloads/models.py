@@ -19,7 +19,7 @@ from tpusim.workloads.builder import (
 )
 
 # Bump whenever a generator's output changes, so cached files from an older generator are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 IMAGENET_CLASSES = 1000
 # Images used for BN statistics: enough pixels per channel even at ResNet's 7x7 last stage,
@@ -27,6 +27,10 @@ IMAGENET_CLASSES = 1000
 IMAGENET_SAMPLE_BATCH = 2
 LOGIT_STD = 2.0  # a confident but not saturated classifier
 MLP_WIDTH = 2048
+# Trained ResNets end each residual branch with a small BN gain (torchvision even offers zero-init),
+# so a block perturbs its input rather than replacing it. With unit gains a random deep ResNet is
+# chaotic: any perturbation, int8 rounding included, grows block by block, which no trained net does.
+RESIDUAL_GAMMA = 0.25
 MLP_LAYERS = 5
 MLP_SAMPLE_BATCH = 16
 TINY_SAMPLE_BATCH = 8
@@ -41,10 +45,12 @@ def _streams(seed: int) -> tuple[int, np.random.Generator]:
 
 
 def _conv_bn(
-    b: GraphBuilder, x: str, out_channels: int, kernel: int, *, conv: str, bn: str, stride: int = 1, groups: int = 1
+    b: GraphBuilder, x: str, out_channels: int, kernel: int, *, conv: str, bn: str, stride: int = 1, groups: int = 1,
+    gamma_scale: float = 1.0,
 ) -> str:
     y = b.conv(x, out_channels, kernel, name=conv, stride=stride, groups=groups)
-    return b.batch_norm(y, name=bn, gamma_sigma=DEPTHWISE_GAMMA_SIGMA if groups > 1 else GAMMA_SIGMA)
+    return b.batch_norm(y, name=bn, gamma_sigma=DEPTHWISE_GAMMA_SIGMA if groups > 1 else GAMMA_SIGMA,
+                        gamma_scale=gamma_scale)
 
 
 def _classifier_head(b: GraphBuilder, x: str, classes: int) -> str:
@@ -57,7 +63,7 @@ def _classifier_head(b: GraphBuilder, x: str, classes: int) -> str:
 def _basic_block(b: GraphBuilder, x: str, planes: int, stride: int, prefix: str) -> str:
     in_channels = b.value(x).shape[1]
     y = b.relu(_conv_bn(b, x, planes, 3, conv=f"{prefix}.conv1", bn=f"{prefix}.bn1", stride=stride))
-    y = _conv_bn(b, y, planes, 3, conv=f"{prefix}.conv2", bn=f"{prefix}.bn2")
+    y = _conv_bn(b, y, planes, 3, conv=f"{prefix}.conv2", bn=f"{prefix}.bn2", gamma_scale=RESIDUAL_GAMMA)
     shortcut = x
     if stride != 1 or in_channels != planes:
         shortcut = _conv_bn(b, x, planes, 1, conv=f"{prefix}.downsample.0", bn=f"{prefix}.downsample.1", stride=stride)
@@ -70,7 +76,7 @@ def _bottleneck(b: GraphBuilder, x: str, planes: int, stride: int, prefix: str) 
     out_channels = planes * 4
     y = b.relu(_conv_bn(b, x, planes, 1, conv=f"{prefix}.conv1", bn=f"{prefix}.bn1"))
     y = b.relu(_conv_bn(b, y, planes, 3, conv=f"{prefix}.conv2", bn=f"{prefix}.bn2", stride=stride))
-    y = _conv_bn(b, y, out_channels, 1, conv=f"{prefix}.conv3", bn=f"{prefix}.bn3")
+    y = _conv_bn(b, y, out_channels, 1, conv=f"{prefix}.conv3", bn=f"{prefix}.bn3", gamma_scale=RESIDUAL_GAMMA)
     shortcut = x
     if stride != 1 or in_channels != out_channels:
         shortcut = _conv_bn(
@@ -124,8 +130,10 @@ def _inverted_residual(b: GraphBuilder, x: str, out_channels: int, stride: int, 
         y = _relu6(b, _conv_bn(b, y, hidden, 1, conv=f"{prefix}.0.0", bn=f"{prefix}.0.1"))
         layer = 1
     y = _relu6(b, _conv_bn(b, y, hidden, 3, conv=f"{prefix}.{layer}.0", bn=f"{prefix}.{layer}.1", stride=stride, groups=hidden))
-    y = _conv_bn(b, y, out_channels, 1, conv=f"{prefix}.{layer + 1}", bn=f"{prefix}.{layer + 2}")
-    return b.add(x, y) if stride == 1 and in_channels == out_channels else y
+    residual = stride == 1 and in_channels == out_channels
+    y = _conv_bn(b, y, out_channels, 1, conv=f"{prefix}.{layer + 1}", bn=f"{prefix}.{layer + 2}",
+                 gamma_scale=RESIDUAL_GAMMA if residual else 1.0)
+    return b.add(x, y) if residual else y
 
 
 def mobilenet_v2(seed: int) -> GeneratedModel:
