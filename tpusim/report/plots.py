@@ -213,7 +213,7 @@ def _layer_bar_figure(layers: Sequence[str], stacks: Sequence[tuple[str, str | N
                       xlabel: str, title: str) -> Figure:
     """Horizontal stacked bars, first layer at the top: layer names stay readable for 70+ layers."""
     height = max(3.0, 0.17 * len(layers) + 1.6)
-    fig = Figure(figsize=(9.0, height), layout="constrained")
+    fig = Figure(figsize=(10.5, height), layout="constrained")
     ax = fig.subplots()
     positions = range(len(layers))
     left = [0.0] * len(layers)
@@ -226,7 +226,8 @@ def _layer_bar_figure(layers: Sequence[str], stacks: Sequence[tuple[str, str | N
     ax.set_title(title)
     ax.grid(True, axis="x", alpha=0.3)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    ax.legend(loc="lower right", fontsize="small")
+    # Outside the axes: the longest bars reach the right edge, and a legend on them hides data.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0.0)
     return fig
 
 
