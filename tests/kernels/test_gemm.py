@@ -184,3 +184,23 @@ def test_full_tiles_at_the_int32_chunk_limit(x_value, k, wraps, use_vnni):
 def test_grouped_rejects_bad_operands(x, w, bias):
     with pytest.raises(ValueError):
         grouped_int8_gemm(x, w, bias=bias)
+
+
+def test_a_vnni_kernel_that_does_not_compile_falls_back_to_the_portable_one(monkeypatch):
+    import numba
+
+    from tpusim.kernels import gemm as gemm_module
+
+    def refuse(*args):
+        raise numba.core.errors.TypingError("intrinsic signature rejected by this LLVM")
+
+    monkeypatch.setattr(gemm_module, "_grouped_gemm_vnni_kernel", refuse)
+    monkeypatch.setattr(gemm_module, "_vnni_compiles", [True])
+    rng = np.random.default_rng(5)
+    x = rng.integers(-128, 128, (1, 9, 70)).astype(np.int8)
+    w = rng.integers(-127, 128, (1, 8, 70)).astype(np.int8)
+    with pytest.warns(UserWarning, match="portable kernel"):
+        got = gemm_module.grouped_int8_gemm(x, w, use_vnni=True)
+    want = gemm_module.int8_gemm_reference(x[0], np.ascontiguousarray(w[0].T))
+    np.testing.assert_array_equal(got.result[0], want.result)
+    assert gemm_module._vnni_compiles == [False]

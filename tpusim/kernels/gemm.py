@@ -13,6 +13,8 @@ shapes that do not fill its tiles, a portable loop that LLVM vectorises. Both ar
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import NamedTuple
 
 import llvmlite.binding
@@ -31,6 +33,7 @@ _VNNI_BLOCK = 64  # bytes of K per vpdpbusd operand (one zmm register)
 _VNNI_CHUNK = _INT32_SAFE_TERMS // _VNNI_BLOCK * _VNNI_BLOCK  # whole blocks whose int32 sums cannot overflow
 # Numba compiles for the host CPU unless told otherwise; the intrinsic exists only there.
 HAS_VNNI = numba.config.CPU_NAME is None and bool(llvmlite.binding.get_host_cpu_features().get("avx512vnni"))
+_vnni_compiles = [True]  # set False for good once the intrinsic fails to compile here
 
 
 class GemmResult(NamedTuple):
@@ -363,20 +366,26 @@ def grouped_int8_gemm(x: np.ndarray, w_nk: np.ndarray, acc_bits: int = 32, bias:
     out = np.empty((groups, n_g, x.shape[1]), result_dtype(acc_bits))
     k_padded = -(-k_total // _VNNI_BLOCK) * _VNNI_BLOCK
     # Worth it for int32 accumulators, tiles of several weight rows and K that padding does not more than double.
-    if use_vnni and acc_bits <= 32 and n_g >= _TILE and k_padded <= min(2 * k_total, _VNNI_CHUNK):
+    if use_vnni and _vnni_compiles[0] and acc_bits <= 32 and n_g >= _TILE and k_padded <= min(2 * k_total, _VNNI_CHUNK):
+        vnni_x, vnni_w, vnni_bias = x, w_nk, bias64
         if x.dtype == np.int8:
             # vpdpbusd takes unsigned activations: x + 128 (its bits are x's with the top one flipped)
             # fits uint8, and sum (x + 128) w = sum x w + 128 sum w, so the exact bias absorbs the shift.
-            bias64 = bias64 - 128 * w_nk.sum(axis=2, dtype=np.int64)
-            x = x.view(np.uint8) ^ np.uint8(0x80)
+            vnni_bias = bias64 - 128 * w_nk.sum(axis=2, dtype=np.int64)
+            vnni_x = x.view(np.uint8) ^ np.uint8(0x80)
         if k_padded != k_total:
-            x = np.concatenate([x, np.zeros((*x.shape[:2], k_padded - k_total), np.uint8)], axis=2)
-            w_nk = np.concatenate([w_nk, np.zeros((groups, n_g, k_padded - k_total), np.int8)], axis=2)
-        wrapped = _grouped_gemm_vnni_kernel(np.ascontiguousarray(x), np.ascontiguousarray(w_nk), bias64, acc_bits,
-                                            out, _panel_rows(k_padded, n_g))
-    else:
-        wrapped = _grouped_gemm_kernel(np.ascontiguousarray(x), np.ascontiguousarray(w_nk), bias64, acc_bits, out,
-                                       _panel_rows(k_total, n_g))
+            vnni_x = np.concatenate([vnni_x, np.zeros((*x.shape[:2], k_padded - k_total), np.uint8)], axis=2)
+            vnni_w = np.concatenate([vnni_w, np.zeros((groups, n_g, k_padded - k_total), np.int8)], axis=2)
+        try:
+            wrapped = _grouped_gemm_vnni_kernel(np.ascontiguousarray(vnni_x), np.ascontiguousarray(vnni_w), vnni_bias,
+                                                acc_bits, out, _panel_rows(k_padded, n_g))
+            return GemmResult(out.transpose(0, 2, 1), int(wrapped))
+        except (numba.core.errors.NumbaError, RuntimeError) as exc:
+            # The intrinsic's signature follows the LLVM inside llvmlite; another LLVM may refuse it.
+            _vnni_compiles[0] = False
+            warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
+    wrapped = _grouped_gemm_kernel(np.ascontiguousarray(x), np.ascontiguousarray(w_nk), bias64, acc_bits, out,
+                                   _panel_rows(k_total, n_g))
     return GemmResult(out.transpose(0, 2, 1), int(wrapped))
 
 
