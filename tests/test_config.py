@@ -53,6 +53,7 @@ def test_every_key_of_the_shipped_config_has_a_comment():
     (lambda d: d["array"].update(rows=2.5), r"array\.rows: expected an integer"),
     (lambda d: d["array"].update(rows=0), r"array\.rows: must be >= 1"),
     (lambda d: d["array"].update(clock_mhz=0), r"array\.clock_mhz: must be > 0"),
+    (lambda d: d["accumulators"].update(entries=1), r"accumulators\.entries: must be >= 2"),
     (lambda d: d["array"].update(datatype="int4"), r"array\.datatype: expected one of 'int8', 'fp32'"),
     (lambda d: d["quant"].update(weights="per-row"), r"quant\.weights: expected one of"),
     (lambda d: d["quant"].update(percentile=101), r"quant\.percentile: must be <= 100"),

@@ -53,7 +53,7 @@ class UnifiedBufferConfig:
 
 @dataclass(frozen=True)
 class AccumulatorConfig:
-    entries: int = field(metadata=_range(1))
+    entries: int = field(metadata=_range(2))  # at least one row per half when double-buffered
     bits: int = field(metadata=_range(16, 64))
     double_buffered: bool
 

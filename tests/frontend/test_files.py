@@ -23,9 +23,11 @@ def test_good_file_loads_with_batch(tmp_path):
     assert graph.layers[0].output_shape == (3, 4, 8, 8)
 
 
-def test_missing_file(tmp_path):
+def test_missing_file_and_folder(tmp_path):
     with pytest.raises(ModelError, match="no such model file"):
         load_onnx(tmp_path / "nope.onnx")
+    with pytest.raises(ModelError, match="is a folder, not an ONNX model file"):
+        load_onnx(tmp_path)
 
 
 @pytest.mark.parametrize("cut", [0.3, 0.6, 0.9])

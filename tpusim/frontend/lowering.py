@@ -515,6 +515,8 @@ def load_onnx(path: str | Path, batch: int = 1, input_shape: Shape | None = None
     """Read, check and lower an ONNX file; every failure is a one-line :class:`ModelError`."""
     path = Path(path)
     where = str(path)
+    if path.is_dir():
+        raise ModelError(f"{where}: is a folder, not an ONNX model file")
     if not path.is_file():
         raise ModelError(f"{where}: no such model file")
     try:
