@@ -79,6 +79,7 @@ class ActivationUnitConfig:
 @dataclass(frozen=True)
 class MappingConfig:
     pack_groups: bool
+    sub_batching: bool
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,10 @@ class LayerRescale:
 
 
 def _requant_passes(program: Program) -> list[int]:
-    passes = [0] * len(program.layer_names)
+    passes = [0] * program.layers_per_pass
     for instruction in program.instructions:
         if isinstance(instruction, Activate) and instruction.requant != "none" and instruction.acc_rows:
-            passes[instruction.layer] += instruction.vector_passes
+            passes[program.graph_layer(instruction.layer)] += instruction.vector_passes
     return passes
 
 

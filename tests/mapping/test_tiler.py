@@ -8,9 +8,10 @@ from tpusim.config import load_config
 from tpusim.errors import TpusimError
 from tpusim.ir import Graph, Layer
 from tpusim.mapping import Activate, MatrixMultiply, ReadHostMemory, ReadWeights, WriteHostMemory, compile_program
-from tpusim.mapping.tiler import UbAllocator, column_tiles
+from tpusim.mapping.tiler import UbAllocator, column_tiles, rebatched, spill_bytes
 
 BASE = load_config(Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml")
+SPILLING = BASE.replace(**{"mapping.sub_batching": False})  # whole batch at once, spilling what does not fit
 
 
 def gemm_graph(m, k, n):
@@ -78,7 +79,7 @@ def test_spilled_tensor_goes_through_staging_in_chunks():
     second = Layer("fc2", "gemm", ("fc1",), "fc2", ((512, 256),), (512, 64),
                    weight=np.broadcast_to(np.int8(0), (64, 256)))
     graph = Graph("chain", "x", (512, 64), ("fc2",), (first, second))
-    program = compile_program(graph, BASE.replace(**{"unified_buffer.capacity_bytes": 96 * 1024}))
+    program = compile_program(graph, SPILLING.replace(**{"unified_buffer.capacity_bytes": 96 * 1024}))
     spills = [i for i in of_type(program, WriteHostMemory) if i.spill]
     refills = [i for i in of_type(program, ReadHostMemory) if i.spill]
     assert sum(i.src.nbytes for i in spills) == sum(i.dst.nbytes for i in refills) == 512 * 256
@@ -112,3 +113,66 @@ def test_allocator_first_fit_aligned_and_merges_free_blocks():
     ub.free(b, 300)
     assert ub.largest_free() == 768
     assert ub.alloc(700) == 0
+
+
+def chain_graph(batch):
+    """Two GEMMs whose 256-byte-per-input intermediate is what a small unified buffer cannot hold."""
+    first = Layer("fc1", "gemm", ("x",), "fc1", ((batch, 64),), (batch, 256),
+                  weight=np.broadcast_to(np.int8(0), (256, 64)))
+    second = Layer("fc2", "gemm", ("fc1",), "fc2", ((batch, 256),), (batch, 64),
+                   weight=np.broadcast_to(np.int8(0), (64, 256)))
+    return Graph("chain", "x", (batch, 64), ("fc2",), (first, second))
+
+
+def test_rebatched_rescales_every_leading_dimension():
+    graph = rebatched(chain_graph(512), 3)
+    assert graph.input_shape == (3, 64) and graph.batch == 3
+    assert [(l.input_shapes, l.output_shape) for l in graph.layers] == [(((3, 64),), (3, 256)),
+                                                                        (((3, 256),), (3, 64))]
+    assert [l.gemm.m for l in graph.layers] == [3, 3]
+    gap = Layer("gap", "global_avgpool", ("x",), "gap", ((2, 64, 4, 4),), (2, 64, 1, 1))
+    folded = Layer("flat", "reshape", ("gap",), "flat", ((2, 64, 1, 1),), (1, 128))
+    assert rebatched(Graph("h", "x", (2, 64, 4, 4), ("flat",), (gap, folded)), 1) is None
+
+
+def test_sub_batching_runs_passes_of_the_largest_batch_that_fits():
+    small_ub = {"unified_buffer.capacity_bytes": 96 * 1024}
+    graph = chain_graph(512)
+    program = compile_program(graph, BASE.replace(**small_ub))
+    fitting = [b for b in range(1, 513)
+               if spill_bytes(compile_program(rebatched(graph, b), SPILLING.replace(**small_ub))) == 0]
+    best = max(fitting)
+    assert fitting == list(range(1, best + 1)) and best < 512  # spilling grows with the batch
+    assert program.sub_batch == best and spill_bytes(program) == 0
+    assert program.pass_batches == (best,) * (512 // best) + ((512 % best,) if 512 % best else ())
+    assert program.layer_names == ("fc1", "fc2") * program.passes
+    assert [program.graph_layer(i) for i in range(4)] == [0, 1, 0, 1]
+    # layer indices are offset per pass, one Sync at the end, and each pass re-fetches every weight
+    assert {i.layer for i in program.instructions} == set(range(2 * program.passes))
+    assert [type(i).__name__ for i in program.instructions].count("Sync") == 1
+    assert sum(i.nbytes for i in of_type(program, ReadWeights)) == program.passes * (64 * 256 + 256 * 64)
+    assert sum(i.m_rows for i in of_type(program, MatrixMultiply)) == 2 * 512
+    host_reads = sorted((i.host_addr, i.dst.nbytes) for i in of_type(program, ReadHostMemory))
+    assert all(a + n <= b for (a, n), (b, _) in zip(host_reads, host_reads[1:]))  # passes use their own inputs
+    assert "(pass 2/" in program.listing()
+
+
+def test_sub_batching_falls_back_to_single_inputs_that_still_spill():
+    # 16 rows per input: one input's 4 KiB intermediate cannot share a 4 KiB buffer with its 1 KiB input
+    first = Layer("fc1", "gemm", ("x",), "fc1", ((3, 16, 64),), (3, 16, 256),
+                  weight=np.broadcast_to(np.int8(0), (256, 64)))
+    second = Layer("fc2", "gemm", ("fc1",), "fc2", ((3, 16, 256),), (3, 16, 64),
+                   weight=np.broadcast_to(np.int8(0), (64, 256)))
+    graph = Graph("chain", "x", (3, 16, 64), ("fc2",), (first, second))
+    tiny_ub = {"unified_buffer.capacity_bytes": 4096}
+    single = spill_bytes(compile_program(rebatched(graph, 1), SPILLING.replace(**tiny_ub)))
+    assert single == 2 * 16 * 256
+    program = compile_program(graph, BASE.replace(**tiny_ub))
+    assert program.pass_batches == (1, 1, 1) and spill_bytes(program) == 3 * single
+
+
+def test_sub_batching_leaves_a_batch_that_fits_alone():
+    graph = chain_graph(512)
+    on, off = compile_program(graph, BASE), compile_program(graph, SPILLING)
+    assert on.pass_batches == off.pass_batches == (512,)
+    assert on.instructions == off.instructions

@@ -6,7 +6,9 @@ import pytest
 
 from tpusim.config import load_config
 from tpusim.ir import Activation, ConvAttrs, Graph, Layer, PoolAttrs
-from tpusim.sim import compile_program, simulate, transfer_cycles
+from tpusim.mapping.tiler import _Compiler, rebatched
+from tpusim.report.run_report import summary
+from tpusim.sim import compile_program, simulate, simulate_program, transfer_cycles
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml"
 BASE = load_config(CONFIG)
@@ -15,10 +17,14 @@ LATENCY = BASE.activation_unit.pipeline_latency_cycles
 RELU = Activation("relu", 0.0)
 FAST_HOST = {"host.bandwidth_gb_s": 1e6, "host.latency_cycles": 0}  # every host transfer takes 1 cycle
 FAST_WEIGHTS = {"weight_memory.bandwidth_gb_s": 1e6, "weight_memory.latency_cycles": 0}
+SPILL = {"mapping.sub_batching": False}  # run the whole batch at once, spilling what does not fit
 
 
 def cfg(**overrides):
     return BASE.replace(**overrides)
+
+
+SPILL_CFG = cfg(**SPILL)
 
 
 def zeros(*shape):
@@ -154,7 +160,7 @@ def test_unified_buffer_spill_is_counted():
     second = gemm_layer("fc2", "fc1", 512, 256, 64)
     graph = Graph("chain", "x", (512, 64), ("fc2",), (first, second))
     roomy = simulate(graph, BASE)
-    small = simulate(graph, cfg(**{"unified_buffer.capacity_bytes": 96 * 1024}))
+    small = simulate(graph, cfg(**SPILL, **{"unified_buffer.capacity_bytes": 96 * 1024}))
     assert roomy.counts.spill_bytes == 0
     # fc1's 128 KiB output cannot live in 96 KiB: written out by fc1, read back by fc2
     assert [layer.counts.spill_bytes for layer in small.layers] == [512 * 256, 512 * 256]
@@ -215,9 +221,59 @@ def test_resnet_sized_run_is_fast():
 
 def test_vector_layers_stage_host_resident_operands():
     graph = small_cnn()
-    result = simulate(graph, cfg(**{"unified_buffer.capacity_bytes": 24 * 1024}))
+    result = simulate(graph, cfg(**SPILL, **{"unified_buffer.capacity_bytes": 24 * 1024}))
     pool = result.layers[1]
     # conv1's 128 KiB output lives in host memory: the pool reads it back and spills its own 32 KiB output
     assert pool.counts.spill_bytes == 2 * 64 * 32 * 32 + 2 * 64 * 16 * 16
     assert sum(layer.cycles for layer in result.layers) == result.total_cycles
     assert result.macs == graph.macs
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    from tpusim.frontend import load_onnx
+    from tpusim.pipeline import resolve_model
+
+    path = resolve_model("resnet50")
+    return {batch: load_onnx(path, batch=batch) for batch in (1, 8, 16, 32)}
+
+
+def test_sub_batched_resnet50_batch_32_fits_and_keeps_its_throughput(resnet50):
+    graph = resnet50[32]
+    program = compile_program(graph, BASE)
+    result = simulate_program(program, BASE, graph.batch)
+    assert result.counts.spill_bytes == 0
+    assert result.sub_batch == program.sub_batch < 32 and sum(program.pass_batches) == 32
+    assert summary(graph, result, BASE)["sub_batch"] == result.sub_batch
+    assert result.tops >= simulate(resnet50[8], BASE).tops
+    # one timing per graph layer, in order, each the sum of its passes
+    assert [t.name for t in result.layers] == [layer.name for layer in graph.layers]
+    assert [t.gemm for t in result.layers] == [layer.gemm if layer.is_matrix else None for layer in graph.layers]
+    assert [t.macs for t in result.layers] == [layer.macs for layer in graph.layers]
+    single = simulate(resnet50[1], BASE)
+    assert result.macs == 32 * single.macs
+    for t in result.layers:
+        b = t.breakdown
+        assert b.active + b.weight_stall + b.weight_shift + b.non_matrix == b.total
+        assert b.useful_mac + b.unused_mac == b.active
+    assert sum(t.cycles for t in result.layers) == result.breakdown.total == result.total_cycles
+    assert set(result.trace.mxu_layer.tolist()) == {i for i, layer in enumerate(graph.layers) if layer.is_matrix}
+    # every pass fetches all the weights of its own batch's mapping; each mapping at least batch 1's
+    by_pass = [simulate(rebatched(graph, b), SPILL_CFG).counts.weight_dram_bytes for b in program.pass_batches]
+    assert result.counts.weight_dram_bytes == sum(by_pass)
+    assert result.counts.weight_dram_bytes >= program.passes * single.counts.weight_dram_bytes
+
+
+@pytest.mark.parametrize("batch, cycles, spill", [(16, 6_963_434, 89_915_392), (32, 28_406_870, 629_407_744)])
+def test_without_sub_batching_resnet50_spills_as_before(resnet50, batch, cycles, spill):
+    graph = resnet50[batch]
+    program = compile_program(graph, SPILL_CFG)
+    assert program.instructions == _Compiler(graph, SPILL_CFG).compile().instructions
+    result = simulate_program(program, SPILL_CFG, batch)
+    assert (result.total_cycles, result.counts.spill_bytes, result.sub_batch) == (cycles, spill, batch)
+
+
+def test_sub_batching_leaves_resnet50_batch_8_unchanged(resnet50):
+    on, off = simulate(resnet50[8], BASE), simulate(resnet50[8], SPILL_CFG)
+    assert on.total_cycles == off.total_cycles == 1_764_275
+    assert on.sub_batch == off.sub_batch == 8 and on.layers == off.layers

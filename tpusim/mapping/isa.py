@@ -169,7 +169,13 @@ class LayerMapping:
 
 @dataclass(frozen=True, eq=False)
 class Program:
-    """An instruction stream for one inference, compiled for one hardware configuration."""
+    """An instruction stream for one inference, compiled for one hardware configuration.
+
+    A batch too large for the unified buffer may run as several passes over sub-batches
+    (``pass_batches``, in order): the graph's layers then appear once per pass in ``layer_names``,
+    ``layer_ops`` and ``mappings``, pass ``p``'s copy of graph layer ``j`` at index
+    ``p * layers_per_pass + j``.
+    """
 
     graph_name: str
     config_name: str
@@ -179,11 +185,32 @@ class Program:
     layer_ops: tuple[str, ...]
     mappings: tuple[LayerMapping, ...]
     instructions: tuple[Instruction, ...]
+    pass_batches: tuple[int, ...]
+
+    @property
+    def passes(self) -> int:
+        return len(self.pass_batches)
+
+    @property
+    def sub_batch(self) -> int:
+        """Inputs per pass (the last pass may hold fewer)."""
+        return self.pass_batches[0]
+
+    @property
+    def layers_per_pass(self) -> int:
+        return len(self.layer_names) // self.passes
+
+    def graph_layer(self, index: int) -> int:
+        """The graph layer that program layer ``index`` (an instruction's ``layer``) is a pass of."""
+        return index % self.layers_per_pass
 
     def listing(self) -> str:
-        """One line per instruction: index, mnemonic, operands, and the layer it belongs to."""
+        """One line per instruction: index, mnemonic, operands, and the layer (and pass) it belongs to."""
         width = len(str(max(len(self.instructions) - 1, 0)))
-        return "\n".join(
-            f"{i:>{width}} {format_instruction(ins)}  ; {self.layer_names[ins.layer]}"
-            for i, ins in enumerate(self.instructions)
-        )
+        lines = []
+        for i, ins in enumerate(self.instructions):
+            where = self.layer_names[ins.layer]
+            if self.passes > 1:
+                where += f" (pass {ins.layer // self.layers_per_pass + 1}/{self.passes})"
+            lines.append(f"{i:>{width}} {format_instruction(ins)}  ; {where}")
+        return "\n".join(lines)

@@ -19,9 +19,16 @@ Unified buffer: a first-fit allocator with real addresses, tensors freed after t
 ``reshape`` an alias. A tensor that cannot be allocated lives in host memory: its producer writes it
 out chunk by chunk through staging buffers and every consumer reads it back chunk by chunk (both
 counted as spill bytes; the refill of a conv input ignores the im2col halo between chunks).
+
+Sub-batching (``mapping.sub_batching``): when the whole batch would spill, the network instead runs in
+passes over the largest sub-batch whose program spills nothing (found by bisection, since spilling only
+grows with the batch; batch 1 if even that spills), the last pass taking the remainder. Each pass is
+compiled on its own and the passes are concatenated, so every pass re-fetches all the weights; only the
+final ``Sync`` is kept, letting one pass's weight fetches and host transfers overlap the previous one's.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -274,6 +281,7 @@ class _Compiler:
             layer_ops=tuple(layer.op for layer in graph.layers),
             mappings=tuple(self.mappings),
             instructions=tuple(self.code),
+            pass_batches=(graph.batch,),
         )
 
     def _next_acc_addr(self) -> int:
@@ -442,6 +450,98 @@ class _Compiler:
                                           bool(streamed), 0.0))
 
 
+def rebatched(graph: Graph, batch: int) -> Graph | None:
+    """``graph`` for ``batch`` inputs: every activation shape's leading (batch) dimension replaced.
+
+    None when some shape does not lead with the graph's batch (a reshape that folds it away), as the
+    layers then cannot be cut into independent sub-batches by their shapes alone.
+    """
+    old = graph.batch
+    shapes = [graph.input_shape] + [s for layer in graph.layers for s in (*layer.input_shapes, layer.output_shape)]
+    if any(not shape or shape[0] != old for shape in shapes):
+        return None
+
+    def scaled(shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (batch, *shape[1:])
+
+    layers = tuple(
+        dataclasses.replace(layer, input_shapes=tuple(scaled(s) for s in layer.input_shapes),
+                            output_shape=scaled(layer.output_shape))
+        for layer in graph.layers
+    )
+    return dataclasses.replace(graph, input_shape=scaled(graph.input_shape), layers=layers)
+
+
+def spill_bytes(program: Program) -> int:
+    """Activation bytes the program moves to and from host memory because they did not fit."""
+    return sum(
+        ins.dst.nbytes if isinstance(ins, ReadHostMemory) else ins.src.nbytes
+        for ins in program.instructions
+        if isinstance(ins, (ReadHostMemory, WriteHostMemory)) and ins.spill
+    )
+
+
+def _host_extent(program: Program) -> int:
+    """One past the highest host-memory byte the program touches."""
+    return max((ins.host_addr + (ins.dst.nbytes if isinstance(ins, ReadHostMemory) else ins.src.nbytes)
+                for ins in program.instructions if isinstance(ins, (ReadHostMemory, WriteHostMemory))), default=0)
+
+
+def _concatenate(passes: list[Program]) -> Program:
+    """One program running ``passes`` back to back: layer indices and host addresses offset per pass."""
+    n_layers = len(passes[0].layer_names)
+    code: list[Instruction] = []
+    host_base = 0
+    for p, program in enumerate(passes):
+        for ins in program.instructions:
+            if isinstance(ins, Sync) and p < len(passes) - 1:
+                continue
+            changes = {"layer": ins.layer + p * n_layers}
+            if isinstance(ins, (ReadHostMemory, WriteHostMemory)):
+                changes["host_addr"] = ins.host_addr + host_base
+            code.append(dataclasses.replace(ins, **changes))
+        host_base += _host_extent(program)
+    first = passes[0]
+    return Program(
+        graph_name=first.graph_name,
+        config_name=first.config_name,
+        rows=first.rows,
+        cols=first.cols,
+        layer_names=first.layer_names * len(passes),
+        layer_ops=first.layer_ops * len(passes),
+        mappings=tuple(m for program in passes for m in program.mappings),
+        instructions=tuple(code),
+        pass_batches=tuple(b for program in passes for b in program.pass_batches),
+    )
+
+
 def compile_program(graph: Graph, cfg: HardwareConfig) -> Program:
-    """Map every layer of ``graph`` onto the array of ``cfg`` and emit its instruction stream."""
-    return _Compiler(graph, cfg).compile()
+    """Map every layer of ``graph`` onto the array of ``cfg`` and emit its instruction stream.
+
+    With ``mapping.sub_batching`` a batch whose activations would spill runs in passes over sub-batches.
+    """
+    whole = _Compiler(graph, cfg).compile()
+    if not cfg.mapping.sub_batching or graph.batch == 1 or spill_bytes(whole) == 0:
+        return whole
+    compiled: dict[int, Program] = {graph.batch: whole}
+
+    def program_for(batch: int) -> Program | None:
+        if batch not in compiled:
+            sub_graph = rebatched(graph, batch)
+            if sub_graph is None:
+                return None
+            compiled[batch] = _Compiler(sub_graph, cfg).compile()
+        return compiled[batch]
+
+    if program_for(1) is None:
+        return whole
+    fits, spills = 1, graph.batch  # invariant: ``spills`` spills; ``fits`` does not, or is 1
+    while spills - fits > 1:
+        middle = (fits + spills) // 2
+        if spill_bytes(program_for(middle)) == 0:
+            fits = middle
+        else:
+            spills = middle
+    full_passes, rest = divmod(graph.batch, fits)
+    batches = [fits] * full_passes + ([rest] if rest else [])
+    return _concatenate([program_for(b) for b in batches])

@@ -138,6 +138,7 @@ def summary(graph: Graph, sim: SimResult, cfg: HardwareConfig, energy: RunEnergy
         "model": graph.name,
         "config": sim.config_name,
         "batch": sim.batch,
+        "sub_batch": sim.sub_batch,
         "macs": sim.macs,
         "total_cycles": sim.total_cycles,
         "latency_s": sim.latency_s,

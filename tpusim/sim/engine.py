@@ -116,6 +116,7 @@ class SimResult:
     breakdown: CycleBreakdown
     counts: LayerCounts
     trace: Trace
+    sub_batch: int  # inputs per pass of the program (``batch`` unless it ran in sub-batches)
 
 
 def _ub_rows(region: UbRegion, width: int) -> slice:
@@ -341,8 +342,11 @@ def simulate_program(program: Program, cfg: HardwareConfig, batch: int) -> SimRe
         macs = counts.macs
         utilization = macs / (breakdown.total * slots_per_cycle) if breakdown.total else 0.0
         layers.append(LayerTiming(name, program.layer_ops[i], gemm, macs, breakdown, counts, utilization))
+    if program.passes > 1:
+        layers = _merge_passes(layers, program.layers_per_pass, slots_per_cycle)
+        trace = dataclasses.replace(trace, mxu_layer=trace.mxu_layer % program.layers_per_pass)
     breakdown = sum((layer.breakdown for layer in layers), CycleBreakdown())
-    counts = LayerCounts(*(sum(values) for values in zip(*(dataclasses.astuple(l.counts) for l in layers))))
+    counts = _sum_counts([layer.counts for layer in layers])
     macs = counts.macs
     latency = total / cfg.array.clock_hz
     return SimResult(
@@ -358,7 +362,30 @@ def simulate_program(program: Program, cfg: HardwareConfig, batch: int) -> SimRe
         breakdown=breakdown,
         counts=counts,
         trace=trace,
+        sub_batch=program.sub_batch,
     )
+
+
+def _sum_counts(counts: list[LayerCounts]) -> LayerCounts:
+    return LayerCounts(*(sum(values) for values in zip(*(dataclasses.astuple(c) for c in counts))))
+
+
+def _merge_passes(per_pass: list[LayerTiming], n_layers: int, slots_per_cycle: int) -> list[LayerTiming]:
+    """One timing per graph layer from a sub-batched program's per-pass timings: cycles, counts and
+    MACs summed over the passes, the GEMM's M summed too (it scales with the batch)."""
+    merged = []
+    for j in range(n_layers):
+        passes = per_pass[j::n_layers]
+        first = passes[0]
+        breakdown = sum((t.breakdown for t in passes), CycleBreakdown())
+        macs = sum(t.macs for t in passes)
+        gemm = first.gemm
+        if gemm is not None:
+            gemm = dataclasses.replace(gemm, m=sum(t.gemm.m for t in passes if t.gemm is not None))
+        utilization = macs / (breakdown.total * slots_per_cycle) if breakdown.total else 0.0
+        merged.append(LayerTiming(first.name, first.op, gemm, macs, breakdown,
+                                  _sum_counts([t.counts for t in passes]), utilization))
+    return merged
 
 
 def simulate(graph: Graph, cfg: HardwareConfig) -> SimResult:
