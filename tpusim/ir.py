@@ -215,5 +215,4 @@ class LayerCounts:
     pool_ops: int = 0             # compare/add ops of pooling
     host_in_bytes: int = 0        # PCIe host -> unified buffer
     host_out_bytes: int = 0       # PCIe unified buffer -> host
-    wrapped_accumulations: int = 0  # outputs whose exact sum left the accumulator's range
 

@@ -73,7 +73,7 @@ COUNTS = LayerCounts(
     macs=1000, mac_slots=1536, weight_dram_bytes=300, weight_fifo_bytes=256, weight_shift_bytes=4096,
     ub_read_bytes=700, ub_write_bytes=90, spill_bytes=64, acc_read_bytes=33, acc_write_bytes=41,
     requant_ops=90, requant_scale_bytes=80, activation_ops=90, pool_ops=36, host_in_bytes=12,
-    host_out_bytes=10, wrapped_accumulations=3,
+    host_out_bytes=10,
 )  # fmt: skip
 
 
@@ -131,7 +131,6 @@ def test_each_count_drives_only_its_component(hand_config, hand_table):
     assert zero.total == 0.0
     assert layer_energy(LayerCounts(pool_ops=8), hand_config, hand_table) == LayerEnergy(activation_unit=8 * POOL)
     assert layer_energy(LayerCounts(host_in_bytes=2), hand_config, hand_table) == LayerEnergy(host=2 * 16.0)
-    assert layer_energy(LayerCounts(wrapped_accumulations=5), hand_config, hand_table) == LayerEnergy()
 
 
 def test_idle_pe_gating(hand_config, hand_table):

@@ -7,7 +7,6 @@ fused into the layer that produces their input when nothing else reads that tens
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -55,8 +55,6 @@ LUT_OPS = ("sigmoid", "tanh")
 # two rescaled inputs and their sum fit an int32, and 20 fractional bits make the rescale error
 # negligible next to the output's rounding (TensorFlow Lite uses the same layout for 8-bit add).
 ADD_LEFT_SHIFT = 20
-# One int32 multiplier plus one shift byte per channel.
-SCALE_VECTOR_BYTES_PER_CHANNEL = 5
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -96,9 +94,6 @@ class QLayer:
     input_rescales: tuple[Requant | None, ...] = ()  # add/concat: per input (None: same grid as output)
     pool_counts: np.ndarray | None = None  # avgpool: elements per output window, (Hout, Wout)
     lut: np.ndarray | None = None       # sigmoid/tanh: output integer for input q at lut[q - qmin]
-    requant_ops: int = 0                # output elements rescaled by a dyadic multiplier
-    input_rescale_ops: int = 0          # input elements rescaled before add/concat
-    scale_vector_bytes: int = 0         # per-channel multiplier/shift vector fetched for this layer
 
     @property
     def name(self) -> str:
@@ -199,12 +194,10 @@ def _matrix_layer(layer: Layer, x_qp: QParams, y_qp: QParams, quant: QuantConfig
     real = s_x * w_qp.scale / _scalar(y_qp.scale)
     requant = Requant.of(real)
     out_qmin, out_qmax = activation_bounds(y_qp, layer)
-    per_channel = requant.channels > 1
     return QLayer(
         layer=layer, input_qparams=(x_qp,), output_qparams=y_qp, out_qmin=out_qmin, out_qmax=out_qmax,
         weight_q=weight_q, weight_qparams=w_qp, bias_q=bias_q, acc_bias=acc_bias.astype(np.int32),
-        requant=requant, requant_ops=int(np.prod(layer.output_shape)),
-        scale_vector_bytes=SCALE_VECTOR_BYTES_PER_CHANNEL * n_out if per_channel else 0,
+        requant=requant,
     )
 
 
@@ -214,9 +207,8 @@ def _add_layer(layer: Layer, in_qps: tuple[QParams, ...], y_qp: QParams) -> QLay
     rescales = tuple(Requant.of(s / twice_max) for s in scales)
     requant = Requant.of(twice_max / (2.0**ADD_LEFT_SHIFT * _scalar(y_qp.scale)))
     out_qmin, out_qmax = activation_bounds(y_qp, layer)
-    size = int(np.prod(layer.output_shape))
     return QLayer(layer=layer, input_qparams=in_qps, output_qparams=y_qp, out_qmin=out_qmin, out_qmax=out_qmax,
-                  requant=requant, input_rescales=rescales, requant_ops=size, input_rescale_ops=2 * size)
+                  requant=requant, input_rescales=rescales)
 
 
 def _same_grid(a: QParams, b: QParams) -> bool:
@@ -226,9 +218,8 @@ def _same_grid(a: QParams, b: QParams) -> bool:
 def _concat_layer(layer: Layer, in_qps: tuple[QParams, ...], y_qp: QParams) -> QLayer:
     rescales = tuple(None if _same_grid(qp, y_qp) else Requant.of(_scalar(qp.scale) / _scalar(y_qp.scale))
                      for qp in in_qps)
-    rescaled = sum(int(np.prod(shape)) for shape, r in zip(layer.input_shapes, rescales) if r is not None)
     return QLayer(layer=layer, input_qparams=in_qps, output_qparams=y_qp, out_qmin=y_qp.qmin, out_qmax=y_qp.qmax,
-                  input_rescales=rescales, input_rescale_ops=rescaled)
+                  input_rescales=rescales)
 
 
 def _avgpool_layer(layer: Layer, x_qp: QParams, y_qp: QParams) -> QLayer:
@@ -240,7 +231,7 @@ def _avgpool_layer(layer: Layer, x_qp: QParams, y_qp: QParams) -> QLayer:
     requant = Requant.of(np.array([0.0] + [ratio / c for c in range(1, window + 1)]))
     out_qmin, out_qmax = activation_bounds(y_qp, layer)
     return QLayer(layer=layer, input_qparams=(x_qp,), output_qparams=y_qp, out_qmin=out_qmin, out_qmax=out_qmax,
-                  requant=requant, pool_counts=counts, requant_ops=int(np.prod(layer.output_shape)))
+                  requant=requant, pool_counts=counts)
 
 
 def _global_avgpool_layer(layer: Layer, x_qp: QParams, y_qp: QParams) -> QLayer:
@@ -248,7 +239,7 @@ def _global_avgpool_layer(layer: Layer, x_qp: QParams, y_qp: QParams) -> QLayer:
     requant = Requant.of(_scalar(x_qp.scale) / (_scalar(y_qp.scale) * h * w))
     out_qmin, out_qmax = activation_bounds(y_qp, layer)
     return QLayer(layer=layer, input_qparams=(x_qp,), output_qparams=y_qp, out_qmin=out_qmin, out_qmax=out_qmax,
-                  requant=requant, requant_ops=int(np.prod(layer.output_shape)))
+                  requant=requant)
 
 
 def elementwise_lut(layer: Layer, x_qp: QParams, y_qp: QParams) -> np.ndarray:
@@ -267,9 +258,8 @@ def elementwise_lut(layer: Layer, x_qp: QParams, y_qp: QParams) -> np.ndarray:
 def _simple_layer(layer: Layer, in_qps: tuple[QParams, ...], y_qp: QParams) -> QLayer:
     out_qmin, out_qmax = activation_bounds(y_qp, layer)
     lut = elementwise_lut(layer, in_qps[0], y_qp) if layer.op in LUT_OPS else None
-    ops = int(np.prod(layer.output_shape)) if layer.op in LUT_OPS + ("softmax",) else 0
     return QLayer(layer=layer, input_qparams=in_qps, output_qparams=y_qp, out_qmin=out_qmin, out_qmax=out_qmax,
-                  lut=lut, requant_ops=ops)
+                  lut=lut)
 
 
 def quantize_graph(

@@ -36,8 +36,8 @@ Counting conventions: ``ub_read_bytes`` counts what the MXU input path reads (M 
 tile pass, im2col re-reads included), activation-unit operand reads and host writes' reads;
 ``ub_write_bytes`` counts activation-unit results and host reads into the buffer; accumulator
 bytes use ``accumulators.bits``; ``weight_shift_bytes`` counts byte-hops of the used columns over the
-full R-row shift. ``wrapped_accumulations`` needs values and is left 0 here (the bit-exact executor
-fills it).
+full R-row shift. Accumulator wrap-around needs values: the integer executor counts it
+(``tpusim.quant.fidelity.FidelityReport.wrapped``).
 """
 from __future__ import annotations
 
