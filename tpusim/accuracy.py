@@ -37,11 +37,13 @@ from tpusim.errors import DataError, ModelError
 from tpusim.frontend import lower_model, run_reference
 from tpusim.frontend.reference import run_layer
 from tpusim.ir import Graph
+from tpusim.walk import walk
 from tpusim.quant.arithmetic import ActivationScheme, WeightGranularity, dequantize, quantize
 from tpusim.quant.calibrate import graph_tensors
 from tpusim.quant.equalization import Relu6Policy, equalize
 from tpusim.quant.histogram import DEFAULT_BINS, TensorStats, merge, observe
-from tpusim.quant.quantize import QuantizedGraph, quantize_graph
+from tpusim.quant.qlayer import QuantizedGraph
+from tpusim.quant.quantize import quantize_graph
 from tpusim.quant.ranges import RangeMethod
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -274,22 +276,15 @@ def _qdq(x: np.ndarray, qgraph: QuantizedGraph, tensor: str) -> np.ndarray:
 def simulate_int8(qgraph: QuantizedGraph, x: np.ndarray) -> np.ndarray:
     """Float QDQ execution of a quantized graph: int8 weights dequantized, every tensor rounded to its grid."""
     graph = qgraph.graph
-    remaining: dict[str, int] = {}
-    for layer in graph.layers:
-        for name in layer.inputs:
-            remaining[name] = remaining.get(name, 0) + 1
-    tensors = {graph.input_name: _qdq(np.asarray(x, np.float32), qgraph, graph.input_name)}
-    for qlayer in qgraph.layers:
-        layer = qlayer.layer
+
+    def step(index: int, layer, inputs: list[np.ndarray]) -> np.ndarray:
+        qlayer = qgraph.layers[index]
         if qlayer.weight_q is not None:
             layer = dataclasses.replace(layer, weight=dequantize(qlayer.weight_q, qlayer.weight_qparams))
-        y = run_layer(layer, [tensors[name] for name in layer.inputs])
-        tensors[layer.output] = _qdq(y, qgraph, layer.output)
-        for name in layer.inputs:
-            remaining[name] -= 1
-            if remaining[name] == 0 and name not in graph.outputs:
-                del tensors[name]
-    return tensors[graph.outputs[0]]
+        return _qdq(run_layer(layer, inputs), qgraph, layer.output)
+
+    sources = {graph.input_name: _qdq(np.asarray(x, np.float32), qgraph, graph.input_name)}
+    return walk(graph, sources, step)[graph.outputs[0]]
 
 
 def simulated_backend(graph: Graph, stats: Mapping[str, TensorStats], quant: QuantConfig) -> BatchRunner:

@@ -103,6 +103,10 @@ class Layer:
     conv: ConvAttrs | None = None
     pool: PoolAttrs | None = None
     axis: int = 1
+    attrs: tuple[tuple[str, object], ...] = ()  # an op's own parameters (name, value), for ops with no field here
+
+    def attr(self, name: str, default: object = None) -> object:
+        return dict(self.attrs).get(name, default)
 
     @property
     def is_matrix(self) -> bool:

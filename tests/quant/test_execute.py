@@ -8,7 +8,8 @@ from tpusim.frontend import lower_model
 from tpusim.quant.calibrate import collect_statistics, synthetic_inputs
 from tpusim.quant.execute import run_integer, run_layer
 from tpusim.quant.fixed_point import requantize_reference
-from tpusim.quant.quantize import ADD_LEFT_SHIFT, quantize_graph
+from tpusim.ops.add import ADD_LEFT_SHIFT
+from tpusim.quant.quantize import quantize_graph
 from tpusim.workloads import build_model
 
 QUANT = load_config("configs/tpu_v1.yaml").quant

@@ -10,7 +10,8 @@ from tpusim.quant.arithmetic import dequantize, quantize
 from tpusim.quant.calibrate import collect_statistics, synthetic_inputs
 from tpusim.quant.execute import run_integer
 from tpusim.quant.fixed_point import multiplier_value
-from tpusim.quant.quantize import PASS_THROUGH_OPS, quantize_graph
+from tpusim import ops
+from tpusim.quant.quantize import quantize_graph
 from tpusim.workloads import build_model
 
 QUANT = load_config("configs/tpu_v1.yaml").quant
@@ -48,7 +49,7 @@ def test_pass_through_ops_share_their_input_grid(tiny):
     qgraph = quantize_graph(graph, stats, QUANT)
     seen = set()
     for ql in qgraph.layers:
-        if ql.layer.op in PASS_THROUGH_OPS:
+        if ops.op(ql.layer.op).inherits_grid:
             seen.add(ql.layer.op)
             assert qgraph.tensor_qparams[ql.layer.output] is qgraph.tensor_qparams[ql.layer.inputs[0]]
         else:

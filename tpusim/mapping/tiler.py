@@ -32,6 +32,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from tpusim import ops
 from tpusim.config import HardwareConfig
 from tpusim.errors import TpusimError
 from tpusim.ir import Graph, Layer
@@ -50,10 +51,6 @@ from tpusim.mapping.isa import (
 )
 
 REQUANT_VECTOR_BYTES = 5  # one int32 fixed-point multiplier + one int8 shift per output channel
-SOFTMAX_PASSES = 3        # max, exp-and-sum, normalise: three passes over each vector
-
-
-IN_PLACE_OPS = ("add", "activation", "sigmoid", "tanh")
 DONATED = -1
 
 
@@ -196,7 +193,7 @@ class _Compiler:
         """Elementwise vector ops write in place over an input that nobody reads afterwards, as a compiler
         would: the activation unit reads each vector before it writes the same positions back."""
         elements = math.prod(layer.output_shape)
-        if layer.op in IN_PLACE_OPS:
+        if ops.op(layer.op).in_place:
             for name in layer.inputs:
                 candidate = self.tensors[self.resolve(name)]
                 if (candidate.last_use == layer_index and candidate.ub_addr is not None
@@ -211,7 +208,7 @@ class _Compiler:
     def _last_uses(self) -> dict[str, int]:
         last: dict[str, int] = {}
         for i, layer in enumerate(self.graph.layers):
-            if layer.op == "reshape":
+            if ops.op(layer.op).alias:
                 self.alias[layer.output] = layer.inputs[0]
             for name in layer.inputs:
                 last[self.resolve(name)] = i
@@ -258,7 +255,7 @@ class _Compiler:
                                             spill=False))
         outputs = {self.resolve(name) for name in graph.outputs}
         for i, layer in enumerate(graph.layers):
-            if layer.op == "reshape":
+            if ops.op(layer.op).alias:
                 self.mappings.append(LayerMapping(layer.name, layer.op, None, 0, 0, 0, 0, 0, False, 0.0))
                 self._release(i)
                 continue
@@ -381,38 +378,10 @@ class _Compiler:
             useful / (streamed_rows * self.rows * self.cols),
         ))
 
-    def _vector_costs(self, layer: Layer, in_elements: list[int], out_elements: int) -> tuple[str, str, int, int, int, int]:
-        """(function, pooling, vector passes, activation ops, pool ops, requant ops) of a non-matrix layer."""
-        lanes, op = self.lanes, layer.op
-        fused = out_elements if layer.activation.kind != "none" else 0
-        requant_out = out_elements if self.int8 else 0
-        vectors = -(-out_elements // lanes)
-        if op in ("maxpool", "avgpool"):
-            assert layer.pool is not None
-            (kh, kw), (sh, sw) = layer.pool.kernel, layer.pool.strides
-            window = kh * kw
-            pooling = f"{op[:3]}{kh}x{kw}/{sh}x{sw}"
-            return (layer.activation.label, pooling, vectors * window, fused, out_elements * window,
-                    requant_out if op == "avgpool" else 0)
-        if op == "global_avgpool":
-            return (layer.activation.label, "global_avg", -(-in_elements[0] // lanes), fused, in_elements[0],
-                    requant_out)
-        if op in ("add", "concat"):
-            passes = sum(-(-e // lanes) for e in in_elements)
-            return (f"{op}+{layer.activation.label}", "none", passes, fused, 0,
-                    sum(in_elements) if self.int8 else 0)
-        if op == "softmax":
-            return "softmax", "none", SOFTMAX_PASSES * vectors, SOFTMAX_PASSES * out_elements, 0, requant_out
-        if op in ("sigmoid", "tanh"):
-            return op, "none", vectors, out_elements, 0, requant_out
-        if op == "activation":
-            return layer.activation.label, "none", vectors, out_elements, 0, 0
-        raise TpusimError(f"layer {layer.name!r}: op {op!r} has no activation-unit mapping")
-
     def _vector_layer(self, li: int, layer: Layer, out: _Tensor, is_output: bool) -> None:
         inputs = [self.tensors[self.resolve(name)] for name in layer.inputs]
-        function, pooling, passes, act_ops, pool_ops, requant_ops = self._vector_costs(
-            layer, [t.elements for t in inputs], out.elements)
+        cost = ops.op(layer.op).vector_cost(layer, [t.elements for t in inputs], out.elements, self.lanes, self.int8)
+        passes, act_ops, pool_ops, requant_ops = cost.passes, cost.activation_ops, cost.pool_ops, cost.requant_ops
         host_inputs = [t for t in inputs if t.ub_addr is None]
         out_host = out.ub_addr is None
         streamed = [t.nbytes for t in host_inputs] + ([out.nbytes] if out_host else [])
@@ -436,7 +405,7 @@ class _Compiler:
             out_bytes = _split(out.nbytes, parts, p)
             dst = UbRegion(base, out_bytes) if out_host else UbRegion(out.ub_addr, out.nbytes)
             self.code.append(Activate(
-                li, function, pooling, "none", 0, 0, 0, tuple(sources), dst, out_bytes,
+                li, cost.function, cost.pooling, "none", 0, 0, 0, tuple(sources), dst, out_bytes,
                 _split(passes, parts, p), _split(act_ops, parts, p), _split(pool_ops, parts, p),
                 _split(requant_ops, parts, p),
                 requant_scale_bytes=REQUANT_VECTOR_BYTES if requant_ops and p == 0 else 0,

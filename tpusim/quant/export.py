@@ -25,9 +25,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from tpusim import ops
 from tpusim.ir import Graph, Layer
+from tpusim.ops.activation import activation_node
 from tpusim.quant.arithmetic import QParams
-from tpusim.quant.quantize import QuantizedGraph, own_params_tensors
+from tpusim.quant.qlayer import QuantizedGraph
+from tpusim.quant.quantize import own_params_tensors
 
 OPSET = 17
 PREACT_SUFFIX = "__preact"
@@ -37,8 +40,13 @@ def quantized_name(tensor: str) -> str:
     return f"{tensor}__q"
 
 
+def _separate_activation(layer: Layer) -> bool:
+    """The layer's fused clamp is written as its own Relu/Clip node after the layer's op."""
+    return layer.activation.kind != "none" and not ops.op(layer.op).applies_activation
+
+
 def preact_name(layer: Layer) -> str:
-    return layer.output + PREACT_SUFFIX if layer.activation.kind != "none" and layer.op != "activation" else layer.output
+    return layer.output + PREACT_SUFFIX if _separate_activation(layer) else layer.output
 
 
 class _Builder:
@@ -58,57 +66,6 @@ class _Builder:
         return output
 
 
-def _activation_node(b: _Builder, layer: Layer, x: str, y: str, name: str) -> None:
-    act = layer.activation
-    if act.kind == "relu":
-        b.node("Relu", [x], y, name)
-        return
-    lo = b.const(f"{name}_min", np.float32(act.lo)) if math.isfinite(act.lo) else ""
-    hi = b.const(f"{name}_max", np.float32(act.hi)) if math.isfinite(act.hi) else ""
-    b.node("Clip", [x, lo, hi], y, name)
-
-
-def _pool_attrs(layer: Layer) -> dict:
-    p = layer.pool
-    attrs = dict(kernel_shape=list(p.kernel), strides=list(p.strides), pads=[p.pads[0], p.pads[1], p.pads[2], p.pads[3]],
-                 ceil_mode=int(p.ceil_mode))
-    if layer.op == "avgpool":
-        attrs["count_include_pad"] = int(p.count_include_pad)
-    return attrs
-
-
-def _op_node(b: _Builder, layer: Layer, inputs: list[str], weight: str | None, bias: str | None, y: str) -> None:
-    """The layer's own op (without its fused activation) on float inputs."""
-    op, name = layer.op, layer.name
-    if op == "conv":
-        c = layer.conv
-        b.node("Conv", [inputs[0], weight] + ([bias] if bias else []), y, name, kernel_shape=list(c.kernel),
-               strides=list(c.strides), pads=list(c.pads), dilations=list(c.dilations), group=c.groups)
-    elif op == "gemm" and len(layer.input_shapes[0]) == 2:
-        b.node("Gemm", [inputs[0], weight] + ([bias] if bias else []), y, name, transB=1)
-    elif op == "gemm":
-        raise ValueError(f"{name}: only 2-D Gemm inputs can be exported")
-    elif op in ("maxpool", "avgpool"):
-        b.node("MaxPool" if op == "maxpool" else "AveragePool", inputs, y, name, **_pool_attrs(layer))
-    elif op == "global_avgpool":
-        b.node("GlobalAveragePool", inputs, y, name)
-    elif op == "add":
-        b.node("Add", inputs, y, name)
-    elif op == "concat":
-        b.node("Concat", inputs, y, name, axis=layer.axis)
-    elif op == "reshape":
-        shape = b.const(f"{name}_shape", np.array(layer.output_shape, np.int64))
-        b.node("Reshape", [inputs[0], shape], y, name)
-    elif op == "softmax":
-        b.node("Softmax", inputs, y, name, axis=layer.axis)
-    elif op == "sigmoid":
-        b.node("Sigmoid", inputs, y, name)
-    elif op == "tanh":
-        b.node("Tanh", inputs, y, name)
-    else:
-        raise ValueError(f"{name}: no ONNX export for op {op!r}")
-
-
 def _model(b: _Builder, graph: Graph, outputs: list[onnx.ValueInfoProto], name: str) -> onnx.ModelProto:
     inp = helper.make_tensor_value_info(graph.input_name, TensorProto.FLOAT, list(graph.input_shape))
     g = helper.make_graph(b.nodes, name, [inp], outputs, b.initializers)
@@ -124,12 +81,9 @@ def export_fp32(graph: Graph) -> onnx.ModelProto:
     for layer in graph.layers:
         weight = b.const(f"{layer.name}_W", layer.weight) if layer.weight is not None else None
         bias = b.const(f"{layer.name}_B", layer.bias) if layer.bias is not None else None
-        if layer.op == "activation":
-            _activation_node(b, layer, layer.inputs[0], layer.output, layer.name)
-            continue
-        _op_node(b, layer, list(layer.inputs), weight, bias, preact_name(layer))
-        if layer.activation.kind != "none":
-            _activation_node(b, layer, preact_name(layer), layer.output, f"{layer.name}_act")
+        ops.op(layer.op).export(b, layer, list(layer.inputs), weight, bias, preact_name(layer))
+        if _separate_activation(layer):
+            activation_node(b, layer.activation, preact_name(layer), layer.output, f"{layer.name}_act")
     outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, list(graph.shape_of(o))) for o in graph.outputs]
     return _model(b, graph, outputs, graph.name)
 
@@ -183,16 +137,12 @@ def export_qdq(qgraph: QuantizedGraph, graph: Graph, expose: Sequence[str] = ())
         out = layer.output
         y_qp = params[out]
         tightened = (ql.out_qmin, ql.out_qmax) != (y_qp.qmin, y_qp.qmax)
-        if layer.op == "activation":
-            _activation_node(b, layer, inputs[0], f"{out}__float", name)
-            quantize_to(f"{out}__float", out, quantized_name(out), f"{out}_Q")
-            continue
-        _op_node(b, layer, inputs, weight, bias, f"{out}__float")
-        if tightened:
+        ops.op(layer.op).export(b, layer, inputs, weight, bias, f"{out}__float")
+        if tightened and _separate_activation(layer):
             quantize_to(f"{out}__float", out, f"{out}__q_preact", f"{out}_Q_preact")
             scale, zero = _qparam_consts(b, out, y_qp)
             b.node("DequantizeLinear", [f"{out}__q_preact", scale, zero], f"{out}__dq_preact", f"{out}_DQ_preact")
-            _activation_node(b, layer, f"{out}__dq_preact", f"{out}__float_act", f"{name}_act")
+            activation_node(b, layer.activation, f"{out}__dq_preact", f"{out}__float_act", f"{name}_act")
             quantize_to(f"{out}__float_act", out, quantized_name(out), f"{out}_Q")
         else:
             quantize_to(f"{out}__float", out, quantized_name(out), f"{out}_Q")
@@ -222,7 +172,7 @@ def ort_quantize_static(qgraph: QuantizedGraph, calibration: np.ndarray) -> onnx
     for layer in graph.layers:
         if preact_name(layer) != layer.output:
             overrides[preact_name(layer)] = _override(params[layer.output])
-        elif layer.op == "activation":
+        elif ops.op(layer.op).applies_activation:
             overrides[layer.output] = _override(params[layer.output])
 
     class _Reader(CalibrationDataReader):

@@ -15,7 +15,7 @@ from tpusim.frontend.reference import run_reference
 from tpusim.ir import Graph
 from tpusim.quant.arithmetic import dequantize
 from tpusim.quant.execute import GemmEngine, ProgressCallback, run_integer
-from tpusim.quant.quantize import QuantizedGraph
+from tpusim.quant.qlayer import QuantizedGraph
 
 _TINY = 1e-30
 

@@ -17,7 +17,8 @@ from tpusim.quant.equalization import equalize
 from tpusim.quant.execute import GemmEngine
 from tpusim.quant.export import export_fp32
 from tpusim.quant.fidelity import FidelityReport, fidelity
-from tpusim.quant.quantize import QuantizedGraph, quantize_graph
+from tpusim.quant.qlayer import QuantizedGraph
+from tpusim.quant.quantize import quantize_graph
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 

@@ -282,8 +282,7 @@ class _Timeline:
 
     def layer_ends(self, total: int) -> np.ndarray:
         """End of each layer's span: monotone, the last one the end of the run."""
-        ops = self.program.layer_ops
-        own = np.where([op in ("conv", "gemm") for op in ops], self.matrix_end, self.other_end)
+        own = np.where([m.gemm is not None for m in self.program.mappings], self.matrix_end, self.other_end)
         ends = np.maximum.accumulate(np.maximum(own, 0))
         ends[-1] = total
         return np.minimum(ends, total)

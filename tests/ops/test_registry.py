@@ -1,0 +1,35 @@
+"""Every op the front end accepts is handled by every stage: one module per op, registered."""
+from __future__ import annotations
+
+import pytest
+
+from tpusim import ops
+from tpusim.frontend import supported_ops
+from tpusim.ops.base import Op
+
+STAGE_METHODS = ("reference", "quantize", "execute", "export")
+
+
+def _overrides(module: Op, method: str) -> bool:
+    return getattr(type(module), method) is not getattr(Op, method)
+
+
+def test_every_onnx_type_has_a_lowering():
+    for onnx_type in supported_ops():
+        module = ops.lowering(onnx_type)
+        assert module is not None and _overrides(module, "lower"), onnx_type
+
+
+@pytest.mark.parametrize("name", ops.layer_ops())
+def test_every_layer_op_is_known_to_every_stage(name):
+    module = ops.op(name)
+    for method in STAGE_METHODS:
+        assert _overrides(module, method), f"{name} has no {method}"
+    # The tiler maps a matrix op's GEMM onto the array; everything else runs on the activation unit.
+    assert module.matrix or _overrides(module, "vector_cost") or module.alias, f"{name} has no cost"
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="no op module"):
+        ops.op("no_such_op")
+    assert ops.lowering("NoSuchOnnxOp") is None

@@ -1,0 +1,67 @@
+"""The op registry: every module in this package registers the op it owns with :func:`register`.
+
+Stages ask :func:`op` for a layer op and :func:`lowering` for an ONNX op type; modules are imported
+on first use, so adding an op means adding one module (and its tests) here, nothing else.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from tpusim.ops.base import ExecOptions, Op, VectorCost
+
+_BY_NAME: dict[str, Op] = {}
+_BY_ONNX_TYPE: dict[str, Op] = {}
+_NOT_OP_MODULES = ("base",)
+_loaded = False
+
+
+def register(cls: type[Op]) -> type[Op]:
+    instance = cls()
+    if cls.name:
+        if cls.name in _BY_NAME:
+            raise RuntimeError(f"layer op {cls.name!r} registered twice")
+        _BY_NAME[cls.name] = instance
+    for onnx_type in cls.onnx_types:
+        if onnx_type in _BY_ONNX_TYPE:
+            raise RuntimeError(f"ONNX op {onnx_type!r} lowered by two modules")
+        _BY_ONNX_TYPE[onnx_type] = instance
+    return cls
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in _NOT_OP_MODULES and not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+def op(name: str) -> Op:
+    """The module of layer op ``name``."""
+    _load()
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"no op module for layer op {name!r}") from None
+
+
+def lowering(onnx_type: str) -> Op | None:
+    """The module that lowers ONNX op type ``onnx_type``, or None when tpusim does not support it."""
+    _load()
+    return _BY_ONNX_TYPE.get(onnx_type)
+
+
+def layer_ops() -> tuple[str, ...]:
+    _load()
+    return tuple(sorted(_BY_NAME))
+
+
+def onnx_types() -> tuple[str, ...]:
+    _load()
+    return tuple(sorted(_BY_ONNX_TYPE))
+
+
+__all__ = ["ExecOptions", "Op", "VectorCost", "layer_ops", "lowering", "onnx_types", "op", "register"]

@@ -1,0 +1,77 @@
+"""Relu and Clip: a clamp, fused into the layer that produces its input when nothing else reads that
+tensor (the clamp is then only a tighter [qmin, qmax] of that layer's requantized output), otherwise
+a stand-alone ``activation`` layer: an integer clamp on its input's grid, one vector pass.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tpusim import ops
+from tpusim.frontend.context import node_attrs
+from tpusim.ir import Activation
+from tpusim.ops import register
+from tpusim.ops.base import Op, VectorCost, vectors
+from tpusim.quant.qlayer import clamp_output, plain_qlayer
+
+
+def activation_node(b, activation: Activation, x: str, y: str, name: str) -> None:
+    """The clamp as an ONNX Relu or Clip node."""
+    if activation.kind == "relu":
+        b.node("Relu", [x], y, name)
+        return
+    lo = b.const(f"{name}_min", np.float32(activation.lo)) if math.isfinite(activation.lo) else ""
+    hi = b.const(f"{name}_max", np.float32(activation.hi)) if math.isfinite(activation.hi) else ""
+    b.node("Clip", [x, lo, hi], y, name)
+
+
+def fuse_or_add_activation(ctx, node, activation: Activation) -> None:
+    x, shape = ctx.activation_input(node)
+    producer = ctx.sole_producer(x)
+    if producer is not None and ops.op(producer.op).fusable and producer.activation.kind == "none":
+        producer.activation = activation
+        ctx.rename_output(producer, node.output[0])
+        return
+    ctx.add_simple(node, "activation", [(x, shape)], shape, activation=activation)
+
+
+@register
+class Clamp(Op):
+    name = "activation"
+    onnx_types = ("Relu", "Clip")
+    inherits_grid = True
+    in_place = True
+    applies_activation = True
+
+    def lower(self, ctx, node):
+        if node.op_type == "Relu":
+            fuse_or_add_activation(ctx, node, Activation("relu", 0.0, math.inf))
+            return
+        if ctx.opset < 11:
+            attrs = node_attrs(node)
+            lo, hi = attrs.get("min", -math.inf), attrs.get("max", math.inf)
+        else:
+            lo_arr = ctx.optional_constant(node, 1, "min")
+            hi_arr = ctx.optional_constant(node, 2, "max")
+            lo = -math.inf if lo_arr is None else float(lo_arr)
+            hi = math.inf if hi_arr is None else float(hi_arr)
+        if lo > hi:
+            raise ctx.fail(node, f"min {lo} > max {hi}")
+        kind = "relu" if lo == 0.0 and hi == math.inf else "clip"
+        fuse_or_add_activation(ctx, node, Activation(kind, float(lo), float(hi)))
+
+    def reference(self, layer, inputs):
+        return inputs[0]
+
+    def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        return plain_qlayer(layer, in_qps, y_qp)
+
+    def execute(self, ql, inputs, options):
+        return clamp_output(ql, inputs[0]), 0
+
+    def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
+        return VectorCost(layer.activation.label, "none", vectors(out_elements, lanes), activation_ops=out_elements)
+
+    def export(self, b, layer, inputs, weight, bias, y):
+        activation_node(b, layer.activation, inputs[0], y, layer.name)

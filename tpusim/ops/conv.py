@@ -1,0 +1,71 @@
+"""Conv (2-D; groups, depthwise, strides, pads including auto_pad, dilations) on the matrix unit.
+
+The array computes it as a GEMM per group (``Layer.gemm``: M = batch x Hout x Wout, K = Cin/g x kh x
+kw, N = Cout/g) with im2col done on the fly by the unified buffer's input path; the integer executor
+pads im2col with the input zero point (real zero) and requantizes the int32 accumulators.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tpusim import tensor_ops
+from tpusim.frontend.context import LowerContext, node_attrs, require_4d, spatial_pads
+from tpusim.ir import ConvAttrs, Layer
+from tpusim.ops import register
+from tpusim.ops._matrix import accumulate, quantize_matrix_layer
+from tpusim.ops.base import ExecOptions, Op
+from tpusim.quant.qlayer import QLayer, rescale_output
+
+
+@register
+class Conv(Op):
+    name = "conv"
+    onnx_types = ("Conv",)
+    matrix = True
+    fusable = True
+
+    def lower(self, ctx: LowerContext, node) -> None:
+        x, shape = ctx.activation_input(node)
+        require_4d(ctx, node, shape)
+        weight = ctx.constant(node, 1, "weight").astype(np.float32)
+        bias = ctx.optional_constant(node, 2, "bias")
+        attrs = node_attrs(node)
+        if weight.ndim != 4:
+            raise ctx.fail(node, f"only 2-D convolutions are supported (weight shape {weight.shape})")
+        groups = int(attrs.get("group", 1))
+        c_out, c_in_g, kh, kw = weight.shape
+        if shape[1] != c_in_g * groups or c_out % groups:
+            raise ctx.fail(node, f"weight {weight.shape} with group={groups} does not fit input {shape}")
+        kernel = tuple(int(k) for k in attrs.get("kernel_shape", (kh, kw)))
+        if kernel != (kh, kw):
+            raise ctx.fail(node, f"kernel_shape {kernel} disagrees with weight shape {weight.shape}")
+        strides = tuple(int(s) for s in attrs.get("strides", (1, 1)))
+        dilations = tuple(int(d) for d in attrs.get("dilations", (1, 1)))
+        pads = spatial_pads(ctx, node, attrs, (shape[2], shape[3]), kernel, strides, dilations)
+        conv = ConvAttrs(kernel=kernel, strides=strides, pads=pads, dilations=dilations, groups=groups)
+        h_out, w_out = tensor_ops.conv_output_hw(shape[2], shape[3], conv)
+        if h_out < 1 or w_out < 1:
+            raise ctx.fail(node, f"output would be empty for input {shape}")
+        ctx.add_simple(node, self.name, [(x, shape)], (shape[0], c_out, h_out, w_out), weight=weight,
+                       bias=None if bias is None else bias.astype(np.float32).reshape(c_out), conv=conv)
+
+    def reference(self, layer: Layer, inputs):
+        return tensor_ops.conv2d(inputs[0], layer.weight, layer.bias, layer.conv)
+
+    def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        return quantize_matrix_layer(layer, in_qps[0], y_qp, quant, input_mean)
+
+    def execute(self, ql: QLayer, inputs, options: ExecOptions):
+        layer = ql.layer
+        batch, _, h_out, w_out = layer.output_shape
+        cols = tensor_ops.im2col(inputs[0], layer.conv, pad_value=int(ql.input_qparams[0].zero_point))
+        groups = layer.conv.groups
+        weight = ql.weight_q.reshape(groups, ql.weight_q.shape[0] // groups, -1)
+        acc, wrapped = accumulate(cols, weight, ql.acc_bias, options.acc_bits, options.engine)
+        acc = tensor_ops.col2nchw(acc, batch, h_out, w_out)
+        return rescale_output(ql, acc), wrapped
+
+    def export(self, b, layer, inputs, weight, bias, y):
+        c = layer.conv
+        b.node("Conv", [inputs[0], weight] + ([bias] if bias else []), y, layer.name, kernel_shape=list(c.kernel),
+               strides=list(c.strides), pads=list(c.pads), dilations=list(c.dilations), group=c.groups)

@@ -1,0 +1,44 @@
+"""GlobalAveragePool: the mean over H x W per channel.
+
+Integers: the centred input summed per channel in int32, then one dyadic rescale by
+``s_x / (s_y H W)``. Vector unit: one pass per input vector (every element is read once and added).
+"""
+from __future__ import annotations
+
+from tpusim.frontend.context import require_4d
+from tpusim.ops import register
+from tpusim.ops.base import Op, VectorCost, vectors
+from tpusim.quant.qlayer import Requant, centered, plain_qlayer, rescale_output, scalar
+
+import numpy as np
+
+
+@register
+class GlobalAveragePool(Op):
+    name = "global_avgpool"
+    onnx_types = ("GlobalAveragePool",)
+    fusable = True
+
+    def lower(self, ctx, node):
+        x, shape = ctx.activation_input(node)
+        require_4d(ctx, node, shape)
+        ctx.add_simple(node, self.name, [(x, shape)], (shape[0], shape[1], 1, 1))
+
+    def reference(self, layer, inputs):
+        return inputs[0].mean(axis=(2, 3), keepdims=True)
+
+    def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        _, _, h, w = layer.input_shapes[0]
+        return plain_qlayer(layer, in_qps, y_qp, requant=Requant.of(scalar(in_qps[0].scale) / (scalar(y_qp.scale) * h * w)))
+
+    def execute(self, ql, inputs, options):
+        sums = centered(inputs[0], ql.input_qparams[0].zero_point).sum(axis=(2, 3), keepdims=True, dtype=np.int32)
+        return rescale_output(ql, sums), 0
+
+    def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
+        return VectorCost(layer.activation.label, "global_avg", vectors(in_elements[0], lanes),
+                          activation_ops=out_elements if layer.activation.kind != "none" else 0,
+                          pool_ops=in_elements[0], requant_ops=out_elements if int8 else 0)
+
+    def export(self, b, layer, inputs, weight, bias, y):
+        b.node("GlobalAveragePool", inputs, y, layer.name)

@@ -1,0 +1,134 @@
+"""MaxPool and AveragePool (2-D, strides, pads, auto_pad, ceil_mode, count_include_pad).
+
+Both keep their input's grid (white paper sec. 2.3.3, and what ONNX Runtime's quantizer does): max
+pooling only picks values; average pooling sums each window in integers and rescales by
+``1 / count`` with a dyadic multiplier per window size (``requant`` is indexed by the count).
+Vector unit: one pass per output vector per window element (the unit reads each window position
+once), plus the average's requantization of every output element.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tpusim import tensor_ops
+from tpusim.frontend.context import LowerContext, node_attrs, require_4d, spatial_pads
+from tpusim.ir import PoolAttrs
+from tpusim.ops import register
+from tpusim.ops.base import Op, VectorCost, vectors
+from tpusim.quant.qlayer import QLayer, Requant, centered, clamp_output, plain_qlayer, rescale, scalar
+
+
+def _lower_pool(ctx: LowerContext, node, op: str) -> None:
+    x, shape = ctx.activation_input(node)
+    require_4d(ctx, node, shape)
+    attrs = node_attrs(node)
+    kernel = tuple(int(k) for k in attrs["kernel_shape"])
+    strides = tuple(int(s) for s in attrs.get("strides", (1, 1)))
+    dilations = tuple(int(d) for d in attrs.get("dilations", (1, 1)))
+    if dilations != (1, 1):
+        raise ctx.fail(node, "dilated pooling is not supported")
+    if len(kernel) != 2:
+        raise ctx.fail(node, f"only 2-D pooling is supported (kernel_shape {kernel})")
+    pads = spatial_pads(ctx, node, attrs, (shape[2], shape[3]), kernel, strides, dilations)
+    pool = PoolAttrs(kernel=kernel, strides=strides, pads=pads, ceil_mode=bool(attrs.get("ceil_mode", 0)),
+                     count_include_pad=bool(attrs.get("count_include_pad", 0)))
+    h_out, w_out = tensor_ops.pool_output_hw(shape[2], shape[3], pool)
+    ctx.add_simple(node, op, [(x, shape)], (shape[0], shape[1], h_out, w_out), pool=pool)
+
+
+def _pool_cost(layer, out_elements: int, lanes: int, int8: bool, averaging: bool) -> VectorCost:
+    (kh, kw), (sh, sw) = layer.pool.kernel, layer.pool.strides
+    window = kh * kw
+    return VectorCost(layer.activation.label, f"{layer.op[:3]}{kh}x{kw}/{sh}x{sw}", vectors(out_elements, lanes) * window,
+                      activation_ops=out_elements if layer.activation.kind != "none" else 0,
+                      pool_ops=out_elements * window, requant_ops=out_elements if averaging and int8 else 0)
+
+
+def _pool_export_attrs(layer) -> dict:
+    p = layer.pool
+    return dict(kernel_shape=list(p.kernel), strides=list(p.strides), pads=list(p.pads), ceil_mode=int(p.ceil_mode))
+
+
+@register
+class MaxPool(Op):
+    name = "maxpool"
+    onnx_types = ("MaxPool",)
+    inherits_grid = True
+    fusable = True
+
+    def lower(self, ctx, node):
+        if len(node.output) > 1 and node.output[1] and ctx.consumers.get(node.output[1], 0):
+            raise ctx.fail(node, "the Indices output is read; only the pooled values are supported")
+        _lower_pool(ctx, node, self.name)
+
+    def reference(self, layer, inputs):
+        return tensor_ops.maxpool(inputs[0], layer.pool)
+
+    def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        return plain_qlayer(layer, in_qps, y_qp)
+
+    def execute(self, ql, inputs, options):
+        return clamp_output(ql, tensor_ops.maxpool(inputs[0], ql.layer.pool)), 0
+
+    def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
+        return _pool_cost(layer, out_elements, lanes, int8, averaging=False)
+
+    def export(self, b, layer, inputs, weight, bias, y):
+        b.node("MaxPool", inputs, y, layer.name, **_pool_export_attrs(layer))
+
+
+def _window_sums(x: np.ndarray, pool: PoolAttrs, out_hw: tuple[int, int]) -> np.ndarray:
+    """Sum of each pooling window of an int32 tensor, padding (and ceil-mode overhang) counting 0."""
+    (kh, kw), (sh, sw), (pt, pl, _, _) = pool.kernel, pool.strides, pool.pads
+    h_out, w_out = out_hw
+    pb = max(0, (h_out - 1) * sh + kh - x.shape[2] - pt)
+    pr = max(0, (w_out - 1) * sw + kw - x.shape[3] - pl)
+    padded = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    sums = np.zeros((*x.shape[:2], h_out, w_out), np.int32)
+    for i in range(kh):
+        for j in range(kw):
+            sums += padded[:, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw]
+    return sums
+
+
+@register
+class AveragePool(Op):
+    name = "avgpool"
+    onnx_types = ("AveragePool",)
+    inherits_grid = True
+    fusable = True
+
+    def lower(self, ctx, node):
+        _lower_pool(ctx, node, self.name)
+
+    def reference(self, layer, inputs):
+        return tensor_ops.avgpool(inputs[0], layer.pool)
+
+    def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        x_qp = in_qps[0]
+        _, _, h, w = layer.input_shapes[0]
+        counts = tensor_ops.pool_counts(h, w, layer.pool).astype(np.int64)
+        window = layer.pool.kernel[0] * layer.pool.kernel[1]
+        ratio = scalar(x_qp.scale) / scalar(y_qp.scale)
+        # Index 0 is never used (every window holds an element); keeping it makes m0[count] a direct lookup.
+        requant = Requant.of(np.array([0.0] + [ratio / c for c in range(1, window + 1)]))
+        return plain_qlayer(layer, in_qps, y_qp, requant=requant, pool_counts=counts)
+
+    def execute(self, ql: QLayer, inputs, options):
+        # Padding holds the zero point, so it adds nothing to the centred sums.
+        sums = _window_sums(centered(inputs[0], ql.input_qparams[0].zero_point), ql.layer.pool, ql.pool_counts.shape)
+        out = np.empty(sums.shape, ql.output_qparams.storage_dtype)
+        zero_point = int(ql.output_qparams.zero_point)
+        for count in np.unique(ql.pool_counts):
+            at = ql.pool_counts == count
+            picked = Requant(ql.requant.m0[count : count + 1], ql.requant.shift[count : count + 1],
+                             ql.requant.real[count : count + 1])
+            out[:, :, at] = rescale(sums[:, :, at], picked, zero_point, ql.out_qmin, ql.out_qmax)
+        return out, 0
+
+    def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
+        return _pool_cost(layer, out_elements, lanes, int8, averaging=True)
+
+    def export(self, b, layer, inputs, weight, bias, y):
+        b.node("AveragePool", inputs, y, layer.name, count_include_pad=int(layer.pool.count_include_pad),
+               **_pool_export_attrs(layer))
