@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("-o", "--output", type=Path, required=True, help="QDQ ONNX file to write")
     quant.set_defaults(handler=_cmd_quantize)
 
+    check = commands.add_parser("check", help="list every node of a model and whether tpusim supports it",
+                                description="Canonicalise a model and list every node with its op and status "
+                                            "(lowered, folded, quantization, unsupported); exit code 2 and one "
+                                            "line naming every unsupported op when there is any.")
+    check.add_argument("model", help=f"path to an .onnx file or a built-in workload ({', '.join(workloads.WORKLOADS)})")
+    check.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                       help="input shape for models with dynamic dimensions")
+    check.set_defaults(handler=_cmd_check)
+
     add_sweep_command(commands)
     add_compare_command(commands, _add_model_arguments)
 
@@ -148,7 +157,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"({e['dynamic_tops_per_w']:.3g} dynamic only)")
     if "fidelity" in s:
         f, c = s["fidelity"], s["calibration"]
-        print(f"int8 ({c['weights']} weights, {c['method']} calibration): "
+        scheme = ("quantization from the model" if c["quantization_source"] == "model"
+                  else f"{c['weights']} weights, {c['method']} calibration")
+        print(f"int8 ({scheme}): "
               f"top-1 agreement {f['top1_agreement']:.0%}, top-5 {f['top5_agreement']:.0%}, cosine {f['cosine']:.4f}, "
               f"output SQNR {f['output_sqnr_db']:.1f} dB on {f['evaluated_on']}")
     for path in result.files:
@@ -190,6 +201,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(f"tpusim: warning: calibrated on SYNTHETIC data ({quantized.calibration.source})", file=sys.stderr)
     print(f"wrote {args.output} ({config.quant.weights} weights, {config.quant.calibration} calibration, "
           f"{config.quant.activations} activations)")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from tpusim.frontend.canonical import load_model
+    from tpusim.frontend.check import check_model, unsupported_summary
+
+    path = pipeline.resolve_model(args.model)
+    report = check_model(load_model(path), str(path), input_shape=args.input_shape)
+    rows = [{"node": n.name, "op": n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}",
+             "status": n.status} for n in report.nodes]
+    print(format_table(("node", "op", "status"), rows))
+    by_status: dict[str, int] = {}
+    for n in report.nodes:
+        by_status[n.status] = by_status.get(n.status, 0) + 1
+    print(f"\n{path}: {len(report.nodes)} nodes: " + ", ".join(f"{count} {status}" for status, count in by_status.items()))
+    if report.canonical_error:
+        print(f"canonicalisation failed: {report.canonical_error}")
+    if report.unsupported:
+        raise TpusimError(f"{path}: unsupported ops: {unsupported_summary(report.unsupported)}")
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 
@@ -145,6 +145,9 @@ class Graph:
     input_shape: Shape
     outputs: tuple[str, ...]
     layers: tuple[Layer, ...]
+    # A QDQ model's own activation grids (tensor name -> tpusim.quant.arithmetic.QParams); None for a
+    # float model, which is calibrated instead.
+    model_grids: Mapping[str, Any] | None = None
 
     @property
     def batch(self) -> int:

@@ -1,12 +1,16 @@
 """Lower an ONNX model to a :class:`tpusim.ir.Graph`.
 
-Nodes are lowered one by one by the op module registered for their type (:mod:`tpusim.ops`).
-Shapes are computed here (not taken from ONNX shape inference) so that a run can override the batch
-size of any model. BatchNormalization is folded into the preceding Conv/Gemm (white paper eq. 9-12)
+The model is first canonicalised (:mod:`tpusim.frontend.canonical`: static shapes for the run's
+batch, constants and shape arithmetic folded, exporter noise removed, old opsets converted) and a
+QDQ model is split into its float graph and its own quantization (:mod:`tpusim.frontend.qdq`).
+Nodes are then lowered one by one by the op module registered for their type (:mod:`tpusim.ops`),
+which computes each layer's shapes itself. BatchNormalization is folded into the preceding Conv/Gemm (white paper eq. 9-12)
 and Relu/Clip are fused into the layer that produces their input when nothing else reads that tensor.
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,83 +19,134 @@ from onnx import numpy_helper
 
 from tpusim import ops
 from tpusim.errors import ModelError
+from tpusim.frontend.canonical import canonicalize, load_model
 from tpusim.frontend.context import LowerContext
-from tpusim.ir import Graph, Layer, Shape
-
-MIN_OPSET = 11
-
+from tpusim.frontend.qdq import WeightQuant, strip_qdq
+from tpusim.ir import Activation, Graph, Layer, Shape
 
 def supported_ops() -> tuple[str, ...]:
     """ONNX op types the front end lowers."""
     return ops.onnx_types()
 
 
-def _input_shape(where: str, value_info: onnx.ValueInfoProto, batch: int, override: Shape | None) -> tuple[Shape, int | None]:
-    dims = value_info.type.tensor_type.shape.dim
-    declared = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    original_batch = declared[0] if declared else None
-    if override is not None:
-        if len(override) != len(declared) and declared:
-            raise ModelError(f"{where}: --input-shape {override} has rank {len(override)}, "
-                             f"but input {value_info.name!r} has rank {len(declared)}")
-        return (batch, *override[1:]), original_batch
-    if not declared:
-        raise ModelError(f"{where}: input {value_info.name!r} has no shape; pass --input-shape")
-    missing = [i for i, d in enumerate(declared[1:], start=1) if not d]
+def _raise_unsupported(model: onnx.ModelProto, where: str) -> None:
+    """One line naming every op the model uses that tpusim cannot lower, with counts."""
+    missing = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+                      for node in model.graph.node
+                      if node.domain not in ("", "ai.onnx") or ops.lowering(node.op_type) is None)
     if missing:
-        raise ModelError(f"{where}: input {value_info.name!r} has dynamic dims {missing} (shape "
-                         f"{['?' if d is None else d for d in declared]}); pass --input-shape, e.g. 1,3,224,224")
-    return (batch, *declared[1:]), original_batch
+        listed = ", ".join(f"{op} x{count}" for op, count in sorted(missing.items(), key=lambda i: (-i[1], i[0])))
+        raise ModelError(f"{where}: unsupported ops: {listed} (`tpusim check` lists every node)")
 
 
-def lower_model(model: onnx.ModelProto, where: str, batch: int = 1, input_shape: Shape | None = None) -> Graph:
-    """Lower an in-memory ONNX model; ``where`` names it in error messages."""
-    if batch < 1:
+def _matrix_sources(ctx: LowerContext, node: onnx.NodeProto) -> tuple[str | None, str | None]:
+    """The constants a matrix node reads as its weight and its bias."""
+    weight = ctx.resolve(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    bias = ctx.resolve(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    return weight, bias
+
+
+def _model_weight_attrs(node: onnx.NodeProto, weight: WeightQuant | None, bias: WeightQuant | None) -> tuple:
+    """A QDQ model's weight scales (per output channel of the (N, K)/OIHW weight) and int32 bias."""
+    attrs: list[tuple[str, object]] = []
+    if weight is not None:
+        scale = weight.scale
+        if weight.axis is not None:
+            # The output channel is axis 0 of Conv's OIHW and of a transB Gemm's (N, K); axis 1 of
+            # MatMul's and a plain Gemm's (K, N), which the lowering stores transposed.
+            transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _gemm_trans_b(node))
+            if weight.axis != (1 if transposed else 0):
+                raise ModelError(f"node {node.name!r} ({node.op_type}): weights quantized per channel along axis "
+                                 f"{weight.axis}, not along the output channels")
+        if np.any(weight.zero_point != 0):
+            raise ModelError(f"node {node.name!r} ({node.op_type}): asymmetric weights (zero point "
+                             f"{weight.zero_point.reshape(-1)[0]}) are not supported: the chip's weights are "
+                             "symmetric int8 (quantize with weight_type=QInt8)")
+        attrs.append(("weight_scale", np.asarray(scale, np.float64)))
+        attrs.append(("weight_qmin", int(np.iinfo(weight.values.dtype).min)))
+    if bias is not None and bias.values.dtype == np.int32:
+        attrs.append(("bias_int32", np.asarray(bias.values, np.int32).reshape(-1)))
+    return tuple(attrs)
+
+
+def _gemm_trans_b(node: onnx.NodeProto) -> bool:
+    return any(a.name == "transB" and a.i for a in node.attribute)
+
+
+def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, input_shape: Shape | None = None) -> Graph:
+    """Canonicalise and lower an in-memory ONNX model; ``where`` names it in error messages.
+
+    ``input_shape`` replaces the declared input shape (its first dim is the batch), ``batch`` then
+    replaces the batch. A QDQ model is lowered as its float graph and keeps its own quantization
+    (``Graph.model_grids`` and, on matrix layers, ``weight_scale``/``bias_int32`` attrs).
+    """
+    if batch is not None and batch < 1:
         raise ModelError(f"{where}: batch must be >= 1, got {batch}")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    newest = onnx.defs.onnx_opset_version()
-    if opset is None or not MIN_OPSET <= opset <= newest:
-        raise ModelError(f"{where}: opset {opset} is not supported (supported: {MIN_OPSET} to {newest})")
+    canonical = canonicalize(model, where, batch=batch, input_shape=input_shape)
+    stripped = strip_qdq(canonical.model, where)
+    model = stripped.model
+    _raise_unsupported(model, where)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     graph = model.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     inputs = [vi for vi in graph.input if vi.name not in constants]
-    if len(inputs) != 1:
-        raise ModelError(f"{where}: expected exactly one input tensor, found {[vi.name for vi in inputs]}")
     elem_type = inputs[0].type.tensor_type.elem_type
     if elem_type != onnx.TensorProto.FLOAT:
         raise ModelError(f"{where}: input {inputs[0].name!r} is {onnx.TensorProto.DataType.Name(elem_type)}; "
                          "tpusim reads FP32 models and quantizes them itself")
-    shape, original_batch = _input_shape(where, inputs[0], batch, input_shape)
+    shape = canonical.input_shape
     consumers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
-    ctx = LowerContext(where=where, opset=opset, original_batch=original_batch, consumers=consumers,
-                   graph_outputs={o.name for o in graph.output}, constants=constants)
+    # Canonicalisation already retargeted hard-coded batch dims, so the run's batch is the one to keep.
+    ctx = LowerContext(where=where, opset=opset, original_batch=shape[0], consumers=consumers,
+                       graph_outputs={o.name for o in graph.output}, constants=constants)
     ctx.shapes[inputs[0].name] = shape
+    quantized_model = stripped.format == "qdq"
+    weight_attrs: dict[str, tuple] = {}
     for index, node in enumerate(graph.node):
-        if node.domain not in ("", "ai.onnx"):
-            raise ModelError(f"{where}: node {node.name!r} ({node.op_type}): custom domain {node.domain!r} is not supported")
         if not node.name:
             node.name = f"{node.op_type}_{index}"
         module = ops.lowering(node.op_type)
-        if module is None:
-            raise ModelError(f"{where}: node {node.name!r} ({node.op_type}): unsupported op; supported: "
-                             f"{', '.join(supported_ops())}")
         # Consumer counts follow aliases so a Dropout/Identity between two nodes does not block fusion.
         for name in node.input:
             resolved = ctx.resolve(name)
             if resolved != name:
                 consumers[resolved] = consumers.get(resolved, 0) + consumers.get(name, 0)
                 consumers[name] = 0
+        if quantized_model and module.matrix:
+            w, b = _matrix_sources(ctx, node)
+            try:
+                weight_attrs[node.name] = _model_weight_attrs(node, stripped.constants.get(w), stripped.constants.get(b))
+            except ModelError as exc:
+                raise ModelError(f"{where}: {exc}") from None
         module.lower(ctx, node)
     outputs = tuple(ctx.resolve(o.name) for o in graph.output)
     for name in outputs:
         if name not in ctx.producer:
             raise ModelError(f"{where}: graph output {name!r} is not computed from the input")
-    layers = tuple(record.freeze() for record in ctx.records)
+    grids = None
+    if quantized_model:
+        grids = {name: grid.qparams() for name, grid in stripped.activations.items()}
+    for record in ctx.records:
+        record.attrs = record.attrs + weight_attrs.get(record.name, ())
+        if quantized_model:
+            _restore_folded_relu(record, grids)
+    layers = _prune_dead(tuple(record.freeze() for record in ctx.records), outputs)
     return Graph(name=graph.name or Path(where).stem, input_name=inputs[0].name, input_shape=shape,
-                 outputs=outputs, layers=_prune_dead(layers, outputs))
+                 outputs=outputs, layers=layers, model_grids=grids)
+
+
+def _restore_folded_relu(record, grids) -> None:
+    """ONNX Runtime's quantizer deletes a Relu whose producer's grid starts at zero (zero point at the
+    lowest integer): the grid clamps instead. The float graph lost that Relu; put it back as the
+    producer's fused clamp, so the FP32 reference computes what the model means (on the integer side
+    the clamp changes nothing: the grid already stops at zero)."""
+    grid = grids.get(record.output)
+    if (grid is not None and record.activation.kind == "none" and ops.op(record.op).fusable
+            and int(grid.zero_point) == grid.qmin):
+        record.activation = Activation("relu", 0.0, math.inf)
 
 
 def _prune_dead(layers: tuple[Layer, ...], outputs: tuple[str, ...]) -> tuple[Layer, ...]:
@@ -104,23 +159,7 @@ def _prune_dead(layers: tuple[Layer, ...], outputs: tuple[str, ...]) -> tuple[La
     return tuple(reversed(kept))
 
 
-def load_onnx(path: str | Path, batch: int = 1, input_shape: Shape | None = None) -> Graph:
-    """Read, check and lower an ONNX file; every failure is a one-line :class:`ModelError`."""
-    path = Path(path)
-    where = str(path)
-    if path.is_dir():
-        raise ModelError(f"{where}: is a folder, not an ONNX model file")
-    if not path.is_file():
-        raise ModelError(f"{where}: no such model file")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf raises several unrelated types for corrupt input
-        raise ModelError(f"{where}: not a readable ONNX model (corrupt or truncated): {type(exc).__name__}") from None
-    if not model.graph.node:
-        raise ModelError(f"{where}: not a readable ONNX model (empty graph; corrupt or truncated?)")
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise ModelError(f"{where}: ONNX checker: {first}") from None
-    return lower_model(model, where, batch=batch, input_shape=input_shape)
+def load_onnx(path: str | Path, batch: int | None = None, input_shape: Shape | None = None) -> Graph:
+    """Read (with external data), check, canonicalise and lower an ONNX file; every failure is a
+    one-line :class:`ModelError`."""
+    return lower_model(load_model(path), str(path), batch=batch, input_shape=input_shape)

@@ -46,18 +46,38 @@ def _bias_safe_weight_qparams(layer: Layer, w_qp: QParams, x_qp: QParams) -> QPa
     return QParams(np.maximum(w_qp.scale, floor), w_qp.zero_point, w_qp.qmin, w_qp.qmax, w_qp.axis)
 
 
+def _model_weights(layer: Layer) -> tuple[QParams, np.ndarray]:
+    """A QDQ model's own weight grid and integers; its float weights are exactly ``scale * q``."""
+    scale = np.asarray(layer.attr("weight_scale"), np.float64)
+    n_out = layer.weight.shape[0]
+    per_channel = scale.size > 1
+    w_qp = QParams(scale.reshape(n_out) if per_channel else scale.reshape(()),
+                   np.zeros(n_out if per_channel else (), np.int32), int(layer.attr("weight_qmin")), 127,
+                   axis=0 if per_channel else None)
+    weight_q = quantize(layer.weight, w_qp)
+    if not np.array_equal(dequantize(weight_q, w_qp), layer.weight):
+        raise ModelError(f"{layer.name}: the float weights are not the model's integers times its scales (was a "
+                         "BatchNormalization folded into a quantized conv? run onnxruntime.quantization."
+                         "quant_pre_process before quantize_static)")
+    return w_qp, weight_q
+
+
 def quantize_matrix_layer(layer: Layer, x_qp: QParams, y_qp: QParams, quant: QuantConfig,
                           input_mean: np.ndarray | None) -> QLayer:
-    w_qp = weight_qparams(layer.weight, quant.weights, axis=0, name=f"{layer.name} weight")
-    w_qp = _bias_safe_weight_qparams(layer, w_qp, x_qp)
-    weight_q = quantize(layer.weight, w_qp)
+    if layer.attr("weight_scale") is not None:
+        w_qp, weight_q = _model_weights(layer)
+    else:
+        w_qp = weight_qparams(layer.weight, quant.weights, axis=0, name=f"{layer.name} weight")
+        w_qp = _bias_safe_weight_qparams(layer, w_qp, x_qp)
+        weight_q = quantize(layer.weight, w_qp)
     if input_mean is not None:
         layer = dataclasses.replace(layer, bias=correct_bias(layer, dequantize(weight_q, w_qp), input_mean))
     n_out = layer.weight.shape[0]
     s_x, z_x = scalar(x_qp.scale), int(x_qp.zero_point)
     s_w = np.broadcast_to(w_qp.scale, (n_out,))
     bias = np.zeros(n_out, np.float32) if layer.bias is None else layer.bias
-    bias_q = bias_to_int32(bias, s_w, s_x)
+    model_bias = layer.attr("bias_int32")
+    bias_q = bias_to_int32(bias, s_w, s_x) if model_bias is None else np.asarray(model_bias, np.int32)
     acc_bias = bias_q.astype(np.int64) - z_x * weight_q.reshape(n_out, -1).astype(np.int64).sum(axis=1)
     if acc_bias.min() < INT32_MIN or acc_bias.max() > INT32_MAX:
         raise ModelError(f"{layer.name}: bias with the folded zero-point term does not fit an int32 accumulator")

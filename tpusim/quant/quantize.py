@@ -69,3 +69,27 @@ def quantize_graph(
                                    quant, mean))
     float_graph = dataclasses.replace(graph, layers=tuple(q.layer for q in qlayers))
     return QuantizedGraph(graph=float_graph, quant=quant, tensor_qparams=params, layers=tuple(qlayers))
+
+
+def quantize_from_model(graph: Graph, quant: QuantConfig) -> QuantizedGraph:
+    """A QDQ model with its own parameters: the grids its QuantizeLinear nodes give every tensor
+    (``graph.model_grids``) and, per matrix layer, its weight scales and int32 bias; no calibration.
+
+    A tensor the model leaves in float cannot be placed on the chip's integer grid: one clear error.
+    Ops whose output keeps its input's grid keep it here too.
+    """
+    grids = graph.model_grids
+    params: dict[str, QParams] = {}
+    for tensor in own_params_tensors(graph):
+        if tensor not in grids:
+            raise ModelError(f"{graph.name}: tensor {tensor!r} has no QuantizeLinear/DequantizeLinear in the model; "
+                             "tpusim runs a quantized model only when every activation is quantized (quantize the "
+                             "whole model, or give tpusim the float model to calibrate)")
+        params[tensor] = grids[tensor]
+    for layer in graph.layers:
+        if ops.op(layer.op).inherits_grid:
+            params[layer.output] = params[layer.inputs[0]]
+    qlayers = [ops.op(layer.op).quantize(layer, tuple(params[name] for name in layer.inputs), params[layer.output],
+                                         quant, None)
+               for layer in graph.layers]
+    return QuantizedGraph(graph=graph, quant=quant, tensor_qparams=params, layers=tuple(qlayers))

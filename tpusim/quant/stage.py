@@ -18,7 +18,7 @@ from tpusim.quant.execute import GemmEngine
 from tpusim.quant.export import export_fp32
 from tpusim.quant.fidelity import FidelityReport, fidelity
 from tpusim.quant.qlayer import QuantizedGraph
-from tpusim.quant.quantize import quantize_graph
+from tpusim.quant.quantize import quantize_from_model, quantize_graph
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -68,6 +68,10 @@ def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto, config: Hardwar
     data = load_calibration_set(calib_data, graph.input_shape[1:], quant.calibration_samples, quant.seed,
                                 config.input_preprocessing)
     calibration = CalibrationSet(data.inputs[: quant.calibration_samples], data.source, data.synthetic)
+    if graph.model_grids is not None:
+        # A QDQ model brings its own scales, zero points, integer weights and biases: nothing to calibrate.
+        unused = CalibrationSet(data.inputs[:0], "none: the quantization came from the model", synthetic=False)
+        return Quantized(graph=graph, data=data, calibration=unused, qgraph=quantize_from_model(graph, quant))
     if quant.cross_layer_equalization:
         graph = equalize(graph)
         model = export_fp32(graph)
@@ -83,7 +87,14 @@ def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareC
     quantized = calibrate_and_quantize(graph, model, config, calib_data, progress)
     graph, data, calibration, qgraph = quantized.graph, quantized.data, quantized.calibration, quantized.qgraph
     available = len(data.inputs)
-    if not calibration.synthetic and available > quant.calibration_samples:
+    if graph.model_grids is not None:
+        # Nothing calibrated, so every sample of the data (or a held-out synthetic set) may evaluate.
+        if data.synthetic:
+            eval_x, eval_source = evaluation_inputs(data, graph, eval_samples, quant.seed)
+        else:
+            eval_x = data.inputs[:eval_samples]
+            eval_source = f"{len(eval_x)} samples of {data.source}"
+    elif not calibration.synthetic and available > quant.calibration_samples:
         eval_x = data.inputs[quant.calibration_samples : quant.calibration_samples + eval_samples]
         eval_source = f"{len(eval_x)} held-out samples of {data.source}"
     else:

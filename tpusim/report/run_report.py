@@ -114,9 +114,16 @@ def columns(quant: QuantOutcome | None) -> tuple[str, ...]:
 def quant_summary(quant: QuantOutcome, cfg: HardwareConfig) -> dict[str, Any]:
     f = quant.fidelity
     finite = [v for v in f.layer_sqnr_db.values() if v != float("inf")]
+    from_model = quant.qgraph.graph.model_grids is not None
+    weights = cfg.quant.weights
+    if from_model:
+        per_channel = any(ql.weight_qparams is not None and ql.weight_qparams.axis is not None for ql in quant.qgraph.layers)
+        weights = "per-channel" if per_channel else "per-tensor"
     return {
         "calibration": {
-            "method": cfg.quant.calibration, "weights": cfg.quant.weights, "activations": cfg.quant.activations,
+            "method": "from the model" if from_model else cfg.quant.calibration, "weights": weights,
+            "activations": "from the model" if from_model else cfg.quant.activations,
+            "quantization_source": "model" if from_model else "calibration",
             "source": quant.calibration.source, "synthetic": quant.calibration.synthetic,
             "samples": len(quant.calibration.inputs), "cross_layer_equalization": cfg.quant.cross_layer_equalization,
             "bias_correction": cfg.quant.bias_correction,
