@@ -96,3 +96,35 @@ def test_compile_listing_has_one_line_per_instruction(tmp_path, small_model, cap
     assert code == 0 and out.read_text().strip().splitlines() == lines
     code, stdout, _ = _run(capsys, "compile", TPU_V1, "--model", small_model)
     assert "instructions for 4 layers" in stdout and "MatrixMultiply" in stdout
+
+
+def test_input_shape_n_is_the_batch(tmp_path, small_model, capsys):
+    code, stdout, _ = _run(capsys, "run", TPU_V1, "--model", small_model, "--out", tmp_path / "o", "--no-quantize",
+                           "--input-shape", "3,3,16,16")
+    assert code == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["batch"] == 3
+
+
+def test_check_lists_every_node_and_exits_0_when_all_are_supported(capsys):
+    from tpusim import workloads
+
+    code, stdout, _ = _run(capsys, "check", workloads.workload_file("tiny_cnn"))
+    assert code == 0
+    nodes = len(onnx.load(str(workloads.workload_file("tiny_cnn"))).graph.node)
+    assert f"{nodes} nodes: {nodes} lowered" in stdout
+
+
+def test_check_names_every_unsupported_op_with_counts(tmp_path, capsys):
+    b = GraphBuilder((1, 3, 4, 4))
+    x = b.conv("input", 3, 4)
+    y = b.node("Hardmax", [b.node("Hardmax", [b.node("LpNormalization", [x])])])
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model(y), path)
+    code, stdout, stderr = _run(capsys, "check", path)
+    assert code == 2
+    assert stderr == f"tpusim: error: {path}: unsupported ops: Hardmax x2, LpNormalization x1\n"
+    assert sum(line.split()[-1:] == ["unsupported"] and "nodes:" not in line for line in stdout.splitlines()) == 3
+    assert "4 nodes: 1 lowered, 3 unsupported" in stdout
+    code, _, stderr = _run(capsys, "run", TPU_V1, "--model", path, "--no-quantize", "--out", tmp_path / "o")
+    assert code == 2 and "unsupported ops: Hardmax x2, LpNormalization x1" in stderr and stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists()

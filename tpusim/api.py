@@ -40,7 +40,7 @@ def _merge_overrides(overrides: dict[str, Any] | None, keyword_overrides: dict[s
     return merged
 
 
-def simulate(config: str | Path, model: str | Path | Graph, *, batch: int = 1, input_shape: Shape | None = None,
+def simulate(config: str | Path, model: str | Path | Graph, *, batch: int | None = None, input_shape: Shape | None = None,
              overrides: dict[str, Any] | None = None, quantize: bool = True, calib_data: str | Path | None = None,
              eval_samples: int = 4, fidelity: str = "kernel", **keyword_overrides: Any) -> Result:
     """Simulate ``model`` (an ``.onnx`` path or built-in workload name) on the chip described by ``config``.

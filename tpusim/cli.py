@@ -46,9 +46,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="hardware config YAML, e.g. configs/tpu_v1.yaml")
     parser.add_argument("--model", required=True,
                         help=f"path to an .onnx file or a built-in workload ({', '.join(workloads.WORKLOADS)})")
-    parser.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    parser.add_argument("--batch", type=_positive_int,
+                        help="batch size (default: the N of --input-shape, else the model's own batch, else 1)")
     parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
-                        help="input shape for models with dynamic dimensions (the batch comes from --batch)")
+                        help="input shape for models with dynamic dimensions; N is the batch unless --batch is given")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a config value, e.g. --set array.rows=128 (repeatable)")
 

@@ -31,7 +31,7 @@ class RunOptions:
     config: Path
     model: str
     out_dir: Path | None = None
-    batch: int = 1
+    batch: int | None = None  # None: the N of input_shape, else the model's own batch, else 1
     overrides: dict[str, Any] = field(default_factory=dict)
     input_shape: Shape | None = None
     calib_data: Path | str | None = None
