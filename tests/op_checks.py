@@ -105,3 +105,49 @@ def _check_costs(graph, ops_under_test):
         if layer.op in ops_under_test and not ops.op(layer.op).alias:
             assert by_name[layer.name].cycles > 0, layer.name
             assert energies[layer.name].total > 0, layer.name
+
+
+def ort_qdq_integers(path, x: np.ndarray) -> dict[str, np.ndarray]:
+    """ONNX Runtime's integers for every tensor of a QDQ file, keyed by the float tensor name each
+    QuantizeLinear quantizes (both the name it reads and the names its DequantizeLinears write, since
+    a graph output keeps its float name on the DQ side)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    names: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            names.setdefault(node.output[0], []).append(node.input[0])
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in names:
+            names[node.input[0]].append(node.output[0])
+    present = {o.name for o in model.graph.output}
+    for q in names:
+        if q not in present:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(q))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    results = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: x})))
+    return {tensor: results[q] for q, tensors in names.items() for tensor in tensors}
+
+
+def assert_layers_match(qgraph, ort_tensors: dict[str, np.ndarray], max_off_fraction: float = 1e-3) -> int:
+    """Each layer run on ONNX Runtime's integer inputs gives ORT's integers to one LSB; returns how
+    many elements were compared. ORT requantizes in float32 rounding half to even, the chip with
+    31-bit dyadic multipliers rounding half away: values within float32 precision of a rounding
+    boundary may differ by one. Average pooling's sum / count is often an exact tie (see
+    tests/quant/test_export.py), so its elements count toward the one-LSB bound only."""
+    compared = off = 0
+    for ql in qgraph.layers:
+        if ql.layer.output not in ort_tensors or not all(n in ort_tensors for n in ql.layer.inputs):
+            continue
+        ours, _ = run_layer(ql, [ort_tensors[n] for n in ql.layer.inputs])
+        diff = np.abs(ours.astype(np.int64) - ort_tensors[ql.layer.output].astype(np.int64))
+        assert diff.max(initial=0) <= 1, (ql.name, int(diff.max()))
+        if ql.layer.op != "avgpool":
+            compared += diff.size
+            off += int(np.count_nonzero(diff))
+    assert compared > 0 and off / compared <= max_off_fraction, (off, compared)
+    return compared

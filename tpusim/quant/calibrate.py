@@ -133,11 +133,13 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
 
 
 def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSet, bins: int,
-                       batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> dict[str, TensorStats]:
-    """Run the FP32 model over the calibration set and return merged statistics per graph tensor.
+                       batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
+                       tensors: list[str] | None = None) -> dict[str, TensorStats]:
+    """Run the FP32 model over the calibration set and return merged statistics per graph tensor
+    (or only per tensor of ``tensors``, which must include the graph input).
 
     ``progress(samples done, samples total)`` is called after every batch."""
-    tensors = graph_tensors(graph)
+    tensors = graph_tensors(graph) if tensors is None else tensors
     session = _session_exposing(model, tensors)
     input_name = session.get_inputs()[0].name
     step = _fixed_batch(model) or batch_size

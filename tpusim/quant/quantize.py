@@ -71,21 +71,33 @@ def quantize_graph(
     return QuantizedGraph(graph=float_graph, quant=quant, tensor_qparams=params, layers=tuple(qlayers))
 
 
-def quantize_from_model(graph: Graph, quant: QuantConfig) -> QuantizedGraph:
-    """A QDQ model with its own parameters: the grids its QuantizeLinear nodes give every tensor
-    (``graph.model_grids``) and, per matrix layer, its weight scales and int32 bias; no calibration.
+def unquantized_tensors(graph: Graph) -> list[str]:
+    """Tensors of a QDQ model that need their own grid on the chip but that the model left in float
+    (ONNX Runtime's quantizer skips some ops, e.g. ReduceMean)."""
+    return [t for t in own_params_tensors(graph) if t not in graph.model_grids]
 
-    A tensor the model leaves in float cannot be placed on the chip's integer grid: one clear error.
-    Ops whose output keeps its input's grid keep it here too.
+
+def quantize_from_model(graph: Graph, quant: QuantConfig,
+                        stats: Mapping[str, TensorStats] | None = None) -> QuantizedGraph:
+    """A QDQ model with its own parameters: the grids its QuantizeLinear nodes give every tensor
+    (``graph.model_grids``) and, per matrix layer, its weight scales and int32 bias.
+
+    The tensors the model left in float (:func:`unquantized_tensors`) get ranges calibrated as
+    ``quant`` says from ``stats``; without statistics for them, one clear error. Ops whose output
+    keeps its input's grid keep it here too.
     """
     grids = graph.model_grids
     params: dict[str, QParams] = {}
+    symmetric = quant.activations == "symmetric-int8"
     for tensor in own_params_tensors(graph):
-        if tensor not in grids:
-            raise ModelError(f"{graph.name}: tensor {tensor!r} has no QuantizeLinear/DequantizeLinear in the model; "
-                             "tpusim runs a quantized model only when every activation is quantized (quantize the "
-                             "whole model, or give tpusim the float model to calibrate)")
-        params[tensor] = grids[tensor]
+        if tensor in grids:
+            params[tensor] = grids[tensor]
+        elif stats is not None and tensor in stats:
+            lo, hi = select_range(quant.calibration, stats[tensor], symmetric=symmetric, percentile=quant.percentile)
+            params[tensor] = activation_qparams(lo, hi, quant.activations)
+        else:
+            raise ModelError(f"{graph.name}: tensor {tensor!r} has no QuantizeLinear/DequantizeLinear in the model "
+                             "and no calibration statistics")
     for layer in graph.layers:
         if ops.op(layer.op).inherits_grid:
             params[layer.output] = params[layer.inputs[0]]

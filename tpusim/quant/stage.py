@@ -18,7 +18,7 @@ from tpusim.quant.execute import GemmEngine
 from tpusim.quant.export import export_fp32
 from tpusim.quant.fidelity import FidelityReport, fidelity
 from tpusim.quant.qlayer import QuantizedGraph
-from tpusim.quant.quantize import quantize_from_model, quantize_graph
+from tpusim.quant.quantize import quantize_from_model, quantize_graph, unquantized_tensors
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -69,9 +69,18 @@ def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto, config: Hardwar
                                 config.input_preprocessing)
     calibration = CalibrationSet(data.inputs[: quant.calibration_samples], data.source, data.synthetic)
     if graph.model_grids is not None:
-        # A QDQ model brings its own scales, zero points, integer weights and biases: nothing to calibrate.
-        unused = CalibrationSet(data.inputs[:0], "none: the quantization came from the model", synthetic=False)
-        return Quantized(graph=graph, data=data, calibration=unused, qgraph=quantize_from_model(graph, quant))
+        # A QDQ model brings its own scales, zero points, integer weights and biases; only tensors it
+        # left in float are calibrated (on the model itself, as ONNX Runtime runs it).
+        missing = unquantized_tensors(graph)
+        if not missing:
+            unused = CalibrationSet(data.inputs[:0], "none: the quantization came from the model", synthetic=False)
+            return Quantized(graph=graph, data=data, calibration=unused, qgraph=quantize_from_model(graph, quant))
+        stats = collect_statistics(model, graph, calibration, quant.histogram_bins, tensors=[graph.input_name] + missing,
+                                   progress=None if progress is None else lambda d, t: progress("calibrate", d, t))
+        partial = CalibrationSet(calibration.inputs, f"{calibration.source}, for the {len(missing)} tensors the model "
+                                 f"left in float ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
+                                 calibration.synthetic)
+        return Quantized(graph=graph, data=data, calibration=partial, qgraph=quantize_from_model(graph, quant, stats))
     if quant.cross_layer_equalization:
         graph = equalize(graph)
         model = export_fp32(graph)
