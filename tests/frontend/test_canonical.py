@@ -178,7 +178,7 @@ def test_shape_arithmetic_iterates_to_a_fixed_point():
     model = _finish(b, out)
     result = canonicalize(model, WHERE, batch=2)
     _check(model, result)
-    assert _ops(result.model) == ["Conv", "Reshape", "Reshape", "Mul"]
+    assert _ops(result.model) == ["Conv", "Reshape", "Mul"]  # the flatten and the halving merge
 
 
 def test_constant_of_shape_range_equal_where_expand_fold():
@@ -678,3 +678,19 @@ def test_checker_failures_are_one_line(tmp_path):
         assert _load_error(path) == (f"{path}: ONNX checker: TensorProto (tensor name: {weight.name}) raw_data size "
                                      f"({need - 8} bytes) is too small for the declared shape and type "
                                      f"({need} bytes required).")
+
+
+def test_arange_gather_and_reshape_chains_become_one_reshape():
+    """torch's as_strided of a pooled tensor, as the dynamo exporter writes it for ConvNeXt's head:
+    ReduceMean -> Reshape to 1-D (the batch axis gone) -> Gather(arange) -> a (1, C, 1, 1) view."""
+    b = GraphBuilder((1, 6, 4, 4))
+    pooled = b.node("ReduceMean", [b.conv("input", 6, 6)], axes=[2, 3], keepdims=1)
+    flat = b.node("Reshape", [pooled, b.const(np.array([-1], np.int64))])
+    y = b.node("Gather", [flat, b.const(np.arange(6, dtype=np.int64).reshape(1, 6, 1, 1))], axis=0)
+    model = _finish(b, y, batch_dim=1)
+    result = canonicalize(model, "m.onnx")
+    _check(model, result)
+    assert _ops(result.model) == ["Conv", "ReduceMean", "Reshape"]
+    reshape = result.model.graph.node[-1]
+    target = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}[reshape.input[1]]
+    assert target.tolist() == [1, 6, 1, 1]

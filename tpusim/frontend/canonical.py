@@ -867,6 +867,56 @@ def _pull_through_binary(work: _Work, op: onnx.NodeProto, transpose_feeding, dro
     return True
 
 
+_RESHAPING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
+
+
+def _simplify_reshapes(work: _Work) -> bool:
+    """Exporter detours through other shapes: a Gather whose constant indices are ``arange`` of the
+    gathered axis is a Reshape (torch's as_strided of a pooled tensor exports that way), and a
+    reshaping op whose only reader reshapes again collapses into one Reshape to the final shape
+    (so an intermediate 1-D view that drops the batch axis never reaches the lowering)."""
+    changed = False
+    for node in work.nodes:
+        if node.op_type != "Gather" or node.domain not in _DEFAULT_DOMAINS or node.input[1] not in work.inits:
+            continue
+        shape = work.shape(node.input[0])
+        if not _static(shape) or node.input[0] in work.inits:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(shape)
+        indices = np.asarray(work.array(node.input[1]))
+        if indices.size != shape[axis] or not np.array_equal(indices.reshape(-1), np.arange(shape[axis])):
+            continue
+        target = work.fresh_name(f"{node.output[0]}_shape")
+        work.add_constant(target, np.array([*shape[:axis], *indices.shape, *shape[axis + 1:]], np.int64))
+        node.op_type = "Reshape"
+        del node.attribute[:]
+        node.input[1] = target
+        changed = True
+    producers = {o: n for n in work.nodes for o in n.output if o}
+    uses = work.use_counts()
+    outputs = set(work.output_names)
+    for node in work.nodes:
+        if node.op_type != "Reshape" or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        first = producers.get(node.input[0])
+        if (first is None or first.op_type not in _RESHAPING or first.domain not in _DEFAULT_DOMAINS
+                or uses.get(first.output[0], 0) != 1 or first.output[0] in outputs or first.input[0] in work.inits):
+            continue
+        final = work.shape(node.output[0])
+        if not _static(final):
+            continue
+        target = work.fresh_name(f"{node.output[0]}_shape")
+        work.add_constant(target, np.array(final, np.int64))
+        node.input[0] = first.input[0]
+        node.input[1] = target
+        changed = True
+    return changed
+
+
 def _retarget_reshapes(work: _Work, batch: int, original_batch: int | None) -> bool:
     """A Reshape target that hard-codes the file's batch (``[1, 2048]``) copies dim 0 instead (``[0, 2048]``)
     when the run changes the batch, so the canonical model is consistent at the new batch."""
@@ -1006,6 +1056,10 @@ def _canonicalize(model: onnx.ModelProto, where: str, batch: int | None,
         changed |= _remove_noops(work)
         changed |= _simplify_transposes(work)
         work.infer(strict=False)
+        if _simplify_reshapes(work):
+            changed = True
+            work.prune()
+            work.infer(strict=False)
         if _retarget_reshapes(work, run_batch, original_batch):
             changed = True
             work.infer(strict=False)
