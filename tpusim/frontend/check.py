@@ -61,7 +61,7 @@ def check_model(model: onnx.ModelProto, where: str, batch: int | None = None,
     error = None
     canonical_count = None
     try:
-        canonical = canonicalize(model, where, batch=batch, input_shape=input_shape).model
+        canonical = ops.rewrite(canonicalize(model, where, batch=batch, input_shape=input_shape).model)
         kept = {node.name for node in canonical.graph.node}
         canonical_count = len(canonical.graph.node)
     except ModelError as exc:

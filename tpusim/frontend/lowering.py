@@ -84,7 +84,7 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
         raise ModelError(f"{where}: batch must be >= 1, got {batch}")
     canonical = canonicalize(model, where, batch=batch, input_shape=input_shape)
     stripped = strip_qdq(canonical.model, where)
-    model = stripped.model
+    model = ops.rewrite(stripped.model)
     _raise_unsupported(model, where)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     graph = model.graph

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from typing import Callable
+
+import onnx
 
 from tpusim.ops.base import ExecOptions, Op, VectorCost
 
 _BY_NAME: dict[str, Op] = {}
+_REWRITES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = []
 _BY_ONNX_TYPE: dict[str, Op] = {}
 _NOT_OP_MODULES = ("base",)
 _loaded = False
@@ -27,6 +31,21 @@ def register(cls: type[Op]) -> type[Op]:
             raise RuntimeError(f"ONNX op {onnx_type!r} lowered by two modules")
         _BY_ONNX_TYPE[onnx_type] = instance
     return cls
+
+
+def register_rewrite(rewrite: Callable[[onnx.ModelProto], onnx.ModelProto]) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
+    """Register a model -> model rewrite an op module needs before lowering (e.g. a decomposed
+    LayerNorm chain back into one node); it returns the model itself when nothing matched."""
+    _REWRITES.append(rewrite)
+    return rewrite
+
+
+def rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` after every registered op rewrite."""
+    _load()
+    for step in _REWRITES:
+        model = step(model)
+    return model
 
 
 def _load() -> None:
@@ -54,6 +73,28 @@ def lowering(onnx_type: str) -> Op | None:
     return _BY_ONNX_TYPE.get(onnx_type)
 
 
+def markdown_table() -> str:
+    """The supported ops as the README lists them: one row per op module, from the registry itself."""
+    _load()
+    modules: dict[str, list[str]] = {}
+    layers: dict[str, set[str]] = {}
+    for onnx_type, module in _BY_ONNX_TYPE.items():
+        key = type(module).__module__
+        modules.setdefault(key, []).append(onnx_type)
+        layers.setdefault(key, set())
+    for module in _BY_NAME.values():
+        layers.setdefault(type(module).__module__, set()).add(
+            f"`{module.name}`" + (" (matrix unit)" if module.matrix else ""))
+    rows = ["| ONNX ops | tpusim layers | module: what it does |", "|---|---|---|"]
+    for key in sorted(layers, key=lambda k: sorted(modules.get(k, ["~" + k]))[0]):
+        doc = (importlib.import_module(key).__doc__ or "").strip()
+        summary = " ".join(doc.split("\n\n")[0].split())
+        layer = ", ".join(sorted(layers[key])) or "(none)"
+        onnx_ops = ", ".join(sorted(modules[key])) if key in modules else "(a pattern of other ops)"
+        rows.append(f"| {onnx_ops} | {layer} | `{key.rsplit('.', 1)[1]}`: {summary} |")
+    return "\n".join(rows)
+
+
 def layer_ops() -> tuple[str, ...]:
     _load()
     return tuple(sorted(_BY_NAME))
@@ -64,4 +105,4 @@ def onnx_types() -> tuple[str, ...]:
     return tuple(sorted(_BY_ONNX_TYPE))
 
 
-__all__ = ["ExecOptions", "Op", "VectorCost", "layer_ops", "lowering", "onnx_types", "op", "register"]
+__all__ = ["ExecOptions", "Op", "VectorCost", "layer_ops", "lowering", "markdown_table", "onnx_types", "op", "register", "register_rewrite", "rewrite"]

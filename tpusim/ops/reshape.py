@@ -1,4 +1,5 @@
-"""Reshape and Flatten: the same bytes seen with another shape.
+"""Reshape and Flatten: the same bytes seen with another shape (any rank: ShuffleNet's channel
+shuffle reshapes [N, C, H, W] to [N, g, C/g, H, W] and back; Squeeze/Unsqueeze lower here too).
 
 The unified buffer holds the tensor unchanged, so the tiler aliases the output to the input (no
 instruction, no bytes) and the integers are the input's, on its grid.
@@ -39,11 +40,19 @@ class Reshape(Op):
         target = [int(v) for v in ctx.constant(node, 1, "shape").reshape(-1)]
         if node_attrs(node).get("allowzero", 0) and 0 in target:
             raise ctx.fail(node, "allowzero=1 with a zero dimension is not supported")
-        # The batch dimension follows the run's batch size, whatever the exported graph hard-coded.
-        if not target or not (target[0] in (0, -1) or target[0] == ctx.original_batch):
-            raise ctx.fail(node, f"reshape target {target} does not keep the batch dimension first")
+        if not target:
+            raise ctx.fail(node, "empty reshape target")
+        if any(v == 0 and i >= len(shape) for i, v in enumerate(target)):
+            raise ctx.fail(node, f"a 0 in shape {target} copies a dimension the input {shape} does not have")
         rest = [shape[i + 1] if v == 0 else v for i, v in enumerate(target[1:])]
         per_sample = math.prod(shape[1:])
+        # The batch dimension follows the run's batch size, whatever the exported graph hard-coded: a
+        # leading 0/-1, the file's batch, this run's batch, or any number when the other dims hold
+        # exactly one sample (the dynamo exporter's [1, 16, 16] at another batch, which ONNX itself
+        # would refuse) is the batch.
+        one_sample = -1 not in rest and math.prod(rest) == per_sample
+        if not (target[0] in (0, -1, ctx.original_batch, shape[0]) or one_sample):
+            raise ctx.fail(node, f"reshape target {target} does not keep the batch dimension first")
         if rest.count(-1) > 1:
             raise ctx.fail(node, f"more than one -1 in shape {target}")
         if -1 in rest:
