@@ -261,7 +261,10 @@ class _Compiler:
                 continue
             out = self._place_output(i, layer, last.get(layer.output, i))
             is_output = layer.output in outputs
-            if layer.is_matrix:
+            module = ops.op(layer.op)
+            if module.schedules_itself:
+                module.emit(self, i, layer, out, is_output)
+            elif layer.is_matrix:
                 self._matrix_layer(i, layer, out, is_output)
             else:
                 self._vector_layer(i, layer, out, is_output)

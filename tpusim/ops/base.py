@@ -61,6 +61,8 @@ class Op:
     alias: ClassVar[bool] = False             # output is input 0 with another shape: no code, no bytes
     fusable: ClassVar[bool] = False           # a following Relu/Clip can be fused into its output
     applies_activation: ClassVar[bool] = False  # the op is its layer's clamp (exported as that clamp itself)
+    schedules_itself: ClassVar[bool] = False  # emits its own instructions (``emit``) instead of the tiler's
+                                              # matrix or vector mapping (recurrent steps, on-chip weights)
 
     def lower(self, ctx: "LowerContext", node: "onnx.NodeProto") -> None:
         raise NotImplementedError
@@ -79,6 +81,11 @@ class Op:
 
     def vector_cost(self, layer: "Layer", in_elements: Sequence[int], out_elements: int, lanes: int,
                     int8: bool) -> VectorCost:
+        raise NotImplementedError
+
+    def emit(self, compiler: Any, index: int, layer: "Layer", out: Any, is_output: bool) -> None:
+        """Append this layer's instructions to ``compiler.code`` (tpusim.mapping.tiler._Compiler) and its
+        LayerMapping to ``compiler.mappings``; only for ops with ``schedules_itself``."""
         raise NotImplementedError
 
     def export(self, b: Any, layer: "Layer", inputs: list[str], weight: str | None, bias: str | None, y: str) -> None:
