@@ -220,11 +220,11 @@ def test_dynamic_spatial_dims_need_input_shape():
     assert graph.layers[0].output_shape == (2, 2, 8, 10)
 
 
-def test_batchnorm_without_foldable_producer_is_an_error():
+def test_batchnorm_without_foldable_producer_is_a_per_channel_affine_layer():
     b = GraphBuilder((1, 3, 4, 4))
     y = b.batchnorm("input", 3)
-    with pytest.raises(ModelError, match="BatchNormalization must directly follow"):
-        lower_model(b.model(y), "m.onnx")
+    graph = _check_against_ort(b.model(y), (1, 3, 4, 4))
+    assert [layer.op for layer in graph.layers] == ["affine"]
 
 
 def test_non_float_input_is_rejected():

@@ -1,6 +1,8 @@
 """Every op the front end accepts is handled by every stage: one module per op, registered."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tpusim import ops
@@ -33,3 +35,10 @@ def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="no op module"):
         ops.op("no_such_op")
     assert ops.lowering("NoSuchOnnxOp") is None
+
+
+def test_readme_lists_exactly_the_registered_ops():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("<!-- ops table: python3 -m tpusim.ops -->\n") + len("<!-- ops table: python3 -m tpusim.ops -->\n")
+    end = readme.index("<!-- end ops table -->")
+    assert readme[start:end].strip() == ops.markdown_table(), "regenerate the README's table: python3 -m tpusim.ops"

@@ -1,6 +1,12 @@
-"""Relu and Clip: a clamp, fused into the layer that produces its input when nothing else reads that
-tensor (the clamp is then only a tighter [qmin, qmax] of that layer's requantized output), otherwise
-a stand-alone ``activation`` layer: an integer clamp on its input's grid, one vector pass.
+"""Relu and Clip (and Max/Min with a scalar constant, lowered by :mod:`tpusim.ops._binary`): a clamp,
+fused into the layer that produces its input when nothing else reads that tensor (the clamp is then
+only a tighter [qmin, qmax] of that layer's requantized output), otherwise a stand-alone
+``activation`` layer: an integer clamp on its input's grid, one vector pass.
+
+A clamp that meets an already clamped producer (Relu6 exported as ``Max(x, 0)`` then ``Min(x, 6)``,
+or a Relu after a Clip) intersects the two intervals, which is the composition of the two clamps; a
+stand-alone clamp producer is tightened the same way. Disjoint intervals (the second clamp maps
+everything to one bound) stay two layers.
 """
 from __future__ import annotations
 
@@ -26,13 +32,28 @@ def activation_node(b, activation: Activation, x: str, y: str, name: str) -> Non
     b.node("Clip", [x, lo, hi], y, name)
 
 
-def fuse_or_add_activation(ctx, node, activation: Activation) -> None:
-    x, shape = ctx.activation_input(node)
+def intersect(first: Activation, then: Activation) -> Activation | None:
+    """The one clamp equal to ``first`` followed by ``then``, or None when their intervals are disjoint."""
+    if first.kind == "none":
+        return then
+    lo, hi = max(first.lo, then.lo), min(first.hi, then.hi)
+    if lo > hi:
+        return None
+    return Activation("relu" if (lo, hi) == (0.0, math.inf) else "clip", float(lo), float(hi))
+
+
+def fuse_or_add_activation(ctx, node, activation: Activation, index: int = 0) -> None:
+    """Apply clamp ``activation`` to input ``index`` of ``node``: fused into its producer when possible."""
+    x, shape = ctx.activation_input(node, index)
     producer = ctx.sole_producer(x)
-    if producer is not None and ops.op(producer.op).fusable and producer.activation.kind == "none":
-        producer.activation = activation
-        ctx.rename_output(producer, node.output[0])
-        return
+    if producer is not None:
+        module = ops.op(producer.op)
+        if module.fusable or (module.applies_activation and module.inherits_grid):
+            merged = intersect(producer.activation, activation)
+            if merged is not None:
+                producer.activation = merged
+                ctx.rename_output(producer, node.output[0])
+                return
     ctx.add_simple(node, "activation", [(x, shape)], shape, activation=activation)
 
 

@@ -1,12 +1,20 @@
-"""BatchNormalization after a Conv/Gemm/MatMul: folded into that layer's weights and bias
-(white paper eq. 9-12), ``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
-It leaves no layer of its own."""
+"""BatchNormalization (inference): ``y = (x - mean) * gamma / sqrt(var + eps) + beta`` per channel (axis 1).
+
+After a Conv/Gemm/MatMul whose output nothing else reads (and that has no fused clamp): folded into
+that layer's weights and bias (white paper eq. 9-12), ``W' = W * gamma / sqrt(var + eps)``,
+``b' = (b - mean) * gamma / sqrt(var + eps) + beta``; it leaves no layer of its own.
+
+Anywhere else (after an add, a pooling, a clamp, on the graph input): a stand-alone per-channel
+scale and shift, ``a = gamma / sqrt(var + eps)``, ``b = beta - mean * a``, i.e. an ``affine`` layer
+(:mod:`tpusim.ops.affine`, one vector pass), folded into a preceding affine layer when there is one.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from tpusim.frontend.context import node_attrs
 from tpusim.ops import register
+from tpusim.ops._binary import _fold, add_affine
 from tpusim.ops.base import Op
 
 
@@ -20,16 +28,22 @@ class BatchNormFold(Op):
         gamma, beta, mean, var = (ctx.constant(node, i, what).astype(np.float64)
                                   for i, what in enumerate(("scale", "bias", "mean", "var"), start=1))
         eps = float(node_attrs(node).get("epsilon", 1e-5))
-        producer = ctx.sole_producer(x)
-        if producer is None or producer.op not in ("conv", "gemm") or producer.activation.kind != "none":
-            raise ctx.fail(node, "BatchNormalization must directly follow a Conv/Gemm/MatMul whose output nothing "
-                                 "else reads, so it can be folded")
+        if len(shape) < 2 or any(p.shape != (shape[1],) for p in (gamma, beta, mean, var)):
+            raise ctx.fail(node, f"parameters of shapes {[tuple(p.shape) for p in (gamma, beta, mean, var)]} are not "
+                                 f"one per channel of {tuple(shape)}")
         factor = gamma / np.sqrt(var + eps)
-        n_out = producer.weight.shape[0]
-        if factor.shape != (n_out,):
-            raise ctx.fail(node, f"{factor.shape[0]} channels do not match the {n_out} outputs of {producer.name!r}")
-        old_bias = np.zeros(n_out) if producer.bias is None else producer.bias.astype(np.float64)
-        folded_w = producer.weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (producer.weight.ndim - 1))
-        producer.weight = folded_w.astype(np.float32)
-        producer.bias = ((old_bias - mean) * factor + beta).astype(np.float32)
-        ctx.rename_output(producer, node.output[0])
+        producer = ctx.sole_producer(x)
+        if producer is not None and producer.op in ("conv", "gemm") and producer.activation.kind == "none":
+            n_out = producer.weight.shape[0]
+            channel_axis = 1 if producer.op == "conv" else len(producer.output_shape) - 1
+            if n_out == shape[1] and channel_axis == 1:
+                old_bias = np.zeros(n_out) if producer.bias is None else producer.bias.astype(np.float64)
+                per_row = factor.reshape((-1,) + (1,) * (producer.weight.ndim - 1))
+                folded_w = producer.weight.astype(np.float64) * per_row
+                producer.weight = folded_w.astype(np.float32)
+                producer.bias = ((old_bias - mean) * factor + beta).astype(np.float32)
+                ctx.rename_output(producer, node.output[0])
+                return
+        shift = beta - mean * factor
+        if not _fold(ctx, x, node, 1, factor, shift):
+            add_affine(ctx, node, x, shape, 1, factor, shift)

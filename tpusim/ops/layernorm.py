@@ -2,9 +2,9 @@
 with a scale, an optional bias and epsilon; and :func:`fuse_decomposed_layernorm`, a model rewrite
 that turns the chain torch's TorchScript exporter writes for ``nn.LayerNorm`` below opset 17
 (ReduceMean -> Sub -> Pow -> ReduceMean -> Add -> Sqrt -> Div [-> Mul -> Add]) back into one
-LayerNormalization node. The chain cannot be matched node by node during lowering (Sub, Pow, Sqrt
-and Div have no lowering of their own), so the rewrite runs on the model before it: canonicalisation
-is where the front end should call it.
+LayerNormalization node. The chain spans several nodes and would otherwise lower as separate
+elementwise layers (and Sqrt has no lowering), so the rewrite is registered with
+:func:`tpusim.ops.register_rewrite` and runs on the canonical model before lowering.
 
 Integers: a float step in the vector unit, like Softmax: the unit dequantizes the input,
 normalises in float32 (mean, variance, ``(x - mean) / sqrt(var + eps) * scale + bias``) and

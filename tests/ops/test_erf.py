@@ -1,0 +1,24 @@
+import math
+
+import numpy as np
+
+from onnx_graphs import GraphBuilder
+from op_checks import check_all_stages
+from tpusim.ops.erf import erf
+
+SHAPE = (1, 4, 8, 8)
+
+
+def test_erf_op():
+    g = GraphBuilder(SHAPE)
+    y = g.node("Erf", [g.conv(g.input_name, 4, 4)])
+    graph = check_all_stages(g.model(y), SHAPE, {"erf"})
+    assert [layer.op for layer in graph.layers] == ["conv", "erf"]
+
+
+def test_erf_matches_math_erf_to_double_precision():
+    x = np.concatenate([np.linspace(-8, 8, 16001), [0.0, 1e-300, -1e-12, 5.999999, 6.0, 40.0]])
+    np.testing.assert_allclose(erf(x), [math.erf(v) for v in x], rtol=4e-15, atol=1e-300)
+    x32 = np.linspace(-5, 5, 10001, dtype=np.float32)
+    np.testing.assert_array_equal(erf(x32), np.array([math.erf(v) for v in x32.astype(np.float64)], np.float32))
+    assert erf(x32).dtype == np.float32 and np.isnan(erf(np.array([np.nan])))[0]
