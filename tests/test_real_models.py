@@ -1,0 +1,117 @@
+"""Real exporter output through tpusim: every corpus model (torch.onnx.export, both exporters, opsets
+9 to 18), ONNX Runtime-quantized QDQ copies, and the MLPerf Tiny models converted by tflite2onnx.
+
+The corpus graphs are exactly what the exporters wrote (``tests/data/corpus/README.md``), with
+seeded weights (``tests/corpus.py``). Each model is lowered and its FP32 reference checked against
+ONNX Runtime on the original graph; each runs through the whole pipeline (calibration, integer
+execution, fidelity, timing, energy, rescale twin) with a small calibration and evaluation set to
+keep the suite fast; a few run the default command through the CLI. ``benchmarks/real_models.py``
+runs the default command on all of them.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import corpus
+from tpusim import pipeline
+from tpusim.cli import main
+from tpusim.frontend import lower_model, run_reference
+from tpusim.frontend.canonical import load_model
+
+from op_checks import assert_layers_match, ort_qdq_integers
+
+TPU_V1 = "configs/tpu_v1.yaml"
+FAST = {"quant.calibration_samples": 2}
+
+
+def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture(scope="module", params=[e.name for e in corpus.CORPUS])
+def exported(request, tmp_path_factory):
+    """(entry, path of the filled model as the exporter lays it out: external data for dynamo)."""
+    entry = corpus.entry(request.param)
+    model = corpus.load_model(entry.name)
+    path = tmp_path_factory.mktemp(entry.name) / f"{entry.name}.onnx"
+    if entry.external_data:
+        corpus.save_with_external_data(model, path)
+    else:
+        onnx.save(model, str(path))
+    return entry, path
+
+
+def test_fp32_reference_matches_onnxruntime(exported):
+    entry, path = exported
+    model = load_model(path)
+    assert not any(corpus.is_stripped(t) for t in model.graph.initializer)
+    graph = lower_model(model, str(path))
+    x = np.random.default_rng(3).standard_normal(entry.input_shape).astype(np.float32)
+    expected = _ort(model, x)
+    assert expected.shape == (1, 1000) and 1e-3 < float(expected.std()) < 1e3  # the seeded weights compute
+    ours = run_reference(graph, x)[graph.outputs[0]]
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4 * float(np.ptp(expected)))
+
+
+# The stages after the front end see the same layer ops whichever exporter wrote a file (the FP32 test
+# above lowers every file); one export per architecture keeps the suite within its time budget.
+@pytest.mark.parametrize("name", [e.name for e in corpus.CORPUS if e.exporter == "torchscript" and e.opset == 17])
+def test_whole_pipeline_runs(name, tmp_path):
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(corpus.load_model(name), str(path))
+    result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(path), out_dir=tmp_path / "out",
+                                              overrides=FAST, eval_samples=1))
+    s = result.summary
+    assert s["macs"] > 0 and s["total_cycles"] > 0 and s["energy"]["dynamic_pj"] > 0
+    assert np.isfinite(s["fidelity"]["output_sqnr_db"])
+    assert {p.name for p in result.files} >= {"layers.csv", "summary.json", "energy.csv", "rescale.csv"}
+
+
+@pytest.mark.parametrize("name", ["resnet50_dynamo18"])
+def test_default_command(name, tmp_path):
+    model = corpus.load_model(name)
+    path = tmp_path / f"{name}.onnx"
+    if corpus.entry(name).external_data:
+        corpus.save_with_external_data(model, path)
+    else:
+        onnx.save(model, str(path))
+    assert main(["run", TPU_V1, "--model", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["calibration"]["samples"] == 32 and summary["fidelity"]["samples"] == 4
+
+
+@pytest.mark.parametrize("name,per_channel,activations",
+                         [("resnet18_ts17", True, "uint8"), ("mobilenet_v2_ts17", False, "uint8"),
+                          ("squeezenet1_0_dynamo18", True, "int8")])
+def test_onnxruntime_quantized_copy_runs_on_its_own_integers(name, per_channel, activations, tmp_path):
+    path = corpus.ort_qdq_copy(corpus.load_model(name), tmp_path / "qdq.onnx", per_channel=per_channel,
+                               activation_type=activations, symmetric_activations=activations == "int8")
+    result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(path), out_dir=tmp_path / "out",
+                                              eval_samples=1))
+    assert result.summary["calibration"]["quantization_source"] == "model"
+    qgraph = result.evaluation.quant.qgraph
+    x = np.random.default_rng(0).standard_normal(corpus.entry(name).input_shape).astype(np.float32)
+    assert_layers_match(qgraph, ort_qdq_integers(path, x))
+
+
+@pytest.mark.parametrize("name", ["pretrainedResnet", "vww_96_float"])
+def test_mlperf_tiny_via_tflite2onnx(name, tmp_path):
+    path = corpus.mlperf_tiny_onnx(name, tmp_path)
+    model = load_model(path)
+    graph = lower_model(model, str(path))
+    shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    expected = _ort(model, x)
+    np.testing.assert_allclose(run_reference(graph, x)[graph.outputs[0]], expected, rtol=0,
+                               atol=1e-4 * float(np.ptp(expected)))
+    result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(path), out_dir=tmp_path / "out"))
+    assert result.summary["total_cycles"] > 0
