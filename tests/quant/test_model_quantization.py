@@ -16,7 +16,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from tpusim.config import load_config
 from tpusim.errors import ModelError
 from tpusim.frontend import load_onnx
-from tpusim.quant.execute import run_integer
+from tpusim.quant.execute import run_integer, run_layer
 from tpusim.quant.quantize import quantize_from_model
 from tpusim.workloads import build_model, save_model
 
@@ -68,11 +68,24 @@ def test_ort_qdq_model_runs_with_its_own_integers(tmp_path, workload, per_channe
     assert run.outputs[graph.outputs[0]].dtype == qgraph.tensor_qparams[graph.outputs[0]].storage_dtype
 
 
-def test_unprocessed_model_with_a_separately_quantized_batchnorm_says_how_to_fix_it(tmp_path):
+def test_unprocessed_model_keeps_its_conv_integers_and_runs_its_batchnorm_as_affine(tmp_path):
+    """Without quant_pre_process ORT quantizes the conv output and a BatchNormalization after it; folding
+    the BN would change the model's integer weights, so it stays a per-channel affine layer."""
     path = ort_qdq(tmp_path, "tiny_cnn", True, QuantType.QUInt8, preprocess=False)
     graph = load_onnx(path)
-    with pytest.raises(ModelError, match="quant_pre_process"):
-        quantize_from_model(graph, QUANT)
+    assert "affine" in [layer.op for layer in graph.layers]
+    qgraph = quantize_from_model(graph, QUANT)
+    x = np.random.default_rng(7).standard_normal(graph.input_shape).astype(np.float32)
+    ort_tensors = ort_qdq_integers(path, x)
+    for ql in qgraph.layers:
+        if ql.layer.is_matrix and all(n in ort_tensors for n in ql.layer.inputs) and ql.layer.output in ort_tensors:
+            ours, _ = run_layer(ql, [ort_tensors[n] for n in ql.layer.inputs])
+            assert np.abs(ours.astype(int) - ort_tensors[ql.layer.output].astype(int)).max() <= 1, ql.name
+    ours = run_integer(qgraph, x).dequantized[graph.outputs[0]].ravel()
+    theirs = ort_qdq_integers(path, x)[graph.outputs[0]]
+    grid = qgraph.tensor_qparams[graph.outputs[0]]
+    theirs = (theirs.astype(np.float64).ravel() - int(grid.zero_point)) * float(grid.scale)
+    assert ours @ theirs / (np.linalg.norm(ours) * np.linalg.norm(theirs)) > 0.99
 
 
 def test_qoperator_model_is_one_line_naming_its_ops(tmp_path):

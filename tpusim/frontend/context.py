@@ -51,6 +51,8 @@ class LowerContext:
     alias: dict[str, str] = field(default_factory=dict)
     records: list[LayerRecord] = field(default_factory=list)
     producer: dict[str, LayerRecord] = field(default_factory=dict)
+    # A QDQ model's quantized tensors: the model rounds there, so no weights are folded across them.
+    model_quantized: frozenset[str] = frozenset()
 
     def resolve(self, name: str) -> str:
         while name in self.alias:
@@ -105,6 +107,11 @@ class LowerContext:
         if record is None or self.consumers.get(tensor, 0) != 1 or tensor in self.graph_outputs:
             return None
         return record
+
+    def weights_foldable_across(self, tensor: str) -> bool:
+        """Whether a per-channel scale/shift after ``tensor`` may be folded into its producer's weights
+        and bias: not when a QDQ model quantizes ``tensor`` (its integer weights must stay its own)."""
+        return tensor not in self.model_quantized
 
     def rename_output(self, record: LayerRecord, new_name: str) -> None:
         del self.producer[record.output]

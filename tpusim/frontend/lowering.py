@@ -101,7 +101,8 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
             consumers[name] = consumers.get(name, 0) + 1
     # Canonicalisation already retargeted hard-coded batch dims, so the run's batch is the one to keep.
     ctx = LowerContext(where=where, opset=opset, original_batch=shape[0], consumers=consumers,
-                       graph_outputs={o.name for o in graph.output}, constants=constants)
+                       graph_outputs={o.name for o in graph.output}, constants=constants,
+                       model_quantized=frozenset(stripped.activations))
     ctx.shapes[inputs[0].name] = shape
     quantized_model = stripped.format == "qdq"
     weight_attrs: dict[str, tuple] = {}

@@ -85,7 +85,7 @@ def _fold(ctx, x: str, node, axis: int | None, scale: np.ndarray, shift: np.ndar
     """Fold ``scale * x + shift`` into the layer producing ``x`` (a matrix layer's bias for a pure shift,
     or an affine layer's scale and shift); True when it did."""
     producer = ctx.sole_producer(x)
-    if producer is None or producer.activation.kind != "none":
+    if producer is None or producer.activation.kind != "none" or not ctx.weights_foldable_across(x):
         return False
     if producer.op in ("conv", "gemm") and np.all(scale == 1.0):
         n_out = producer.weight.shape[0]

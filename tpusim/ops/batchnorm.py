@@ -7,6 +7,9 @@ that layer's weights and bias (white paper eq. 9-12), ``W' = W * gamma / sqrt(va
 Anywhere else (after an add, a pooling, a clamp, on the graph input): a stand-alone per-channel
 scale and shift, ``a = gamma / sqrt(var + eps)``, ``b = beta - mean * a``, i.e. an ``affine`` layer
 (:mod:`tpusim.ops.affine`, one vector pass), folded into a preceding affine layer when there is one.
+In a QDQ model that quantizes the BatchNormalization's input (ONNX Runtime does when the model was
+not run through ``quant_pre_process``), nothing is folded: the conv keeps the model's integers and
+the BatchNormalization is that affine layer.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ class BatchNormFold(Op):
                                  f"one per channel of {tuple(shape)}")
         factor = gamma / np.sqrt(var + eps)
         producer = ctx.sole_producer(x)
-        if producer is not None and producer.op in ("conv", "gemm") and producer.activation.kind == "none":
+        if (producer is not None and producer.op in ("conv", "gemm") and producer.activation.kind == "none"
+                and ctx.weights_foldable_across(x)):
             n_out = producer.weight.shape[0]
             channel_axis = 1 if producer.op == "conv" else len(producer.output_shape) - 1
             if n_out == shape[1] and channel_axis == 1:
@@ -45,5 +49,5 @@ class BatchNormFold(Op):
                 ctx.rename_output(producer, node.output[0])
                 return
         shift = beta - mean * factor
-        if not _fold(ctx, x, node, 1, factor, shift):
+        if not (ctx.weights_foldable_across(x) and _fold(ctx, x, node, 1, factor, shift)):
             add_affine(ctx, node, x, shape, 1, factor, shift)
