@@ -10,11 +10,7 @@ import numpy as np
 from tpusim.frontend.context import node_attrs
 from tpusim.ops import register
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.qlayer import Requant, centered, plain_qlayer, rescale, scalar
-
-
-def _same_grid(a, b) -> bool:
-    return scalar(a.scale) == scalar(b.scale) and int(a.zero_point) == int(b.zero_point) and a.qmin == b.qmin
+from tpusim.quant.qlayer import on_output_grid, plain_qlayer, rescales_to
 
 
 @register
@@ -38,19 +34,10 @@ class Concat(Op):
         return np.concatenate(inputs, axis=layer.axis)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
-        rescales = tuple(None if _same_grid(qp, y_qp) else Requant.of(scalar(qp.scale) / scalar(y_qp.scale))
-                         for qp in in_qps)
-        return plain_qlayer(layer, in_qps, y_qp, input_rescales=rescales)
+        return plain_qlayer(layer, in_qps, y_qp, input_rescales=rescales_to(in_qps, y_qp))
 
     def execute(self, ql, inputs, options):
-        y_qp = ql.output_qparams
-        parts = []
-        for q, qp, r in zip(inputs, ql.input_qparams, ql.input_rescales):
-            if r is None:
-                parts.append(q)
-            else:
-                parts.append(rescale(centered(q, qp.zero_point), r, int(y_qp.zero_point), y_qp.qmin, y_qp.qmax))
-        return np.concatenate(parts, axis=ql.layer.axis), 0
+        return np.concatenate(on_output_grid(ql, inputs), axis=ql.layer.axis), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
         return VectorCost(f"concat+{layer.activation.label}", "none", sum(vectors(e, lanes) for e in in_elements),

@@ -18,11 +18,7 @@ import numpy as np
 from tpusim.ops import register
 from tpusim.ops._binary import binary_passes, lower_binary
 from tpusim.ops.base import Op, VectorCost
-from tpusim.quant.qlayer import Requant, centered, clamp_output, plain_qlayer, rescale, scalar
-
-
-def _same_grid(a, b) -> bool:
-    return scalar(a.scale) == scalar(b.scale) and int(a.zero_point) == int(b.zero_point) and a.qmin == b.qmin
+from tpusim.quant.qlayer import clamp_output, on_output_grid, plain_qlayer, rescales_to
 
 
 class _Extremum(Op):
@@ -37,20 +33,11 @@ class _Extremum(Op):
         return self.pick(inputs[0], inputs[1])
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
-        rescales = tuple(None if _same_grid(qp, y_qp) else Requant.of(scalar(qp.scale) / scalar(y_qp.scale))
-                         for qp in in_qps)
-        return plain_qlayer(layer, in_qps, y_qp, input_rescales=rescales)
+        return plain_qlayer(layer, in_qps, y_qp, input_rescales=rescales_to(in_qps, y_qp))
 
     def execute(self, ql, inputs, options):
-        y_qp = ql.output_qparams
-        on_grid = []
-        for q, qp, r in zip(inputs, ql.input_qparams, ql.input_rescales):
-            if r is None:
-                on_grid.append(q.astype(np.int32))
-            else:
-                on_grid.append(rescale(centered(q, qp.zero_point), r, int(y_qp.zero_point), y_qp.qmin, y_qp.qmax)
-                               .astype(np.int32))
-        return clamp_output(ql, self.pick(on_grid[0], on_grid[1])), 0
+        a, b = (q.astype(np.int32) for q in on_output_grid(ql, inputs))
+        return clamp_output(ql, self.pick(a, b)), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
         passes = binary_passes(in_elements, out_elements, lanes)

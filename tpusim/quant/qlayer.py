@@ -114,3 +114,19 @@ def centered(q: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
 
 def clamp_output(ql: QLayer, q: np.ndarray) -> np.ndarray:
     return np.clip(q, ql.out_qmin, ql.out_qmax).astype(q.dtype)
+
+
+def same_grid(a: QParams, b: QParams) -> bool:
+    return scalar(a.scale) == scalar(b.scale) and int(a.zero_point) == int(b.zero_point) and a.qmin == b.qmin
+
+
+def rescales_to(in_qps: tuple[QParams, ...], y_qp: QParams) -> tuple[Requant | None, ...]:
+    """Per input, the rescale onto the output grid ``y_qp`` (None for an input already on it)."""
+    return tuple(None if same_grid(qp, y_qp) else Requant.of(scalar(qp.scale) / scalar(y_qp.scale)) for qp in in_qps)
+
+
+def on_output_grid(ql: QLayer, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Each input's integers on the layer's output grid, by its ``input_rescales`` (see :func:`rescales_to`)."""
+    y_qp = ql.output_qparams
+    return [q if r is None else rescale(centered(q, qp.zero_point), r, int(y_qp.zero_point), y_qp.qmin, y_qp.qmax)
+            for q, qp, r in zip(inputs, ql.input_qparams, ql.input_rescales)]

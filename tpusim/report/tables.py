@@ -4,12 +4,15 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
-def format_table(columns: Sequence[str], rows: Sequence[dict[str, Any]], max_rows: int | None = None) -> str:
+def format_table(columns: Sequence[str], rows: Sequence[dict[str, Any]], max_rows: int | None = None,
+                 left: Sequence[str] = ()) -> str:
+    """Columns right-aligned (numbers), except those named in ``left`` (text such as node names)."""
     shown = list(rows) if max_rows is None or len(rows) <= max_rows else list(rows[: max_rows - 1])
     cells = [[_cell(row.get(c, "")) for c in columns] for row in shown]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    align = [str.ljust if c in left else str.rjust for c in columns]
+    lines = ["  ".join(a(c, w) for a, c, w in zip(align, columns, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(a(v, w) for a, v, w in zip(align, r, widths)).rstrip() for r in cells]
     if len(shown) < len(rows):
         lines.append(f"... {len(rows) - len(shown)} more rows")
     return "\n".join(lines)
