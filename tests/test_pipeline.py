@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tpusim import pipeline
 from tpusim.cli import main
 
 TPU_V1 = str(Path(__file__).resolve().parents[1] / "configs" / "tpu_v1.yaml")
@@ -130,3 +131,14 @@ def test_quantize_exports_qdq_that_onnxruntime_runs(tmp_path, capsys):
     assert y.shape == (1, 10) and np.all(np.isfinite(y))
     code = main(["quantize", TPU_V1, "--model", "tiny_cnn", "--set", "array.datatype=fp32", "-o", str(tmp_path / "x")])
     assert code == 2 and not (tmp_path / "x").exists()
+
+
+def test_accumulator_width_reaches_the_integers(tmp_path):
+    """A 16-bit accumulator wraps in the integer execution itself, and the run says where."""
+    narrow = pipeline.run(pipeline.RunOptions(config=Path("configs/tpu_v1.yaml"), model="tiny_cnn", out_dir=tmp_path,
+                                              overrides={"accumulators.bits": 16, "quant.calibration_samples": 4},
+                                              eval_samples=1))
+    wrapped = narrow.evaluation.quant.fidelity.wrapped
+    assert sum(wrapped.values()) > 0
+    assert narrow.summary["fidelity"]["wrapped_accumulations"] == sum(wrapped.values())
+    assert any("wrapped around the 16-bit accumulator" in w for w in narrow.evaluation.warnings)

@@ -52,6 +52,7 @@ class Evaluation:
     rescale: list[LayerRescale]
     layer_rows: list[dict[str, Any]]
     summary: dict[str, Any]
+    accumulator_bits: int = 32
 
     @property
     def warnings(self) -> list[str]:
@@ -64,7 +65,8 @@ class Evaluation:
                          "for ranges (and fidelity) that mean something for real inputs")
         for layer, count in self.quant.fidelity.wrapped.items():
             if count:
-                notes.append(f"layer {layer!r}: {count} accumulations wrapped around the 32-bit accumulator")
+                notes.append(f"layer {layer!r}: {count} accumulations wrapped around the {self.accumulator_bits}-bit "
+                             "accumulator")
         return notes
 
 
@@ -156,6 +158,7 @@ def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: Ru
     rows = run_report.layer_rows(sim, energy, quant)
     summary = run_report.summary(graph, sim, config, energy, quant, rescale)
     return Evaluation(program=program, sim=sim, energy=energy, quant=quant, rescale=rescale, layer_rows=rows,
+                      accumulator_bits=config.accumulators.bits,
                       summary=summary)
 
 

@@ -46,10 +46,11 @@ def output_agreement(reference: np.ndarray, approx: np.ndarray) -> tuple[float, 
 
 
 def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray, engine: GemmEngine = "int8-gemm",
-             progress: ProgressCallback | None = None) -> FidelityReport:
+             progress: ProgressCallback | None = None, acc_bits: int = 32) -> FidelityReport:
     """Run FP32 and integer execution on ``inputs`` (samples along axis 0, one graph batch at a time).
 
-    ``engine`` and ``progress`` are passed to :func:`run_integer` for every batch."""
+    ``engine``, ``progress`` and the accumulator width ``acc_bits`` are passed to :func:`run_integer`
+    for every batch."""
     batch = graph.batch
     if len(inputs) < batch or len(inputs) % batch:
         raise ValueError(f"{len(inputs)} samples are not a whole number of batches of {batch}")
@@ -61,7 +62,7 @@ def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray, engine: G
     for start in range(0, len(inputs), batch):
         x = inputs[start : start + batch]
         ref = run_reference(graph, x, keep_all=True)
-        run = run_integer(qgraph, x, keep_all=True, engine=engine, progress=progress)
+        run = run_integer(qgraph, x, keep_all=True, acc_bits=acc_bits, engine=engine, progress=progress)
         for name, count in run.wrapped.items():
             wrapped[name] = wrapped.get(name, 0) + count
         for layer in graph.layers:

@@ -125,6 +125,6 @@ def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareC
     elif progress is not None:
         def layer_progress(done: int, total: int, name: str) -> None:
             progress("execute", done, total)
-    report = fidelity(graph, qgraph, eval_x, engine=engine, progress=layer_progress)
+    report = fidelity(graph, qgraph, eval_x, engine=engine, progress=layer_progress, acc_bits=config.accumulators.bits)
     return QuantOutcome(graph=graph, calibration=calibration, evaluation_source=eval_source, qgraph=qgraph,
                         fidelity=report, pe_array_cycles=pe_cycles)
