@@ -43,8 +43,10 @@ class Entry:
     family: str                   # resnet, mobilenet, efficientnet, regnet, ...
     exporter: str                 # "torchscript" (dynamo=False) or "dynamo" (dynamo=True)
     opset: int
-    input_shape: tuple[int, ...]  # NCHW, batch 1
+    input_shape: tuple[int, ...]  # NCHW (sequence models: batch, steps, features), batch 1
     external_data: bool           # the exporter wrote the weights to <file>.data
+    task: str = "classification"  # "classification": (1, 1000) logits; "sequence": nn.LSTM/nn.GRU + Linear head;
+                                  # "encoder": int64 token ids in, the last hidden state out (HF BertModel)
 
     @property
     def path(self) -> Path:
@@ -63,6 +65,7 @@ class Entry:
 
 _S = (1, 3, 224, 224)
 _L = (1, 3, 299, 299)
+_SEQ = (1, 16, 32)
 CORPUS: tuple[Entry, ...] = (
     Entry("resnet18_ts17", "resnet18_ts17.onnx", "resnet", "torchscript", 17, _S, False),
     Entry("resnet50_ts17", "resnet50_ts17.onnx", "resnet", "torchscript", 17, _S, False),
@@ -105,6 +108,17 @@ CORPUS: tuple[Entry, ...] = (
           False),
     Entry("efficientnet_b0_dynamo18_rawinit", "efficientnet_b0_dynamo18_rawinit.onnx", "efficientnet", "dynamo", 18,
           _S, True),
+    # nn.LSTM (2 stacked; bidirectional) and nn.GRU, batch_first, 16 steps of 32 features, hidden 64, a Linear head
+    Entry("lstm2_ts17", "lstm2_ts17.onnx", "recurrent", "torchscript", 17, _SEQ, False, "sequence"),
+    Entry("lstm_bidir_ts17", "lstm_bidir_ts17.onnx", "recurrent", "torchscript", 17, _SEQ, False, "sequence"),
+    Entry("gru_ts17", "gru_ts17.onnx", "recurrent", "torchscript", 17, _SEQ, False, "sequence"),
+    Entry("lstm2_dynamo18", "lstm2_dynamo18.onnx", "recurrent", "dynamo", 18, _SEQ, True, "sequence"),
+    Entry("lstm_bidir_dynamo18", "lstm_bidir_dynamo18.onnx", "recurrent", "dynamo", 18, _SEQ, True, "sequence"),
+    Entry("gru_dynamo18", "gru_dynamo18.onnx", "recurrent", "dynamo", 18, _SEQ, True, "sequence"),
+    # Transformer encoders by the default (dynamo) exporter: torchvision's ViT-B/16, and a HuggingFace BertModel
+    # (2 layers, hidden 128, 2 heads) that takes int64 input_ids (1, 32) and gives its last hidden state (1, 32, 128)
+    Entry("vit_b_16_dynamo18", "vit_b_16_dynamo18.onnx", "vit", "dynamo", 18, _S, True),
+    Entry("bert_dynamo18", "bert_dynamo18.onnx", "bert", "dynamo", 18, (1, 32), True, "encoder"),
 )
 BY_NAME = {e.name: e for e in CORPUS}
 
@@ -313,6 +327,8 @@ def _fixed_values(tensor: TensorProto, role, rng: np.random.Generator) -> np.nda
         values = uniform(0.5, 1.0)                                                    # a learned scale
     elif op == "Div":
         values = uniform(0.5, 1.5)
+    elif op == "Gather" and index == 0:
+        values = normal(0.02)                                                         # an embedding table (BERT's)
     elif op == "PRelu":
         values = uniform(0.1, 0.3)
     elif op in ("Add", "Sub"):
@@ -320,6 +336,39 @@ def _fixed_values(tensor: TensorProto, role, rng: np.random.Generator) -> np.nda
     else:
         values = normal(0.1)
     return values.reshape(shape)
+
+
+_RECURRENT = ("LSTM", "GRU", "RNN")
+# What PyTorch's exporters put between an nn.LSTM parameter or state and the LSTM node (the gate reordering,
+# the initial state expanded to the batch).
+_RECURRENT_PATH = _PASS_THROUGH | {"Slice", "Split", "Concat", "Expand"}
+
+
+def _recurrent_use(roles: "_Roles", name: str, depth: int = 0):
+    """(node, input index) of the LSTM/GRU/RNN node that ``name`` feeds, through data movement only."""
+    for node, index in roles.consumers.get(name, []):
+        if node.op_type in _RECURRENT:
+            return node, index
+        if node.op_type in _RECURRENT_PATH and depth < 6 and (index == 0 or node.op_type == "Concat"):
+            found = _recurrent_use(roles, node.output[0], depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _recurrent_values(tensor: TensorProto, roles: "_Roles", rng: np.random.Generator) -> np.ndarray | None:
+    """A recurrent node's W, R, B: U(-1/sqrt(H), 1/sqrt(H)), as torch initialises nn.LSTM/nn.GRU; its
+    initial states: zeros, what PyTorch exports for ``rnn(x)``. None for any other tensor."""
+    use = _recurrent_use(roles, tensor.name)
+    if use is None:
+        return None
+    node, index = use
+    shape = list(tensor.dims)
+    if index >= 4:
+        return np.zeros(shape, np.float32)
+    hidden = int(_attr(node, "hidden_size", 0)) or max(1, shape[-1])
+    bound = 1.0 / math.sqrt(hidden)
+    return rng.uniform(-bound, bound, math.prod(shape)).astype(np.float32).reshape(shape)
 
 
 # Gauss-Hermite nodes for E[f(y)], y ~ N(mu, sd^2).
@@ -697,6 +746,8 @@ def calibrate(model: onnx.ModelProto, values: dict, drawn: list, scaled: set, se
     data_input = next(i for i in session.get_inputs() if i.name not in names)
     shape = [d if isinstance(d, int) and d > 0 else 1 for d in data_input.shape]
     x = np.random.default_rng([seed, 0xC0FFEE]).standard_normal(shape, dtype=np.float32)
+    if data_input.type == "tensor(int64)":  # token ids
+        x = np.random.default_rng([seed, 0xC0FFEE]).integers(0, index_rows(model), shape)
     fetch = [out for _, out in layers]
 
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -763,7 +814,9 @@ def fill_model(model: onnx.ModelProto, seed: int = 0, calibrated: bool = True,
         weights: dict[str, tuple[TensorProto, np.ndarray]] = {}
         for tensor in stripped:
             rng = np.random.default_rng([seed, zlib.crc32(tensor.name.encode())])
-            v = _fixed_values(tensor, roles.role(tensor.name, list(tensor.dims)), rng)
+            v = _recurrent_values(tensor, roles, rng)
+            if v is None:
+                v = _fixed_values(tensor, roles.role(tensor.name, list(tensor.dims)), rng)
             if v is None:
                 weights[tensor.name] = (tensor, rng.standard_normal(math.prod(tensor.dims), dtype=np.float32))
             else:
@@ -824,6 +877,23 @@ def load_model(name: str, seed: int = 0) -> onnx.ModelProto:
 
 
 _CALIBRATION_FACTORS: dict[tuple[str, int], dict[str, float]] = {}   # calibrate() once per (name, seed)
+
+
+def index_rows(model: onnx.ModelProto) -> int:
+    """Rows of the smallest table a Gather looks up at the graph input: token ids must lie below it."""
+    inits = {t.name: t for t in model.graph.initializer}
+    value = next(v.name for v in model.graph.input if v.name not in inits)
+    return min(inits[n.input[0]].dims[0] for n in model.graph.node
+               if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == value and n.input[0] in inits)
+
+
+def sample_input(entry: "Entry", seed: int) -> np.ndarray:
+    """A seeded input for ``entry``: N(0, 1) floats, or token ids below the vocabulary for an encoder."""
+    rng = np.random.default_rng(seed)
+    if entry.task == "encoder":
+        rows = index_rows(onnx.load_model_from_string(_stripped_bytes(entry.name)))
+        return rng.integers(0, rows, entry.input_shape).astype(np.int64)
+    return rng.standard_normal(entry.input_shape).astype(np.float32)
 
 
 def input_shape(model: onnx.ModelProto) -> list[int]:

@@ -33,7 +33,7 @@ project or of its tests; onnxruntime there is optional and only used for the che
 and run it from the repository root (about a minute on two cores)::
 
     /work/torchenv/bin/python tools/export_corpus.py            # everything, and README.md
-    /work/torchenv/bin/python tools/export_corpus.py resnet18   # only the models named (no README)
+    /work/torchenv/bin/python tools/export_corpus.py resnet18   # only the models named (their README rows)
 
 With onnxruntime installed, each stripped file is filled by ``tests/corpus.py`` and run once as a
 check (``--no-check`` skips it). After adding or removing a model, update ``CORPUS`` in
@@ -65,10 +65,17 @@ FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, Tenso
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str            # torchvision.models builder
+    name: str            # torchvision.models builder (or, for task "sequence", a SequenceClassifier's name)
     family: str
     size: int = 224      # input height and width
     kwargs: dict = field(default_factory=dict)
+    task: str = "classification"          # "sequence": a SequenceClassifier built here (nn.LSTM / nn.GRU)
+    shape: tuple[int, ...] | None = None  # the input shape when it is not (1, 3, size, size)
+    exporters: tuple[str, ...] = ("torchscript", "dynamo")  # the variants' exporters this model is exported by
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.shape if self.shape is not None else (1, 3, self.size, self.size)
 
 
 MODELS = (
@@ -89,6 +96,18 @@ MODELS = (
     ModelSpec("vgg11", "vgg"),
     ModelSpec("convnext_tiny", "convnext"),
     ModelSpec("alexnet", "alexnet"),
+    # Recurrent sequence models (SequenceClassifier): batch-first (1, 16 steps, 32 features), hidden 64.
+    ModelSpec("lstm2", "recurrent", task="sequence", shape=(1, 16, 32),
+              kwargs={"cell": "LSTM", "layers": 2, "bidirectional": False}),
+    ModelSpec("lstm_bidir", "recurrent", task="sequence", shape=(1, 16, 32),
+              kwargs={"cell": "LSTM", "layers": 1, "bidirectional": True}),
+    ModelSpec("gru", "recurrent", task="sequence", shape=(1, 16, 32),
+              kwargs={"cell": "GRU", "layers": 1, "bidirectional": False}),
+    # Transformer encoders, by the default (dynamo) exporter: torchvision's ViT-B/16, and a HuggingFace
+    # BertModel (task "encoder": int64 input_ids (1, 32), the last hidden state out) built from a config.
+    ModelSpec("vit_b_16", "vit", exporters=("dynamo",)),
+    ModelSpec("bert", "bert", task="encoder", shape=(1, 32), exporters=("dynamo",),
+              kwargs={"layers": 2, "hidden": 128, "heads": 2, "intermediate": 512}),
 )
 
 @dataclass(frozen=True)
@@ -116,8 +135,12 @@ def file_name(model: str, variant: Variant) -> str:
     return f"{model}_{short}{variant.opset}{'_rawinit' if variant.raw_init else ''}.onnx"
 
 
-def how(variant: Variant) -> str:
+def how(variant: Variant, task: str = "classification") -> str:
     init = "torchvision's init as is; " if variant.raw_init else "constant params perturbed; "
+    if task == "sequence":
+        init = "torch's init; "
+    if task == "encoder":
+        init = "transformers' `BertModel(BertConfig(...))`, random init, constant params perturbed; "
     if variant.exporter == "torchscript":
         return init + f"`torch.onnx.export(m, (x,), f, dynamo=False, opset_version={variant.opset})`"
     return init + f"`torch.onnx.export(m, (x,), f, dynamo=True, opset_version={variant.opset}, external_data=True)`"
@@ -190,7 +213,47 @@ def drop_stack_traces(graph: onnx.GraphProto) -> None:
 
 # ---------------------------------------------------------------- export
 
+def sequence_classifier(cell: str, layers: int, bidirectional: bool, features: int = 32, hidden: int = 64,
+                        classes: int = 10):
+    """``nn.LSTM``/``nn.GRU`` (batch_first, torch's own initialisation) and a Linear head on the last step.
+
+    The head reads ``y[:, -1:]`` (a Slice) rather than ``y[:, -1]`` (a Gather)."""
+    import torch
+
+    class SequenceClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = getattr(torch.nn, cell)(features, hidden, num_layers=layers, bidirectional=bidirectional,
+                                               batch_first=True)
+            self.head = torch.nn.Linear(hidden * (2 if bidirectional else 1), classes)
+
+        def forward(self, x):
+            y, _ = self.rnn(x)
+            return self.head(y[:, -1:].flatten(1))
+
+    return SequenceClassifier()
+
+
+def bert_encoder(layers: int, hidden: int, heads: int, intermediate: int, vocab: int = 30522, positions: int = 512):
+    """HuggingFace ``BertModel`` without the pooler, from a ``BertConfig`` (random initialisation: nothing is
+    downloaded), its constant-initialised parameters perturbed like torchvision's."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=intermediate, max_position_embeddings=positions)
+    model = BertModel(config, add_pooling_layer=False)
+    perturb_constant_parameters(model)
+    return model
+
+
 def build(spec: ModelSpec, raw_init: bool = False):
+    if spec.task == "sequence":
+        return sequence_classifier(**spec.kwargs).eval()
+    if spec.task == "encoder":
+        return bert_encoder(**spec.kwargs).eval()
     import torchvision.models as tvm
 
     model = getattr(tvm, spec.name)(weights=None, **spec.kwargs)
@@ -246,7 +309,10 @@ def export_one(spec: ModelSpec, variant: Variant, workdir: Path) -> onnx.ModelPr
 
     torch.manual_seed(0)
     model = build(spec, variant.raw_init)
-    x = torch.randn(1, 3, spec.size, spec.size)
+    if spec.task == "encoder":  # token ids below the vocabulary
+        x = torch.randint(0, model.config.vocab_size, spec.input_shape, dtype=torch.int64)
+    else:
+        x = torch.randn(*spec.input_shape)
     path = workdir / file_name(spec.name, variant)
     log = io.StringIO()
     with torch.no_grad(), contextlib.redirect_stdout(log):
@@ -286,7 +352,11 @@ def check_filled(file: Path) -> str:
     onnx.checker.check_model(model)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
-    x = np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in inp.shape]).astype(np.float32)
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    if inp.type == "tensor(int64)":  # token ids
+        x = np.random.default_rng(0).integers(0, corpus.index_rows(model), shape)
+    else:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     y = sess.run(None, {inp.name: x})[0]
     if not np.isfinite(y).all():
         return "ORT output NOT finite"
@@ -299,8 +369,14 @@ def versions() -> dict[str, str]:
 
     import onnxscript
 
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = "not installed"
     return {"torch": torch.__version__, "torchvision": torchvision.__version__,
-            "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
+            "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "transformers": transformers_version}
 
 
 def quirks(model: onnx.ModelProto) -> str:
@@ -322,7 +398,7 @@ def quirks(model: onnx.ModelProto) -> str:
         notes.append(f"shape arithmetic at run time ({shape_ops} Shape/Gather/... nodes)")
     if ops["BatchNormalization"]:
         notes.append(f"{ops['BatchNormalization']} BatchNormalization not folded")
-    else:
+    elif ops["Conv"]:
         notes.append("BatchNorm folded into Conv")
     if g.value_info:
         notes.append(f"value_info for {len(g.value_info)} values")
@@ -330,9 +406,40 @@ def quirks(model: onnx.ModelProto) -> str:
     return "; ".join(notes)
 
 
-def write_readme(rows: list[dict], ops: dict[str, set[str]], vers: dict[str, str]) -> None:
+def table_line(r: dict, v: str) -> str:
+    return (f"| {r['file'] if r['ok'] else '(failed)'} | {r['model']} | {r['exporter']} | {r['opset']} | "
+            f"{'x'.join(map(str, r['input_shape']))} | {r.get('kb', '')} | {how(r['variant'], r.get('task', 'classification'))} | "
+            f"{v} | {r.get('quirks', '') + '; ' if r['ok'] else ''}{r['status']} |")
+
+
+TABLE_HEADER = "| file | model | exporter | opset | input shape | KB | how it was made | versions | quirks / status |"
+
+
+def merged_table(rows: list[dict], v: str) -> list[str]:
+    """The README's table with the rows of the models just exported replacing (or joining) their old rows."""
+    path = OUT_DIR / "README.md"
+    old = path.read_text().splitlines() if path.exists() else []
+    kept: list[str] = []
+    if TABLE_HEADER in old:
+        for line in old[old.index(TABLE_HEADER) + 2 :]:
+            if not line.startswith("| "):
+                break
+            kept.append(line)
+    fresh = {r["file"]: table_line(r, v) for r in rows}
+    table = [fresh.pop(line.split(" | ")[0][2:], line) for line in kept]
+    return table + list(fresh.values())
+
+
+def write_readme(rows: list[dict], ops: dict[str, set[str]], vers: dict[str, str], table: list[str] | None = None) -> None:
+    """README.md from ``rows``; with ``table`` (:func:`merged_table`), that table, and the op counts of
+    every file on disk."""
     v = f"torch {vers['torch']}, torchvision {vers['torchvision']}"
-    failed = [r for r in rows if not r["ok"]]
+    if table is None:
+        table = [table_line(r, v) for r in rows]
+    else:
+        ops = {f.name: op_types(onnx.load(str(f))) for f in sorted(OUT_DIR.glob("*.onnx"))}
+    cells = [line.split(" | ") for line in table]
+    failed = [c for c in cells if c[0] == "| (failed)"]
     lines = [
         "# Corpus of real exporter output (weights stripped)",
         "",
@@ -355,6 +462,20 @@ def write_readme(rows: list[dict], ops: dict[str, set[str]], vers: dict[str, str
         "exporter's optimiser drops the all-zero biases that BatchNorm folding leaves, and the TorchScript",
         "exporter shares identical initializers through Identity nodes. The two `*_rawinit` files keep",
         "those quirks on record (efficientnet_b0 exported from torchvision's initialisation as is).",
+        "",
+        "The `recurrent` family is not torchvision: `sequence_classifier` builds `nn.LSTM` (2 stacked layers;",
+        "1 bidirectional layer) or `nn.GRU` with `batch_first=True`, 32 features, hidden 64 and torch's own",
+        "initialisation, and a `Linear(…, 10)` head on `y[:, -1:]`, run on `x = torch.randn(1, 16, 32)`.",
+        "`corpus.load_model` fills their W, R and B with U(-1/sqrt(64), 1/sqrt(64)), as torch initialises them,",
+        "and their initial states with the zeros PyTorch exports.",
+        "",
+        "Two transformer encoders come from the default (dynamo) exporter only: torchvision's `vit_b_16`",
+        "(as the CNNs), and `bert` (family `bert`, task `encoder`): transformers "
+        f"{vers.get('transformers', '?')}'s `BertModel(BertConfig(vocab_size=30522,",
+        "hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),",
+        "add_pooling_layer=False)`, random initialisation (nothing downloaded, `HF_HUB_OFFLINE=1`), constant",
+        "parameters perturbed, exported with `x = torch.randint(0, 30522, (1, 32))` as its `input_ids` (int64); its",
+        "output is the last hidden state (1, 32, 128). `corpus.load_model` fills embedding tables with N(0, 0.02).",
         "",
         "The dynamo exporter writes its weights to `<file>.onnx.data`; the committed copy is one file and",
         "`corpus.save_with_external_data` re-creates that layout (every tensor over 256 bytes in one data",
@@ -381,17 +502,14 @@ def write_readme(rows: list[dict], ops: dict[str, set[str]], vers: dict[str, str
         "",
         "## Files",
         "",
-        f"{len(rows) - len(failed)} exports succeeded, {len(failed)} failed"
-        + (": " + ", ".join(f"{r['model']} ({r['exporter']} opset {r['opset']})" for r in failed) if failed else "")
+        f"{len(table) - len(failed)} exports succeeded, {len(failed)} failed"
+        + (": " + ", ".join(f"{c[1]} ({c[2]} opset {c[3]})" for c in failed) if failed else "")
         + ".",
         "",
-        "| file | model | exporter | opset | input shape | KB | how it was made | versions | quirks / status |",
+        TABLE_HEADER,
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
-        lines.append(f"| {r['file'] if r['ok'] else '(failed)'} | {r['model']} | {r['exporter']} | {r['opset']} | "
-                     f"{'x'.join(map(str, r['input_shape']))} | {r.get('kb', '')} | {how(r['variant'])} | "
-                     f"{v} | {r.get('quirks', '') + '; ' if r['ok'] else ''}{r['status']} |")
+    lines += table
     counts = collections.Counter(op for s in ops.values() for op in s)
     lines += ["", f"## Op types across the corpus (number of the {len(ops)} files using each)", "",
               "| op type | files |", "| --- | --- |"]
@@ -401,7 +519,8 @@ def write_readme(rows: list[dict], ops: dict[str, set[str]], vers: dict[str, str
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", help="only these torchvision model names (default: all)")
+    parser.add_argument("models", nargs="*", help="only these model names (default: all); their README rows are "
+                        "replaced or added, the other rows kept")
     parser.add_argument("--no-check", action="store_true", help="do not fill and run the stripped files")
     args = parser.parse_args(argv)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -411,12 +530,14 @@ def main(argv=None) -> int:
         for spec in MODELS:
             if variant.models is not None and spec.name not in variant.models:
                 continue
+            if variant.exporter not in spec.exporters:
+                continue
             if args.models and spec.name not in args.models:
                 continue
             file = file_name(spec.name, variant)
             row = {"file": file, "model": spec.name, "family": spec.family, "exporter": variant.exporter,
-                   "opset": variant.opset, "input_shape": (1, 3, spec.size, spec.size), "ok": False,
-                   "variant": variant}
+                   "opset": variant.opset, "input_shape": spec.input_shape, "ok": False,
+                   "variant": variant, "task": spec.task}
             t0 = time.time()
             try:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -437,7 +558,9 @@ def main(argv=None) -> int:
                 traceback.print_exc()
             print(f"{file}: {row['status']} ({time.time() - t0:.1f} s)", flush=True)
             rows.append(row)
-    if not args.models:
+    if args.models:   # their rows replace (or join) the README's table
+        write_readme(rows, ops, vers, table=merged_table(rows, f"torch {vers['torch']}, torchvision {vers['torchvision']}"))
+    else:
         write_readme(rows, ops, vers)
         print("\nCORPUS entries for tests/corpus.py:")
         for r in rows:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -10,16 +11,25 @@ import onnx
 
 from tpusim import pipeline, workloads
 from tpusim.config import parse_override
-from tpusim.errors import TpusimError
+from tpusim.errors import TpusimError, TpusimWarning
 from tpusim.mapping import compile_program
 from tpusim.quant.export import export_qdq
 from tpusim.quant.stage import calibrate_and_quantize
-from tpusim.report.files import atomic_write_text
+from tpusim.report.files import atomic_write_text, check_output_dir, check_output_file
 from tpusim.compare import add_compare_command
 from tpusim.sweeps import add_sweep_command
 from tpusim.report.tables import format_table
 
 EXIT_USAGE = 2
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tpusim")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -59,17 +69,27 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration inputs: a .npy/.npz of input tensors or a folder of images "
                              "(default: a seeded synthetic set, reported as such)")
     parser.add_argument("--weights", choices=("per-tensor", "per-channel"),
-                        help="weight quantization granularity (overrides quant.weights)")
+                        help="weight quantization granularity (default: the config's quant.weights, per-channel "
+                             "in the shipped configs)")
     parser.add_argument("--calibration", choices=("minmax", "percentile", "entropy", "mse"),
-                        help="activation range method (overrides quant.calibration)")
+                        help="activation range method (default: the config's quant.calibration, percentile in "
+                             "the shipped configs)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in tpusim's one-line form (and exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"tpusim: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tpusim",
         description="Cycle-level, bit-exact simulator of a TPU-v1-style weight-stationary systolic array.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"tpusim {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     run = commands.add_parser("run", help="lower, quantize, map and simulate a model; write reports",
                               description="Run a model on the configured chip and write the reports to --out.")
@@ -137,6 +157,7 @@ def _overrides(items: Sequence[str], args: argparse.Namespace | None = None) -> 
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out if args.out is not None else Path("results"))
     options = pipeline.RunOptions(config=args.config, model=args.model, out_dir=args.out, batch=args.batch,
                                   overrides=_overrides(args.overrides, args), input_shape=args.input_shape,
                                   calib_data=args.calib_data, quantize=args.quantize, eval_samples=args.eval_samples,
@@ -169,6 +190,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output_file(args.output)
     options = pipeline.RunOptions(config=args.config, model=args.model, batch=args.batch,
                                   overrides=_overrides(args.overrides), input_shape=args.input_shape)
     config, graph, _ = pipeline.prepare(options)
@@ -191,13 +214,15 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    check_output_file(args.output)
     options = pipeline.RunOptions(config=args.config, model=args.model, batch=1, overrides=_overrides(args.overrides, args),
                                   input_shape=args.input_shape, calib_data=args.calib_data)
     config, graph, model_path = pipeline.prepare(options)
     if config.array.datatype != "int8":
         raise TpusimError(f"{args.config}: array.datatype is {config.array.datatype}; quantize needs an int8 config")
-    quantized = calibrate_and_quantize(graph, onnx.load(str(model_path)), config, args.calib_data)
-    workloads.save_model(export_qdq(quantized.qgraph, quantized.graph), args.output)
+    source = onnx.load(str(model_path))
+    quantized = calibrate_and_quantize(graph, source, config, args.calib_data)
+    workloads.save_model(export_qdq(quantized.qgraph, quantized.graph, like=source), args.output)
     if quantized.calibration.synthetic:
         print(f"tpusim: warning: calibrated on SYNTHETIC data ({quantized.calibration.source})", file=sys.stderr)
     print(f"wrote {args.output} ({config.quant.weights} weights, {config.quant.calibration} calibration, "
@@ -213,7 +238,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     report = check_model(load_model(path), str(path), input_shape=args.input_shape)
     rows = [{"node": n.name, "op": n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}",
              "status": n.status} for n in report.nodes]
-    print(format_table(("node", "op", "status"), rows))
+    print(format_table(("op", "status", "node"), rows, left=("op", "status", "node")))
     by_status: dict[str, int] = {}
     for n in report.nodes:
         by_status[n.status] = by_status.get(n.status, 0) + 1
@@ -236,21 +261,37 @@ def _cmd_workloads_list(args: argparse.Namespace) -> int:
 def _cmd_workloads_build(args: argparse.Namespace) -> int:
     if args.name not in workloads.WORKLOADS:
         raise TpusimError(f"{args.name}: unknown workload (built-in: {', '.join(workloads.WORKLOADS)})")
+    check_output_file(args.output)
     workloads.save_model(workloads.build_model(args.name, seed=args.seed), args.output)
     print(f"wrote {args.output}")
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+    """tpusim's own warnings (calibration data, ...) as one line on stderr; others as Python shows them."""
+    if issubclass(category, TpusimWarning):
+        print(f"tpusim: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", TpusimWarning)
+            warnings.showwarning = _show_warning
+            return args.handler(args)
     except TpusimError as exc:
         print(f"tpusim: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("tpusim: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`tpusim check m.onnx | head`): nothing more to say to it.
+        sys.stdout = None
+        return 0
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from tqdm import tqdm
 
 from tpusim import api
 from tpusim.config import load_config, parse_override
-from tpusim.errors import ConfigError
+from tpusim.errors import ConfigError, TpusimError
 from tpusim.pipeline import default_out_dir
-from tpusim.report.files import atomic_write_csv, atomic_write_text
+from tpusim.report.files import atomic_write_csv, atomic_write_text, check_output_dir
 from tpusim.report.tables import format_table
 
 WEIGHTS = ("per-tensor", "per-channel")
@@ -75,6 +75,8 @@ def _baseline(request: CompareRequest) -> api.Result | None:
 
 def compare(request: CompareRequest) -> list[dict[str, Any]]:
     """Run every (weights, calibration) point and the baseline; one row per point plus the baseline row."""
+    if isinstance(request.eval_samples, bool) or not isinstance(request.eval_samples, int) or request.eval_samples < 1:
+        raise TpusimError(f"eval_samples: expected a positive integer, got {request.eval_samples!r}")
     points = [(w, c) for w in request.weights for c in request.calibrations]
     bar = tqdm(total=len(points) + (request.baseline is not None), desc="compare (runs)", disable=not request.progress,
                file=sys.stderr)
@@ -150,6 +152,16 @@ def _list(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_compare_command(commands: argparse._SubParsersAction, add_model_arguments) -> None:
     parser = commands.add_parser(
         "compare", help="per-tensor vs per-channel x calibration methods (and FP32): accuracy, perf/W, latency",
@@ -164,7 +176,8 @@ def add_compare_command(commands: argparse._SubParsersAction, add_model_argument
     parser.add_argument("--baseline", default="fp32",
                         help="'fp32' (this config with FP32 MACs), a baseline config file, or 'none'")
     parser.add_argument("--calib-data", metavar="PATH", help="calibration inputs (.npy/.npz or image folder)")
-    parser.add_argument("--eval-samples", type=int, default=4, help="inputs on which fidelity is measured")
+    parser.add_argument("--eval-samples", type=_positive_int, default=4,
+                        help="inputs on which fidelity is measured (default 4)")
     parser.add_argument("--out", type=Path, help="output folder (default results/<model>-<config>/)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.set_defaults(handler=_cmd_compare)
@@ -176,8 +189,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         baseline=None if args.baseline == "none" else args.baseline, batch=args.batch,
         overrides=tuple(parse_override(item) for item in args.overrides), calib_data=args.calib_data,
         eval_samples=args.eval_samples, progress=args.progress)
-    rows = compare(request)
     out = args.out or default_out_dir(args.model, load_config(args.config, dict(request.overrides)))
+    check_output_dir(out)
+    rows = compare(request)
     csv_path = atomic_write_csv(out / "compare.csv", COLUMNS, rows)
     md_path = atomic_write_text(out / "compare.md", markdown(rows, f"{args.model} on {args.config.stem}, batch {args.batch}"))
     print(format_table(("weights", "calibration", "top1_agreement", "output_sqnr_db", "perf_per_w_gain_vs_fp32",

@@ -64,6 +64,16 @@ class WeightFifoConfig:
 
 
 @dataclass(frozen=True)
+class ComputedWeightsConfig:
+    """How an operand computed on the chip (attention's K and V) becomes the array's stationary weights:
+    ``host``, a round trip unified buffer -> host -> weight memory -> FIFO (TPU v1 as built), or
+    ``direct``, a unified-buffer -> FIFO path of ``direct_bytes_per_cycle``."""
+
+    path: Literal["host", "direct"]
+    direct_bytes_per_cycle: float = field(metadata=_range(0, None, lo_open=True))
+
+
+@dataclass(frozen=True)
 class HostConfig:
     bandwidth_gb_s: float = field(metadata=_range(0, None, lo_open=True))
     latency_cycles: int = field(metadata=_range(0))
@@ -80,6 +90,7 @@ class ActivationUnitConfig:
 class MappingConfig:
     pack_groups: bool
     sub_batching: bool
+    recurrent_input: Literal["hoisted", "per_step"]  # an LSTM/GRU's input GEMM x W^T: all steps at once or per step
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,7 @@ class HardwareConfig:
     unified_buffer: UnifiedBufferConfig
     accumulators: AccumulatorConfig
     weight_fifo: WeightFifoConfig
+    computed_weights: ComputedWeightsConfig
     host: HostConfig
     activation_unit: ActivationUnitConfig
     mapping: MappingConfig
@@ -257,12 +269,19 @@ def parse_override(text: str) -> tuple[str, Any]:
 def read_yaml_file(path: Path, what: str) -> Any:
     """Parse a YAML file strictly (duplicate keys refused); every failure is one ConfigError line."""
     where = str(path)
+    if path.is_dir():
+        raise ConfigError(f"{where}: is a folder, not a {what}")
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such {what}") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        hint = " (an ONNX model? it goes after --model)" if path.suffix.lower() == ".onnx" else ""
+        raise ConfigError(f"{where}: not a YAML {what}: binary, not UTF-8 text{hint}") from None
     try:
         loader = _UniqueKeyLoader(text)
         loader.name = where
@@ -277,8 +296,28 @@ def read_yaml_file(path: Path, what: str) -> Any:
         raise ConfigError(f"{where}: {line}invalid YAML: {problem}") from None
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/ folder
+
+
+def resolve_table_path(table: str, config_path: Path) -> Path:
+    """Where a config's ``energy.table`` is: an absolute path as it is; a relative one against the
+    config file's folder, or, when nothing is there, against tpusim's shipped ``configs/`` (so a
+    copy of a shipped config keeps working anywhere)."""
+    given = Path(table).expanduser()
+    if given.is_absolute():
+        return given
+    beside = (config_path.parent / given).resolve()
+    if beside.exists():
+        return beside
+    shipped = (SHIPPED_CONFIGS / given).resolve()
+    return shipped if shipped.is_file() else beside
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> HardwareConfig:
-    """Load and validate a YAML config; relative energy-table paths resolve against the file."""
+    """Load and validate a YAML config, and every file it names (the energy table), before any work.
+
+    A relative ``energy.table`` resolves against the config file's folder, then against tpusim's
+    shipped ``configs/`` (:func:`resolve_table_path`)."""
     path = Path(path)
     where = str(path)
     data = read_yaml_file(path, "config file")
@@ -287,8 +326,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ha
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value, f"{where} (--set {key})")
     energy = data.get("energy")
-    if isinstance(energy, dict) and isinstance(energy.get("table"), str):
-        table = Path(energy["table"])
-        if not table.is_absolute():
-            energy["table"] = str((path.parent / table).resolve())
-    return from_dict(data, where)
+    given_table = None
+    if isinstance(energy, dict) and isinstance(energy.get("table"), str) and energy["table"]:
+        given_table = energy["table"]
+        energy["table"] = str(resolve_table_path(given_table, path))
+    config = from_dict(data, where)
+    table = Path(config.energy.table)
+    if not table.is_file():
+        searched = "" if Path(given_table).expanduser().is_absolute() else \
+            f" (looked beside the config and in {SHIPPED_CONFIGS})"
+        raise ConfigError(f"{where}: energy.table: no such energy table file {given_table!r}{searched}")
+    from tpusim.energy.table import load_energy_table  # the table module reads YAML through this one
+
+    load_energy_table(table).dram_pj_per_byte(config.weight_memory.technology)
+    return config

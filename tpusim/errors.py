@@ -15,3 +15,15 @@ class ModelError(TpusimError):
 
 class DataError(TpusimError):
     """Calibration or input data is unusable."""
+
+
+class OutputError(TpusimError):
+    """An output file or folder cannot be written where the user asked."""
+
+
+class TpusimWarning(UserWarning):
+    """Something the user must not miss that does not stop the run; the CLI prints it as one line."""
+
+
+class CalibrationDataWarning(TpusimWarning):
+    """Calibration data that tpusim accepted but that weakens the ranges or the fidelity figures."""

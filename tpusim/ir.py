@@ -195,7 +195,7 @@ class LayerCounts:
 
     macs: int = 0                 # useful multiply-accumulates
     mac_slots: int = 0            # active cycles x rows x cols (PE-cycles the array was streaming)
-    weight_dram_bytes: int = 0    # weights read from the weight memory
+    weight_dram_bytes: int = 0    # weights read from (or written by the host into) the weight memory
     weight_fifo_bytes: int = 0    # bytes written to (and later read from) the weight FIFO
     weight_shift_bytes: int = 0   # byte-hops of weights shifting down the array's registers
     ub_read_bytes: int = 0        # unified buffer reads (activations into the array, residual operands)
@@ -209,4 +209,6 @@ class LayerCounts:
     pool_ops: int = 0             # compare/add ops of pooling
     host_in_bytes: int = 0        # PCIe host -> unified buffer
     host_out_bytes: int = 0       # PCIe unified buffer -> host
+    host_weight_bytes: int = 0    # PCIe host -> weight memory (an operand computed on chip made the array's
+                                  # weights; its write into the weight memory is in weight_dram_bytes too)
 

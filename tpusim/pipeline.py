@@ -22,7 +22,7 @@ from tpusim.quant.stage import QuantOutcome, quantize_and_measure
 from tpusim.rescale import LayerRescale, per_tensor_twin, rescale_report
 from tpusim.report import run_report
 from tpusim.report.plots import plot_energy_breakdown, plot_latency_breakdown, plot_roofline
-from tpusim.report.files import atomic_write_csv, atomic_write_json, atomic_write_text
+from tpusim.report.files import atomic_write_csv, atomic_write_json, atomic_write_text, file_set
 from tpusim.sim import SimResult, simulate_program
 
 
@@ -187,5 +187,6 @@ def run(options: RunOptions) -> RunResult:
     config, graph, model_path = prepare(options)
     evaluation = evaluate(config, graph, model_path, options)
     out_dir = options.out_dir or default_out_dir(options.model, config)
-    files = write_reports(config, evaluation, out_dir)
+    with file_set(out_dir) as staging:
+        files = tuple(out_dir / path.name for path in write_reports(config, evaluation, staging))
     return RunResult(config=config, graph=graph, evaluation=evaluation, out_dir=out_dir, files=files)

@@ -15,25 +15,36 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import concurrent.futures
+import functools
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from tqdm import tqdm
 
-from tpusim.api import Result, simulate
 from tpusim.config import load_config
-from tpusim.errors import ConfigError, ModelError, TpusimError
-from tpusim.pipeline import model_label, resolve_model
-from tpusim.report.files import atomic_write_csv, atomic_write_json
+from tpusim.errors import ConfigError, TpusimError
+
+if TYPE_CHECKING:
+    from tpusim.api import Result
+# tpusim.api and tpusim.pipeline (the whole simulator) are imported where used, so that a sweep
+# worker process starts in a fraction of a second and imports them once, for its first point.
+from tpusim.report.files import atomic_write_csv, atomic_write_json, check_output_dir
 from tpusim.report.tables import format_table
 
 POINTS_DIR = "points"
@@ -63,6 +74,8 @@ class SweepPoint:
     @property
     def params(self) -> dict[str, Any]:
         """The swept parameters as they appear in the sweep's table."""
+        from tpusim.pipeline import model_label
+
         return {"model": model_label(self.model), "batch": self.batch, **dict(self.overrides)}
 
     def label(self) -> str:
@@ -78,9 +91,11 @@ def point_key(config_digest: str, model: str, model_digest: str, batch: int,
 
 
 def _model_digest(model: str) -> str:
+    from tpusim.frontend import load_onnx
+    from tpusim.pipeline import resolve_model
+
     path = resolve_model(model)
-    if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
+    load_onnx(path, batch=1)  # a missing, corrupt or unsupported model fails here, in one line, before any work
     return _file_digest(path)
 
 
@@ -179,6 +194,8 @@ def point_record(point: SweepPoint, result: Result) -> dict[str, Any]:
 
 def simulate_point(config: str, point: SweepPoint) -> dict[str, Any]:
     """Run one point (in a worker process, local or Dask) and return its record."""
+    from tpusim.api import simulate
+
     result = simulate(config, point.model, batch=point.batch, overrides=dict(point.overrides),
                       quantize=point.quantize)
     return point_record(point, result)
@@ -221,19 +238,213 @@ def _run_in_process(config: str, points: Sequence[SweepPoint]) -> Completed:
         yield point, _checked(point, lambda: simulate_point(config, point))
 
 
-def _run_local(config: str, points: Sequence[SweepPoint], jobs: int) -> Completed:
-    # forkserver: forking a parent that has threads (a notebook kernel, tqdm) can deadlock a worker
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs,
-                                                mp_context=multiprocessing.get_context(method)) as pool:
-        futures = {pool.submit(simulate_point, config, point): point for point in points}
+# Local workers are plain ``python -c`` processes of our own rather than a multiprocessing pool:
+# - they never re-import the caller's ``__main__`` (spawn/forkserver do), so a script that calls
+#   ``tpusim.sweep`` at top level works without an ``if __name__ == "__main__":`` guard;
+# - they run in their own session and ignore SIGINT, so an interrupt reaches only this process,
+#   which kills them (SIGKILL) and waits for them: nothing is left half-done on a lock, no exit
+#   handler waits on a queue, and no helper process (resource tracker, fork server) exists;
+# - each watches its parent and exits if the parent is gone (killed with SIGKILL, say).
+# Tasks and results are pickled frames over the worker's stdin and a private copy of its stdout.
+_WORKER_CODE = "from tpusim.sweeps import _worker_main; _worker_main()"
+_FRAME_HEADER = struct.Struct("!Q")
+
+
+def _write_frame(stream: Any, obj: Any) -> None:
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_FRAME_HEADER.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def _read_exactly(stream: Any, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(stream: Any) -> Any:
+    """The next object, or None at end of stream (the other side closed or died)."""
+    header = _read_exactly(stream, _FRAME_HEADER.size)
+    if header is None:
+        return None
+    payload = _read_exactly(stream, _FRAME_HEADER.unpack(header)[0])
+    return None if payload is None else pickle.loads(payload)
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(0.2)
+        if os.getppid() != parent:
+            os._exit(3)
+
+
+def _worker_main() -> None:
+    """A pool worker: reads (function, argument) frames from stdin and answers each with ("ok", result),
+    ("user", message) for bad input (a TpusimError), or ("crash", description); exits at end of input."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the result stream
+    tasks = os.fdopen(os.dup(0), "rb")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    threading.Thread(target=_watch_parent, args=(int(sys.argv[1]),), daemon=True).start()
+    while True:
         try:
-            for future in concurrent.futures.as_completed(futures):
-                point = futures[future]
-                yield point, _checked(point, future.result)
-        finally:
-            for future in futures:
-                future.cancel()
+            task = _read_frame(tasks)
+        except Exception as exc:
+            _write_frame(replies, ("crash", f"cannot read the task: {exc!r}"))
+            return
+        if task is None:
+            return
+        function, argument = task
+        try:
+            reply: tuple[str, Any] = ("ok", function(argument))
+        except TpusimError as exc:
+            reply = ("user", str(exc))
+        except Exception as exc:  # the parent reports it as the task's failure, with this traceback
+            reply = ("crash", f"{exc!r}\n{traceback.format_exc()}")
+        _write_frame(replies, reply)
+
+
+class _NoInterrupt:
+    """Ctrl-C held back until the block ends while worker processes are started or torn down, so an
+    interrupt can never leave a started worker unrecorded or a recorded one not killed. (Python runs
+    signal handlers in the main thread only; elsewhere there is nothing to hold back.)"""
+
+    def __enter__(self) -> None:
+        self.caught = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._defer)
+
+    def _defer(self, signum: int, frame: Any) -> None:
+        self.caught = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is None:
+            return
+        signal.signal(signal.SIGINT, self.previous)
+        if self.caught:
+            if callable(self.previous):
+                self.previous(signal.SIGINT, None)
+            elif self.previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+class TaskFailed(Exception):
+    """A task raised in a worker: ``user`` for a TpusimError (``message`` is its text), else a crash."""
+
+    def __init__(self, user: bool, message: str, item: Any = None):
+        super().__init__(message)
+        self.user, self.message, self.item = user, message, item
+
+
+class _Worker:
+    def __init__(self) -> None:
+        import tpusim
+
+        env = dict(os.environ)
+        package_root = str(Path(tpusim.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self.process = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, str(os.getpid())],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                        start_new_session=True)
+        self.item: Any = None
+
+    @property
+    def fd(self) -> int:
+        return self.process.stdout.fileno()
+
+    def submit(self, function: Callable[[Any], Any], item: Any) -> None:
+        self.item = item
+        try:
+            _write_frame(self.process.stdin, (function, item))
+        except OSError:  # the worker is gone (killed from outside, out of memory)
+            raise TaskFailed(False, f"its worker process died (exit code {self.process.wait()})", item) from None
+
+    def result(self) -> Any:
+        reply = _read_frame(self.process.stdout)
+        if reply is None:
+            raise TaskFailed(False, f"its worker process died (exit code {self.process.wait()})")
+        kind, value = reply
+        if kind == "ok":
+            return value
+        raise TaskFailed(kind == "user", value)
+
+    def stop(self, kill: bool) -> None:
+        if kill and self.process.poll() is None:
+            self.process.kill()
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout=None if kill else 10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def pool_map(function: Callable[[Any], Any], items: Sequence[Any], jobs: int) -> Iterator[tuple[Any, Any]]:
+    """``(item, function(item))`` for every item, in completion order, computed on ``jobs`` local worker
+    processes; ``function`` and the items must pickle (a module-level function, ``functools.partial``).
+    A task that raises ends the iteration with :class:`TaskFailed`. However the iteration ends
+    (exhausted, an exception, ``close()``, Ctrl-C), every worker is gone when it has ended."""
+    workers: list[_Worker] = []
+    todo = list(reversed(items))
+    finished = False
+    try:
+        for _ in range(min(jobs, len(items))):
+            with _NoInterrupt():
+                workers.append(_Worker())
+        idle = list(workers)
+        busy: dict[int, _Worker] = {}
+        while todo or busy:
+            while todo and idle:
+                worker = idle.pop()
+                worker.submit(function, todo.pop())
+                busy[worker.fd] = worker
+            ready, _, _ = select.select(list(busy), [], [])
+            for fd in ready:
+                worker = busy.pop(fd)
+                item = worker.item
+                try:
+                    result = worker.result()
+                except TaskFailed as failure:
+                    failure.item = item
+                    raise
+                idle.append(worker)
+                yield item, result
+        finished = True
+    finally:
+        with _NoInterrupt():
+            for worker in workers:
+                worker.stop(kill=not finished)
+
+
+def _run_local(config: str, points: Sequence[SweepPoint], jobs: int) -> Completed:
+    completed = pool_map(functools.partial(simulate_point, config), points, jobs)
+    try:
+        while True:
+            try:
+                point, record = next(completed)
+            except StopIteration:
+                return
+            except TaskFailed as failure:
+                point = failure.item
+                if failure.user:
+                    raise SweepError(f"sweep point {point.label()}: {failure.message}") from None
+                raise RuntimeError(f"sweep point {point.label()} failed: {failure.message}") from None
+            yield point, record
+    finally:
+        completed.close()
 
 
 def _run_dask(config: str, points: Sequence[SweepPoint], scheduler: str | None, jobs: int) -> Completed:
@@ -302,9 +513,11 @@ def sweep(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Seq
         raise SweepError("a scheduler address needs executor 'dask'")
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise SweepError(f"jobs: expected a positive integer, got {jobs!r}")
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        check_output_dir(out_dir, "out")
     config_path = Path(config).resolve()
     points = build_points(config_path, model, grid, zip=zip, batch=batch, quantize=quantize)
-    out_dir = Path(out) if out is not None else None
     store = _PointStore(out_dir)
     if fresh:
         store.discard_all()
@@ -330,12 +543,17 @@ def sweep(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Seq
         completed = _run_in_process(str(config_path), todo)
     else:
         completed = _run_local(str(config_path), todo, workers)
-    with tqdm(total=len(records) + len(todo), initial=len(records), desc="sweep", unit="point",
-              disable=not progress) as bar:
-        for point, record in completed:
-            store.save(point, record)
-            records[point.key] = record
-            bar.update()
+    try:
+        with tqdm(total=len(records) + len(todo), initial=len(records), desc="sweep", unit="point",
+                  disable=not progress) as bar:
+            for point, record in completed:
+                store.save(point, record)
+                records[point.key] = record
+                bar.update()
+    finally:
+        close = getattr(completed, "close", None)
+        if close is not None:
+            close()  # stops (kills) the workers now, not when the generator is collected
 
     rows = [dict(records[point.key]) for point in points]
     if out_dir is not None:
@@ -424,6 +642,8 @@ def add_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from tpusim.pipeline import model_label
+
     grid: dict[str, list[Any]] = {}
     for item in args.grid:
         key, values = parse_set(item)
@@ -435,6 +655,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise SweepError(f"--model {args.model!r}: expected model names")
     batches = parse_values(args.batch)
     out = args.out or Path("results") / f"sweep-{'-'.join(model_label(m) for m in models)}-{Path(args.config).stem}"
+    check_output_dir(out)
     rows = sweep(args.config, models, grid, zip=args.zip, batch=batches, out=out, fresh=args.fresh,
                  executor=args.executor, scheduler=args.scheduler, jobs=args.jobs, quantize=args.quantize)
     shown = ["model", "batch", *grid, "latency_s", "tops", "utilization", "total_tops_per_w"]

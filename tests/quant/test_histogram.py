@@ -5,13 +5,17 @@ import numpy as np
 import pytest
 
 from tpusim.errors import DataError
+from tpusim.quant import histogram
 from tpusim.quant.histogram import (
     TensorStats,
     _bin_counts,
-    _finite_min_max,
+    _coarsened,
+    _extremes,
     bin_counts_reference,
+    extremes_reference,
     merge,
     observe,
+    rebin_reference,
 )
 
 
@@ -50,9 +54,18 @@ def test_bin_kernel_reports_values_outside_window():
 
 
 def test_min_max_kernel_flags_non_finite():
-    assert _finite_min_max(np.array([2.0, -1.0, 5.0])) == (True, -1.0, 5.0)
-    assert not _finite_min_max(np.array([2.0, np.nan]))[0]
-    assert not _finite_min_max(np.array([np.inf, 1.0], dtype=np.float32))[0]
+    assert _extremes(np.array([2.0, -1.0, 5.0])) == (True, -1.0, 5.0)
+    for dtype in (np.float32, np.float64):
+        for bad in (np.nan, np.inf, -np.inf, -np.nan):
+            for where in range(3):
+                x = np.array([2.0, -1.0, 5.0], dtype=dtype)
+                x[where] = bad
+                assert not _extremes(x)[0]
+    # the largest finite values and the smallest subnormals are finite
+    for dtype in (np.float32, np.float64):
+        info = np.finfo(dtype)
+        x = np.array([info.max, -info.max, info.smallest_subnormal, -info.smallest_subnormal], dtype=dtype)
+        assert _extremes(x) == (True, float(-info.max), float(info.max))
 
 
 def test_histogram_always_contains_zero_as_an_edge():
@@ -150,3 +163,180 @@ def test_observe_is_fast_on_a_large_activation():
     elapsed = time.perf_counter() - start
     assert s.count == x.size
     assert elapsed < 0.25, f"observe took {elapsed:.3f} s"
+
+
+# ------------------------------------------------- the implementation before the compiled kernels, as oracle
+#
+# observe and merge as they were (a scan keeping the first of equal values for the extremes, one counted
+# value at a time, numpy's add.at for merging), in plain Python: every statistic must match it bit for bit.
+
+def _old_min_max(flat: np.ndarray) -> tuple[float, float]:
+    lo = hi = flat[0]
+    for v in flat.tolist():
+        if v < lo:
+            lo = v
+        elif v > hi:
+            hi = v
+    return float(lo), float(hi)
+
+
+def _old_observe(x: np.ndarray, bins: int) -> TensorStats:
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    flat = np.ascontiguousarray(x).reshape(-1)
+    data_min, data_max = _old_min_max(flat)
+    level, first_bin = histogram._window(data_min, data_max, bins, histogram._MIN_LEVEL)
+    inv_width = math.ldexp(1.0, -level)
+    counts = np.zeros(bins, dtype=np.int64)
+    for v in flat.tolist():
+        g = math.floor(v * inv_width)
+        if g == 0 and v < 0.0:
+            g = -1
+        counts[g - first_bin] += 1
+    return histogram._stats(data_min, data_max, counts, level, first_bin, "tensor")
+
+
+def _old_merge(a: TensorStats, b: TensorStats) -> TensorStats:
+    data_min, data_max = min(a.min, b.min), max(a.max, b.max)
+    level, first_bin = histogram._window(data_min, data_max, a.bins, max(a.level, b.level))
+    counts = sum(rebin_reference(s.counts, s.first_bin, level - s.level, first_bin) for s in (a, b))
+    return histogram._stats(data_min, data_max, counts, level, first_bin, "merged tensor")
+
+
+def _assert_bit_identical(a: TensorStats, b: TensorStats) -> None:
+    _assert_same(a, b)
+    assert [math.copysign(1.0, v) for v in (a.min, a.max)] == [math.copysign(1.0, v) for v in (b.min, b.max)]
+    assert a.counts.dtype == b.counts.dtype == np.int64
+
+
+def _edge_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)
+    relu = np.maximum(rng.normal(size=5000), 0.0).astype(np.float32)
+    signed_zeros = relu.copy()
+    signed_zeros[rng.choice(signed_zeros.size, 300, replace=False)] = -0.0
+    info32, info64 = np.finfo(np.float32), np.finfo(np.float64)
+    return {
+        "normal float32": rng.normal(0.3, 2.0, 20_000).astype(np.float32),
+        "normal float64": rng.normal(-1.0, 1e-3, 3001),
+        "relu (half exact zeros)": relu,
+        "relu with -0.0 mixed in": signed_zeros,
+        "-0.0 first, then +0.0": np.array([-0.0, 0.0, 1.5, 0.0], dtype=np.float32),
+        "+0.0 first, then -0.0": np.array([0.0, -0.0, -1.5, -0.0]),
+        "zeros only": np.zeros(4099, dtype=np.float32),
+        "-0.0 only": np.full(33, -0.0),
+        "mixed signed zeros only": np.array([-0.0, 0.0, -0.0, 0.0]),
+        "negative only": -rng.uniform(0.5, 7.0, 2500).astype(np.float32),
+        "negative only, float64 far from 0": -rng.uniform(1e6, 1e6 + 1, 1000),
+        "positive only, one decade": rng.uniform(10.0, 100.0, 1500),
+        "one value": np.array([3.25], dtype=np.float32),
+        "one negative value": np.array([-1e-30]),
+        "one zero": np.array([0.0], dtype=np.float32),
+        "a scalar": np.array(-2.5),
+        "constant": np.full(5000, 6.0, dtype=np.float32),
+        "constant tiny negative": np.full(100, -1e-310),
+        "huge range float64": np.array([-1e300, 1e-300, -1e-310, 0.0, 1e300, 5e-324, -5e-324]),
+        "huge range float32": np.array([info32.max, -info32.max, info32.smallest_subnormal, 0.0], dtype=np.float32),
+        "largest float64": np.array([info64.max / 4, -info64.max / 4, 1.0]),
+        "tiny subnormals": np.array([5e-324, -5e-324, 1e-323, 0.0]),
+        "on bin edges": np.arange(-64, 64, dtype=np.float64) / 8.0,
+        "int8": rng.integers(-128, 128, 3000).astype(np.int8),
+        "uint8 image": rng.integers(0, 256, (3, 32, 32)).astype(np.uint8),
+        "int64 huge": np.array([-(2**62), 2**62, 7], dtype=np.int64),
+        "int32 negative": rng.integers(-1000, -1, 777).astype(np.int32),
+        "bool": rng.random(100) > 0.5,
+        "float16": rng.normal(size=500).astype(np.float16),
+        "transposed (not contiguous)": rng.normal(size=(64, 33)).astype(np.float32).T,
+        "chunk-sized": rng.normal(size=1024).astype(np.float32),
+        "chunk plus one": rng.normal(size=1025).astype(np.float32),
+        "not a multiple of the ways": rng.normal(size=4 * 1024 + 3).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("case", list(_edge_cases()))
+@pytest.mark.parametrize("bins", [2, 7, 64, 2048])
+def test_observe_matches_the_previous_implementation_bit_for_bit(case, bins):
+    x = _edge_cases()[case]
+    _assert_bit_identical(observe(x, bins), _old_observe(x, bins))
+
+
+def test_observe_matches_the_previous_implementation_on_random_tensors():
+    rng = np.random.default_rng(12)
+    for trial in range(40):
+        size = int(rng.integers(1, 30_000))
+        scale = 10.0 ** rng.uniform(-30, 30)
+        x = rng.standard_normal(size) * scale + rng.choice([0.0, scale, -scale * 3])
+        if trial % 3 == 0:
+            x = np.maximum(x, 0.0)
+        if trial % 4 == 1:
+            x = x.astype(np.float32)
+        if trial % 5 == 2:
+            x = np.round(x / scale * 4) * scale  # few distinct values: long runs in a bin
+        bins = int(rng.choice([16, 100, 2048, 4096]))
+        _assert_bit_identical(observe(x, bins), _old_observe(x, bins))
+
+
+def test_merge_matches_the_previous_implementation_bit_for_bit():
+    rng = np.random.default_rng(13)
+    cases = list(_edge_cases().values())
+    for trial in range(60):
+        a, b = (cases[i] for i in rng.integers(0, len(cases), 2))
+        bins = int(rng.choice([7, 64, 2048]))
+        sa, sb = observe(a, bins), observe(b, bins)
+        _assert_bit_identical(merge(sa, sb), _old_merge(sa, sb))
+    # a sequence across wildly different levels, running and against the whole
+    for bins in (16, 2048):
+        running = old = None
+        for x in cases[:12]:
+            s = observe(x, bins)
+            running = s if running is None else merge(running, s)
+            old = s if old is None else _old_merge(old, s)
+        _assert_bit_identical(running, old)
+
+
+def test_extremes_kernel_matches_its_oracle():
+    for case, x in _edge_cases().items():
+        flat = np.ascontiguousarray(x).reshape(-1)
+        if flat.dtype not in (np.float32, np.float64):
+            flat = flat.astype(np.float64)
+        got, want = _extremes(flat), extremes_reference(flat)
+        assert got == want, case
+        assert [math.copysign(1.0, v) for v in got[1:]] == [math.copysign(1.0, v) for v in want[1:]], case
+        assert got[1:] == _old_min_max(flat), case
+
+
+def test_bin_kernel_matches_oracle_on_zero_heavy_and_constant_data():
+    rng = np.random.default_rng(14)
+    for level, first_bin, data in [
+        (-2, 0, np.maximum(rng.normal(size=9000), 0.0)),  # the bin of 0 spread over slots
+        (-5, -32, np.where(rng.random(9000) < 0.7, 0.0, rng.normal(size=9000) * 0.1)),
+        (0, -3, np.full(5000, 2.0, dtype=np.float32)),  # one bin, all ways
+        (2, 5, rng.uniform(20, 40, 3000)),  # a window that does not hold 0
+        (3, -10, np.zeros(17)),  # fewer values than the ways times the spread
+    ]:
+        inside, counts = _bin_counts(data, math.ldexp(1.0, -level), first_bin, 64)
+        assert inside
+        np.testing.assert_array_equal(counts, bin_counts_reference(data, level, first_bin, 64))
+
+
+def test_bin_kernel_reports_any_value_outside_the_window():
+    for data, first_bin in [([0.5, 9.0], 0), ([1e300], 0), ([-1e300], 0), ([-0.5], 0), ([-1e-310], 0),
+                            ([3.0] * 5000 + [-4.0], -3)]:
+        inside, _ = _bin_counts(np.array(data), 1.0, first_bin, 8)
+        assert not inside, data
+    assert _bin_counts(np.array([-0.5]), 1.0, -1, 8)[0]
+
+
+def test_coarsening_kernel_matches_its_oracle():
+    rng = np.random.default_rng(15)
+    for _ in range(200):
+        bins = int(rng.integers(2, 300))
+        counts = rng.integers(0, 5, bins) * (rng.random(bins) < 0.5)
+        first_bin = int(rng.integers(-bins, 1))
+        shift = int(rng.choice([0, 1, 2, 5, 30, 63, 64, 200, 2000]))
+        new_first = int(first_bin >> min(shift, 63))
+        inside, got = _coarsened(counts.astype(np.int64), first_bin, shift, new_first)
+        assert inside
+        np.testing.assert_array_equal(got, rebin_reference(counts.astype(np.int64), first_bin, shift, new_first))
+    assert not _coarsened(np.array([0, 0, 1], dtype=np.int64), 0, 0, 3)[0]  # an occupied bin outside
+    assert _coarsened(np.array([0, 0, 0], dtype=np.int64), 0, 0, 3)[0]  # empty bins may fall anywhere

@@ -9,6 +9,9 @@ Where each count's energy goes:
   buffer's side of host and spill transfers is charged to ``host`` and ``spill`` along with the
   PCIe link, so those components hold the whole cost of moving the data.
 - ``spill_bytes`` counts both directions; half are unified-buffer reads (spill), half writes (refill).
+- ``host_weight_bytes`` (host -> weight memory, an operand computed on chip made the array's weights)
+  cost the PCIe link here; their write into the weight memory is counted in ``weight_dram_bytes`` and
+  priced like a read (the table has one DRAM figure per technology).
 - Per-channel requant multipliers/shifts are read from the unified buffer (assumption: the
   config has no separate parameter memory).
 """
@@ -124,6 +127,7 @@ def priced_layer_energy(counts: LayerCounts, prices: ActionPrices) -> LayerEnerg
         host=(
             counts.host_in_bytes * (p.host_link_byte + p.ub_write_byte)
             + counts.host_out_bytes * (p.host_link_byte + p.ub_read_byte)
+            + counts.host_weight_bytes * p.host_link_byte
         ),
         spill=counts.spill_bytes * (p.host_link_byte + (p.ub_read_byte + p.ub_write_byte) / 2),
     )

@@ -976,6 +976,8 @@ def _fold_node(work: _Work, node: onnx.NodeProto) -> list[np.ndarray | None] | N
     inputs = [name for name in node.input if name]
     if not inputs or not all(name in work.inits for name in inputs):
         return None
+    if op == "GatherElements":
+        return [_gather_elements(work, node)]
     from onnx.reference import ReferenceEvaluator
 
     # A one-node model, not the bare NodeProto: given a node, the evaluator ignores ``opsets`` and
@@ -994,6 +996,23 @@ def _fold_node(work: _Work, node: onnx.NodeProto) -> list[np.ndarray | None] | N
     except Exception as exc:
         raise _node_error(work.where, node, f"cannot fold this constant computation: {_first_line(exc)}") from None
     return [np.asarray(results[name]) if name else None for name in node.output]
+
+
+def _gather_elements(work: _Work, node: onnx.NodeProto) -> np.ndarray:
+    """GatherElements of constants in numpy: onnx's reference evaluator (1.23) fails whenever the indices
+    are shorter than the data along the axis (HF BERT's ``token_type_ids`` buffer gathered at the
+    position ids)."""
+    data, indices = work.array(node.input[0]), work.array(node.input[1]).astype(np.int64)
+    if data.ndim != indices.ndim:
+        raise _node_error(work.where, node, f"cannot fold: data of rank {data.ndim}, indices of rank {indices.ndim}")
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % data.ndim
+    if any(i > d for k, (i, d) in enumerate(zip(indices.shape, data.shape)) if k != axis):
+        raise _node_error(work.where, node, f"cannot fold: indices {indices.shape} exceed data {data.shape}")
+    window = tuple(slice(None) if k == axis else slice(0, n) for k, n in enumerate(indices.shape))
+    dim = data.shape[axis]
+    if np.any(indices < -dim) or np.any(indices >= dim):
+        raise _node_error(work.where, node, f"cannot fold: an index is out of range for axis {axis} of size {dim}")
+    return np.take_along_axis(data[window], np.where(indices < 0, indices + dim, indices), axis)
 
 
 # ---------------------------------------------------------------------------------------------

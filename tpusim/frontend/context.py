@@ -47,6 +47,9 @@ class LowerContext:
     consumers: dict[str, int]
     graph_outputs: set[str]
     constants: dict[str, np.ndarray]
+    # The file was exported for exactly one sample (a fixed batch of 1) and runs so: no dim has to
+    # stay the batch, so layout ops may move axis 0 (torchvision ViT's sequence-first attention).
+    single_sample: bool = False
     shapes: dict[str, Shape] = field(default_factory=dict)
     alias: dict[str, str] = field(default_factory=dict)
     records: list[LayerRecord] = field(default_factory=list)

@@ -91,9 +91,9 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     inputs = [vi for vi in graph.input if vi.name not in constants]
     elem_type = inputs[0].type.tensor_type.elem_type
-    if elem_type != onnx.TensorProto.FLOAT:
+    if elem_type not in (onnx.TensorProto.FLOAT, *INDEX_INPUT_TYPES):
         raise ModelError(f"{where}: input {inputs[0].name!r} is {onnx.TensorProto.DataType.Name(elem_type)}; "
-                         "tpusim reads FP32 models and quantizes them itself")
+                         "tpusim reads FP32 models (or int64 token ids) and quantizes them itself")
     shape = canonical.input_shape
     consumers: dict[str, int] = {}
     for node in graph.node:
@@ -101,6 +101,7 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
             consumers[name] = consumers.get(name, 0) + 1
     # Canonicalisation already retargeted hard-coded batch dims, so the run's batch is the one to keep.
     ctx = LowerContext(where=where, opset=opset, original_batch=shape[0], consumers=consumers,
+                       single_sample=canonical.original_batch == 1 and shape[0] == 1,
                        graph_outputs={o.name for o in graph.output}, constants=constants,
                        model_quantized=frozenset(stripped.activations))
     ctx.shapes[inputs[0].name] = shape
@@ -130,13 +131,54 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
     grids = None
     if quantized_model:
         grids = {name: grid.qparams() for name, grid in stripped.activations.items()}
+        _grids_back_through_grid_keeping_ops(ctx.records, grids, outputs)
     for record in ctx.records:
         record.attrs = record.attrs + weight_attrs.get(record.name, ())
         if quantized_model:
             _restore_folded_relu(record, grids)
     layers = _prune_dead(tuple(record.freeze() for record in ctx.records), outputs)
+    if elem_type != onnx.TensorProto.FLOAT:
+        _check_index_input(where, inputs[0], layers)
     return Graph(name=graph.name or Path(where).stem, input_name=inputs[0].name, input_shape=shape,
                  outputs=outputs, layers=layers, model_grids=grids)
+
+
+# Integer inputs tpusim reads: token ids, which only embedding lookups may read (``index_rows`` on the layer).
+INDEX_INPUT_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def index_rows(graph: Graph) -> int | None:
+    """The row count of the tables a graph input of token ids indexes (every id must lie below it), or
+    None when the input is a float tensor."""
+    rows = [layer.attr("index_rows") for layer in graph.layers
+            if graph.input_name in layer.inputs and layer.attr("index_rows") is not None]
+    return min(rows) if rows else None
+
+
+def _check_index_input(where: str, value: onnx.ValueInfoProto, layers: tuple[Layer, ...]) -> None:
+    """An integer graph input must be token ids: read by embedding lookups (Gather of a table) only."""
+    readers = [layer for layer in layers if value.name in layer.inputs]
+    others = [layer.name for layer in readers if layer.attr("index_rows") is None]
+    kind = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+    if not readers or others:
+        raise ModelError(f"{where}: input {value.name!r} is {kind}, which tpusim reads only as token ids of an "
+                         f"embedding lookup (Gather of a constant table), but {', '.join(others[:3]) or 'nothing'} "
+                         "reads it otherwise")
+
+
+def _grids_back_through_grid_keeping_ops(records, grids, outputs) -> None:
+    """A grid-keeping op (max pooling, reshape, a clamp, ...: ``inherits_grid``) whose output the model
+    quantizes but whose input it leaves in float: PT2E's X86InductorQuantizer writes Add -> Relu ->
+    MaxPool -> QuantizeLinear. The op cannot requantize, so its input takes the output's grid rather
+    than a calibrated one; rounding to a grid commutes with what these ops do (selection, layout,
+    clamping; average pooling to within its own rounding), so the integers are still those of the
+    model. Only for an input that nothing else reads."""
+    readers = Counter(name for record in records for name in record.inputs)
+    for record in reversed(records):
+        source = record.inputs[0] if record.inputs else None
+        if (source is not None and ops.op(record.op).inherits_grid and record.output in grids
+                and source not in grids and readers[source] == 1 and source not in outputs):
+            grids[source] = grids[record.output]
 
 
 def _restore_folded_relu(record, grids) -> None:

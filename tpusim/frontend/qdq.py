@@ -27,8 +27,12 @@ stored in float and quantized in the graph (``Q(W) -> DQ``; its integers are com
 formula), Identity/Constant nodes between a constant and its DQ, one Q feeding several DQs and several
 Qs on one tensor (all must agree), Q/DQ in the ``com.microsoft`` domain (ONNX Runtime's contrib
 versions), an integer graph input read through DQ and a graph output ending in Q without DQ (both
-then exchange the dequantized float values; their names are in ``integer_io``). A node that reads a
-quantized tensor directly in float, bypassing its Q -> DQ, is listed in ``float_readers``.
+then exchange the dequantized float values; their names are in ``integer_io``), and a ``Clip`` with
+constant integer bounds between a Q and its DQ (``Q -> Clip -> DQ``): a grid narrower than its
+integer type. PyTorch's TorchScript exporter writes that for a fake-quantized tensor whose range is
+[0, 127] (``reduce_range=True``, the x86/fbgemm default for activations): uint8 Q, then Clip to 127.
+A node that reads a quantized tensor directly in float, bypassing its Q -> DQ, is listed in
+``float_readers``.
 
 Removing a Q -> DQ pair removes its rounding *and its clamping*. ONNX Runtime relies on the clamping:
 when a Relu's (or ReLU6 Clip's) output grid is asymmetric with its zero point at the lowest integer,
@@ -79,31 +83,34 @@ class TensorQuant:
     """An activation tensor's grid, as the model's QuantizeLinear stores it: ``x ~ scale * (q - zero_point)``.
 
     ``q`` saturates to the full range of ``dtype`` (int8 [-128, 127], uint8 [0, 255]), as
-    QuantizeLinear does.
+    QuantizeLinear does, or to ``qrange`` when the model clips the integers further (Q -> Clip -> DQ).
     """
 
     scale: float          # a float32 value
     zero_point: int
     dtype: np.dtype       # np.int8 or np.uint8
+    qrange: tuple[int, int] | None = None   # integer bounds narrower than dtype's, else None
 
     @property
     def qmin(self) -> int:
-        return int(np.iinfo(self.dtype).min)
+        return int(np.iinfo(self.dtype).min) if self.qrange is None else self.qrange[0]
 
     @property
     def qmax(self) -> int:
-        return int(np.iinfo(self.dtype).max)
+        return int(np.iinfo(self.dtype).max) if self.qrange is None else self.qrange[1]
 
     def qparams(self) -> QParams:
-        """The same grid as tpusim's :class:`~tpusim.quant.arithmetic.QParams` (full integer range)."""
+        """The same grid as tpusim's :class:`~tpusim.quant.arithmetic.QParams` (``qmin``/``qmax`` as above)."""
         return QParams(np.array(self.scale), np.array(self.zero_point), self.qmin, self.qmax)
 
     def same_grid(self, other: "TensorQuant") -> bool:
         return (np.float32(self.scale) == np.float32(other.scale) and self.zero_point == other.zero_point
-                and self.dtype == other.dtype)
+                and self.dtype == other.dtype and (self.qmin, self.qmax) == (other.qmin, other.qmax))
 
     def describe(self) -> str:
-        return f"scale {np.format_float_positional(np.float32(self.scale))}, zero point {self.zero_point} ({self.dtype})"
+        clipped = "" if self.qrange is None else f", clipped to [{self.qmin}, {self.qmax}]"
+        return (f"scale {np.format_float_positional(np.float32(self.scale))}, zero point {self.zero_point} "
+                f"({self.dtype}{clipped})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,6 +210,7 @@ class _Params:
     zero_point: np.ndarray   # same shape, integer
     dtype_code: int          # TensorProto element type of the integers
     axis: int | None         # as written (not normalized), None for per tensor
+    qrange: tuple[int, int] | None = None   # a Clip between Q and DQ narrows the integers to this
 
     @property
     def dtype(self) -> np.dtype:
@@ -213,8 +221,13 @@ class _Params:
                 and np.array_equal(self.scale, other.scale) and np.array_equal(self.zero_point, other.zero_point)
                 and (self.axis is None) == (other.axis is None))
 
+    def same_grid(self, other: "_Params") -> bool:
+        """The same parameters and the same integer range (two Qs of one tensor)."""
+        return self.same(other) and self.qrange == other.qrange
+
     def tensor_quant(self) -> TensorQuant:
-        return TensorQuant(scale=float(self.scale), zero_point=int(self.zero_point), dtype=self.dtype)
+        return TensorQuant(scale=float(self.scale), zero_point=int(self.zero_point), dtype=self.dtype,
+                           qrange=self.qrange)
 
     def describe(self) -> str:
         if self.axis is None:
@@ -241,10 +254,14 @@ class _Stripper:
         self.names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(self.nodes)]
         self.initializers = {init.name: init for init in graph.initializer}
         self.producer: dict[str, int] = {}
+        self.readers: dict[str, list[int]] = {}
         for index, node in enumerate(self.nodes):
             for out in node.output:
                 if out:
                     self.producer[out] = index
+            for name in node.input:
+                if name:
+                    self.readers.setdefault(name, []).append(index)
         self.graph_inputs = {vi.name: vi for vi in graph.input if vi.name not in self.initializers}
         self.output_names = [o.name for o in graph.output]
         # Results
@@ -339,7 +356,7 @@ class _Stripper:
         known = self.activations.get(tensor)
         if known is None:
             self.activations[tensor] = (params, index)
-        elif not known[0].same(params):
+        elif not known[0].same_grid(params):
             raise self.fail(index, f"tensor {tensor!r} is quantized with {params.describe()} here but with "
                                    f"{known[0].describe()} by node {self.names[known[1]]!r}; "
                                    "tpusim keeps one grid per tensor")
@@ -374,6 +391,8 @@ class _Stripper:
         integer_inputs = {name for name, vi in self.graph_inputs.items()
                           if name in dq_inputs and vi.type.tensor_type.elem_type in _CONSTANT_TYPES}
         for index, node in enumerate(self.nodes):
+            if index in self.removed:
+                continue  # an integer Clip, taken with its QuantizeLinear
             if _is_q(node):
                 self.visit_q(index)
             elif _is_dq(node):
@@ -389,9 +408,46 @@ class _Stripper:
                                                "in a QDQ model only DequantizeLinear reads it")
         return self.build()
 
+    def integer_clip(self, index: int, params: _Params) -> tuple[int, tuple[int, int]] | None:
+        """A Clip that alone reads QuantizeLinear ``index``'s integers, with constant bounds: (its index,
+        the integer range it leaves). The bounds are the integers' own type (ONNX's Clip requires it)."""
+        node = self.nodes[index]
+        readers = self.readers.get(node.output[0], [])
+        if len(readers) != 1:
+            return None
+        clip_index = readers[0]
+        clip = self.nodes[clip_index]
+        if clip.op_type != "Clip" or clip.domain not in ("", "ai.onnx") or clip.input[0] != node.output[0]:
+            return None
+        info = np.iinfo(params.dtype)
+        bounds = [int(info.min), int(info.max)]
+        for slot in (1, 2):
+            name = clip.input[slot] if len(clip.input) > slot else ""
+            if not name:
+                continue
+            tensor = self.constant(name)
+            if tensor is None or tensor.data_type != params.dtype_code:
+                raise self.fail(clip_index, f"bound {name!r} on the integers of QuantizeLinear "
+                                            f"{self.names[index]!r} is not a constant {_type_name(params.dtype_code)}")
+            bound = numpy_helper.to_array(tensor)
+            if bound.size != 1:
+                raise self.fail(clip_index, f"bound {name!r} has {bound.size} values; expected one")
+            value = int(bound.reshape(-1)[0])
+            bounds[slot - 1] = max(bounds[0], value) if slot == 1 else min(bounds[1], value)
+        low, high = bounds
+        zero_points = params.zero_point.reshape(-1)
+        if not low < high or np.any(zero_points < low) or np.any(zero_points > high):
+            raise self.fail(clip_index, f"clips the integers of QuantizeLinear {self.names[index]!r} to "
+                                        f"[{low}, {high}], which must be a range holding its zero point "
+                                        f"{int(zero_points[0])}")
+        return clip_index, (low, high)
+
     def visit_q(self, index: int) -> None:
         node = self.nodes[index]
         params = self.read_params(index, None)
+        clip = self.integer_clip(index, params)
+        if clip is not None and clip[1] != (int(np.iinfo(params.dtype).min), int(np.iinfo(params.dtype).max)):
+            params = _Params(params.scale, params.zero_point, params.dtype_code, params.axis, clip[1])
         source = self.resolve(node.input[0])
         const = self.constant(source)
         if const is not None and const.data_type != TensorProto.FLOAT:
@@ -405,11 +461,18 @@ class _Stripper:
                                            f"shape {x.shape}")
                 axis %= x.ndim
             integers = _quantize(x, params.scale, params.zero_point, axis, params.dtype)
-            self.q_outputs[node.output[0]] = _QOut(index, params, None, integers)
+            if params.qrange is not None:
+                integers = np.clip(integers, *params.qrange).astype(params.dtype)
+            out = _QOut(index, params, None, integers)
         else:
             self.record_activation(source, params, index)
-            self.q_outputs[node.output[0]] = _QOut(index, params, source, None)
+            out = _QOut(index, params, source, None)
+        self.q_outputs[node.output[0]] = out
         self.removed.add(index)
+        if clip is not None:  # its DequantizeLinear reads the Clip's output: the same integers, narrowed
+            clip_node = self.nodes[clip[0]]
+            self.q_outputs[clip_node.output[0]] = out
+            self.removed.add(clip[0])
 
     def visit_dq(self, index: int, integer_inputs: set[str]) -> None:
         node = self.nodes[index]

@@ -7,9 +7,11 @@ from tpusim.mapping.isa import (
     Program,
     ReadHostMemory,
     ReadWeights,
+    ReadWeightsFromUb,
     Sync,
     UbRegion,
     WriteHostMemory,
+    WriteWeightMemory,
 )
 from tpusim.mapping.tiler import compile_program
 
@@ -21,8 +23,10 @@ __all__ = [
     "Program",
     "ReadHostMemory",
     "ReadWeights",
+    "ReadWeightsFromUb",
     "Sync",
     "UbRegion",
     "WriteHostMemory",
+    "WriteWeightMemory",
     "compile_program",
 ]

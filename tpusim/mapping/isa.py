@@ -60,6 +60,31 @@ class ReadWeights:
 
 
 @dataclass(frozen=True)
+class WriteWeightMemory:
+    """PCIe host -> weight memory: an operand computed on the chip (attention's K or V), back from the
+    host, written where ``ReadWeights`` then fetches it as tiles. TPU v1's weight memory is filled only
+    by the host (Jouppi et al. 2017, sec. 2), so this round trip is how such an operand becomes the
+    array's stationary weights."""
+
+    layer: int
+    host_addr: int
+    dram_addr: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ReadWeightsFromUb:
+    """Unified buffer -> weight FIFO over a direct path (later TPUs have one; TPU v1 does not): one tile
+    (``rows`` x ``cols``) of an operand computed on the chip, read from ``src``."""
+
+    layer: int
+    src: UbRegion
+    nbytes: int
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
 class MatrixMultiply:
     """Stream ``m_rows`` input vectors from ``src`` through the array into accumulator rows.
 
@@ -120,12 +145,15 @@ class Sync:
     layer: int
 
 
-Instruction = Union[ReadHostMemory, WriteHostMemory, ReadWeights, MatrixMultiply, Activate, Sync]
+Instruction = Union[ReadHostMemory, WriteHostMemory, ReadWeights, WriteWeightMemory, ReadWeightsFromUb,
+                    MatrixMultiply, Activate, Sync]
 
 _MNEMONICS = {
     ReadHostMemory: "RHM",
     WriteHostMemory: "WHM",
     ReadWeights: "RW",
+    WriteWeightMemory: "WWM",
+    ReadWeightsFromUb: "RWUB",
     MatrixMultiply: "MMUL",
     Activate: "ACT",
     Sync: "SYNC",

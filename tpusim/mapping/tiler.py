@@ -48,6 +48,7 @@ from tpusim.mapping.isa import (
     Sync,
     UbRegion,
     WriteHostMemory,
+    WriteWeightMemory,
 )
 
 REQUANT_VECTOR_BYTES = 5  # one int32 fixed-point multiplier + one int8 shift per output channel
@@ -469,7 +470,7 @@ def _concatenate(passes: list[Program]) -> Program:
             if isinstance(ins, Sync) and p < len(passes) - 1:
                 continue
             changes = {"layer": ins.layer + p * n_layers}
-            if isinstance(ins, (ReadHostMemory, WriteHostMemory)):
+            if isinstance(ins, (ReadHostMemory, WriteHostMemory, WriteWeightMemory)):
                 changes["host_addr"] = ins.host_addr + host_base
             code.append(dataclasses.replace(ins, **changes))
         host_base += _host_extent(program)

@@ -15,6 +15,11 @@ from tpusim.frontend.context import node_attrs
 from tpusim.ops.base import VectorCost, vectors
 
 
+def batch_of_one(ctx) -> bool:
+    """The file fixes a batch of 1 and the run keeps it (``ctx.single_sample``): no axis must stay the batch."""
+    return ctx.single_sample
+
+
 def copy_cost(function: str, out_elements: int, lanes: int) -> VectorCost:
     """One pass per output vector: read the elements it needs, write it (see the module docstring)."""
     return VectorCost(function, "none", vectors(out_elements, lanes))
@@ -43,6 +48,8 @@ def normalized_axes(ctx, node, axes: Sequence[int], rank: int) -> tuple[int, ...
 
 
 def require_batch_kept(ctx, node, axes: Sequence[int], what: str) -> None:
-    """The batch (axis 0) follows the run's batch size, so no layout op may change or move it."""
-    if 0 in axes:
+    """The batch (axis 0) follows the run's batch size, so no layout op may change or move it -- unless
+    the file was exported for one sample and runs so, when any axis may come first (torchvision's ViT
+    runs its attention sequence-first, the batch on axis 1)."""
+    if 0 in axes and not batch_of_one(ctx):
         raise ctx.fail(node, f"{what} the batch axis 0; only the other axes are supported")

@@ -2,7 +2,8 @@
 
 Weights are stored (N, K); any leading dims of the input fold into M (``Layer.gemm``), so a ViT or
 ConvNeXt linear layer on a (batch, tokens, features) tensor is one GEMM with M = batch x tokens.
-A constant Add after a MatMul becomes its bias (see :mod:`tpusim.ops.add`).
+A constant Add after a MatMul becomes its bias (see :mod:`tpusim.ops.add`). A MatMul whose second
+operand is computed too (attention) is lowered by :mod:`tpusim.ops.matmul`.
 """
 from __future__ import annotations
 
@@ -49,6 +50,12 @@ class Gemm(Op):
         ctx.add_simple(node, self.name, [(x, shape)], (shape[0], n), weight=weight, bias=bias)
 
     def _lower_matmul(self, ctx: LowerContext, node) -> None:
+        if not ctx.is_constant(node, 1):
+            # Both operands computed (attention's Q K^T and P V): see tpusim.ops.matmul.
+            from tpusim.ops import op
+
+            op("matmul").lower(ctx, node)
+            return
         x, shape = ctx.activation_input(node)
         b = ctx.constant(node, 1, "weight (second MatMul operand)")
         if b.ndim != 2:

@@ -81,9 +81,10 @@ class LayerNormalization(Op):
                           activation_ops=LAYERNORM_PASSES * out_elements, requant_ops=out_elements if int8 else 0)
 
     def export(self, b, layer, inputs, weight, bias, y):
-        args = [inputs[0], b.const(f"{layer.name}_scale", layer.attr("scale"))]
+        # Not "<name>_scale": a layer named like its output tensor would collide with that tensor's Q/DQ scale.
+        args = [inputs[0], b.const(f"{layer.name}_gamma", layer.attr("scale"))]
         if layer.attr("bias") is not None:
-            args.append(b.const(f"{layer.name}_bias", layer.attr("bias")))
+            args.append(b.const(f"{layer.name}_beta", layer.attr("bias")))
         b.node("LayerNormalization", args, y, layer.name, axis=layer.attr("axis"), epsilon=layer.attr("epsilon"))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from tpusim.frontend.context import node_attrs
 from tpusim.ops import register
+from tpusim.ops._layout import batch_of_one
 from tpusim.ops.base import Op
 from tpusim.quant.qlayer import plain_qlayer
 
@@ -44,6 +45,19 @@ class Reshape(Op):
             raise ctx.fail(node, "empty reshape target")
         if any(v == 0 and i >= len(shape) for i, v in enumerate(target)):
             raise ctx.fail(node, f"a 0 in shape {target} copies a dimension the input {shape} does not have")
+        if batch_of_one(ctx) and (shape[0] != 1 or target[0] not in (0, -1, 1)):
+            # Exported for one sample and run so: any dimension may lead (torchvision ViT's sequence-first
+            # attention), ONNX's own rule.
+            out = [shape[i] if v == 0 else v for i, v in enumerate(target)]
+            if out.count(-1) > 1:
+                raise ctx.fail(node, f"more than one -1 in shape {target}")
+            if -1 in out:
+                known = math.prod(v for v in out if v != -1)
+                if known == 0 or math.prod(shape) % known:
+                    raise ctx.fail(node, f"cannot reshape {shape} to {target}")
+                out[out.index(-1)] = math.prod(shape) // known
+            add_reshape(ctx, node, x, shape, tuple(out))
+            return
         rest = [shape[i + 1] if v == 0 else v for i, v in enumerate(target[1:])]
         per_sample = math.prod(shape[1:])
         # The batch dimension follows the run's batch size, whatever the exported graph hard-coded: a

@@ -1,6 +1,8 @@
 """Transpose of an activation, any permutation that keeps the batch axis first: the NHWC -> NCHW
 Transpose tflite2onnx writes in front of a flatten, ShuffleNet's channel shuffle (Reshape to
-[N, g, C/g, H, W] -> Transpose(0, 2, 1, 3, 4) -> Reshape back), a transformer's head swaps.
+[N, g, C/g, H, W] -> Transpose(0, 2, 1, 3, 4) -> Reshape back), a transformer's head swaps; any
+permutation in a graph exported for one sample and run so (torchvision's ViT runs its attention
+sequence-first).
 
 Data movement only: the activation unit assembles each lanes-wide output vector from the permuted
 unified-buffer addresses and writes it, one pass per output vector (every element read once and
@@ -15,7 +17,7 @@ import numpy as np
 
 from tpusim.frontend.context import node_attrs
 from tpusim.ops import register
-from tpusim.ops._layout import copy_cost
+from tpusim.ops._layout import batch_of_one, copy_cost
 from tpusim.ops.base import Op
 from tpusim.ops.reshape import add_reshape
 from tpusim.quant.qlayer import plain_qlayer
@@ -34,7 +36,7 @@ class Transpose(Op):
         perm = tuple(range(rank))[::-1] if perm is None else tuple(int(p) for p in perm)
         if sorted(perm) != list(range(rank)):
             raise ctx.fail(node, f"perm {list(perm)} is not a permutation of the {rank} axes")
-        if perm[0] != 0:
+        if perm[0] != 0 and not batch_of_one(ctx):
             raise ctx.fail(node, f"perm {list(perm)} moves the batch axis 0")
         out = tuple(shape[p] for p in perm)
         moved = [p for p in perm if shape[p] != 1]

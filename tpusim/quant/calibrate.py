@@ -6,6 +6,7 @@ pure function of them (``tpusim.quant.ranges``).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from tpusim.config import InputPreprocessingConfig
-from tpusim.errors import DataError
+from tpusim.errors import CalibrationDataWarning, DataError, ModelError
 from tpusim.ir import Graph, Shape
 from tpusim.quant.histogram import TensorStats, merge, observe
 
@@ -24,9 +25,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
 
 @dataclass(frozen=True, eq=False)
 class CalibrationSet:
-    inputs: np.ndarray  # (samples, *input_shape[1:]) float32
+    inputs: np.ndarray  # (samples, *input_shape[1:]) float32 (int64 for a model that takes token ids)
     source: str
     synthetic: bool
+    warnings: tuple[str, ...] = ()  # what weakens this data (few samples, converted images), one line each
 
 
 def synthetic_inputs(sample_shape: Shape, samples: int, seed: int) -> CalibrationSet:
@@ -35,9 +37,37 @@ def synthetic_inputs(sample_shape: Shape, samples: int, seed: int) -> Calibratio
     return CalibrationSet(data, f"synthetic N(0,1), seed {seed}, {samples} samples", synthetic=True)
 
 
-def _check_array(data: np.ndarray, where: str, sample_shape: Shape) -> np.ndarray:
+def synthetic_ids(sample_shape: Shape, samples: int, seed: int, rows: int) -> CalibrationSet:
+    """Seeded token ids, uniform over the ``rows`` rows of the embedding table they index (int64)."""
+    data = np.random.default_rng(seed).integers(0, rows, (samples, *sample_shape), dtype=np.int64)
+    return CalibrationSet(data, f"synthetic token ids uniform in [0, {rows}), seed {seed}, {samples} samples",
+                          synthetic=True)
+
+
+def _check_ids(data: np.ndarray, where: str, sample_shape: Shape, rows: int) -> np.ndarray:
+    """Token ids for a model whose input indexes an embedding table of ``rows`` rows: integers in [0, rows)."""
+    if data.dtype.kind not in "iu":
+        raise DataError(f"{where}: dtype {data.dtype}: the model's input is token ids; expected an integer array "
+                        f"(int64) of ids in [0, {rows})")
+    if data.shape == tuple(sample_shape):
+        data = data[None]
+    if data.shape[1:] != tuple(sample_shape) or data.shape[0] == 0:
+        raise DataError(f"{where}: expected samples of shape {tuple(sample_shape)} (array of shape "
+                        f"(N, {', '.join(map(str, sample_shape))})), got {data.shape}")
+    if data.min() < 0 or data.max() >= rows:
+        raise DataError(f"{where}: token ids from {data.min()} to {data.max()}: the embedding table has {rows} rows "
+                        f"(ids in [0, {rows}))")
+    return data.astype(np.int64)
+
+
+def _check_array(data: np.ndarray, where: str, sample_shape: Shape, index_rows: int | None = None) -> np.ndarray:
+    if index_rows is not None:
+        return _check_ids(data, where, sample_shape, index_rows)
     if data.dtype.kind not in "fiu":
         raise DataError(f"{where}: expected a numeric array, got dtype {data.dtype}")
+    if data.dtype.kind in "iu":
+        raise DataError(f"{where}: dtype {data.dtype}: expected float inputs, preprocessed as the model takes them "
+                        "(for raw 8-bit pixels use a folder of images, which input_preprocessing scales and normalises)")
     if data.shape == tuple(sample_shape):
         data = data[None]
     if data.shape[1:] != tuple(sample_shape):
@@ -51,7 +81,7 @@ def _check_array(data: np.ndarray, where: str, sample_shape: Shape) -> np.ndarra
     return data
 
 
-def _load_array_file(path: Path, sample_shape: Shape) -> np.ndarray:
+def _load_array_file(path: Path, sample_shape: Shape, index_rows: int | None = None) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -61,11 +91,16 @@ def _load_array_file(path: Path, sample_shape: Shape) -> np.ndarray:
             if not loaded.files:
                 raise DataError(f"{path}: the .npz archive holds no arrays")
             arrays = [loaded[name] for name in loaded.files]
-        return np.concatenate([_check_array(a, f"{path}", sample_shape) for a in arrays])
-    return _check_array(loaded, str(path), sample_shape)
+        return np.concatenate([_check_array(a, f"{path}", sample_shape, index_rows) for a in arrays])
+    return _check_array(loaded, str(path), sample_shape, index_rows)
 
 
-def _load_image_folder(folder: Path, sample_shape: Shape, prep: InputPreprocessingConfig) -> np.ndarray:
+_CHANNEL_MODES = {1: "L", 3: "RGB"}
+
+
+def _load_image_folder(folder: Path, sample_shape: Shape,
+                       prep: InputPreprocessingConfig) -> tuple[np.ndarray, list[str]]:
+    """The images as model inputs, and a line for each way they had to be changed to fit the model."""
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -74,40 +109,81 @@ def _load_image_folder(folder: Path, sample_shape: Shape, prep: InputPreprocessi
     if len(sample_shape) != 3:
         raise DataError(f"{folder}: images need an image model (C, H, W input), but the input is {sample_shape}")
     channels, height, width = sample_shape
-    if channels not in (1, 3):
+    if channels not in _CHANNEL_MODES:
         raise DataError(f"{folder}: images give 1 or 3 channels, but the model wants {channels}")
     mean, std = np.asarray(prep.mean, np.float32), np.asarray(prep.std, np.float32)
     if len(mean) not in (1, channels) or len(std) not in (1, channels):
         raise DataError(f"input_preprocessing: mean/std need 1 or {channels} values")
+    target = _CHANNEL_MODES[channels]
+    converted: dict[str, int] = {}
+    resized: dict[tuple[int, int], int] = {}
     samples = []
     for file in files:
         try:
             with Image.open(file) as image:
-                image = image.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BILINEAR)
+                if image.mode != target and image.mode not in (("RGBA", "P", "CMYK", "YCbCr") if target == "RGB" else ()):
+                    converted[image.mode] = converted.get(image.mode, 0) + 1
+                if image.size != (width, height):
+                    resized[image.size] = resized.get(image.size, 0) + 1
+                image = image.convert(target).resize((width, height), Image.BILINEAR)
                 pixels = np.asarray(image, dtype=np.float32)
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
             raise DataError(f"{file}: not a readable image ({type(exc).__name__})") from None
         pixels = pixels.reshape(height, width, channels).transpose(2, 0, 1) / np.float32(prep.pixel_scale)
         samples.append((pixels - mean.reshape(-1, 1, 1)) / std.reshape(-1, 1, 1))
-    return np.stack(samples).astype(np.float32)
+    notes = []
+    if converted:
+        modes = ", ".join(f"{count} {mode}" for mode, count in sorted(converted.items()))
+        notes.append(f"{folder}: {sum(converted.values())} of {len(files)} images are not {target} ({modes}) and were "
+                     f"converted to the model's {channels} channel{'s' if channels > 1 else ''}")
+    if resized:
+        sizes = ", ".join(f"{count} of {w}x{h}" for (w, h), count in sorted(resized.items()))
+        notes.append(f"{folder}: {sum(resized.values())} of {len(files)} images resized to the model's {width}x{height} "
+                     f"({sizes})")
+    return np.stack(samples).astype(np.float32), notes
 
 
 def load_calibration_set(path: str | Path | None, sample_shape: Shape, samples: int, seed: int,
-                         prep: InputPreprocessingConfig) -> CalibrationSet:
+                         prep: InputPreprocessingConfig, hold_out: bool = True,
+                         index_rows: int | None = None) -> CalibrationSet:
     """``.npy``/``.npz`` of inputs or a folder of images (every sample in it), or (``path=None``) a seeded
-    synthetic set of ``samples`` inputs."""
+    synthetic set of ``samples`` inputs.
+
+    Real data that tpusim accepts but that weakens the result is noted in ``warnings`` and warned about
+    (:class:`~tpusim.errors.CalibrationDataWarning`, one line each): a single sample; no more samples
+    than ``samples``, so that none is left to hold out for fidelity; images converted to the model's
+    channels or resized to its size. Integer arrays (raw pixels) are refused. ``hold_out=False`` (the data
+    only evaluates, as for a model that brings its own quantization) drops the hold-out warning.
+
+    ``index_rows``: the model's input is token ids below this (an embedding table's rows): the synthetic
+    set is uniform ids, and an array must hold integer ids in range (int64 ``.npy``)."""
     if path is None:
+        if index_rows is not None:
+            return synthetic_ids(sample_shape, samples, seed, index_rows)
         return synthetic_inputs(sample_shape, samples, seed)
     path = Path(path)
+    notes: list[str] = []
+    if path.is_dir() and index_rows is not None:
+        raise DataError(f"{path}: the model's input is token ids: calibration data must be an int64 .npy/.npz of "
+                        "ids, not a folder of images")
     if path.is_dir():
-        data = _load_image_folder(path, sample_shape, prep)
+        data, notes = _load_image_folder(path, sample_shape, prep)
     elif path.is_file():
         if path.suffix not in (".npy", ".npz"):
             raise DataError(f"{path}: calibration data must be a .npy/.npz file or a folder of images")
-        data = _load_array_file(path, sample_shape)
+        data = _load_array_file(path, sample_shape, index_rows)
     else:
         raise DataError(f"{path}: no such calibration file or folder")
-    return CalibrationSet(data, f"{path} ({len(data)} samples)", synthetic=False)
+    if len(data) == 1:
+        notes.append(f"{path}: a single sample: the ranges are those of one input, and fidelity is measured on "
+                     "that same sample" if hold_out else f"{path}: a single sample: fidelity is measured on one input")
+    elif len(data) <= samples and hold_out:
+        notes.append(f"{path}: {len(data)} samples, not more than quant.calibration_samples ({samples}): all of them "
+                     "calibrate, so fidelity is measured on calibration samples, not held-out ones (pass more "
+                     "samples, or lower quant.calibration_samples)")
+    for note in notes:
+        warnings.warn(note, CalibrationDataWarning, stacklevel=2)
+    return CalibrationSet(data, f"{path} ({len(data)} samples)", synthetic=False, warnings=tuple(notes))
 
 
 def graph_tensors(graph: Graph) -> list[str]:
@@ -132,6 +208,15 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
 
 
+def _check_finite_parameters(graph: Graph) -> None:
+    """NaN or inf in a layer's weights or bias (after batch norm folding) cannot be quantized: say which."""
+    for layer in graph.layers:
+        for what, values in (("weights", layer.weight), ("bias", layer.bias)):
+            if values is not None and not np.all(np.isfinite(values)):
+                raise ModelError(f"model {graph.name!r}: layer {layer.name!r}: NaN or inf in its {what} "
+                                 "(after folding batch norm)")
+
+
 def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSet, bins: int,
                        batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
                        tensors: list[str] | None = None) -> dict[str, TensorStats]:
@@ -139,7 +224,12 @@ def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSe
     (or only per tensor of ``tensors``, which must include the graph input).
 
     ``progress(samples done, samples total)`` is called after every batch."""
+    _check_finite_parameters(graph)
     tensors = graph_tensors(graph) if tensors is None else tensors
+    # A layer without inputs computes a constant (a materialised embedding): its values are its statistics,
+    # and the tensor may not exist in ``model``.
+    constants = {layer.output: layer for layer in graph.layers if not layer.inputs and layer.output in tensors}
+    tensors = [name for name in tensors if name not in constants]
     session = _session_exposing(model, tensors)
     input_name = session.get_inputs()[0].name
     step = _fixed_batch(model) or batch_size
@@ -152,11 +242,21 @@ def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSe
             break
         results = dict(zip(output_names, session.run(None, {input_name: batch})))
         results[graph.input_name] = batch
+        in_order = [graph.input_name] + [name for name in tensors[1:] if name in set(wanted)]
+        overflow = next((name for name in in_order if not np.all(np.isfinite(results[name]))), None)
+        if overflow is not None:
+            raise ModelError(f"model {graph.name!r}: tensor {overflow!r} is NaN or inf when the FP32 model runs on the "
+                             f"calibration data ({data.source}): weights or values beyond float32's range?")
         for name in [graph.input_name] + wanted:
             observed = observe(results[name], bins, name=name)
             stats[name] = observed if stats.get(name) is None else merge(stats[name], observed)
         if progress is not None:
             progress(min(start + step, len(data.inputs)), len(data.inputs))
+    if stats.get(graph.input_name) is not None:
+        from tpusim.frontend.reference import run_layer
+
+        for name, layer in constants.items():
+            stats[name] = observe(run_layer(layer, []), bins, name=name)
     missing = [name for name in tensors if stats.get(name) is None]
     if missing:
         raise DataError(f"calibration produced no statistics for {missing[:3]} (is the set smaller than the "

@@ -31,6 +31,7 @@ from tpusim.ops.activation import activation_node
 from tpusim.quant.arithmetic import QParams
 from tpusim.quant.qlayer import QuantizedGraph
 from tpusim.quant.quantize import own_params_tensors
+from tpusim.frontend.lowering import index_rows
 
 OPSET = 17
 PREACT_SUFFIX = "__preact"
@@ -67,7 +68,7 @@ class _Builder:
 
 
 def _model(b: _Builder, graph: Graph, outputs: list[onnx.ValueInfoProto], name: str) -> onnx.ModelProto:
-    inp = helper.make_tensor_value_info(graph.input_name, TensorProto.FLOAT, list(graph.input_shape))
+    inp = helper.make_tensor_value_info(graph.input_name, _input_type(graph), list(graph.input_shape))
     g = helper.make_graph(b.nodes, name, [inp], outputs, b.initializers)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tpusim")
     model.ir_version = 8
@@ -88,6 +89,11 @@ def export_fp32(graph: Graph) -> onnx.ModelProto:
     return _model(b, graph, outputs, graph.name)
 
 
+def _input_type(graph: Graph) -> int:
+    """FLOAT, or INT64 for a graph input of token ids (read by embedding lookups only)."""
+    return TensorProto.INT64 if index_rows(graph) is not None else TensorProto.FLOAT
+
+
 def _onnx_type(qp: QParams) -> int:
     return TensorProto.UINT8 if qp.storage_dtype == np.uint8 else TensorProto.INT8
 
@@ -98,11 +104,18 @@ def _qparam_consts(b: _Builder, tensor: str, qp: QParams) -> tuple[str, str]:
     return scale, zero
 
 
-def export_qdq(qgraph: QuantizedGraph, graph: Graph, expose: Sequence[str] = ()) -> onnx.ModelProto:
+def export_qdq(qgraph: QuantizedGraph, graph: Graph, expose: Sequence[str] = (), *,
+               like: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A QDQ ONNX model of ``graph`` with ``qgraph``'s scales, zero points, int8 weights and int32 biases.
 
-    Its outputs are the integer graph outputs (named by :func:`quantized_name`), plus the integer
-    tensors named in ``expose``.
+    Without ``like``, its outputs are the integer graph outputs (named by :func:`quantized_name`), plus
+    the integer tensors named in ``expose``: the form the cross-checks against ONNX Runtime read.
+
+    With ``like`` (the source FP32 model), it is a drop-in replacement for that file: each graph
+    output is dequantized back to float and takes the source output's name and element type, the
+    input keeps the source's name, and a symbolic batch dimension of the source stays symbolic
+    (batch-sized constants of Reshape/Resize follow the input's batch at run time). The integer
+    tensors are still inside, under :func:`quantized_name`, and ``expose`` adds them as outputs too.
     """
     b = _Builder()
     params = qgraph.tensor_qparams
@@ -112,11 +125,17 @@ def export_qdq(qgraph: QuantizedGraph, graph: Graph, expose: Sequence[str] = ())
         return b.node("QuantizeLinear", [x, scale, zero], q_out, node)
 
     def dequantize_for(tensor: str, consumer: str) -> str:
+        if tensor == graph.input_name and ids:
+            return graph.input_name  # token ids are read as they come
         scale, zero = _qparam_consts(b, tensor, params[tensor])
         return b.node("DequantizeLinear", [quantized_name(tensor), scale, zero], f"{tensor}__dq_{consumer}",
                       f"{tensor}_DQ_{consumer}")
 
-    quantize_to(graph.input_name, graph.input_name, quantized_name(graph.input_name), f"{graph.input_name}_Q")
+    ids = index_rows(graph) is not None
+    if ids:  # an int64 input of token ids keeps its integers (the identity grid): nothing to quantize
+        b.node("Identity", [graph.input_name], quantized_name(graph.input_name), f"{graph.input_name}_ids")
+    else:
+        quantize_to(graph.input_name, graph.input_name, quantized_name(graph.input_name), f"{graph.input_name}_Q")
     for ql, layer in zip(qgraph.layers, graph.layers):
         name = layer.name
         inputs = [dequantize_for(t, f"{name}_{i}") for i, t in enumerate(layer.inputs)]
@@ -146,10 +165,101 @@ def export_qdq(qgraph: QuantizedGraph, graph: Graph, expose: Sequence[str] = ())
             quantize_to(f"{out}__float_act", out, quantized_name(out), f"{out}_Q")
         else:
             quantize_to(f"{out}__float", out, quantized_name(out), f"{out}_Q")
+    if like is not None:
+        return _drop_in(b, graph, params, expose, like)
     names = list(dict.fromkeys(list(graph.outputs) + list(expose)))
     outputs = [helper.make_tensor_value_info(quantized_name(t), _onnx_type(params[t]), list(graph.shape_of(t)))
                for t in names]
     return _model(b, graph, outputs, f"{graph.name}_qdq")
+
+
+def _source_io(like: onnx.ModelProto) -> tuple[onnx.ValueInfoProto | None, list[onnx.ValueInfoProto]]:
+    constants = {init.name for init in like.graph.initializer}
+    inputs = [vi for vi in like.graph.input if vi.name not in constants]
+    return (inputs[0] if len(inputs) == 1 else None), list(like.graph.output)
+
+
+def _symbolic_batch(value_info: onnx.ValueInfoProto | None) -> str | None:
+    """The name of a value's symbolic first dimension ("N" when it is unnamed), or None when it is fixed."""
+    if value_info is None or not value_info.type.HasField("tensor_type"):
+        return None
+    dims = value_info.type.tensor_type.shape.dim
+    if not dims or dims[0].HasField("dim_value"):
+        return None
+    return dims[0].dim_param or "N"
+
+
+def _float_type(value_info: onnx.ValueInfoProto | None) -> int:
+    elem = value_info.type.tensor_type.elem_type if value_info is not None else TensorProto.FLOAT
+    return elem if elem in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16) \
+        else TensorProto.FLOAT
+
+
+def _value_info(name: str, elem: int, shape: Sequence[int], batch: str | None) -> onnx.ValueInfoProto:
+    dims: list[int | str] = list(shape)
+    if batch is not None and dims:
+        dims[0] = batch
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def _follow_input_batch(b: _Builder, graph: Graph) -> None:
+    """Make shape constants that hold the export's batch follow the input's batch instead."""
+    consts = {init.name: init for init in b.initializers}
+    batch = graph.input_shape[0]
+    for node in list(b.nodes):
+        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in consts:
+            shape = numpy_helper.to_array(consts[node.input[1]]).copy()
+            if shape.size and shape[0] == batch:
+                shape[0] = 0  # Reshape's 0: copy the input's first dimension (its batch)
+                consts[node.input[1]].CopyFrom(numpy_helper.from_array(shape.astype(np.int64), node.input[1]))
+        elif node.op_type == "Resize" and len(node.input) > 3 and node.input[3] in consts:
+            sizes = numpy_helper.to_array(consts[node.input[3]])
+            if sizes.size and sizes[0] == batch:
+                # sizes = concat(shape(x)[0:1], the constant's other entries), computed before the Resize
+                stem = f"{node.name}_sizes"
+                start, stop = (b.const(f"{stem}_{i}", np.array([i], np.int64)) for i in (0, 1))
+                rest = b.const(f"{stem}_rest", sizes[1:].astype(np.int64))
+                at = b.nodes.index(node)
+                b.nodes[at:at] = [
+                    helper.make_node("Shape", [node.input[0]], [f"{stem}_shape"], name=f"{stem}_Shape"),
+                    helper.make_node("Slice", [f"{stem}_shape", start, stop], [f"{stem}_batch"], name=f"{stem}_Slice"),
+                    helper.make_node("Concat", [f"{stem}_batch", rest], [f"{stem}_run"], name=f"{stem}_Concat", axis=0),
+                ]
+                node.input[3] = f"{stem}_run"
+
+
+def _drop_in(b: _Builder, graph: Graph, params: dict[str, QParams], expose: Sequence[str],
+             like: onnx.ModelProto) -> onnx.ModelProto:
+    source_input, source_outputs = _source_io(like)
+    batch = _symbolic_batch(source_input)
+    input_name = source_input.name if source_input is not None else graph.input_name
+    if input_name != graph.input_name:
+        for node in b.nodes:
+            node.input[:] = [input_name if name == graph.input_name else name for name in node.input]
+    if batch is not None:
+        _follow_input_batch(b, graph)
+    if len(source_outputs) != len(graph.outputs):
+        source_outputs = [None] * len(graph.outputs)
+    outputs = []
+    for tensor, source in zip(graph.outputs, source_outputs):
+        name = source.name if source is not None else tensor
+        elem = _float_type(source)
+        scale, zero = _qparam_consts(b, tensor, params[tensor])
+        as_float = name if elem == TensorProto.FLOAT else f"{name}__float32"
+        b.node("DequantizeLinear", [quantized_name(tensor), scale, zero], as_float, f"{tensor}_DQ_output")
+        if elem != TensorProto.FLOAT:
+            b.node("Cast", [as_float], name, f"{tensor}_Cast_output", to=elem)
+        outputs.append(_value_info(name, elem, graph.shape_of(tensor), batch))
+    for tensor in dict.fromkeys(expose):
+        outputs.append(_value_info(quantized_name(tensor), _onnx_type(params[tensor]), graph.shape_of(tensor), batch))
+    inp = _value_info(input_name, _input_type(graph), graph.input_shape, batch)
+    g = helper.make_graph(b.nodes, like.graph.name or graph.name, [inp], outputs, b.initializers)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tpusim")
+    model.ir_version = 8
+    model.doc_string = ("int8 QDQ model written by tpusim: int8 weights, int32 biases and every activation "
+                        "quantized with tpusim's scales; float inputs and outputs as in the source model")
+    onnx.checker.check_model(model)
+    return model
 
 
 def _override(qp: QParams) -> list[dict]:

@@ -28,6 +28,10 @@ _MULTIPLIER_LIMIT = 2.0**30
 _NEGLIGIBLE_MULTIPLIER = 2.0**-33
 
 
+class MultiplierRangeError(ValueError):
+    """A requantization multiplier that no (m0, shift) pair holds: the model's values are absurd."""
+
+
 def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(m0, shift) int32 arrays with ``real ~= m0 * 2**(-31 - shift)``, m0 in [2**30, 2**31).
 
@@ -37,7 +41,8 @@ def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     real = np.asarray(real, dtype=np.float64)
     if not np.all(np.isfinite(real)) or np.any(real < 0) or np.any(real >= _MULTIPLIER_LIMIT):
-        raise ValueError(f"requantization multipliers must be finite and in [0, 2**30), got {real}")
+        bad = real[~(np.isfinite(real) & (real >= 0) & (real < _MULTIPLIER_LIMIT))].reshape(-1)
+        raise MultiplierRangeError(f"requantization multipliers must be finite and in [0, 2**30), got {bad[0]:.3g}")
     fraction, exponent = np.frexp(real)
     m0 = np.rint(np.ldexp(fraction, 31)).astype(np.int64)
     carried = m0 == (1 << 31)

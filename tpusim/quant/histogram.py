@@ -122,36 +122,123 @@ def _stats(data_min: float, data_max: float, counts: np.ndarray, level: int, fir
     return TensorStats(data_min, data_max, counts, lo, hi, int(counts.sum()))
 
 
+# --------------------------------------------------------------------------------------- kernels
+#
+# Each kernel is a single typed pass with a numpy oracle beside it (``*_reference``) that the tests
+# compare it with. observe makes two passes over a tensor: the extremes (which fix the window), then
+# the counts. Both are bound by the machine, not by Python: the extremes by memory bandwidth, the
+# counts by one load and one store per value.
+
+# Bit patterns of IEEE floats as signed integers, for each float width: ``bits ^ ((bits >> sign) & magnitude)``
+# orders like the floats themselves (with -0.0 just below +0.0), and a value is NaN or inf exactly when
+# all its ``exponent`` bits are set.
+_FLOAT_BITS = {
+    np.dtype(np.float32): (np.int32, np.int32(31), np.int32(0x7FFFFFFF), np.int32(0x7F800000)),
+    np.dtype(np.float64): (np.int64, np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF), np.int64(0x7FF0000000000000)),
+}
+
+
 @njit(cache=True)
-def _finite_min_max(x):
-    """(all finite, min, max) of a non-empty 1-d float array in one pass."""
-    lo = x[0]
-    hi = x[0]
-    for i in range(x.size):
-        v = x[i]
-        if not np.isfinite(v):
-            return False, lo, hi
-        if v < lo:
-            lo = v
-        elif v > hi:
-            hi = v
+def _ordered_extremes(bits, sign, magnitude, exponent):
+    """(all finite, lowest key, highest key) of float bit patterns (int32 or int64) in one pass.
+
+    Integer minimum and maximum vectorise where float ones do not (a float comparison must mind NaN);
+    the keys order as the floats do."""
+    lo = bits[0] ^ ((bits[0] >> sign) & magnitude)
+    hi = lo
+    special = False
+    for i in range(bits.size):
+        b = bits[i]
+        key = b ^ ((b >> sign) & magnitude)
+        lo = min(lo, key)
+        hi = max(hi, key)
+        special |= (b & exponent) == exponent
+    return not special, lo, hi
+
+
+def extremes_reference(x: np.ndarray) -> tuple[bool, float, float]:
+    """Numpy oracle of :func:`_extremes`: (all finite, min, max) with the first zero's sign for a zero extreme."""
+    x = np.asarray(x).reshape(-1)
+    if not np.all(np.isfinite(x)):
+        return False, 0.0, 0.0
+    lo, hi = float(x.min()), float(x.max())
+    if lo == 0.0 or hi == 0.0:
+        zero = float(x[np.flatnonzero(x == 0)[0]])
+        lo, hi = (zero if lo == 0.0 else lo), (zero if hi == 0.0 else hi)
     return True, lo, hi
 
 
 @njit(cache=True)
-def _bin_counts(x, inv_width, first_bin, bins):
-    """Counts of ``floor(x * inv_width) - first_bin`` over [0, bins); ok=False if any falls outside."""
-    counts = np.zeros(bins, dtype=np.int64)
+def _first_zero(x):
+    """Index of the first element equal to 0 (either sign); -1 if none."""
     for i in range(x.size):
-        v = x[i]
-        g = np.floor(v * inv_width)
-        # Tested in this order so that the branch is predictable (a random-sign test is not).
-        if g == 0.0 and v < 0.0:
-            g = -1.0
-        j = np.int64(g) - first_bin
-        if j < 0 or j >= bins:
-            return False, counts
-        counts[j] += 1
+        if x[i] == 0.0:
+            return i
+    return -1
+
+
+def _extremes(flat: np.ndarray) -> tuple[bool, float, float]:
+    """(all finite, min, max) of a non-empty contiguous float32/float64 vector: ``min`` is the first value
+    equal to the minimum, ``max`` the first equal to the maximum, so a zero extreme has the sign of the
+    tensor's first zero (what a scan that keeps the first of equal values gives)."""
+    int_type, sign, magnitude, exponent = _FLOAT_BITS[flat.dtype]
+    finite, lo, hi = _ordered_extremes(flat.view(int_type), sign, magnitude, exponent)
+    if not finite:
+        return False, 0.0, 0.0
+    keys = np.array([lo, hi], dtype=int_type)
+    data_min, data_max = (float(v) for v in (keys ^ ((keys >> sign) & magnitude)).view(flat.dtype))
+    if data_min == 0.0 or data_max == 0.0:  # -0.0 orders below +0.0 as a key; as a value it is equal
+        zero = float(flat[_first_zero(flat)])
+        data_min, data_max = (zero if data_min == 0.0 else data_min), (zero if data_max == 0.0 else data_max)
+    return True, data_min, data_max
+
+
+_CHUNK = 1024  # values whose bins are found together (a vectorised loop) before they are counted
+_WAYS = 4  # interleaved copies of the counts: a run of values in one bin updates four counters in turn
+_SPREAD = 8  # slots per copy that share the count of the bin of 0 (ReLU outputs put half their values there)
+
+
+@njit(cache=True)
+def _bin_counts(x, inv_width, first_bin, bins):
+    """Counts of ``floor(x * inv_width) - first_bin`` over [0, bins), a value below 0 in bin -1 however
+    small; ok=False (and the counts so far) if any value falls outside.
+
+    Per chunk: the bins of all its values (vectorised, with a check that each is inside), then one
+    increment per value. Indices are unsigned (no negative-index wrap-around code), and the increments
+    alternate between ``_WAYS`` copies of the counts, with the bin of 0 spread over ``_SPREAD`` slots in
+    each, so that runs of equal values do not wait on their own previous increment."""
+    stride = bins + _SPREAD
+    ways = np.zeros(_WAYS * stride, dtype=np.int64)
+    index = np.empty(_CHUNK, dtype=np.uint32)
+    below = np.float64(first_bin) - 1.0  # clamped to just outside before the integer conversion
+    above = np.float64(first_bin) + np.float64(bins)
+    n_bins = np.uint32(bins)
+    zero_bin = np.uint32(-first_bin)
+    for start in range(0, x.size, _CHUNK):
+        chunk = x[start : start + _CHUNK]
+        outside = False
+        for i in range(chunk.size):
+            v = chunk[i]
+            g = np.floor(v * inv_width)
+            g = -1.0 if (g == 0.0) & (v < 0.0) else g  # a tiny negative whose scaled value rounds to -0.0
+            j = np.uint32(np.int32(min(max(g, below), above) - np.float64(first_bin)))  # -1 wraps: outside
+            outside |= j >= n_bins
+            index[i] = (n_bins + np.uint32(i % _SPREAD)) if j == zero_bin else j
+        if outside:
+            return False, ways[:bins].copy()
+        whole = chunk.size - chunk.size % _WAYS
+        for i in range(0, whole, _WAYS):
+            for w in range(_WAYS):
+                ways[np.uint64(w * stride) + np.uint64(index[np.uint64(i + w)])] += 1
+        for i in range(whole, chunk.size):
+            ways[np.uint64(index[np.uint64(i)])] += 1
+    counts = np.zeros(bins, dtype=np.int64)
+    for w in range(_WAYS):
+        for j in range(bins):
+            counts[j] += ways[w * stride + j]
+        if zero_bin < n_bins:  # (else 0 is outside the window, and the spread slots are empty)
+            for k in range(_SPREAD):
+                counts[zero_bin] += ways[w * stride + bins + k]
     return True, counts
 
 
@@ -161,6 +248,32 @@ def bin_counts_reference(x: np.ndarray, level: int, first_bin: int, bins: int) -
     g = np.floor(scaled)
     g[(x < 0) & (g >= 0)] = -1
     return np.bincount((g - first_bin).astype(np.int64), minlength=bins).astype(np.int64)
+
+
+@njit(cache=True)
+def _coarsened(counts, first_bin, shift, new_first_bin):
+    """``counts`` (global bins from ``first_bin``) moved to bins ``2**shift`` times wider starting at
+    global bin ``new_first_bin``: ok=False if an occupied bin falls outside the window."""
+    out = np.zeros(counts.size, dtype=np.int64)
+    shift = min(shift, 63)  # beyond 63 a shift gives the same 0 or -1, and a wider one is undefined
+    for i in range(counts.size):
+        c = counts[i]
+        if c != 0:
+            t = ((first_bin + i) >> shift) - new_first_bin
+            if t < 0 or t >= out.size:
+                return False, out
+            out[t] += c
+    return True, out
+
+
+def rebin_reference(counts: np.ndarray, first_bin: int, shift: int, new_first_bin: int) -> np.ndarray:
+    """Numpy oracle of :func:`_coarsened` (for windows that cover the occupied bins)."""
+    global_bins = np.arange(first_bin, first_bin + counts.size, dtype=np.int64)
+    target = (global_bins >> shift) - new_first_bin
+    occupied = counts > 0
+    out = np.zeros(counts.size, dtype=np.int64)
+    np.add.at(out, target[occupied], counts[occupied])
+    return out
 
 
 def observe(x: np.ndarray, bins: int = DEFAULT_BINS, *, name: str = "tensor") -> TensorStats:
@@ -173,10 +286,9 @@ def observe(x: np.ndarray, bins: int = DEFAULT_BINS, *, name: str = "tensor") ->
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
     flat = np.ascontiguousarray(x).reshape(-1)
-    finite, data_min, data_max = _finite_min_max(flat)
+    finite, data_min, data_max = _extremes(flat)
     if not finite:
         raise DataError(f"{name}: tensor contains NaN or inf")
-    data_min, data_max = float(data_min), float(data_max)
     level, first_bin = _window(data_min, data_max, bins, _MIN_LEVEL)
     inside, counts = _bin_counts(flat, math.ldexp(1.0, -level), first_bin, bins)
     if not inside:
@@ -186,14 +298,9 @@ def observe(x: np.ndarray, bins: int = DEFAULT_BINS, *, name: str = "tensor") ->
 
 def _rebin(stats: TensorStats, level: int, first_bin: int) -> np.ndarray:
     """Counts of ``stats`` moved to a coarser-or-equal level and a covering window."""
-    coarsen = level - stats.level
-    global_bins = np.arange(stats.first_bin, stats.first_bin + stats.bins, dtype=np.int64)
-    target = (global_bins >> coarsen) - first_bin
-    occupied = stats.counts > 0
-    if np.any(target[occupied] < 0) or np.any(target[occupied] >= stats.bins):
+    inside, counts = _coarsened(stats.counts, stats.first_bin, level - stats.level, first_bin)
+    if not inside:
         raise AssertionError("merged histogram window does not cover an operand")
-    counts = np.zeros(stats.bins, dtype=np.int64)
-    np.add.at(counts, target[occupied], stats.counts[occupied])
     return counts
 
 

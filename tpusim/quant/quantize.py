@@ -20,6 +20,7 @@ from tpusim.errors import ModelError
 from tpusim.ir import Graph
 from tpusim.quant.arithmetic import QParams, activation_qparams
 from tpusim.quant.bias_correction import histogram_means
+from tpusim.quant.fixed_point import MultiplierRangeError
 from tpusim.quant.histogram import TensorStats
 from tpusim.quant.qlayer import QuantizedGraph
 from tpusim.quant.ranges import select_range
@@ -44,6 +45,14 @@ def _activation_params(graph: Graph, stats: Mapping[str, TensorStats], quant: Qu
     return params
 
 
+def _quantize_layer(graph: Graph, layer, params: Mapping[str, QParams], quant: QuantConfig, mean):
+    try:
+        return ops.op(layer.op).quantize(layer, tuple(params[name] for name in layer.inputs), params[layer.output],
+                                         quant, mean)
+    except MultiplierRangeError as exc:
+        raise ModelError(f"{graph.name}: layer {layer.name!r}: {exc} (absurd weights or activation ranges?)") from None
+
+
 def quantize_graph(
     graph: Graph,
     stats: Mapping[str, TensorStats],
@@ -63,10 +72,8 @@ def quantize_graph(
         means = input_means if input_means is not None else histogram_means(stats)
     qlayers = []
     for layer in graph.layers:
-        op = ops.op(layer.op)
-        mean = None if means is None or not op.matrix else means[layer.inputs[0]]
-        qlayers.append(op.quantize(layer, tuple(params[name] for name in layer.inputs), params[layer.output],
-                                   quant, mean))
+        mean = None if means is None or not ops.op(layer.op).matrix else means[layer.inputs[0]]
+        qlayers.append(_quantize_layer(graph, layer, params, quant, mean))
     float_graph = dataclasses.replace(graph, layers=tuple(q.layer for q in qlayers))
     return QuantizedGraph(graph=float_graph, quant=quant, tensor_qparams=params, layers=tuple(qlayers))
 
@@ -101,7 +108,5 @@ def quantize_from_model(graph: Graph, quant: QuantConfig,
     for layer in graph.layers:
         if ops.op(layer.op).inherits_grid:
             params[layer.output] = params[layer.inputs[0]]
-    qlayers = [ops.op(layer.op).quantize(layer, tuple(params[name] for name in layer.inputs), params[layer.output],
-                                         quant, None)
-               for layer in graph.layers]
+    qlayers = [_quantize_layer(graph, layer, params, quant, None) for layer in graph.layers]
     return QuantizedGraph(graph=graph, quant=quant, tensor_qparams=params, layers=tuple(qlayers))

@@ -3,6 +3,7 @@ measure fidelity. Input: a batch-1 lowered graph, its ONNX model and the config;
 :class:`QuantOutcome`. Values do not depend on the timing batch, so this stage always runs batch 1."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -12,7 +13,10 @@ import onnx
 from tpusim.config import HardwareConfig
 from tpusim.ir import Graph
 from tpusim.kernels.systolic import pe_gemm
-from tpusim.quant.calibrate import CalibrationSet, collect_statistics, load_calibration_set, synthetic_inputs
+from tpusim.frontend.lowering import index_rows
+from tpusim.quant.arithmetic import QParams
+from tpusim.quant.calibrate import (CalibrationSet, collect_statistics, load_calibration_set, synthetic_ids,
+                                    synthetic_inputs)
 from tpusim.quant.equalization import equalize
 from tpusim.quant.execute import GemmEngine
 from tpusim.quant.export import export_fp32
@@ -31,6 +35,7 @@ class QuantOutcome:
     qgraph: QuantizedGraph
     fidelity: FidelityReport
     pe_array_cycles: dict[str, int] | None  # per matrix layer, when the PE-level array computed the values
+    held_out: bool = True             # fidelity was measured on inputs that did not calibrate
 
 
 class _PeArrayUnit:
@@ -49,9 +54,26 @@ class _PeArrayUnit:
 def evaluation_inputs(calibration: CalibrationSet, graph: Graph, samples: int, seed: int) -> tuple[np.ndarray, str]:
     """Inputs for fidelity, disjoint from the calibration samples whenever the data allow it."""
     if calibration.synthetic:
+        rows = index_rows(graph)
+        if rows is not None:
+            held_out = synthetic_ids(graph.input_shape[1:], samples, seed + 1, rows)
+            return held_out.inputs, f"{held_out.source} (held out)"
         held_out = synthetic_inputs(graph.input_shape[1:], samples, seed + 1)
         return held_out.inputs, f"synthetic N(0,1), seed {seed + 1}, {samples} samples (held out)"
     return calibration.inputs[:samples], f"the first {min(samples, len(calibration.inputs))} calibration samples"
+
+
+def _ids_keep_their_integers(qgraph: QuantizedGraph, rows: int | None) -> QuantizedGraph:
+    """A graph input of token ids (``rows``: the tables' row count) is not quantized: it gets the identity
+    grid (scale 1, zero point 0, integers 0 .. rows - 1), in the graph and in every layer reading it."""
+    if rows is None:
+        return qgraph
+    name = qgraph.graph.input_name
+    grid = QParams(np.array(1.0), np.array(0), 0, max(rows - 1, 1))
+    layers = tuple(ql if name not in ql.layer.inputs else dataclasses.replace(
+        ql, input_qparams=tuple(grid if n == name else qp for n, qp in zip(ql.layer.inputs, ql.input_qparams)))
+        for ql in qgraph.layers)
+    return dataclasses.replace(qgraph, tensor_qparams={**qgraph.tensor_qparams, name: grid}, layers=layers)
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,28 +87,30 @@ class Quantized:
 def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto, config: HardwareConfig, calib_data,
                            progress: Progress | None = None) -> Quantized:
     quant = config.quant
+    rows = index_rows(graph)
     data = load_calibration_set(calib_data, graph.input_shape[1:], quant.calibration_samples, quant.seed,
-                                config.input_preprocessing)
-    calibration = CalibrationSet(data.inputs[: quant.calibration_samples], data.source, data.synthetic)
+                                config.input_preprocessing, hold_out=graph.model_grids is None, index_rows=rows)
+    calibration = dataclasses.replace(data, inputs=data.inputs[: quant.calibration_samples])
     if graph.model_grids is not None:
         # A QDQ model brings its own scales, zero points, integer weights and biases; only tensors it
         # left in float are calibrated (on the model itself, as ONNX Runtime runs it).
         missing = unquantized_tensors(graph)
         if not missing:
-            unused = CalibrationSet(data.inputs[:0], "none: the quantization came from the model", synthetic=False)
+            unused = CalibrationSet(data.inputs[:0], "none: the quantization came from the model", synthetic=False,
+                                    warnings=data.warnings)
             return Quantized(graph=graph, data=data, calibration=unused, qgraph=quantize_from_model(graph, quant))
         stats = collect_statistics(model, graph, calibration, quant.histogram_bins, tensors=[graph.input_name] + missing,
                                    progress=None if progress is None else lambda d, t: progress("calibrate", d, t))
-        partial = CalibrationSet(calibration.inputs, f"{calibration.source}, for the {len(missing)} tensors the model "
-                                 f"left in float ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
-                                 calibration.synthetic)
+        partial = dataclasses.replace(calibration, source=f"{calibration.source}, for the {len(missing)} tensors the "
+                                      f"model left in float ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
         return Quantized(graph=graph, data=data, calibration=partial, qgraph=quantize_from_model(graph, quant, stats))
     if quant.cross_layer_equalization:
         graph = equalize(graph)
         model = export_fp32(graph)
     stats = collect_statistics(model, graph, calibration, quant.histogram_bins,
                                progress=None if progress is None else lambda d, t: progress("calibrate", d, t))
-    return Quantized(graph=graph, data=data, calibration=calibration, qgraph=quantize_graph(graph, stats, quant))
+    qgraph = _ids_keep_their_integers(quantize_graph(graph, stats, quant), rows)
+    return Quantized(graph=graph, data=data, calibration=calibration, qgraph=qgraph)
 
 
 def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareConfig, calib_data,
@@ -96,6 +120,7 @@ def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareC
     quantized = calibrate_and_quantize(graph, model, config, calib_data, progress)
     graph, data, calibration, qgraph = quantized.graph, quantized.data, quantized.calibration, quantized.qgraph
     available = len(data.inputs)
+    held_out = True
     if graph.model_grids is not None:
         # Nothing calibrated, so every sample of the data (or a held-out synthetic set) may evaluate.
         if data.synthetic:
@@ -107,6 +132,7 @@ def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareC
         eval_x = data.inputs[quant.calibration_samples : quant.calibration_samples + eval_samples]
         eval_source = f"{len(eval_x)} held-out samples of {data.source}"
     else:
+        held_out = calibration.synthetic
         eval_x, eval_source = evaluation_inputs(calibration, graph, eval_samples, quant.seed)
     engine: GemmEngine = "int8-gemm"
     pe_cycles: dict[str, int] | None = None
@@ -127,4 +153,4 @@ def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareC
             progress("execute", done, total)
     report = fidelity(graph, qgraph, eval_x, engine=engine, progress=layer_progress, acc_bits=config.accumulators.bits)
     return QuantOutcome(graph=graph, calibration=calibration, evaluation_source=eval_source, qgraph=qgraph,
-                        fidelity=report, pe_array_cycles=pe_cycles)
+                        fidelity=report, pe_array_cycles=pe_cycles, held_out=held_out)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tpusim import ops
 from tpusim.config import HardwareConfig
 from tpusim.energy.model import LayerEnergy, RunEnergy
 from tpusim.ir import CycleBreakdown, Graph
@@ -18,7 +19,7 @@ TIMING_COLUMNS = (
     "layer", "op", "M", "K", "N", "groups", "macs", "cycles", "utilization", "dram_bytes", "ub_bytes", "acc_bytes",
     "active_cycles", "weight_stall_cycles", "weight_shift_cycles", "non_matrix_cycles",
     "useful_mac_cycles", "unused_mac_cycles", "raw_stall_cycles", "input_stall_cycles",
-    "spill_bytes", "requant_ops", "requant_scale_bytes",
+    "spill_bytes", "requant_ops", "requant_scale_bytes", "steps",
 )
 ENERGY_COLUMNS = ("energy_pj",)
 ENERGY_COMPONENTS = tuple(f.name for f in dataclasses.fields(LayerEnergy))
@@ -40,6 +41,13 @@ def breakdown_dict(b: CycleBreakdown) -> dict[str, int]:
     }
 
 
+def _steps(timing, batch: int) -> int | str:
+    """Time steps of a recurrent layer (its GEMM's M is steps x batch, all steps folded into its row); "" else."""
+    if timing.gemm is None or not getattr(ops.op(timing.op), "recurrent", False):
+        return ""
+    return timing.gemm.m // max(1, batch)
+
+
 def layer_rows(sim: SimResult, energy: RunEnergy | None = None, quant: QuantOutcome | None = None) -> list[dict[str, Any]]:
     rows = []
     energies = dict(energy.layers) if energy is not None else {}
@@ -55,6 +63,7 @@ def layer_rows(sim: SimResult, energy: RunEnergy | None = None, quant: QuantOutc
             "acc_bytes": c.acc_read_bytes + c.acc_write_bytes,
             **breakdown_dict(timing.breakdown),
             "spill_bytes": c.spill_bytes, "requant_ops": c.requant_ops, "requant_scale_bytes": c.requant_scale_bytes,
+            "steps": _steps(timing, sim.batch),
         }
         if timing.name in energies:
             row["energy_pj"] = round(energies[timing.name].total, 3)
@@ -127,9 +136,10 @@ def quant_summary(quant: QuantOutcome, cfg: HardwareConfig) -> dict[str, Any]:
             "source": quant.calibration.source, "synthetic": quant.calibration.synthetic,
             "samples": len(quant.calibration.inputs), "cross_layer_equalization": cfg.quant.cross_layer_equalization,
             "bias_correction": cfg.quant.bias_correction,
+            "warnings": list(quant.calibration.warnings),
         },
         "fidelity": {
-            "evaluated_on": quant.evaluation_source, "samples": f.samples,
+            "evaluated_on": quant.evaluation_source, "samples": f.samples, "held_out": quant.held_out,
             "top1_agreement": f.top1_agreement, "top5_agreement": f.top5_agreement,
             "cosine": f.cosine_similarity, "max_abs_error": f.max_abs_error,
             "output_sqnr_db": f.layer_sqnr_db[quant.graph.layers[-1].name],

@@ -17,6 +17,11 @@ Timeline model. Six units run concurrently, each executing its own instructions 
   R + C - 1 cycles after that multiply's first input; at least one pass per row, so it never overtakes
   the array), or waits for all of its unified-buffer operands.
 * Host link in / out (``ReadHostMemory`` / ``WriteHostMemory``): PCIe, ``latency + bytes / bandwidth``.
+* Operands computed on the chip as weights (attention's K and V): ``WriteWeightMemory`` moves bytes the
+  host holds (after a ``WriteHostMemory`` of them) into the weight memory, occupying the host link in
+  and the weight memory for the slower of the two transfers; a ``ReadWeights`` of those addresses waits
+  for it. ``ReadWeightsFromUb`` fills a FIFO slot straight from the unified buffer (a direct path of
+  ``computed_weights.direct_bytes_per_cycle``) once the operand's bytes are written.
 
 Cycle categories (the TPU v1 paper's, Jouppi et al. 2017 Table 3) are the MXU's point of view: every
 cycle of the run is exactly one of *active* (streaming), *weight_stall*, *weight_shift* or
@@ -41,6 +46,7 @@ full R-row shift. Accumulator wrap-around needs values: the integer executor cou
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
@@ -55,9 +61,11 @@ from tpusim.mapping.isa import (
     Program,
     ReadHostMemory,
     ReadWeights,
+    ReadWeightsFromUb,
     Sync,
     UbRegion,
     WriteHostMemory,
+    WriteWeightMemory,
 )
 from tpusim.mapping.tiler import compile_program
 
@@ -167,7 +175,12 @@ class _Timeline:
         fetch_end: list[int] = []
         shift_end_of_tile: list[int] = []
         trace_mxu: list[tuple[int, int, int, int, int]] = []
-        dram_free = host_in_free = host_out_free = act_free = 0
+        dram_free = host_in_free = host_out_free = act_free = direct_free = 0
+        host_ready: dict[int, int] = {}  # host address -> when a WriteHostMemory to it has landed
+        # Weight-memory ranges the host wrote during the run (ascending start addresses) and when.
+        written_start: list[int] = []
+        written_end: list[int] = []
+        written_at: list[int] = []
         mxu_free = 0
         tile_stream_start = 0  # when the weights now in the array were swapped in
         finish = 0
@@ -215,11 +228,42 @@ class _Timeline:
             elif isinstance(ins, ReadWeights):
                 tile = len(fetch_end)
                 start = max(dram_free, shift_end_of_tile[tile - depth] if tile >= depth else 0)
+                if written_start:
+                    w = bisect.bisect_right(written_start, ins.dram_addr) - 1
+                    if w >= 0 and ins.dram_addr < written_end[w]:
+                        start = max(start, written_at[w])
                 dram_free = start + transfer_cycles(ins.nbytes, wm.bandwidth_gb_s, clock, wm.latency_cycles)
                 fetch_start.append(start)
                 fetch_end.append(dram_free)
                 c["weight_dram_bytes"] += ins.nbytes
                 c["weight_fifo_bytes"] += ins.nbytes
+            elif isinstance(ins, ReadWeightsFromUb):
+                tile = len(fetch_end)
+                src = _ub_rows(ins.src, width)
+                start = max(direct_free, shift_end_of_tile[tile - depth] if tile >= depth else 0,
+                            int(ub_ready[src].max()))
+                direct_free = start + int(-(-Fraction(ins.nbytes) // Fraction(cfg.computed_weights.direct_bytes_per_cycle)))
+                ub_read_done[src] = np.maximum(ub_read_done[src], direct_free)
+                fetch_start.append(start)
+                fetch_end.append(direct_free)
+                c["ub_read_bytes"] += ins.nbytes
+                c["weight_fifo_bytes"] += ins.nbytes
+            elif isinstance(ins, WriteWeightMemory):
+                start = max(host_in_free, dram_free, host_ready.get(ins.host_addr, 0))
+                end = start + max(transfer_cycles(ins.nbytes, host.bandwidth_gb_s, clock, host.latency_cycles),
+                                  transfer_cycles(ins.nbytes, wm.bandwidth_gb_s, clock, wm.latency_cycles))
+                host_in_free = dram_free = end
+                at = bisect.bisect_left(written_start, ins.dram_addr)
+                if at < len(written_start) and written_start[at] == ins.dram_addr:  # a later pass rewrites it
+                    written_end[at], written_at[at] = ins.dram_addr + ins.nbytes, end
+                else:
+                    written_start.insert(at, ins.dram_addr)
+                    written_end.insert(at, ins.dram_addr + ins.nbytes)
+                    written_at.insert(at, end)
+                self.other_end[ins.layer] = max(self.other_end[ins.layer], end)
+                finish = max(finish, end)
+                c["host_weight_bytes"] += ins.nbytes
+                c["weight_dram_bytes"] += ins.nbytes
             elif isinstance(ins, Activate):
                 start = act_free
                 if ins.acc_rows:
@@ -267,13 +311,14 @@ class _Timeline:
                 host_out_free = start + transfer_cycles(ins.src.nbytes, host.bandwidth_gb_s, clock,
                                                         host.latency_cycles)
                 ub_read_done[src] = np.maximum(ub_read_done[src], host_out_free)
+                host_ready[ins.host_addr] = host_out_free
                 self.other_end[ins.layer] = max(self.other_end[ins.layer], host_out_free)
                 finish = max(finish, host_out_free)
                 c["host_out_bytes"] += ins.src.nbytes
                 c["ub_read_bytes"] += ins.src.nbytes
                 c["spill_bytes"] += ins.src.nbytes if ins.spill else 0
             elif isinstance(ins, Sync):
-                finish = max(finish, dram_free, host_in_free, host_out_free, act_free, mxu_free)
+                finish = max(finish, dram_free, host_in_free, host_out_free, act_free, mxu_free, direct_free)
         self._interval(mxu_free, finish, OTHER_NON_MATRIX)
         mxu = np.array(trace_mxu, dtype=np.int64).reshape(-1, 5)
         trace = Trace(mxu[:, 0], mxu[:, 1], mxu[:, 2], mxu[:, 3], mxu[:, 4],

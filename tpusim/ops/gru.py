@@ -1,0 +1,107 @@
+"""GRU (ONNX gate order z, r, h; linear_before_reset 0 or 1; forward, reverse, bidirectional;
+sequence_lens; initial state) on the matrix unit step by step, with an integer cell: see
+:mod:`tpusim.ops._recurrent`.
+
+Per step and direction: the gate drains of the recurrent GEMM (requantize to Q5.10, add the input
+projection, sigmoid for z and r; the h-gate columns are only requantized), then with
+``linear_before_reset=1`` (PyTorch's) a candidate pass ``n = tanh(x_h + r (h R_h^T + Rb_h))`` (3 ops per
+element) and the hidden pass ``h = (1 - z) n + z h_{t-1}`` requantized to 8 bits (4 ops). With
+``linear_before_reset=0`` the recurrent GEMM covers z and r only; a reset pass writes ``r * h_{t-1}`` on
+h's grid, a second GEMM multiplies it by R_h (a second dependence inside the step) and its drains give n.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tpusim.ops import register
+from tpusim.ops._recurrent import (GATE_FRAC, ONE, SIGMOID_TABLE, TANH_TABLE, RecurrentOp, lookup, matmul_nk,
+                                   requant_out, rounding_shift)
+from tpusim.quant.fixed_point import requantize
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.float32(1) / (np.float32(1) + np.exp(-x))
+
+
+def _lbr(layer) -> bool:
+    return bool(layer.attr("linear_before_reset", 0))
+
+
+@register
+class GRU(RecurrentOp):
+    name = "gru"
+    onnx_types = ("GRU",)
+    onnx_type = "GRU"
+    gates = 3
+
+    def default_activations(self):
+        return ("sigmoid", "tanh")
+
+    def lower_attrs(self, ctx, node, attrs):
+        return (("linear_before_reset", int(bool(attrs.get("linear_before_reset", 0)))),)
+
+    def export_attrs(self, layer):
+        return {"linear_before_reset": int(_lbr(layer))}
+
+    def bias_split(self, layer, wb, rb, dims):
+        if not _lbr(layer):
+            return wb + rb, np.zeros_like(rb)
+        h = dims.hidden
+        keep = np.concatenate([np.ones(2 * h, np.float32), np.zeros(h, np.float32)])
+        return wb + rb * keep, rb * (1 - keep)
+
+    def float_cell(self, layer, gx, h, c, r, rb, dims):
+        hidden = dims.hidden
+        z = _sigmoid(gx[:, :hidden] + matmul_nk(h, r[:hidden]) + rb[:hidden])
+        reset = _sigmoid(gx[:, hidden : 2 * hidden] + matmul_nk(h, r[hidden : 2 * hidden]) + rb[hidden : 2 * hidden])
+        if _lbr(layer):
+            n = np.tanh(gx[:, 2 * hidden :] + reset * (matmul_nk(h, r[2 * hidden :]) + rb[2 * hidden :]))
+        else:
+            n = np.tanh(gx[:, 2 * hidden :] + matmul_nk(reset * h, r[2 * hidden :]) + rb[2 * hidden :])
+        return (np.float32(1) - z) * n + z * h, c
+
+    def int_cell(self, layer, zx, h, c, di, ints, y_qp, options):
+        hidden = h.shape[1]
+        z_h = int(y_qp.zero_point)
+        lbr = _lbr(layer)
+        if lbr:
+            zh, wrapped = self.recurrent_q510(h, di, slice(None), y_qp, options)
+        else:
+            zh, wrapped = self.recurrent_q510(h, di, slice(0, 2 * hidden), y_qp, options)
+        z = lookup(zx[:, :hidden] + zh[:, :hidden], GATE_FRAC, SIGMOID_TABLE)
+        reset = lookup(zx[:, hidden : 2 * hidden] + zh[:, hidden : 2 * hidden], GATE_FRAC, SIGMOID_TABLE)
+        if lbr:
+            n_pre = zx[:, 2 * hidden :] + rounding_shift(reset * zh[:, 2 * hidden :], 15)
+        else:
+            reset_h = np.clip(rounding_shift(reset * (h - z_h), 15) + z_h, y_qp.qmin, y_qp.qmax)
+            zn, more = self.recurrent_q510(reset_h, di, slice(2 * hidden, 3 * hidden), y_qp, options)
+            wrapped += more
+            n_pre = zx[:, 2 * hidden :] + zn
+        n = lookup(n_pre, GATE_FRAC, TANH_TABLE)
+        h_prev = requantize((h - z_h).astype(np.int32), ints.rq_hp.m0, ints.rq_hp.shift, 0, -(ONE - 1), ONE - 1)
+        h_new = requant_out((ONE - z) * n + z * h_prev.astype(np.int64), ints.rq_out, y_qp)
+        return h_new, c, wrapped
+
+    def recurrent_gemms(self, layer, dims):
+        return (dims.gh,) if _lbr(layer) else (2 * dims.hidden, dims.hidden)
+
+    def emit_tail(self, e, d, s, h_prev, y_region):
+        dims = e.dims
+        elements = e.batch * dims.hidden
+        gx = e.gx_region(d, s)
+        gates = e.gates[d]
+        first = s == 0 and h_prev is None
+        candidate, reset_h = e.scratch[d]
+        if first:
+            e.gates_without_gemm(d, 0, "gru_gates", (gx,), gates)
+        else:
+            e.recurrent_gemm(d, 0, h_prev, "gru_gates", 0, (gx,), gates)
+        if _lbr(e.layer):
+            e.vector("gru_candidate", (gates, gx), candidate, elements * e.ib, elements, 3, False)
+        elif first:
+            e.gates_without_gemm(d, 1, "gru_candidate", (gx,), candidate)
+        else:
+            e.vector("gru_reset", (gates, h_prev), reset_h, elements * e.eb, elements, 1, True)
+            e.recurrent_gemm(d, 1, reset_h, "gru_candidate", 2 * dims.hidden, (gx,), candidate)
+        sources = (gates, candidate) if first else (gates, candidate, h_prev)
+        e.vector("gru_hidden", sources, y_region, elements * e.eb, elements, 4, True)
