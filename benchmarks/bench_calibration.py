@@ -13,7 +13,7 @@ tensors. ONNX Runtime's own time is printed too but not counted.
 ``--reference FILE`` also times another copy of ``histogram.py`` on the same tensors and checks that
 both give the same statistics, bit for bit (min, max, range and every bin count):
 
-    git show HEAD:tpusim/quant/histogram.py > /tmp/histogram_before.py
+    git show a5affac^:tpusim/quant/histogram.py > /tmp/histogram_before.py   # before the kernels of a5affac
     python3 benchmarks/bench_calibration.py --reference /tmp/histogram_before.py
 """
 from __future__ import annotations

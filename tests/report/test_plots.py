@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
+from PIL import Image
 
 from tpusim.config import load_config
 from tpusim.energy.model import LayerEnergy
@@ -94,13 +96,99 @@ def test_roofline_plots_each_matrix_layer_at_its_intensity(tmp_path):
     assert _is_png(plots.plot_rooflines([("DDR3", cfg, rows), ("GDDR5", gddr5, rows)], tmp_path / "roofs.png"))
 
 
+def _bars(collection) -> np.ndarray:
+    """(left, right, bottom, top) of each rectangle of a stacked-bar collection."""
+    corners = np.array([path.vertices[:4] for path in collection.get_paths()])
+    return np.column_stack([corners[:, :, 0].min(1), corners[:, :, 0].max(1),
+                            corners[:, :, 1].min(1), corners[:, :, 1].max(1)])
+
+
 def test_latency_breakdown_of_73_layers(tmp_path):
     rows = _layer_rows(73)
     fig = plots.latency_breakdown_figure(rows)
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()] == [r["layer"] for r in rows]
-    assert len(ax.patches) == 4 * 73
+    # Every layer named, in order, first layer at the top (row i at y = i, the y axis inverted).
+    assert plots.layer_labels(fig) == [r["layer"] for r in rows]
+    texts = {t.get_text(): t for t in ax.texts}
+    assert all(texts[r["layer"]].get_position()[1] == i for i, r in enumerate(rows))
+    assert ax.get_ylim() == (72.5, -0.5)
+    # One collection per category, one bar per layer in each (4 x 73 bars), stacked in the CSV's order.
+    stacks = [c for c in ax.collections if c.get_label() in [label for _, label, _ in plots.LATENCY_CATEGORIES]]
+    assert [c.get_label() for c in stacks] == [label for _, label, _ in plots.LATENCY_CATEGORIES]
+    assert [len(c.get_paths()) for c in stacks] == [73] * 4
+    left = np.zeros(73)
+    for (key, _, _), collection in zip(plots.LATENCY_CATEGORIES, stacks):
+        bars = _bars(collection)
+        width = np.array([r[key] for r in rows], dtype=float)
+        np.testing.assert_allclose(bars[:, 0], left)
+        np.testing.assert_allclose(bars[:, 1] - bars[:, 0], width)
+        np.testing.assert_allclose(bars[:, 2:].mean(1), np.arange(73))
+        left += width
+    assert ax.get_xlim()[0] == 0.0 and ax.get_xlim()[1] > left.max()  # from 0, as bar() does, to the longest
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [label for _, label, _ in plots.LATENCY_CATEGORIES]
     assert _is_png(plots.plot_latency_breakdown(rows, tmp_path / "latency.png"))
+
+
+def test_layer_names_are_drawn_as_written(tmp_path):
+    rows = _layer_rows(3)
+    rows[0]["layer"], rows[1]["layer"] = "cost_$5$", "a$\\frac{$"  # would be mathtext (the second invalid)
+    fig = plots.latency_breakdown_figure(rows)
+    assert plots.layer_labels(fig) == [r["layer"] for r in rows]
+    assert _is_png(plots.plot_latency_breakdown(rows, tmp_path / "names.png"))
+
+
+def test_figures_fit_their_contents_and_are_saved_once_at_their_size(tmp_path):
+    rows = _layer_rows(73)
+    fig = plots.latency_breakdown_figure(rows)
+    renderer = fig.canvas.get_renderer()
+    contents = fig.axes[0].get_tightbbox(renderer)
+    assert contents.x0 >= 0 and contents.y0 >= 0 and contents.x1 <= fig.bbox.x1 and contents.y1 <= fig.bbox.y1
+    assert contents.x0 < 0.2 * fig.dpi and fig.bbox.x1 - contents.x1 < 0.2 * fig.dpi  # and no wide margins
+    path = plots.plot_latency_breakdown(rows, tmp_path / "latency.png")
+    with Image.open(path) as image:
+        width, height = fig.get_size_inches() * plots.DPI
+        assert image.size == (int(width), int(height)) and image.mode == "RGB"
+        assert image.info["dpi"] == pytest.approx((plots.DPI, plots.DPI), abs=0.05)  # stored per metre
+        assert image.info["Software"].startswith("Matplotlib")
+
+
+def test_log_axes_are_labelled_in_plain_text():
+    assert [plots._plain_number(v) for v in (1e-3, 0.01, 0.5, 1.0, 20.0, 1000.0, 25000.0, 1e5)] == [
+        "0.001", "0.01", "0.5", "1", "20", "1,000", "25,000", "100,000"]
+    assert [plots._plain_number(v) for v in (1e-4, 2e-5, 1e6, 3e7)] == ["10⁻⁴", "2×10⁻⁵", "10⁶", "3×10⁷"]
+    cfg = load_config(TPU_V1)
+    fig = plots.roofline_figure([("tpu_v1", cfg, _layer_rows(12))])
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+    assert labels and not any("$" in label for label in labels)  # no mathtext
+    assert "1,000" in labels
+
+
+def test_light_minor_ticks_sit_where_matplotlib_puts_its_own():
+    cfg = load_config(TPU_V1)
+    rows = _layer_rows(12)
+    rows[0]["dram_bytes"] = rows[0]["macs"]  # 1 MAC per byte: the x axis spans four decades and more
+    fig = plots.roofline_figure([("tpu_v1", cfg, rows)])
+    ax = fig.axes[0]
+    assert list(ax.xaxis.get_minorticklocs()) == []  # no tick objects: one line of marks instead
+    reference = Figure()
+    ref = reference.subplots()
+    ref.set_xscale("log")
+    ref.set_xlim(ax.get_xlim())
+    expected = [v for v in ref.xaxis.get_minorticklocs() if ax.get_xlim()[0] <= v <= ax.get_xlim()[1]]
+    marks = [line for line in ax.lines if line.get_marker() == plots.TICKDOWN]
+    assert len(marks) == 1 and len(expected) > 20
+    np.testing.assert_allclose(marks[0].get_xdata(), expected)
+    # An axis with one decade mark or none keeps matplotlib's minor ticks, which it labels there.
+    rows = _layer_rows(3)
+    for row in rows:
+        row["dram_bytes"] = row["macs"] // 1000  # 1000 MACs per byte, near the ridge: x spans 500..2700
+    fig = plots.roofline_figure([("tpu_v1", cfg, rows)])
+    ax = fig.axes[0]
+    assert not [line for line in ax.lines if line.get_marker() == plots.TICKDOWN]
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text()]  # e.g. 600, 2,000
 
 
 def test_energy_breakdown_draws_only_used_components(tmp_path):

@@ -4,23 +4,42 @@ Each ``plot_*`` function draws a figure from rows the pipeline or a sweep produc
 atomically: the PNG is rendered in memory and then written under a temporary name and renamed, so a
 failure never leaves a half-written file. Figures are built without pyplot, so nothing here touches
 a notebook's or script's current figure or backend.
+
+The three figures of a run are drawn in one pass each: a figure's axes are placed from one
+measurement of what hangs around them (:func:`_fit_row`) rather than by a layout engine that measures
+every tick label several times and a ``bbox_inches="tight"`` save that renders the figure twice; the
+stacked bars of a category are one collection, not a patch per layer; a layer's name is one text, not
+a tick object (three lines and two texts); log axes are labelled in plain text (``1,000``, ``0.1``,
+``10⁻⁵``) instead of mathtext, which has to be parsed; unlabelled minor log ticks are one line of
+markers per axis. What is left is mostly matplotlib laying out and rasterising each text (about a
+millisecond per layer name here) and PNG compression (``benchmarks/bench_plots.py`` times it).
 """
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib as mpl
+import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullLocator
+from matplotlib.lines import Line2D
+from matplotlib.markers import TICKDOWN, TICKLEFT, TICKRIGHT, TICKUP
+from matplotlib.ticker import FuncFormatter, LogFormatter, NullLocator
+from matplotlib.transforms import ScaledTranslation
+from PIL import Image, PngImagePlugin
 
 from tpusim.config import HardwareConfig
 from tpusim.report.files import atomic_write_bytes
 
 DPI = 120
+PNG_COMPRESS_LEVEL = 3  # zlib's default 6 takes 40% longer on a ResNet-50 breakdown for a 6% smaller file
 OPS_PER_MAC = 2  # TOPS counts a MAC as two operations; intensity counts MACs per byte [Jouppi et al. 2017]
 LOG_SPAN = 8  # log scale once the values span this factor
 METRIC_LABELS = {
@@ -49,17 +68,140 @@ LATENCY_CATEGORIES = (
 )
 
 LINE_STYLES = ("-", "--", ":", "-.")
+GRID_ALPHA = 0.3
+BAR_HEIGHT = 0.8  # of a layer's row
+LAYER_LABEL_GID = "layer-name"
+FIT_PAD_IN = 0.08  # margin around a figure's contents, inches
+_SUPERSCRIPTS = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
 
 Rows = Sequence[Mapping[str, Any]]
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Render ``fig`` as PNG in memory, then write it atomically."""
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    return atomic_write_bytes(path, buffer.getvalue())
+# ------------------------------------------------------------------------------------ output and layout
 
+def _png_bytes(fig: Figure) -> bytes:
+    """The figure rendered once at :data:`DPI` and compressed as PNG: RGB when it is opaque (the usual
+    case; a quarter less to compress, and a smaller file), RGBA when anything in it is transparent."""
+    raw = io.BytesIO()
+    fig.savefig(raw, format="rgba", dpi=DPI)
+    width = int(fig.get_figwidth() * DPI)  # Agg's canvas size: the figure's inches at DPI, truncated
+    data = raw.getvalue()
+    height = len(data) // (4 * width)
+    if width * height * 4 != len(data):
+        raise AssertionError(f"raw render of {len(data)} bytes is not {width} pixels wide")
+    image = Image.frombuffer("RGBA", (width, height), data, "raw", "RGBA", 0, 1)
+    if image.getextrema()[3] == (255, 255):
+        image = image.convert("RGB")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", f"Matplotlib version{mpl.__version__}, https://matplotlib.org/")
+    png = io.BytesIO()
+    image.save(png, format="png", pnginfo=info, dpi=(DPI, DPI), compress_level=PNG_COMPRESS_LEVEL)
+    return png.getvalue()
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Render ``fig`` as PNG in memory, then write it atomically. The figure lays itself out (a layout
+    engine or :func:`_fit_row`), so it is rendered once, at its own size."""
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    return atomic_write_bytes(path, _png_bytes(fig))
+
+
+def _fit_row(fig: Figure, axes: Sequence[Axes], passes: int = 1) -> None:
+    """Place a row of equally wide axes so that everything drawn around them (tick labels, axis labels,
+    titles, legends anchored to an axes) fits in the figure with :data:`FIT_PAD_IN` to spare.
+
+    What sticks out of an axes does not depend on its size, except for legends anchored at a fraction of
+    it: one pass fits a legend to the side to within a hundredth of the axes, a second one a legend
+    anchored below. Each pass measures each label once (a layout engine measures each several times)."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    width, height = fig.get_size_inches()
+    pad = FIT_PAD_IN
+    for _ in range(passes):
+        overhangs = []  # inches beyond each axes' box: left, right, bottom, top
+        for ax in axes:
+            inner, outer = ax.get_window_extent(renderer), ax.get_tightbbox(renderer)
+            overhangs.append([max(0.0, v) / fig.dpi for v in (inner.x0 - outer.x0, outer.x1 - inner.x1,
+                                                               inner.y0 - outer.y0, outer.y1 - inner.y1)])
+        bottom = max(o[2] for o in overhangs) + pad
+        top = height - max(o[3] for o in overhangs) - pad
+        axes_width = (width - sum(o[0] + o[1] for o in overhangs) - pad * (len(axes) + 1)) / len(axes)
+        if axes_width <= 0 or top <= bottom:
+            return  # labels larger than the figure: leave the default placement
+        x = pad
+        for ax, (left, right, _, _) in zip(axes, overhangs):
+            x += left
+            ax.set_position((x / width, bottom / height, axes_width / width, (top - bottom) / height))
+            x += axes_width + right + pad
+
+
+# ------------------------------------------------------------------------------------------ log axes
+
+def _plain_number(value: float) -> str:
+    """A tick value as plain text: ``0.001`` to ``100,000`` as decimals, else ``2×10⁻⁵``."""
+    if 1e-3 <= value < 1e6:
+        return f"{value:,.3f}".rstrip("0").rstrip(".")
+    mantissa, exponent = f"{value:.0e}".split("e")
+    power = "10" + str(int(exponent)).translate(_SUPERSCRIPTS)
+    return power if mantissa == "1" else f"{mantissa}×{power}"
+
+
+class _PlainLogFormatter(LogFormatter):
+    """Matplotlib's choice of which log ticks to label, written without mathtext."""
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return _plain_number(x)
+
+
+def _plain_log_labels(axis: Any) -> None:
+    axis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=True))
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
+
+
+_MINOR_MARKERS = {("x", "out"): TICKDOWN, ("x", "in"): TICKUP, ("y", "out"): TICKLEFT, ("y", "in"): TICKRIGHT}
+
+
+def _light_minor_log_ticks(ax: Axes, grid_alpha: float | None) -> None:
+    """The minor ticks of each log axis that spans two decades or more, at the places matplotlib's own
+    minor locator gives, drawn as one line of markers (and one line of grid strokes when ``grid_alpha``
+    is given) where matplotlib makes a tick object of three lines and two texts for each:
+    70 on a ResNet-50 roofline, a third of its time. Matplotlib labels no minor tick on such an axis, so
+    the figure looks the same. An axis of fewer decades, where it does label them, or with ticks styled
+    otherwise than here, keeps matplotlib's own. Freezes the limits of an axis it draws on, so call it
+    once the data is drawn."""
+    rc = mpl.rcParams
+    for name in ("x", "y"):
+        axis = ax.xaxis if name == "x" else ax.yaxis
+        marker = _MINOR_MARKERS.get((name, rc[f"{name}tick.direction"]))
+        if axis.get_scale() != "log" or marker is None or rc["xtick.top" if name == "x" else "ytick.right"]:
+            continue
+        limits = ax.get_xlim() if name == "x" else ax.get_ylim()
+        lo, hi = sorted(limits)
+        if not 0 < lo < hi < math.inf:
+            continue
+        lmin, lmax = math.log10(lo), math.log10(hi)
+        if math.floor(lmax) - math.floor(math.nextafter(lmin, -math.inf)) < 2:  # the formatter's major count
+            continue
+        values = np.asarray(axis.get_minor_locator().tick_values(lo, hi), dtype=np.float64)
+        values = values[(values >= lo) & (values <= hi)]
+        (ax.set_xlim if name == "x" else ax.set_ylim)(*limits)  # the marks are for these limits
+        axis.set_minor_locator(NullLocator())
+        along = ax.get_xaxis_transform() if name == "x" else ax.get_yaxis_transform()
+        zeros = np.zeros(len(values))
+        ax.add_line(Line2D(*((values, zeros) if name == "x" else (zeros, values)), linestyle="none",
+                           marker=marker, markersize=rc[f"{name}tick.minor.size"],
+                           markeredgewidth=rc[f"{name}tick.minor.width"], color=rc[f"{name}tick.color"],
+                           transform=along, clip_on=False, zorder=1.5))
+        if grid_alpha is not None:  # one path of separate strokes (NaN lifts the pen)
+            along_axis = np.column_stack([values, values, np.full(len(values), np.nan)]).ravel()
+            across = np.tile([0.0, 1.0, np.nan], len(values))
+            ax.add_line(Line2D(*((along_axis, across) if name == "x" else (across, along_axis)),
+                               color=rc["grid.color"], linestyle=rc["grid.linestyle"],
+                               linewidth=rc["grid.linewidth"], alpha=grid_alpha, transform=along, zorder=1.5))
+
+
+# ------------------------------------------------------------------------------------------- helpers
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -111,7 +253,7 @@ def sweep_figure(records: Rows, x: str, metrics: Sequence[str], *, params: Seque
     for record in records:
         groups.setdefault(tuple(record.get(p) for p in others), []).append(record)
 
-    fig = Figure(figsize=(4.2 * len(metrics) + 0.8, 3.6), layout="constrained")
+    fig = Figure(figsize=(4.2 * len(metrics) + 0.8, 3.6), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         plotted: list[float] = []
@@ -127,6 +269,7 @@ def sweep_figure(records: Rows, x: str, metrics: Sequence[str], *, params: Seque
             ax.set_xscale("log", base=2)
         if _wide_positive(plotted) and max(plotted) / min(plotted) >= 50:
             ax.set_yscale("log")
+            _plain_log_labels(ax.yaxis)
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticks([position[v] for v in xs], [_value_text(v) for v in xs],
                       rotation=30 if not numeric_x and len(xs) > 3 else 0)
@@ -173,10 +316,12 @@ def _draw_roofline(ax: Any, cfg: HardwareConfig, workloads: Mapping[str, Rows], 
             ha="right", va="bottom", fontsize="small", color="grey")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_labels(ax.xaxis)
+    _plain_log_labels(ax.yaxis)
     ax.set_xlabel("operational intensity (MACs per weight byte)")
     ax.set_ylabel("achieved TOPS")
     ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="both", alpha=GRID_ALPHA)
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, frameon=False)
 
 
@@ -186,10 +331,13 @@ def _as_workloads(layer_rows: Rows | Mapping[str, Rows]) -> Mapping[str, Rows]:
 
 def roofline_figure(panels: Sequence[tuple[str, HardwareConfig, Rows | Mapping[str, Rows]]]) -> Figure:
     """Side-by-side rooflines; each panel is (title, chip config, layer rows or {workload: layer rows})."""
-    fig = Figure(figsize=(6.2 * len(panels), 4.8), layout="constrained")
+    fig = Figure(figsize=(6.2 * len(panels), 4.8), dpi=DPI)
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, (title, cfg, rows) in zip(axes, panels):
         _draw_roofline(ax, cfg, _as_workloads(rows), title)
+    for ax in axes:  # once every panel is drawn: the panels share their TOPS limits
+        _light_minor_log_ticks(ax, GRID_ALPHA)
+    _fit_row(fig, list(axes), passes=2)  # the legends hang below the axes at a fraction of their height
     return fig
 
 
@@ -209,25 +357,64 @@ def plot_rooflines(panels: Sequence[tuple[str, HardwareConfig, Rows | Mapping[st
 
 # ----------------------------------------------------------------------------------- per-layer stacks
 
-def _layer_bar_figure(layers: Sequence[str], stacks: Sequence[tuple[str, str | None, Sequence[float]]],
+def _stacked_bars(ax: Axes, stacks: Sequence[tuple[str, Any, Sequence[float]]], rows: int) -> None:
+    """Horizontal bars stacked left to right, one collection per stack: row ``i`` at ``y = i``."""
+    y = np.arange(rows, dtype=np.float64)
+    low, high = y - BAR_HEIGHT / 2, y + BAR_HEIGHT / 2
+    left = np.zeros(rows)
+    for label, colour, values in stacks:
+        right = left + np.asarray(values, dtype=np.float64)
+        corners = np.stack([np.column_stack(corner) for corner in
+                            ((left, low), (right, low), (right, high), (left, high))], axis=1)
+        bars = PolyCollection(corners, facecolors=[colour], edgecolors="none", linewidths=0.0, label=label)
+        bars.sticky_edges.x.append(0.0)  # as bar(): the axis starts at 0, no margin below it
+        ax.add_collection(bars)
+        left = right
+    ax.autoscale_view()
+
+
+def _layer_labels(ax: Axes, layers: Sequence[str], fontsize: float) -> None:
+    """Layer names where y tick labels go, one text each, and their tick marks as one line of markers."""
+    rc = mpl.rcParams
+    size, width, pad = rc["ytick.major.size"], rc["ytick.major.width"], rc["ytick.major.pad"]
+    colour = rc["ytick.color"] if rc["ytick.labelcolor"] == "inherit" else rc["ytick.labelcolor"]
+    ax.set_yticks([])
+    marks = ax.get_yaxis_transform()  # x in axes fractions, y in rows
+    ax.add_line(Line2D(np.zeros(len(layers)), np.arange(len(layers)), linestyle="none", marker=TICKLEFT,
+                       markersize=size, markeredgewidth=width, color=rc["ytick.color"], transform=marks,
+                       clip_on=False))
+    names = marks + ScaledTranslation(-(size + pad) / 72, 0.0, ax.figure.dpi_scale_trans)
+    for i, name in enumerate(layers):
+        # A layer's name is a name, never mathtext: a "$" in it is a "$".
+        ax.text(0.0, i, name, transform=names, ha="right", va="center_baseline", fontsize=fontsize,
+                color=colour, parse_math=False, clip_on=False, gid=LAYER_LABEL_GID)
+
+
+def layer_labels(fig: Figure) -> list[str]:
+    """The layer names down a per-layer figure's axis, first layer first."""
+    texts = [t for t in fig.axes[0].texts if t.get_gid() == LAYER_LABEL_GID]
+    return [t.get_text() for t in sorted(texts, key=lambda t: t.get_position()[1])]
+
+
+def _layer_bar_figure(layers: Sequence[str], stacks: Sequence[tuple[str, Any, Sequence[float]]],
                       xlabel: str, title: str) -> Figure:
     """Horizontal stacked bars, first layer at the top: layer names stay readable for 70+ layers."""
     height = max(3.0, 0.17 * len(layers) + 1.6)
-    fig = Figure(figsize=(10.5, height), layout="constrained")
+    fig = Figure(figsize=(10.5, height), dpi=DPI)  # measured at the dpi it is saved at: text metrics once
     ax = fig.subplots()
-    positions = range(len(layers))
-    left = [0.0] * len(layers)
-    for label, colour, values in stacks:
-        ax.barh(positions, values, left=left, height=0.8, label=label, color=colour)
-        left = [a + b for a, b in zip(left, values)]
-    ax.set_yticks(list(positions), layers, fontsize=7 if len(layers) > 30 else 9)
+    _stacked_bars(ax, stacks, len(layers))
+    _layer_labels(ax, layers, fontsize=7 if len(layers) > 30 else 9)
     ax.set_ylim(len(layers) - 0.5, -0.5)
     ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    ax.grid(True, axis="x", alpha=0.3)
+    # Placed, not searched for: matplotlib would measure every label at each draw to find room for a y
+    # axis label the figure does not have, and to keep the title clear of top tick labels it has neither.
+    ax.set_title(title, y=1.0)
+    ax.yaxis.set_label_coords(0.0, 0.5)
+    ax.grid(True, axis="x", alpha=GRID_ALPHA)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     # Outside the axes: the longest bars reach the right edge, and a legend on them hides data.
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0.0)
+    _fit_row(fig, [ax])
     return fig
 
 
@@ -247,7 +434,8 @@ def energy_breakdown_figure(energy_rows: Mapping[str, Mapping[str, float]], *,
     components = _distinct([c for parts in energy_rows.values() for c in parts if c != "total"])
     used = [c for c in components if any(energy_rows[layer].get(c, 0.0) > 0 for layer in layers)]
     hues = [*range(0, 20, 2), *range(1, 20, 2)]  # tab20's ten dark hues before their light twins
-    stacks = [(c.replace("_", " "), colormaps["tab20"](hues[components.index(c) % 20]),
+    palette = colormaps["tab20"]  # (a copy per lookup)
+    stacks = [(c.replace("_", " "), palette(hues[components.index(c) % 20]),
                [energy_rows[layer].get(c, 0.0) / 1e6 for layer in layers]) for c in used]
     return _layer_bar_figure(layers, stacks, "energy (µJ)", title)
 

@@ -1,0 +1,98 @@
+"""Time of the three plots of a run: latency_breakdown.png, energy_breakdown.png, roofline.png.
+
+    python3 benchmarks/bench_plots.py [--model resnet50] [--repeat 5] [--out DIR] [--plots-module FILE]
+
+Builds a run's layer rows and per-layer energies without quantizing (lower + compile + simulate +
+energy, as ``tpusim run --no-quantize`` does; the plots draw nothing the quantizer adds), then times
+each plot function of ``tpusim.report.plots`` exactly as ``tpusim.pipeline.write_reports`` calls it:
+figure built, rendered to PNG and written. Imports are warm and one throwaway figure is drawn first
+(matplotlib's font cache and text machinery loaded), so the figures measure the plots themselves.
+Each figure's time is the best of ``--repeat``; the total is the sum of the three bests. The PNGs
+stay in ``--out`` (default: a temporary directory) for looking at. Times are wall and CPU time of
+this process: on a machine other jobs load, the CPU time is the steadier figure.
+
+``--plots-module FILE`` times another copy of the module instead, for a before/after comparison:
+
+    git show 0fe5378:tpusim/report/plots.py > /tmp/plots_before.py   # a commit before the one-pass plots
+    python3 benchmarks/bench_plots.py --plots-module /tmp/plots_before.py --out /tmp/before
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from tpusim import pipeline
+from tpusim.report import plots, run_report
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tpu_v1.yaml"
+
+
+def _times(repeat: int, work) -> tuple[float, float, float]:
+    """Wall time of the first call (what a run pays: it draws each figure once), best wall time and
+    best CPU time of this process (what other jobs on a loaded machine disturb least)."""
+    first = wall = cpu = float("inf")
+    for i in range(repeat):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        work()
+        elapsed = time.perf_counter() - start
+        first = elapsed if i == 0 else first
+        wall = min(wall, elapsed)
+        cpu = min(cpu, time.process_time() - start_cpu)
+    return first, wall, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--plots-module", type=Path, default=None, help="time this copy of plots.py instead")
+    args = parser.parse_args()
+    global plots
+    if args.plots_module is not None:
+        spec = importlib.util.spec_from_file_location("plots_under_test", args.plots_module)
+        plots = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(plots)
+
+    options = pipeline.RunOptions(config=args.config, model=args.model, quantize=False)
+    config, graph, _ = pipeline.prepare(options)
+    _, sim, energy = pipeline.time_and_energy(graph, config)
+    rows = run_report.layer_rows(sim, energy, None)
+    energies = {name: e.as_dict() for name, e in energy.layers}
+    title = f"{sim.graph_name} on {config.name}, batch {sim.batch}"
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench_plots_"))
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    plots.plot_latency_breakdown(rows[:3], out / "warmup.png")  # fonts, text layout, Agg: loaded once per process
+    warmup = time.perf_counter() - start
+    (out / "warmup.png").unlink()
+
+    figures = {
+        "latency_breakdown.png": lambda: plots.plot_latency_breakdown(
+            rows, out / "latency_breakdown.png", title=f"cycles per layer: {title}"),
+        "energy_breakdown.png": lambda: plots.plot_energy_breakdown(
+            energies, out / "energy_breakdown.png", title=f"dynamic energy per layer: {title}"),
+        "roofline.png": lambda: plots.plot_roofline(config, rows, out / "roofline.png", title=f"roofline: {title}"),
+    }
+    print(f"{args.model}: {len(rows)} layers on {config.name}; best of {args.repeat}; "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    print(f"  a 3-layer figure first (fonts and text machinery, once per process): {warmup * 1000:.0f} ms")
+    totals = [0.0, 0.0, 0.0]
+    print(f"  {'':24s} {'first':>10s} {'best wall':>10s} {'best CPU':>10s}")
+    for name, work in figures.items():
+        times = _times(args.repeat, work)
+        totals = [a + b for a, b in zip(totals, times)]
+        print(f"  {name:24s}" + "".join(f" {t * 1000:7.0f} ms" for t in times)
+              + f"  {(out / name).stat().st_size / 1024:5.0f} KiB")
+    print(f"  {'three plots':24s}" + "".join(f" {t * 1000:7.0f} ms" for t in totals))
+    print(f"PNGs in {out}")
+
+
+if __name__ == "__main__":
+    main()
