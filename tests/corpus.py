@@ -869,8 +869,10 @@ def load_model(name: str, seed: int = 0) -> onnx.ModelProto:
     U(0.5, 1), bias and mean N(0, 0.1), var U(0.5, 1.5); LayerNorm scale U(0.9, 1.1); biases
     N(0, 0.02); Mul operands (layer scales) U(0.5, 1). The parameters ending the branch f of each
     residual ``x + f(x)`` are scaled by ``RESIDUAL_BRANCH_SCALE``, as trained nets have small gammas
-    there. The random draws depend only on (seed, tensor name). Tensors the exporter wrote
-    (integers, small float constants) keep their real values.
+    there. An LSTM/GRU's W, R and B (also through the Slice/Concat the dynamo exporter reorders the
+    gates with) are U(-1/sqrt(H), 1/sqrt(H)), as torch initialises them, and its initial states zero.
+    The random draws depend only on (seed, tensor name). Tensors the exporter wrote (integers, small
+    float constants) keep their real values.
     """
     model = onnx.load_model_from_string(_stripped_bytes(name))
     return fill_model(model, seed, factors=_CALIBRATION_FACTORS.setdefault((name, seed), {}))

@@ -83,6 +83,7 @@ def test_whole_pipeline_runs(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["resnet50_dynamo18", "lstm2_dynamo18", "lstm_bidir_ts17", "gru_ts17",
+                                  "lstm2_ts17", "lstm_bidir_dynamo18", "gru_dynamo18",
                                   "bert_dynamo18", "vit_b_16_dynamo18"])
 def test_default_command(name, tmp_path):
     model = corpus.load_model(name)

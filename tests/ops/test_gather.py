@@ -12,7 +12,6 @@ from op_checks import CONFIG, _check_against_ort, check_all_stages, sqnr_db
 from tpusim.errors import DataError, ModelError
 from tpusim.frontend import lower_model, run_reference
 from tpusim.frontend.lowering import index_rows
-from tpusim.mapping import compile_program
 from tpusim.mapping.isa import ReadHostMemory
 from tpusim.pipeline import time_and_energy
 from tpusim.quant.arithmetic import quantize

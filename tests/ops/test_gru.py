@@ -9,7 +9,7 @@ from op_checks import CONFIG, check_all_stages
 from ops.test_lstm import FAST, MIN_SQNR_DB, pytorch_lstm  # tests/ is on the path: ops/ is a namespace package
 
 from tpusim.frontend import lower_model
-from tpusim.mapping.isa import MatrixMultiply, ReadWeights
+from tpusim.mapping.isa import Activate, MatrixMultiply, ReadWeights
 from tpusim.quant.calibrate import synthetic_inputs
 from tpusim.sim import compile_program, simulate
 
@@ -31,9 +31,12 @@ def test_gru_through_every_stage(lbr, direction):
 
 
 def test_gru_sequence_lens_and_initial_state():
+    # Up to 3 LSB here, on 2 of 2304 elements: where the FP32 h_{t-1} lay below Y's calibrated grid
+    # (percentile ranges clip the extremes), the chip carries the clipped integer into step t and
+    # ONNX Runtime its float h_{t-1}; a GRU adds z h_{t-1} straight into h_t, so the difference shows.
     x = synthetic_inputs((12, 16), 3, 5).inputs
     check_all_stages(pytorch_gru(batch=3, lens=[4, 12, 7], initial=True, linear_before_reset=1), (3, 12, 16), {"gru"},
-                     min_sqnr_db=MIN_SQNR_DB, max_off_fraction=GRU_OFF_FRACTION, x=x)
+                     min_sqnr_db=MIN_SQNR_DB, max_off_fraction=GRU_OFF_FRACTION, max_lsb=3, x=x)
 
 
 def _gru(lbr, hidden=128, steps=5, batch=2):
@@ -46,9 +49,12 @@ def test_reset_before_the_linear_map_adds_a_dependent_gemm_to_every_step():
     after, before = _gru(1), _gru(0)
     code = {lbr: [ins for ins in compile_program(g, cfg).instructions if ins.layer == 0]
             for lbr, g in ((1, after), (0, before))}
-    # lbr=1: R (128 x 384: two column tiles) once a step; lbr=0: R_zr (two tiles) then R_h (one) on r * h.
-    assert sum(isinstance(i, MatrixMultiply) and i.m_rows == 2 for i in code[1]) == 4 * 2
-    assert sum(isinstance(i, MatrixMultiply) and i.m_rows == 2 for i in code[0]) == 4 * 3
+    # lbr=1: R (128 x 384: column tiles of 256 and 128) on h_{t-1}; lbr=0: R_zr (128 x 256) on h_{t-1}, then
+    # R_h (128 x 128) on r * h_{t-1}, which the activation unit writes after R_zr's drain.
+    steps = [[i for i in code[lbr] if isinstance(i, MatrixMultiply) and i.m_rows == 2] for lbr in (0, 1)]
+    assert [i.n_cols for i in steps[1]] == [256, 128] * 4 and [i.n_cols for i in steps[0]] == [256, 128] * 4
+    resets = [i for i in code[0] if isinstance(i, Activate) and i.function == "gru_reset"]
+    assert len(resets) == 4 and [i.src for i in steps[0][1::2]] == [a.dst for a in resets]
     assert (sum(i.nbytes for i in code[1] if isinstance(i, ReadWeights))
             == sum(i.nbytes for i in code[0] if isinstance(i, ReadWeights)))
     slow, fast = simulate(before, cfg).layers[0].breakdown, simulate(after, cfg).layers[0].breakdown

@@ -266,7 +266,8 @@ def test_cli_refuses_a_time_major_input_in_one_line(tmp_path, capsys):
     y = g.node("LSTM", [g.input_name, g.weight((1, 16, 4)), g.weight((1, 16, 4))], hidden_size=4)
     path = tmp_path / "tm.onnx"
     onnx.save(g.model(y), str(path))
-    assert main(["run", "configs/tpu_v1.yaml", "--model", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    args = ["run", "configs/tpu_v1.yaml", "--model", str(path), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tm.onnx" in err[0] and "LSTM" in err[0] and "batch_first" in err[0]
 
@@ -281,7 +282,7 @@ def test_reference_matches_onnxruntime_at_another_batch():
 def test_per_tensor_and_per_channel_weights_both_meet_the_bound():
     model = pytorch_lstm(hidden=48)
     data = synthetic_inputs((12, 16), 8, 0)
-    graph = lower_model(model, "m.onnx")
+    graph = lower_model(model, "m.onnx", batch=2)
     stats = collect_statistics(model, graph, data, 2048)
     from op_checks import sqnr_db
     from tpusim.frontend import run_reference

@@ -133,7 +133,8 @@ def test_round_trip_time_is_unified_buffer_to_host_then_host_to_weight_memory():
     cfg = load_config("configs/tpu_v1.yaml")
     nbytes = gemm_view(layer).groups * gemm_view(layer).k * gemm_view(layer).n
     pcie = transfer_cycles(nbytes, cfg.host.bandwidth_gb_s, cfg.array.clock_mhz, cfg.host.latency_cycles)
-    dram = transfer_cycles(nbytes, cfg.weight_memory.bandwidth_gb_s, cfg.array.clock_mhz, cfg.weight_memory.latency_cycles)
+    wm = cfg.weight_memory
+    dram = transfer_cycles(nbytes, wm.bandwidth_gb_s, cfg.array.clock_mhz, wm.latency_cycles)
     direct_cfg = cfg.replace(**{"computed_weights.path": "direct"})
     host, direct = simulate(graph, cfg), simulate(graph, direct_cfg)
     # The tile reaches the FIFO a Write_Host_Memory plus the slower of PCIe and the weight memory's write

@@ -37,6 +37,9 @@ TFLite's 8x8->16 integer LSTM; written from the ONNX equations, not from any imp
   the next step is exactly the int8 Y the chip writes. GRU: ``h_t = (1 - z) n + z h_{t-1}`` in Q0.30 with
   ``h_{t-1}`` rescaled to Q0.15; ``linear_before_reset=0`` multiplies ``r`` into h on h's grid and runs
   ``R_h`` as a second, dependent GEMM of the step.
+- A non-zero initial state gets its own symmetric int8 grid (it need not lie inside the range Y was
+  calibrated on); step 0's drains use that grid's multipliers. A zero one costs nothing: step 0 has no
+  recurrent multiply on the chip (its accumulators would hold exactly the bias).
 
 **Timing** (``emit``: the op schedules itself). Per step and direction: the recurrent GEMM (M = batch,
 K = H, N = G*H) with its tiles fetched from the weight memory **every step** -- TPU v1 has no on-chip
@@ -47,7 +50,11 @@ each). The input GEMM runs per step or, with ``mapping.recurrent_input: hoisted`
 steps (M = steps x batch, one weight load; blocks as large as the unified buffer allows). Step t+1's
 recurrent multiply reads h_t from the unified buffer, so the engine's RAW tracking on UbRegions makes it
 wait for step t's hidden pass: the RAW stall of the breakdown. Bidirectional layers interleave the two
-directions step by step, so one direction's multiply overlaps the other's activation passes.
+directions step by step, so one direction's multiply overlaps the other's activation passes. With a
+direct unified-buffer -> FIFO path (``computed_weights.path: direct``, which TPU v1 lacks) the weights
+fetched every step are brought on chip once (over PCIe) and read from the unified buffer. When a
+layer's buffers do not fit beside its input and output, its output goes to host memory step by step (a
+spill: the sub-batcher then runs smaller batches) and, if need be, the batch runs in row groups.
 
 Report: the layer's GEMM is M = steps x batch, K = I + H, N = G*H, groups = directions (so M K N groups
 is its MAC count); layers.csv's ``steps`` column is M / batch.
@@ -58,7 +65,7 @@ import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -69,7 +76,7 @@ from tpusim.frontend.context import node_attrs
 from tpusim.ir import GemmShape, Layer
 from tpusim.ops import register_rewrite
 from tpusim.ops.base import ExecOptions, Op, VectorCost, vectors
-from tpusim.quant.arithmetic import QParams, bias_to_int32, dequantize, quantize, weight_qparams
+from tpusim.quant.arithmetic import QParams, activation_qparams, bias_to_int32, quantize, weight_qparams
 from tpusim.quant.fixed_point import requantize
 from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, QLayer, Requant, plain_qlayer, scalar
 
@@ -81,7 +88,6 @@ TABLE_STEP_LOG2 = 4       # table nodes every 2^-4 = 1/16
 TABLE_LIMIT = 8           # over [-8, 8]: 257 nodes
 INTERMEDIATE_BYTES = 2    # int16 gate pre-activations, gates and cell state in the unified buffer
 
-DEFAULT_ACTIVATIONS = ("sigmoid", "tanh", "tanh")
 
 
 # ----------------------------------------------------------------------------------- fixed point
@@ -166,8 +172,8 @@ def sequence_lengths(layer: Layer, dims: Dims) -> np.ndarray:
     lens = layer.attr("sequence_lens")
     if lens is None:
         return np.full(dims.batch, dims.steps_total, np.int64)
-    lens = np.asarray(lens, np.int64).reshape(-1)
-    return np.broadcast_to(lens, (dims.batch,)).copy() if lens.size == 1 else lens
+    # A model exported at another batch than this run's: its lengths repeat over the run's batch rows.
+    return np.resize(np.asarray(lens, np.int64).reshape(-1), dims.batch)
 
 
 def steps_run(layer: Layer, dims: Dims) -> int:
@@ -180,11 +186,13 @@ def time_major(x: np.ndarray, layout: int) -> np.ndarray:
 
 
 def state(layer: Layer, name: str, dims: Dims) -> np.ndarray | None:
-    """Initial state (D, B, H) broadcast over the batch, or None."""
+    """Initial state (D, B, H), its rows repeated over the run's batch, or None."""
     value = layer.attr(name)
     if value is None:
         return None
-    return np.broadcast_to(np.asarray(value, np.float32), (dims.directions, dims.batch, dims.hidden))
+    value = np.asarray(value, np.float32)
+    rows = np.resize(np.arange(value.shape[1]), dims.batch)
+    return value[:, rows]
 
 
 def step_times(lens: np.ndarray, steps: int, reverse: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -213,8 +221,24 @@ class DirectionInts:
     bias_h: np.ndarray       # (G*H,) int32: recurrent GEMM accumulator start (GRU lbr=0: its R_h part too)
     rq_x: Requant            # input accumulators -> Q5.10
     rq_h: Requant            # recurrent accumulators -> Q5.10
-    h0: np.ndarray           # (B0, H) on Y's grid
     c0: np.ndarray | None    # (B0, H) cell state integers (LSTM)
+    h0: "Previous"           # the initial state: on its own symmetric int8 grid (Y's grid when it is zero)
+
+
+@dataclass(frozen=True, eq=False)
+class Previous:
+    """h_{t-1} as step t's arithmetic reads it: 8-bit integers on a grid, the recurrent GEMM's int32 bias
+    and Q5.10 multipliers for that grid, and h_{t-1} in Q0.15 (None: derive it from the integers).
+
+    Step 0 reads the initial state, which need not lie inside the range Y was calibrated on; it gets a
+    grid of its own (the multiplier of step 0's drains differs, a scale vector the activation unit reads
+    once). Every later step reads Y's own integers."""
+
+    q: np.ndarray
+    qp: QParams
+    bias: np.ndarray
+    rq: Requant
+    q15: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -247,7 +271,8 @@ def matmul_nk(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.einsum("mk,nk->mn", a, w, optimize=False)
 
 
-def gemm_q510(x_q: np.ndarray, w_q: np.ndarray, bias: np.ndarray, r: Requant, options: ExecOptions) -> tuple[np.ndarray, int]:
+def gemm_q510(x_q: np.ndarray, w_q: np.ndarray, bias: np.ndarray, r: Requant,
+              options: ExecOptions) -> tuple[np.ndarray, int]:
     """(M, K) 8-bit inputs x (N, K) int8 weights on the matrix unit, requantized to Q5.10 (M, N)."""
     from tpusim.ops._matrix import accumulate
 
@@ -277,7 +302,8 @@ class RecurrentOp(Op):
         if len(shape) != 3:
             raise ctx.fail(node, f"expected a 3-D input, got shape {shape}")
         if layout == 0 and ctx.producer.get(x) is None:
-            raise ctx.fail(node, f"reads the graph input {x!r} as (sequence, batch, features): tpusim's batch is axis 0 "
+            raise ctx.fail(node, f"reads the graph input {x!r} as (sequence, batch, features): tpusim's batch is "
+                           "axis 0 "
                            "of the input; export the model with batch_first=True")
         t, b, features = (shape[0], shape[1], shape[2]) if layout == 0 else (shape[1], shape[0], shape[2])
         direction = attrs.get("direction", "forward")
@@ -308,8 +334,8 @@ class RecurrentOp(Op):
         lens = ctx.optional_constant(node, 4, "sequence_lens")
         if lens is not None:
             lens = np.asarray(lens, np.int64).reshape(-1)
-            if lens.size not in (1, b) or lens.min() < 0 or lens.max() > t:
-                raise ctx.fail(node, f"sequence_lens {lens.tolist()} do not fit batch {b} and {t} steps")
+            if lens.size == 0 or lens.min() < 0 or lens.max() > t:
+                raise ctx.fail(node, f"sequence_lens {lens.tolist()} do not fit {t} steps")
             lens = None if np.all(lens == t) else tuple(int(v) for v in lens)
         states = {}
         for index, name in self.state_inputs():
@@ -319,8 +345,8 @@ class RecurrentOp(Op):
             value = np.asarray(value, np.float32)
             if layout == 1 and value.ndim == 3:
                 value = np.swapaxes(value, 0, 1)
-            if value.ndim != 3 or value.shape[0] != d or value.shape[2] != h or value.shape[1] not in (1, b):
-                raise ctx.fail(node, f"{name} of shape {value.shape} does not fit ({d}, {b}, {h})")
+            if value.ndim != 3 or value.shape[0] != d or value.shape[2] != h:
+                raise ctx.fail(node, f"{name} of shape {value.shape} does not fit ({d}, batch, {h})")
             if np.any(value):
                 states[name] = np.ascontiguousarray(value)
         extra = self.lower_attrs(ctx, node, attrs)
@@ -364,6 +390,7 @@ class RecurrentOp(Op):
     def reference(self, layer, inputs):
         dims = self.dims(layer)
         x = time_major(inputs[0].astype(np.float32), dims.layout)
+        dims = dataclasses.replace(dims, batch=x.shape[1])
         lens = sequence_lengths(layer, dims)
         steps = steps_run(layer, dims)
         y = np.zeros((dims.steps_total, dims.directions, dims.batch, dims.hidden), np.float32)
@@ -406,7 +433,20 @@ class RecurrentOp(Op):
             r_qp = _weight_qp(r, quant.weights, f"{where} R")
             w_q, r_q = quantize(w, w_qp), quantize(r, r_qp)
             bx_real, bh_real = self.bias_split(layer, wb, rb, dims)
-            h0_q = quantize(np.zeros((1, dims.hidden), np.float32) if h0 is None else np.asarray(h0[d]), y_qp)
+            bias_h = _acc_bias(bh_real, r_q, r_qp, s_h, z_h, f"{where} recurrent GEMM")
+            rq_h = _gate_requant(s_h, r_qp, dims.gh)
+            if h0 is None:
+                first = Previous(np.full((1, dims.hidden), z_h, np.int64), y_qp, bias_h, rq_h,
+                                 np.zeros((1, dims.hidden), np.int64))
+            else:
+                h0_d = np.asarray(h0[d], np.float32)
+                amax = float(np.abs(h0_d).max())
+                h0_qp = activation_qparams(-amax, amax, "symmetric-int8")
+                s_0 = scalar(h0_qp.scale)
+                first = Previous(quantize(h0_d, h0_qp).astype(np.int64), h0_qp,
+                                 _acc_bias(bh_real, r_q, r_qp, s_0, 0, f"{where} recurrent GEMM (initial state)"),
+                                 _gate_requant(s_0, r_qp, dims.gh),
+                                 np.clip(np.rint(h0_d.astype(np.float64) * ONE), -(ONE - 1), ONE - 1).astype(np.int64))
             c0_q = None
             if c0 is not None:
                 c0_q = np.clip(np.rint(np.asarray(c0[d], np.float64) * (1 << cell_frac)), INT16_MIN, INT16_MAX)
@@ -414,9 +454,7 @@ class RecurrentOp(Op):
             directions.append(DirectionInts(
                 w_q=w_q, r_q=r_q, w_qp=w_qp, r_qp=r_qp,
                 bias_x=_acc_bias(bx_real, w_q, w_qp, s_x, z_x, f"{where} input GEMM"),
-                bias_h=_acc_bias(bh_real, r_q, r_qp, s_h, z_h, f"{where} recurrent GEMM"),
-                rq_x=_gate_requant(s_x, w_qp, dims.gh), rq_h=_gate_requant(s_h, r_qp, dims.gh),
-                h0=h0_q.astype(np.int64), c0=c0_q,
+                bias_h=bias_h, rq_x=_gate_requant(s_x, w_qp, dims.gh), rq_h=rq_h, c0=c0_q, h0=first,
             ))
         ints = RecurrentInts(tuple(directions), Requant.of(2.0 ** -30 / s_h), Requant.of(s_h * ONE), cell_frac)
         # The integers ride on the layer (QLayer has no field for a recurrent layer's parameters); the
@@ -435,6 +473,7 @@ class RecurrentOp(Op):
         dims = self.dims(layer)
         y_qp = ql.output_qparams
         x = time_major(inputs[0], dims.layout)
+        dims = dataclasses.replace(dims, batch=x.shape[1])
         lens = sequence_lengths(layer, dims)
         steps = steps_run(layer, dims)
         y = np.full((dims.steps_total, dims.directions, dims.batch, dims.hidden), int(y_qp.zero_point), np.int64)
@@ -446,11 +485,15 @@ class RecurrentOp(Op):
             zx, count = gemm_q510(xs, di.w_q, di.bias_x, di.rq_x, options)
             wrapped += count
             zx = zx.reshape(steps, dims.batch, dims.gh)
-            h = np.broadcast_to(di.h0, (dims.batch, dims.hidden)).copy()
-            c = (np.zeros((dims.batch, dims.hidden), np.int64) if di.c0 is None
-                 else np.broadcast_to(di.c0, (dims.batch, dims.hidden)).copy())
+            full = (dims.batch, dims.hidden)
+            rows = lambda v: v[np.resize(np.arange(v.shape[0]), dims.batch)]  # noqa: E731  (the run's batch)
+            first = dataclasses.replace(di.h0, q=rows(di.h0.q), q15=rows(di.h0.q15))
+            h = first.q
+            c = np.zeros(full, np.int64) if di.c0 is None else rows(di.c0)
             for s in range(steps):
-                h_new, c_new, count = self.int_cell(layer, zx[s], h, c, di, ints, y_qp, options)
+                # Rows past their sequence keep their state; rows of a zero-length sequence are never read.
+                prev = first if s == 0 else Previous(h, y_qp, di.bias_h, di.rq_h)
+                h_new, c_new, count = self.int_cell(layer, zx[s], prev, c, di, ints, y_qp, options)
                 wrapped += count
                 ok = valid[s][:, None]
                 h = np.where(ok, h_new, h)
@@ -460,12 +503,14 @@ class RecurrentOp(Op):
             y = y.transpose(2, 0, 1, 3)
         return np.ascontiguousarray(y.astype(y_qp.storage_dtype)), wrapped
 
-    def int_cell(self, layer, zx, h, c, di: DirectionInts, ints: RecurrentInts, y_qp: QParams, options: ExecOptions):
+    def int_cell(self, layer, zx, prev: Previous, c, di: DirectionInts, ints: RecurrentInts, y_qp: QParams,
+                 options: ExecOptions):
+        """One step on the integers: (h_t on Y's grid, c_t, wrapped accumulations)."""
         raise NotImplementedError
 
-    def recurrent_q510(self, h, di: DirectionInts, rows: slice, y_qp: QParams, options: ExecOptions):
-        """h (B, H) on Y's grid times R's gate rows ``rows``: (Q5.10 (B, rows), wrapped accumulations)."""
-        return gemm_q510(h.astype(y_qp.storage_dtype), di.r_q[rows], di.bias_h[rows], _rows(di.rq_h, rows), options)
+    def recurrent_q510(self, q, prev: Previous, di: DirectionInts, rows: slice, options: ExecOptions):
+        """8-bit ``q`` on ``prev``'s grid times R's gate rows ``rows``: (Q5.10 (B, rows), wrapped accumulations)."""
+        return gemm_q510(q.astype(prev.qp.storage_dtype), di.r_q[rows], prev.bias[rows], _rows(prev.rq, rows), options)
 
     # -- vector cost (the tiler never asks: the op emits its own instructions) -----------------
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
@@ -493,11 +538,12 @@ class RecurrentOp(Op):
                                   [di.r_qp for di in ints.directions])
         node_inputs = [inputs[0], w_name, r_name, b.const(f"{name}_rnn_B", layer.bias)]
         lens = layer.attr("sequence_lens")
-        node_inputs.append(b.const(f"{name}_rnn_lens", np.broadcast_to(np.asarray(lens, np.int32), (dims.batch,)).copy())
-                           if lens is not None else "")
+        lens_value = None if lens is None else np.broadcast_to(np.asarray(lens, np.int32), (dims.batch,)).copy()
+        node_inputs.append(b.const(f"{name}_rnn_lens", lens_value) if lens is not None else "")
         for _, state_name in self.state_inputs():
             value = state(layer, state_name, dims)
-            node_inputs.append(b.const(f"{name}_rnn_{state_name}", np.ascontiguousarray(value)) if value is not None else "")
+            node_inputs.append("" if value is None
+                               else b.const(f"{name}_rnn_{state_name}", np.ascontiguousarray(value)))
         while node_inputs and node_inputs[-1] == "":
             node_inputs.pop()
         x = node_inputs[0]
@@ -579,10 +625,12 @@ class _Emitter:
         self.ib = INTERMEDIATE_BYTES if compiler.int8 else compiler.eb
         self.lanes = compiler.lanes
         self.requant = compiler._requant_mode()
-        self.extra_pass = self.requant == "per-channel" and compiler.cfg.activation_unit.per_channel_requant == "extra_pass"
+        self.extra_pass = (self.requant == "per-channel"
+                           and compiler.cfg.activation_unit.per_channel_requant == "extra_pass")
         rows, cols, eb = compiler.rows, compiler.cols, compiler.eb
         self.w_tiles = column_tiles(dims.inputs, dims.gh, 1, rows, cols, eb, False)[0]
-        self.r_tiles = [column_tiles(dims.hidden, n, 1, rows, cols, eb, False)[0] for n in op.recurrent_gemms(layer, dims)]
+        self.r_tiles = [column_tiles(dims.hidden, n, 1, rows, cols, eb, False)[0]
+                        for n in op.recurrent_gemms(layer, dims)]
         self.inp = compiler.tensors[compiler.resolve(layer.inputs[0])]
         self.in_host = self.inp.ub_addr is None
         self.out_host = out.ub_addr is None
@@ -749,16 +797,20 @@ class _Emitter:
                             self.code.append(ReadWeights(self.li, fold_addr, fold.nbytes, fold.k_rows, fold.n_cols))
                         self.fetched += 1
                         self.array_tile = key
-                    self.code.append(MatrixMultiply(self.li, src, acc, rows, fold.k_rows, fold.n_cols, fold.macs_per_row,
-                                                    rows * fold.k_rows * self.eb, load_weights=load, accumulate=f > 0))
+                    self.code.append(MatrixMultiply(self.li, src, acc, rows, fold.k_rows, fold.n_cols,
+                                                    fold.macs_per_row, rows * fold.k_rows * self.eb,
+                                                    load_weights=load, accumulate=f > 0))
                     self.streamed += rows
                     self.useful += rows * fold.macs_per_row
                     fold_addr += fold.nbytes
                 drain(n, tile, m0, rows, acc)
             addr += sum(fold.nbytes for fold in tile.folds)
 
-    def drain(self, acc: int, rows: int, n_cols: int, sources: tuple, dst, out_bytes: int, function: str) -> None:
-        """The activation unit reads ``rows`` accumulator rows (and ``sources``), writes ``dst``."""
+    def drain(self, acc: int, rows: int, n_cols: int, sources: tuple, dst, out_bytes: int, function: str,
+              ops_per_element: int) -> None:
+        """The activation unit reads ``rows`` accumulator rows (and ``sources``), requantizes them, applies
+        ``ops_per_element`` element ops (a gate drain: add the input part, look the nonlinearity up), writes
+        ``dst``."""
         from tpusim.mapping.isa import Activate
 
         passes = rows * -(-n_cols // self.lanes)
@@ -769,7 +821,7 @@ class _Emitter:
             requant_ops *= 2
         self.code.append(Activate(
             self.li, function, "none", self.requant, acc, rows, n_cols, sources, dst, out_bytes, passes,
-            activation_ops=elements * (2 if sources else 1), pool_ops=0, requant_ops=requant_ops,
+            activation_ops=elements * ops_per_element, pool_ops=0, requant_ops=requant_ops,
             requant_scale_bytes=self.scale_bytes(n_cols), extra_requant_pass=self.extra_pass))
 
     def vector(self, function: str, sources: tuple, dst, out_bytes: int, elements: int, ops_per_element: int,
@@ -818,13 +870,7 @@ class _Emitter:
                     self.code.append(ReadHostMemory(self.li, c._host_alloc(self.cell[d].nbytes), self.cell[d],
                                                     spill=False))
             self.cell_loaded = [c0] * D
-            self.block = self.block_steps()
-            if self.block > 1:
-                for d in range(D):   # grow the one-step input projection buffers to a block of steps
-                    region = self.alloc(self.block * self.gx[d].nbytes)
-                    self.gx[d] = region
-                if self.in_host:
-                    self.x_stage = self.alloc(self.block * self.x_stage.nbytes)
+            self.grow_to_block()
             self.steps_of_group()
             self.free_all()
             self.on_chip = {}
@@ -841,22 +887,42 @@ class _Emitter:
                             self.write_out(UbRegion(zero.addr, count * H * self.eb), t, d)
                 self.free_all()
             else:
-                tail = UbRegion(self.out.ub_addr + self.steps * D * h_bytes, (dims.steps_total - self.steps) * D * h_bytes)
+                tail = UbRegion(self.out.ub_addr + self.steps * D * h_bytes,
+                                (dims.steps_total - self.steps) * D * h_bytes)
                 self.vector("zeros", (), tail, tail.nbytes, tail.nbytes // self.eb, 0, False)
         gemm = GemmShape(m=self.steps * B, k=dims.inputs + H, n=dims.gh, groups=D)
         k_folds = len(self.w_tiles[0].folds) + sum(len(t[0].folds) for t in self.r_tiles)
         utilization = self.useful / (self.streamed * c.rows * c.cols) if self.streamed else 0.0
-        c.mappings.append(LayerMapping(layer.name, layer.op, gemm, len(self.r_tiles[0]), k_folds, self.steps * len(groups),
-                                       1, self.fetched, self.in_host or self.out_host, utilization))
+        c.mappings.append(LayerMapping(layer.name, layer.op, gemm, len(self.r_tiles[0]), k_folds,
+                                       self.steps * len(groups), 1, self.fetched, self.in_host or self.out_host,
+                                       utilization))
 
-    def block_steps(self) -> int:
-        """Steps per hoisted input GEMM: as many as the free unified buffer holds (1 when per step)."""
-        if not self.hoisted:
-            return 1
-        dims = self.dims
-        per_step = dims.directions * self.gx[0].nbytes + (self.x_stage.nbytes if self.in_host else 0)
-        room = self.c.ub.largest_free() - self.c.ub.align * (dims.directions + 2)
-        return max(1, min(self.steps, room // max(1, per_step)))
+    def grow_to_block(self) -> None:
+        """Steps per hoisted input GEMM (``self.block``): as many as the free unified buffer holds (1 when
+        per step); the one-step input-projection (and input staging) buffers grow to that block."""
+        self.block = 1
+        if not self.hoisted or self.steps == 1:
+            return
+        one_step = [r for r in self.gx + [self.x_stage] if r is not None]
+        for region in one_step:
+            self.c.ub.free(region.addr, region.nbytes)
+            self.allocated.remove((region.addr, region.nbytes))
+        per_step = sum(r.nbytes for r in one_step)
+        room = self.c.ub.largest_free() - self.c.ub.align * (len(one_step) + 1)
+        block = max(1, min(self.steps, room // per_step))
+        while True:
+            regions = [self.alloc(block * r.nbytes) for r in one_step]
+            if all(r is not None for r in regions) or block == 1:
+                break
+            for r in regions:
+                if r is not None:
+                    self.c.ub.free(r.addr, r.nbytes)
+                    self.allocated.remove((r.addr, r.nbytes))
+            block = max(1, block // 2)
+        self.block = block
+        self.gx = regions[: len(self.gx)]
+        if self.x_stage is not None:
+            self.x_stage = regions[-1]
 
     def steps_of_group(self) -> None:
         dims = self.dims
@@ -887,7 +953,7 @@ class _Emitter:
 
         def drain(n, tile, m0, rows, acc):
             dst = UbRegion(base + m0 * row_bytes, rows * row_bytes)
-            self.drain(acc, rows, tile.n_cols, (), dst, rows * tile.n_cols * self.ib, "requant")
+            self.drain(acc, rows, tile.n_cols, (), dst, rows * tile.n_cols * self.ib, "requant", 0)
 
         self.gemm("W", d, self.w_tiles, self.w_addr[d], src, count * self.batch, drain)
 
@@ -897,7 +963,7 @@ class _Emitter:
         addr = self.r_addr[d] + first_col * dims.hidden * self.eb
 
         def drain(n, tile, m0, rows, acc):
-            self.drain(acc, rows, tile.n_cols, extra_sources, dst, rows * tile.n_cols * self.ib, gate_fn)
+            self.drain(acc, rows, tile.n_cols, extra_sources, dst, rows * tile.n_cols * self.ib, gate_fn, 2)
 
         self.gemm(f"R{which}", d, self.r_tiles[which], addr, src, self.batch, drain)
 

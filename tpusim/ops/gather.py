@@ -6,9 +6,9 @@ constant indices (ViT's class token ``x[:, 0]``, the q/k/v split of a fused in-p
 sends the rows the ids select over PCIe into the unified buffer (one ``Read_Host_Memory`` of the
 output's bytes; the ids never go to the chip's matrix path). A constant operand that is neither a
 scalar nor a per-channel vector of an Add or Sub, or a constant input of a Concat (BERT's folded
-position and token-type embeddings, ViT's class token and position embedding), reaches the chip the same way: :func:`materialize_constant_operands`, a
-model rewrite, turns it into the output of a Gather of constant rows, so the Add or Concat that reads
-it becomes an op of two activations. The rewrite also drops the additive attention mask that an
+position and token-type embeddings, ViT's class token and position embedding), reaches the chip the
+same way: :func:`materialize_constant_operands`, a model rewrite, turns it into the output of a Gather
+of constant rows, so the Add or Concat that reads it becomes an op of two activations. The rewrite also drops the additive attention mask that an
 all-ones ``attention_mask`` folds to (an all-zero constant added to the scores). The graph input read
 as ids is an integer tensor (``index_rows`` on the layer: every id lies below it); it keeps its
 integers (an identity grid), and the table is stored on the output's grid, so the lookup is exact.

@@ -1,6 +1,7 @@
-"""GRU (ONNX gate order z, r, h; linear_before_reset 0 or 1; forward, reverse, bidirectional;
-sequence_lens; initial state) on the matrix unit step by step, with an integer cell: see
-:mod:`tpusim.ops._recurrent`.
+"""GRU (ONNX gates z, r, h; linear_before_reset 0 or 1; forward, reverse, bidirectional; sequence_lens;
+initial state; PyTorch's exports) step by step like the LSTM: the recurrent GEMM per step with its
+weights fetched again, a second dependent GEMM when the reset comes before R_h; int8 x and h,
+sigmoid/tanh by interpolated table (shared machinery: ``tpusim/ops/_recurrent.py``).
 
 Per step and direction: the gate drains of the recurrent GEMM (requantize to Q5.10, add the input
 projection, sigmoid for z and r; the h-gate columns are only requantized), then with
@@ -60,26 +61,26 @@ class GRU(RecurrentOp):
             n = np.tanh(gx[:, 2 * hidden :] + matmul_nk(reset * h, r[2 * hidden :]) + rb[2 * hidden :])
         return (np.float32(1) - z) * n + z * h, c
 
-    def int_cell(self, layer, zx, h, c, di, ints, y_qp, options):
-        hidden = h.shape[1]
-        z_h = int(y_qp.zero_point)
+    def int_cell(self, layer, zx, prev, c, di, ints, y_qp, options):
+        hidden = prev.q.shape[1]
         lbr = _lbr(layer)
-        if lbr:
-            zh, wrapped = self.recurrent_q510(h, di, slice(None), y_qp, options)
-        else:
-            zh, wrapped = self.recurrent_q510(h, di, slice(0, 2 * hidden), y_qp, options)
+        zh, wrapped = self.recurrent_q510(prev.q, prev, di, slice(None) if lbr else slice(0, 2 * hidden), options)
         z = lookup(zx[:, :hidden] + zh[:, :hidden], GATE_FRAC, SIGMOID_TABLE)
         reset = lookup(zx[:, hidden : 2 * hidden] + zh[:, hidden : 2 * hidden], GATE_FRAC, SIGMOID_TABLE)
+        z_prev = int(prev.qp.zero_point)
         if lbr:
             n_pre = zx[:, 2 * hidden :] + rounding_shift(reset * zh[:, 2 * hidden :], 15)
-        else:
-            reset_h = np.clip(rounding_shift(reset * (h - z_h), 15) + z_h, y_qp.qmin, y_qp.qmax)
-            zn, more = self.recurrent_q510(reset_h, di, slice(2 * hidden, 3 * hidden), y_qp, options)
+        else:  # r * h_{t-1} on h_{t-1}'s own grid, then its product with R_h
+            reset_h = np.clip(rounding_shift(reset * (prev.q - z_prev), 15) + z_prev, prev.qp.qmin, prev.qp.qmax)
+            zn, more = self.recurrent_q510(reset_h, prev, di, slice(2 * hidden, 3 * hidden), options)
             wrapped += more
             n_pre = zx[:, 2 * hidden :] + zn
         n = lookup(n_pre, GATE_FRAC, TANH_TABLE)
-        h_prev = requantize((h - z_h).astype(np.int32), ints.rq_hp.m0, ints.rq_hp.shift, 0, -(ONE - 1), ONE - 1)
-        h_new = requant_out((ONE - z) * n + z * h_prev.astype(np.int64), ints.rq_out, y_qp)
+        h_prev = prev.q15
+        if h_prev is None:
+            h_prev = requantize((prev.q - z_prev).astype(np.int32), ints.rq_hp.m0, ints.rq_hp.shift, 0, -(ONE - 1),
+                                ONE - 1).astype(np.int64)
+        h_new = requant_out((ONE - z) * n + z * h_prev, ints.rq_out, y_qp)
         return h_new, c, wrapped
 
     def recurrent_gemms(self, layer, dims):

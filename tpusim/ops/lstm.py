@@ -1,5 +1,7 @@
-"""LSTM (ONNX gate order i, o, f, c; forward, reverse, bidirectional; sequence_lens; initial states) on the
-matrix unit step by step, with an integer cell: see :mod:`tpusim.ops._recurrent`.
+"""LSTM (ONNX gates i, o, f, c; forward, reverse, bidirectional; sequence_lens; initial states; PyTorch's
+stacked, batch-first exports) step by step: per step the recurrent GEMM with batch as M, its weights
+fetched again, the input GEMM hoisted over the steps or per step; int8 x and h, int16 cell state,
+sigmoid/tanh by interpolated table (shared machinery: ``tpusim/ops/_recurrent.py``).
 
 Per step and direction the activation unit makes three kinds of pass: the gate drains (per accumulator
 row and lanes-wide block of the 4H gate columns: requantize to Q5.10, add the input projection, sigmoid
@@ -48,8 +50,8 @@ class LSTM(RecurrentOp):
         c_new = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
         return _sigmoid(o) * np.tanh(c_new), c_new
 
-    def int_cell(self, layer, zx, h, c, di, ints, y_qp, options):
-        zh, wrapped = self.recurrent_q510(h, di, slice(None), y_qp, options)
+    def int_cell(self, layer, zx, prev, c, di, ints, y_qp, options):
+        zh, wrapped = self.recurrent_q510(prev.q, prev, di, slice(None), options)
         z = zx + zh
         i, o, f, g = np.split(z, 4, axis=1)
         i, o, f = (lookup(v, GATE_FRAC, SIGMOID_TABLE) for v in (i, o, f))

@@ -21,10 +21,12 @@ int8 GEMM of :mod:`tpusim.kernels.gemm` (or the PE-level array); the accumulator
 ``-z_a sum_k b8`` per column; then, with ``c = 128 - z_b`` (``-z_b`` for int8), the activation unit
 adds ``c (sum_k q_a - K z_a)`` per row, giving ``sum_k (q_a - z_a)(q_b - z_b)`` exactly, and requantizes
 by ``s_a s_b / s_y`` (one dyadic multiplier; a scalar factor on an operand that only the MatMul reads,
-torch's ``d ** -0.25`` on Q and K, joins that multiplier instead of costing a table layer). Cost beyond the multiply: one requantization per output
-element; with asymmetric activations the row sums of the streamed operand take one more pass over it
-in the activation unit, and on the direct path the column sums one pass over the stationary operand
-(the host computes them during the round trip).
+torch's ``d ** -0.25`` on Q and K, joins that multiplier instead of costing a table layer).
+
+Cost beyond the multiply: one requantization per output element; with asymmetric activations the row
+sums of the streamed operand take one more pass over it in the activation unit, and on the direct
+path the column sums one pass over the stationary operand (the host computes them during the round
+trip). An operand or output that does not fit the unified buffer is refused, not spilled.
 """
 from __future__ import annotations
 
@@ -87,8 +89,6 @@ class MatMul(Op):
             raise ctx.fail(node, f"shapes {tuple(shape_a)} and {tuple(shape_b)} do not multiply")
         batch = broadcast_shape(ctx, node, [shape_a[:-2], shape_b[:-2]])
         out = tuple(batch) + (shape_a[-2], shape_b[-1])
-        if len(out) < 3 or out[0] not in (shape_a[0], shape_b[0]):
-            raise ctx.fail(node, f"output {out}: the batch axis 0 must lead both operands")
         ctx.add_simple(node, self.name, [(a, shape_a), (b, shape_b)], out,
                        attrs=(("scale", scale),) if scale != 1.0 else ())
 
