@@ -10,6 +10,7 @@ from typing import Sequence
 import onnx
 
 from tpusim import pipeline, workloads
+from tpusim.arguments import positive_int, shape
 from tpusim.config import parse_override
 from tpusim.errors import TpusimError, TpusimWarning
 from tpusim.mapping import compile_program
@@ -32,33 +33,13 @@ def _version() -> str:
         return "(not installed)"
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
-    if not dims or any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(f"dimensions must be positive, got {text!r}")
-    return dims
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="hardware config YAML, e.g. configs/tpu_v1.yaml")
     parser.add_argument("--model", required=True,
                         help=f"path to an .onnx file or a built-in workload ({', '.join(workloads.WORKLOADS)})")
-    parser.add_argument("--batch", type=_positive_int,
+    parser.add_argument("--batch", type=positive_int,
                         help="batch size (default: the N of --input-shape, else the model's own batch, else 1)")
-    parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+    parser.add_argument("--input-shape", type=shape, metavar="N,C,H,W",
                         help="input shape for models with dynamic dimensions; N is the batch unless --batch is given")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a config value, e.g. --set array.rows=128 (repeatable)")
@@ -101,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fidelity", choices=("kernel", "pe"), default="kernel",
                      help="what computes the int8 values: the int8 GEMM kernel (default) or the PE-level "
                           "cycle-stepped array (slower; adds pe_array_cycles to layers.csv)")
-    run.add_argument("--eval-samples", type=_positive_int, default=4,
+    run.add_argument("--eval-samples", type=positive_int, default=4,
                      help="inputs on which int8 fidelity is measured (default 4)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     run.set_defaults(handler=_cmd_run)
@@ -128,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(lowered, folded, quantization, unsupported); exit code 2 and one "
                                             "line naming every unsupported op when there is any.")
     check.add_argument("model", help=f"path to an .onnx file or a built-in workload ({', '.join(workloads.WORKLOADS)})")
-    check.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+    check.add_argument("--input-shape", type=shape, metavar="N,C,H,W",
                        help="input shape for models with dynamic dimensions")
     check.set_defaults(handler=_cmd_check)
 
@@ -253,8 +234,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_workloads_list(args: argparse.Namespace) -> int:
     width = max(len(name) for name in workloads.WORKLOADS)
     for name, workload in workloads.WORKLOADS.items():
-        shape = "x".join(str(d) for d in workload.input_shape)
-        print(f"{name.ljust(width)}  {shape:>14}  {workload.description}")
+        dims = "x".join(str(d) for d in workload.input_shape)
+        print(f"{name.ljust(width)}  {dims:>14}  {workload.description}")
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from tpusim.arguments import positive_int
 from tpusim import api
 from tpusim.config import load_config, parse_override
 from tpusim.errors import ConfigError, TpusimError
@@ -152,16 +153,6 @@ def _list(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_compare_command(commands: argparse._SubParsersAction, add_model_arguments) -> None:
     parser = commands.add_parser(
         "compare", help="per-tensor vs per-channel x calibration methods (and FP32): accuracy, perf/W, latency",
@@ -176,7 +167,7 @@ def add_compare_command(commands: argparse._SubParsersAction, add_model_argument
     parser.add_argument("--baseline", default="fp32",
                         help="'fp32' (this config with FP32 MACs), a baseline config file, or 'none'")
     parser.add_argument("--calib-data", metavar="PATH", help="calibration inputs (.npy/.npz or image folder)")
-    parser.add_argument("--eval-samples", type=_positive_int, default=4,
+    parser.add_argument("--eval-samples", type=positive_int, default=4,
                         help="inputs on which fidelity is measured (default 4)")
     parser.add_argument("--out", type=Path, help="output folder (default results/<model>-<config>/)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

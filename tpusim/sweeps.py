@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from tqdm import tqdm
 
+from tpusim.arguments import positive_int
 from tpusim.config import load_config
 from tpusim.errors import ConfigError, TpusimError
 
@@ -601,16 +602,6 @@ def _file_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``tpusim sweep`` on the CLI's subcommand parsers."""
     parser = subparsers.add_parser(
@@ -630,7 +621,7 @@ def add_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
                              "batch sizes are still crossed with them)")
     parser.add_argument("--out", type=Path, help="output folder (default results/sweep-<models>-<config>/)")
     parser.add_argument("--fresh", action="store_true", help="discard finished points in OUT and recompute all")
-    parser.add_argument("--jobs", type=_positive_int, help="local worker processes (default: one per CPU)")
+    parser.add_argument("--jobs", type=positive_int, help="local worker processes (default: one per CPU)")
     parser.add_argument("--executor", choices=("local", "dask"), default="local",
                         help="local processes (default) or a Dask distributed cluster")
     parser.add_argument("--scheduler", metavar="ADDRESS",

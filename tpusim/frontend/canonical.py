@@ -255,6 +255,16 @@ def _type_of(value_info: onnx.ValueInfoProto) -> _Type | None:
 # Loading
 
 
+def static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    """Every fully static shape a canonical model records (its inputs, value_info and outputs)."""
+    shapes = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+    return shapes
+
+
 def load_model(path: str | Path) -> onnx.ModelProto:
     """Read an ONNX file with its external data (relative to the file's folder) and check it.
 

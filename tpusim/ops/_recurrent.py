@@ -74,6 +74,7 @@ from onnx import helper, numpy_helper
 from tpusim.errors import ModelError, TpusimError
 from tpusim.frontend.context import node_attrs
 from tpusim.ir import GemmShape, Layer
+from tpusim.frontend.canonical import static_shapes
 from tpusim.ops import register_rewrite
 from tpusim.ops.base import ExecOptions, Op, VectorCost, vectors
 from tpusim.quant.arithmetic import QParams, activation_qparams, bias_to_int32, quantize, weight_qparams
@@ -999,16 +1000,6 @@ def _perm(node: onnx.NodeProto) -> tuple[int, ...] | None:
     return None if p is None else tuple(int(v) for v in p)
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Static shapes the canonical model records (graph inputs and value_info)."""
-    found = {}
-    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            found[vi.name] = tuple(int(d.dim_value) for d in dims)
-    return found
-
-
 def batch_first(model: onnx.ModelProto) -> onnx.ModelProto:
     """PyTorch's time-major recurrent chains made batch-first (see the module docstring); the model itself
     when there is nothing to do."""
@@ -1022,7 +1013,7 @@ def batch_first(model: onnx.ModelProto) -> onnx.ModelProto:
             if i:
                 consumers[i].append(n)
     graph_outputs = {o.name for o in g.output}
-    shapes = _shapes(model)
+    shapes = static_shapes(model.graph)
 
     def const(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(inits[name]) if name in inits else None

@@ -26,6 +26,7 @@ from onnx import helper, numpy_helper
 
 from tpusim.frontend.context import node_attrs
 from tpusim.mapping.isa import LayerMapping, ReadHostMemory, UbRegion
+from tpusim.frontend.canonical import static_shapes
 from tpusim.ops import register, register_rewrite
 from tpusim.ops._layout import copy_cost, normalized_axes, require_batch_kept
 from tpusim.ops.base import Op
@@ -148,16 +149,6 @@ def _full_tensor(value: np.ndarray) -> bool:
     return sum(1 for d in value.shape if d > 1) >= 2
 
 
-def _shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
-    """Static shapes the canonical model records (its input and value_info)."""
-    shapes = {}
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = tuple(d.dim_value for d in dims)
-    return shapes
-
-
 def _zero_addend(node: onnx.NodeProto, constants: dict, shapes: dict) -> str | None:
     """The activation of ``x + 0`` / ``x - 0`` / ``0 + x`` with an all-zero constant that does not enlarge x."""
     if node.op_type not in ("Add", "Sub") or len(node.input) != 2:
@@ -202,7 +193,7 @@ def materialize_constant_operands(model: onnx.ModelProto) -> onnx.ModelProto:
         inputs = [rename.get(n, n) for n in node.input]
         if node.op_type in ("Add", "Sub") and any(n in constants for n in inputs):
             if shapes is None:
-                shapes = _shapes(graph)
+                shapes = static_shapes(graph)
             zero_consts = {n: value(n) for n in inputs if n in constants}
             x = _zero_addend(helper.make_node(node.op_type, inputs, list(node.output)), zero_consts, shapes)
             if x is not None and node.output[0] not in outputs:

@@ -47,6 +47,7 @@ from tpusim.mapping.isa import (
     WriteHostMemory,
     WriteWeightMemory,
 )
+from tpusim.frontend.canonical import static_shapes
 from tpusim.ops import register, register_rewrite
 from tpusim.ops._binary import broadcast_shape
 from tpusim.ops._matrix import accumulate
@@ -285,15 +286,6 @@ def drop_softmax_nan_guard(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # -- torch's batched transpose: Reshape to 3-D, Transpose, Reshape back ------------------------------
 
-def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = tuple(d.dim_value for d in dims)
-    return shapes
-
-
 @register_rewrite
 def fold_batched_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` in which ``Reshape(x: L + T -> [prod(L)] + T) -> Transpose(perm, perm[0] = 0)
@@ -304,7 +296,7 @@ def fold_batched_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnx import helper
 
     graph = model.graph
-    shapes = _static_shapes(graph)
+    shapes = static_shapes(graph)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
