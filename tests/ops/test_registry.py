@@ -44,3 +44,11 @@ def test_readme_lists_exactly_the_registered_ops():
     start = readme.index("<!-- ops table: python3 -m tpusim.ops -->\n") + len("<!-- ops table: python3 -m tpusim.ops -->\n")
     end = readme.index("<!-- end ops table -->")
     assert readme[start:end].strip() == ops.markdown_table(), "regenerate the README's table: python3 -m tpusim.ops"
+
+
+def test_every_op_on_the_matrix_unit_counts_its_accumulator_wraps():
+    for name in ops.layer_ops():
+        module = ops.op(name)
+        if module.matrix:
+            assert module.accumulates, name
+    assert {"conv", "gemm", "matmul", "lstm", "gru"} <= {n for n in ops.layer_ops() if ops.op(n).accumulates}

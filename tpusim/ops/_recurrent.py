@@ -292,6 +292,7 @@ class RecurrentOp(Op):
     has_cell: ClassVar[bool] = False   # keeps a cell state beside h (LSTM)
     recurrent = True                   # layers.csv reports its steps (its GEMM's M is steps x batch)
     schedules_itself = True
+    accumulates = True
 
     # -- lowering ----------------------------------------------------------------------------
     def lower(self, ctx, node):

@@ -61,6 +61,8 @@ class Op:
     alias: ClassVar[bool] = False             # output is input 0 with another shape: no code, no bytes
     fusable: ClassVar[bool] = False           # a following Relu/Clip can be fused into its output
     applies_activation: ClassVar[bool] = False  # the op is its layer's clamp (exported as that clamp itself)
+    accumulates: ClassVar[bool] = False       # sums on the matrix unit's accumulators (wraps and PE-level
+                                              # cycles are counted per layer)
     schedules_itself: ClassVar[bool] = False  # emits its own instructions (``emit``) instead of the tiler's
                                               # matrix or vector mapping (recurrent steps, on-chip weights)
 

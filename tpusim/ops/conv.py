@@ -22,6 +22,7 @@ class Conv(Op):
     name = "conv"
     onnx_types = ("Conv",)
     matrix = True
+    accumulates = True
     fusable = True
 
     def lower(self, ctx: LowerContext, node) -> None:

@@ -22,6 +22,7 @@ class Gemm(Op):
     name = "gemm"
     onnx_types = ("Gemm", "MatMul")
     matrix = True
+    accumulates = True
     fusable = True
 
     def lower(self, ctx: LowerContext, node) -> None:

@@ -76,6 +76,7 @@ def _operands(layer, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarr
 class MatMul(Op):
     name = "matmul"
     schedules_itself = True
+    accumulates = True
 
     def lower(self, ctx, node):
         (a, shape_a), (b, shape_b) = ctx.activation_input(node, 0), ctx.activation_input(node, 1)

@@ -66,7 +66,7 @@ def run_integer(
     def step(index: int, layer, inputs: list[np.ndarray]) -> np.ndarray:
         ql = qgraph.layers[index]
         y, count = run_layer(ql, inputs, acc_bits, engine)
-        if layer.is_matrix:
+        if ops.op(layer.op).accumulates:
             wrapped[ql.name] = count
         if progress is not None:
             progress(index + 1, total, ql.name)

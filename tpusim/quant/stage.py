@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from tpusim import ops
 from tpusim.config import HardwareConfig
 from tpusim.ir import Graph
 from tpusim.kernels.systolic import pe_gemm
@@ -140,7 +141,7 @@ def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareC
     if fidelity_mode == "pe":
         unit = _PeArrayUnit(config.array.rows, config.array.cols)
         engine, pe_cycles = unit, {}
-        matrix_layers = {layer.name for layer in graph.layers if layer.is_matrix}
+        matrix_layers = {layer.name for layer in graph.layers if ops.op(layer.op).accumulates}
 
         def layer_progress(done: int, total: int, name: str) -> None:
             if name in matrix_layers:
