@@ -5,6 +5,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tpusim
@@ -247,3 +248,35 @@ def test_cli_sweep_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, mess
     assert message in stderr
     assert stderr.count("\n") == 1
     assert not (tmp_path / "points").exists()
+
+
+def test_point_keys_change_with_the_energy_table_and_the_calibration_data(tmp_path):
+    """A resumed sweep must not reuse points priced with another energy table or calibrated on other data."""
+    config = tmp_path / "tpu_v1.yaml"
+    config.write_text(Path(TPU_V1).read_text())
+    (tmp_path / "energy").mkdir()
+    table = tmp_path / "energy" / "horowitz45.yaml"
+    table.write_text((Path(TPU_V1).parent / "energy" / "horowitz45.yaml").read_text())
+    (before,) = build_points(config, "tiny_cnn", {"array.rows": [32]})
+    table.write_text(table.read_text() + "\n# edited\n")
+    (after,) = build_points(config, "tiny_cnn", {"array.rows": [32]})
+    assert before.key != after.key
+    data = tmp_path / "calib.npy"
+    np.save(data, np.zeros((2, 3, 32, 32), np.float32))
+    (first,) = build_points(config, "tiny_cnn", {"array.rows": [32]}, quantize=True, calib_data=data)
+    np.save(data, np.ones((2, 3, 32, 32), np.float32))
+    (second,) = build_points(config, "tiny_cnn", {"array.rows": [32]}, quantize=True, calib_data=data)
+    assert first.key != second.key and first.calib_data == str(data)
+
+
+def test_cli_sweep_takes_input_shape_weights_and_calibration_data(tmp_path, capsys):
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32))
+    code = main(["sweep", TPU_V1, "--model", "tiny_cnn", "--set", "array.rows=64,128", "--input-shape", "2,3,32,32",
+                 "--weights", "per-tensor", "--quantize", "--calib-data", str(data), "--jobs", "1",
+                 "--out", str(tmp_path / "sw")])
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
+    assert [r["batch"] for r in rows] == ["2", "2"] and {r["quant.weights"] for r in rows} == {"per-tensor"}
+    # The six given samples calibrated (fewer than quant.calibration_samples), so fidelity is on them: not synthetic.
+    assert all(r["evaluated_on"] == "the first 4 calibration samples" and r["held_out"] == "False" for r in rows)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from tqdm import tqdm
 
-from tpusim.arguments import positive_int
+from tpusim.arguments import positive_int, shape
 from tpusim.config import load_config
 from tpusim.errors import ConfigError, TpusimError
 
@@ -71,6 +71,8 @@ class SweepPoint:
     overrides: tuple[tuple[str, Any], ...]
     quantize: bool
     key: str  # names the point's file; see point_key
+    input_shape: tuple[int, ...] | None = None
+    calib_data: str | None = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -84,20 +86,37 @@ class SweepPoint:
 
 
 def point_key(config_digest: str, model: str, model_digest: str, batch: int,
-              overrides: tuple[tuple[str, Any], ...], quantize: bool) -> str:
-    """A stable name for a point: changes with the config file's or the model file's content and any value."""
+              overrides: tuple[tuple[str, Any], ...], quantize: bool, input_shape: tuple[int, ...] | None = None,
+              data_digest: str | None = None) -> str:
+    """A stable name for a point: changes with the content of every file it reads (the config and the
+    energy table it names, the model, the calibration data) and with any value."""
     identity = {"format": POINT_FORMAT, "config": config_digest, "model": model, "model_file": model_digest,
-                "batch": batch, "overrides": [list(item) for item in overrides], "quantize": quantize}
+                "batch": batch, "overrides": [list(item) for item in overrides], "quantize": quantize,
+                "input_shape": list(input_shape) if input_shape else None, "calib_data": data_digest}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _model_digest(model: str) -> str:
+def _model_digest(model: str, input_shape: tuple[int, ...] | None = None) -> str:
     from tpusim.frontend import load_onnx
     from tpusim.pipeline import resolve_model
 
     path = resolve_model(model)
-    load_onnx(path, batch=1)  # a missing, corrupt or unsupported model fails here, in one line, before any work
+    # A missing, corrupt or unsupported model (or a shape it cannot take) fails here, in one line, before any work.
+    load_onnx(path, batch=1, input_shape=input_shape)
     return _file_digest(path)
+
+
+def _data_digest(path: str | Path) -> str:
+    """Digest of calibration data: a file's bytes, or every file of a folder (names and bytes)."""
+    path = Path(path)
+    if not path.exists():
+        raise SweepError(f"--calib-data {path}: no such calibration file or folder")
+    if path.is_file():
+        return _file_digest(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0" + _file_digest(file).encode())
+    return digest.hexdigest()
 
 
 def _file_digest(path: Path) -> str:
@@ -150,7 +169,8 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def build_points(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Sequence[Any]], *,
-                 zip: bool = False, batch: int | Sequence[int] = 1, quantize: bool = False) -> list[SweepPoint]:
+                 zip: bool = False, batch: int | Sequence[int] = 1, quantize: bool = False,
+                 input_shape: tuple[int, ...] | None = None, calib_data: str | Path | None = None) -> list[SweepPoint]:
     """The sweep's points in grid order (models, then batches, then the grid's settings), each checked
     (config values, model, batch) before anything runs. ``zip`` applies to the grid's values only:
     models and batch sizes are always crossed with the grid's settings."""
@@ -165,12 +185,18 @@ def build_points(config: str | Path, model: str | Sequence[str], grid: Mapping[s
     if not models or not batches:
         raise SweepError("a sweep needs at least one model and one batch size")
     settings = [tuple(combo.items()) for combo in expand_grid({k: _as_list(v) for k, v in grid.items()}, zip=zip)]
+    tables = set()
     for overrides in settings:
-        load_config(config, dict(overrides))  # a bad key or value fails here, naming it, before any work
-    config_digest = _file_digest(Path(config))
-    model_digests = {name: _model_digest(name) for name in models}
-    return [SweepPoint(model=m, batch=b, overrides=overrides, quantize=quantize,
-                       key=point_key(config_digest, m, model_digests[m], b, overrides, quantize))
+        # A bad key or value fails here, naming it, before any work; the energy table is part of the point.
+        tables.add(load_config(config, dict(overrides)).energy.table)
+    config_digest = _file_digest(Path(config)) + "".join(sorted(_file_digest(Path(t)) for t in tables))
+    model_digests = {name: _model_digest(name, input_shape) for name in models}
+    data = None if calib_data is None else str(calib_data)
+    data_digest = None if data is None else _data_digest(data)
+    return [SweepPoint(model=m, batch=b, overrides=overrides, quantize=quantize, input_shape=input_shape,
+                       calib_data=data,
+                       key=point_key(config_digest, m, model_digests[m], b, overrides, quantize, input_shape,
+                                     data_digest))
             for m, b, overrides in itertools.product(models, batches, settings)]
 
 
@@ -198,7 +224,7 @@ def simulate_point(config: str, point: SweepPoint) -> dict[str, Any]:
     from tpusim.api import simulate
 
     result = simulate(config, point.model, batch=point.batch, overrides=dict(point.overrides),
-                      quantize=point.quantize)
+                      quantize=point.quantize, input_shape=point.input_shape, calib_data=point.calib_data)
     return point_record(point, result)
 
 
@@ -483,7 +509,8 @@ def _checked(point: SweepPoint, compute: Callable[[], dict[str, Any]]) -> dict[s
 def sweep(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Sequence[Any]], *, zip: bool = False,
           batch: int | Sequence[int] = 1, out: str | Path | None = None, fresh: bool = False,
           executor: str = "local", scheduler: str | None = None, jobs: int | None = None, quantize: bool = False,
-          progress: bool = True, plots: bool = True) -> list[dict[str, Any]]:
+          progress: bool = True, plots: bool = True, input_shape: tuple[int, ...] | None = None,
+          calib_data: str | Path | None = None) -> list[dict[str, Any]]:
     """Simulate every point of a design-space grid and return one record (a flat dict) per point, in grid order.
 
     ``grid`` maps config key paths to the values to sweep, e.g. ``{"array.rows": [128, 256]}``; ``model``
@@ -507,6 +534,8 @@ def sweep(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Seq
     ``jobs`` local processes (default: one per CPU) or, with ``executor="dask"``, on the Dask distributed
     cluster at ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``; without one Dask starts a local
     cluster). Dask workers read the config and model files from the same paths as this process.
+    ``input_shape`` (models with dynamic dimensions) and ``calib_data`` (with ``quantize``) are passed
+    to every point as ``tpusim.simulate`` takes them.
     """
     if executor not in ("local", "dask"):
         raise SweepError(f"executor: expected 'local' or 'dask', got {executor!r}")
@@ -518,7 +547,8 @@ def sweep(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Seq
     if out_dir is not None:
         check_output_dir(out_dir, "out")
     config_path = Path(config).resolve()
-    points = build_points(config_path, model, grid, zip=zip, batch=batch, quantize=quantize)
+    points = build_points(config_path, model, grid, zip=zip, batch=batch, quantize=quantize, input_shape=input_shape,
+                          calib_data=calib_data)
     store = _PointStore(out_dir)
     if fresh:
         store.discard_all()
@@ -612,7 +642,15 @@ def add_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("config", type=Path, help="hardware config YAML, e.g. configs/tpu_v1.yaml")
     parser.add_argument("--model", required=True, metavar="M[,M...]",
                         help="built-in workload names or .onnx paths, comma-separated")
-    parser.add_argument("--batch", default="1", metavar="B[,B...]", help="batch sizes, comma-separated (default 1)")
+    parser.add_argument("--batch", metavar="B[,B...]",
+                        help="batch sizes, comma-separated (default: the N of --input-shape, else 1)")
+    parser.add_argument("--input-shape", type=shape, metavar="N,C,H,W",
+                        help="input shape for models with dynamic dimensions; N is the batch unless --batch is given")
+    parser.add_argument("--calib-data", metavar="PATH",
+                        help="calibration inputs for --quantize: a .npy/.npz or a folder of images "
+                             "(default: a seeded synthetic set)")
+    parser.add_argument("--weights", choices=("per-tensor", "per-channel"),
+                        help="weight quantization granularity for every point (default: the config's quant.weights)")
     parser.add_argument("--set", dest="grid", action="append", default=[], metavar="KEY.PATH=V1[,V2...]",
                         help="sweep a config value, e.g. --set array.rows=32,64,128 (repeatable; one value "
                              "just overrides)")
@@ -644,11 +682,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     if not models:
         raise SweepError(f"--model {args.model!r}: expected model names")
-    batches = parse_values(args.batch)
+    if args.weights is not None:
+        if "quant.weights" in grid:
+            raise ConfigError("--weights and --set quant.weights=...: give one of them")
+        grid["quant.weights"] = [args.weights]
+    if args.calib_data is not None and not args.quantize:
+        raise SweepError("--calib-data needs --quantize (without it no point calibrates)")
+    if args.batch is not None:
+        batches = parse_values(args.batch)
+    else:
+        batches = [args.input_shape[0] if args.input_shape else 1]
     out = args.out or Path("results") / f"sweep-{'-'.join(model_label(m) for m in models)}-{Path(args.config).stem}"
     check_output_dir(out)
     rows = sweep(args.config, models, grid, zip=args.zip, batch=batches, out=out, fresh=args.fresh,
-                 executor=args.executor, scheduler=args.scheduler, jobs=args.jobs, quantize=args.quantize)
+                 executor=args.executor, scheduler=args.scheduler, jobs=args.jobs, quantize=args.quantize,
+                 input_shape=args.input_shape, calib_data=args.calib_data)
     shown = ["model", "batch", *grid, "latency_s", "tops", "utilization", "total_tops_per_w"]
     print(format_table(shown, rows, max_rows=40))
     for path in sorted(out.glob("sweep*")):
