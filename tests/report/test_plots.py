@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -221,3 +222,125 @@ def test_a_failed_plot_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatc
 def test_no_records_is_an_error():
     with pytest.raises(ValueError, match="no sweep records"):
         plots.sweep_figure([], "array.rows", ("latency_s",))
+
+
+def _prefetched_rows() -> list[dict]:
+    """Layer rows of three ops; two finish sooner than their own weight bytes take at 34 GB/s."""
+    rows = _layer_rows(8)
+    rows[1]["op"], rows[2]["op"] = "gemm", "matmul"
+    for i in (0, 2):  # 1 MAC per byte: its weights alone take dram_bytes / 34e9 s; make it 3x faster
+        rows[i]["dram_bytes"] = rows[i]["macs"]
+        rows[i]["cycles"] = round(rows[i]["dram_bytes"] / 34e9 * 700e6 / 3)
+    return rows
+
+
+def test_roofline_draws_points_above_the_roof_hollow_and_explains_them(tmp_path):
+    cfg = load_config(TPU_V1)
+    rows = _prefetched_rows()
+    matrix = [r for r in rows if r["M"] != ""]
+    assert plots.above_roof(cfg, rows) == [i in (0, 2) for i in range(len(matrix))]
+    fig = plots.roofline_figure([("tpu_v1", cfg, rows)])
+    ax = fig.axes[0]
+    (points,) = ax.collections
+    roof = ax.lines[0]
+    offsets = points.get_offsets()
+    roof_at = np.exp(np.interp(np.log(offsets[:, 0]), np.log(roof.get_xdata()), np.log(roof.get_ydata())))
+    above = offsets[:, 1] > 1.001 * roof_at
+    assert list(above) == plots.above_roof(cfg, rows)
+    faces, edges = points.get_facecolors(), points.get_edgecolors()
+    assert list(faces[:, 3] == 0) == list(above)  # exactly the points above the roof are hollow
+    assert (edges[:, 3] > 0).all()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert plots.ABOVE_ROOF_LABEL in legend
+    assert "prefetched while\nearlier layers ran" in plots.ABOVE_ROOF_LABEL
+    hollow = ax.get_legend().legend_handles[legend.index(plots.ABOVE_ROOF_LABEL)]
+    assert hollow.get_markerfacecolor() == "none" and hollow.get_markeredgecolor() != "none"
+    assert _is_png(plots.plot_roofline(cfg, rows, tmp_path / "roof.png"))
+    # Without such points the legend does not mention them.
+    fig = plots.roofline_figure([("tpu_v1", cfg, _layer_rows(12))])
+    assert plots.ABOVE_ROOF_LABEL not in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert (fig.axes[0].collections[0].get_facecolors()[:, 3] > 0).all()
+
+
+def test_roofline_colours_points_by_op_one_colour_each():
+    cfg = load_config(TPU_V1)
+    rows = _prefetched_rows()
+    matrix = [r for r in rows if r["M"] != ""]
+    fig = plots.roofline_figure([("tpu_v1", cfg, {"a": rows, "b": _layer_rows(4)})])
+    ax = fig.axes[0]
+    colour_of: dict[str, tuple] = {}
+    for collection, layers in zip(ax.collections, (matrix, [r for r in _layer_rows(4) if r["M"] != ""])):
+        for layer, edge in zip(layers, collection.get_edgecolors()):
+            assert colour_of.setdefault(layer["op"], tuple(edge[:3])) == tuple(edge[:3])
+    assert sorted(colour_of) == ["conv", "gemm", "matmul"]
+    assert len(set(colour_of.values())) == 3  # one colour per op, distinct
+    handles = ax.get_legend().legend_handles
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    for op, rgb in colour_of.items():
+        handle = handles[labels.index(op)]
+        np.testing.assert_allclose(to_rgba(handle.get_color())[:3], rgb)
+    # Several workloads: each named, with its marker.
+    assert "a (6 layers)" in labels and "b (3 layers)" in labels
+    assert [c.get_label() for c in ax.collections] == ["a (6 layers)", "b (3 layers)"]
+
+
+def test_sweep_names_every_zipped_parameter_on_the_x_axis():
+    records = _sweep_records()
+    fig = plots.sweep_figure(records, "array.rows", ("latency_s",), params=("model", "batch", "array.rows",
+                                                                              "array.cols"))
+    assert fig.axes[0].get_xlabel() == "array.rows = array.cols"
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["32", "128", "512"]
+    for record in records:  # zipped with different values: both named, both values at each tick
+        record["array.cols"] = 2 * record["array.rows"]
+        record["weight_fifo.depth"] = 4
+    fig = plots.sweep_figure(records, "array.rows", ("latency_s",),
+                             params=("model", "batch", "array.rows", "array.cols", "weight_fifo.depth"))
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "array.rows / array.cols"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["32 / 64", "128 / 256", "512 / 1024"]
+    assert len(ax.lines) == 4  # model x batch; the zipped parameter makes no lines
+
+
+def test_sweep_axes_turn_logarithmic_by_the_data_span():
+    records = [{"array.rows": size, "m": 1.0 + size / 1000, "w": 1e-3 * size} for size in (32, 64, 128)]
+    fig = plots.sweep_figure(records, "array.rows", ("m", "w"), params=("array.rows",))
+    linear, wide = fig.axes
+    assert linear.get_xscale() == "log" and linear.xaxis.get_transform().base == 2  # 32..128 spans 4x
+    assert linear.get_yscale() == "linear"  # 1.03..1.13
+    assert wide.get_yscale() == "linear"  # 0.032..0.128, under a decade
+    records = [{"batch": b, "m": 1e-3 * b} for b in (1, 3, 10)]
+    fig = plots.sweep_figure(records, "batch", ("m",), params=("batch",))
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].xaxis.get_transform().base == 10
+    assert fig.axes[0].get_yscale() == "log"  # 0.001..0.01: a decade
+    records = [{"batch": b, "m": 1.0} for b in (1, 2, 3)]
+    assert plots.sweep_figure(records, "batch", ("m",), params=("batch",)).axes[0].get_xscale() == "linear"
+
+
+def test_sweep_never_joins_categorical_points():
+    records = [{"quant.calibration": c, "quant.weights": w, "cosine": 0.9 + 0.01 * i}
+               for i, (c, w) in enumerate((c, w) for c in ("minmax", "mse", "percentile")
+                                          for w in ("per-tensor", "per-channel"))]
+    fig = plots.sweep_figure(records, "quant.calibration", ("cosine",), params=("quant.calibration", "quant.weights"))
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2 and all(line.get_linestyle() == "None" for line in ax.lines)
+    assert all(line.get_marker() not in ("", "None", None) for line in ax.lines)
+    # Side by side within each category, the same way in each.
+    first, second = (np.asarray(line.get_xdata()) for line in ax.lines)
+    assert (first < second).all()
+    assert list(np.round(first)) == list(np.round(second)) == [0, 1, 2]
+    records = _sweep_records()  # a numeric x keeps its lines
+    fig = plots.sweep_figure(records, "array.rows", ("latency_s",), params=("model", "array.rows"))
+    assert all(line.get_linestyle() == "-" for line in fig.axes[0].lines)
+
+
+def test_side_by_side_rooflines_share_the_figure_evenly():
+    cfg = load_config(TPU_V1)
+    rows = _prefetched_rows()
+    fig = plots.roofline_figure([("DDR3", cfg, rows), ("GDDR5", cfg.replace(**{"weight_memory.bandwidth_gb_s": 180}),
+                                                         rows)])
+    left, right = (ax.get_position() for ax in fig.axes)
+    assert left.width == pytest.approx(right.width) and left.width > 0.3  # of the figure's width, each
+    assert 0 < left.x0 < left.x1 < right.x0 < right.x1 < 1
+    for ax in fig.axes:  # the shared TOPS axis has its minor marks on both panels
+        marks = [line for line in ax.lines if line.get_marker() == plots.TICKLEFT]
+        assert len(marks) == 1 and len(marks[0].get_ydata()) > 10

@@ -28,10 +28,11 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.markers import TICKDOWN, TICKLEFT, TICKRIGHT, TICKUP
-from matplotlib.ticker import FuncFormatter, LogFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullLocator
 from matplotlib.transforms import ScaledTranslation
 from PIL import Image, PngImagePlugin
 
@@ -41,7 +42,9 @@ from tpusim.report.files import atomic_write_bytes
 DPI = 120
 PNG_COMPRESS_LEVEL = 3  # zlib's default 6 takes 40% longer on a ResNet-50 breakdown for a 6% smaller file
 OPS_PER_MAC = 2  # TOPS counts a MAC as two operations; intensity counts MACs per byte [Jouppi et al. 2017]
-LOG_SPAN = 8  # log scale once the values span this factor
+LOG_SPAN = 4  # a swept parameter's axis is logarithmic once its values span this factor (32, 64, 128 do)
+METRIC_LOG_SPAN = 10  # a metric's axis once its values span this factor (a decade)
+CATEGORY_DODGE = 0.3  # of the gap between categories: the width a category's points are spread over
 METRIC_LABELS = {
     "latency_s": "latency (s)",
     "total_cycles": "cycles",
@@ -183,8 +186,14 @@ def _light_minor_log_ticks(ax: Axes, grid_alpha: float | None) -> None:
         lmin, lmax = math.log10(lo), math.log10(hi)
         if math.floor(lmax) - math.floor(math.nextafter(lmin, -math.inf)) < 2:  # the formatter's major count
             continue
-        values = np.asarray(axis.get_minor_locator().tick_values(lo, hi), dtype=np.float64)
+        locator = axis.get_minor_locator()
+        if isinstance(locator, NullLocator):  # an axis shared with one already drawn on: its default again
+            locator = LogLocator(base=axis.get_transform().base, subs="auto")
+            locator.set_axis(axis)
+        values = np.asarray(locator.tick_values(lo, hi), dtype=np.float64)
         values = values[(values >= lo) & (values <= hi)]
+        if not len(values):
+            continue  # an empty line of marks would stretch the axes' extent to the figure's corner
         (ax.set_xlim if name == "x" else ax.set_ylim)(*limits)  # the marks are for these limits
         axis.set_minor_locator(NullLocator())
         along = ax.get_xaxis_transform() if name == "x" else ax.get_yaxis_transform()
@@ -207,8 +216,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _wide_positive(values: Sequence[float]) -> bool:
-    return bool(values) and min(values) > 0 and max(values) / min(values) >= LOG_SPAN
+def _wide_positive(values: Sequence[float], span: float = LOG_SPAN) -> bool:
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= span
+
+
+def _powers_of_two(values: Sequence[float]) -> bool:
+    return all(float(v).is_integer() and v >= 1 and int(v) & (int(v) - 1) == 0 for v in values)
 
 
 def _label(name: str) -> str:
@@ -239,47 +252,71 @@ def determined_by(records: Rows, x: str, other: str) -> bool:
     return True
 
 
+def zipped_with(records: Rows, x: str, params: Sequence[str]) -> list[str]:
+    """The other ``params`` that vary with ``x`` and are determined by it (swept in lockstep, ``zip``):
+    they take one value at each point of ``x``, so they share its axis."""
+    return [p for p in params if p != x and len(_distinct([r.get(p) for r in records])) > 1
+            and determined_by(records, x, p)]
+
+
 def sweep_figure(records: Rows, x: str, metrics: Sequence[str], *, params: Sequence[str] = (),
                  title: str | None = None) -> Figure:
-    """One panel per metric against ``x``; one line per combination of the other ``params`` that vary."""
+    """One panel per metric against ``x``; one line per combination of the other ``params`` that vary.
+    Parameters zipped with ``x`` are named with it on the x axis (``array.rows = array.cols``, or each
+    tick ``32 / 64`` when their values differ). Points of a categorical ``x`` are markers, never joined:
+    a line between categories would say there is something between them."""
     if not records:
         raise ValueError("no sweep records to plot")
     xs = _distinct([r[x] for r in records])
     numeric_x = all(_is_number(v) for v in xs)
     position = {v: v for v in xs} if numeric_x else {v: i for i, v in enumerate(xs)}
-    others = [p for p in params if p != x and len(_distinct([r.get(p) for r in records])) > 1
-              and not determined_by(records, x, p)]
+    zipped = zipped_with(records, x, params)
+    others = [p for p in params if p != x and p not in zipped and len(_distinct([r.get(p) for r in records])) > 1]
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for record in records:
         groups.setdefault(tuple(record.get(p) for p in others), []).append(record)
+    along = {v: [next(r.get(p) for r in records if r[x] == v) for p in zipped] for v in xs}
+    same = all(all(w == v for w in along[v]) for v in xs)  # e.g. array.rows = array.cols at every point
+    x_label = (" = " if same else " / ").join([x, *zipped])
+    tick_labels = [" / ".join(_value_text(w) for w in ([v] if same else [v, *along[v]])) for v in xs]
+    log_x = numeric_x and _wide_positive(xs)
 
     fig = Figure(figsize=(4.2 * len(metrics) + 0.8, 3.6), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         plotted: list[float] = []
-        for combo, rows in groups.items():
+        for index, (combo, rows) in enumerate(groups.items()):
             points = sorted((position[r[x]], r[metric]) for r in rows if _is_number(r.get(metric)))
             if not points:
                 continue
             label = ", ".join(f"{p}={_value_text(v)}" for p, v in zip(others, combo)) or None
-            style = LINE_STYLES[len(ax.lines) // 10 % len(LINE_STYLES)]  # colours repeat after ten lines
-            ax.plot([p for p, _ in points], [v for _, v in points], marker="o", markersize=4, ls=style, label=label)
+            cycle = index // 10  # colours repeat after ten groups: then the line style or marker changes
+            if numeric_x:
+                ax.plot([p for p, _ in points], [v for _, v in points], marker="o", markersize=4,
+                        ls=LINE_STYLES[cycle % len(LINE_STYLES)], label=label)
+            else:  # side by side within a category, so that equal values do not hide each other
+                shift = (index / (len(groups) - 1) - 0.5) * CATEGORY_DODGE if len(groups) > 1 else 0.0
+                ax.plot([p + shift for p, _ in points], [v for _, v in points], ls="none",
+                        marker="os^Dv<>p"[cycle % 8], markersize=5, label=label)
             plotted += [v for _, v in points]
-        if numeric_x and _wide_positive(xs):
-            ax.set_xscale("log", base=2)
-        if _wide_positive(plotted) and max(plotted) / min(plotted) >= 50:
+        if log_x:
+            ax.set_xscale("log", base=2 if _powers_of_two(xs) else 10)
+        if _wide_positive(plotted, METRIC_LOG_SPAN):
             ax.set_yscale("log")
             _plain_log_labels(ax.yaxis)
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticks([position[v] for v in xs], [_value_text(v) for v in xs],
-                      rotation=30 if not numeric_x and len(xs) > 3 else 0)
-        ax.set_xlabel(x)
+        long_ticks = max(len(t) for t in tick_labels) * len(xs) > 24
+        ax.set_xticks([position[v] for v in xs], tick_labels, rotation=30 if long_ticks and len(xs) > 2 else 0,
+                      ha="right" if long_ticks and len(xs) > 2 else "center")
+        if not numeric_x:
+            ax.set_xlim(-0.5, len(xs) - 0.5)
+        ax.set_xlabel(x_label)
         ax.set_ylabel(_label(metric))
         ax.grid(True, which="both", alpha=0.3)
     if others:
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right upper", fontsize="small" if len(labels) > 6 else "medium")
-    fig.suptitle(title or f"sweep over {x}")
+    fig.suptitle(title or f"sweep over {x_label}")
     return fig
 
 
@@ -295,22 +332,64 @@ def _matrix_layers(rows: Rows) -> list[Mapping[str, Any]]:
     return [r for r in rows if r.get("M") not in ("", None) and r.get("dram_bytes", 0) > 0 and r["cycles"] > 0]
 
 
+OP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+              "#bcbd22", "#7f7f7f")  # tab10, grey last: one colour per layer op, in order of first appearance
+WORKLOAD_MARKERS = "os^Dv<>p"
+ABOVE_ROOF_TOLERANCE = 1.001  # a point this close to the roof is on it (rounding of cycles)
+ABOVE_ROOF_LABEL = ("hollow: above the roof, as its\nweights were prefetched while\nearlier layers ran: its span is\n"
+                    "shorter than its own weight\ntraffic needs at this bandwidth")
+
+
+def _roof_tops(intensity: float, peak_tops: float, bytes_per_s: float) -> float:
+    return min(peak_tops, OPS_PER_MAC * intensity * bytes_per_s / 1e12)
+
+
+def above_roof(cfg: HardwareConfig, rows: Rows) -> list[bool]:
+    """For each matrix layer of ``rows`` (as the roofline plots them), whether it is drawn above the roof:
+    it finished sooner than its own weight bytes take at the weight memory's bandwidth, which a layer can
+    when its weights were fetched while earlier layers ran."""
+    macs_per_s = cfg.array.rows * cfg.array.cols * cfg.array.clock_hz
+    bytes_per_s = cfg.weight_memory.bandwidth_gb_s * 1e9
+    peak_tops = OPS_PER_MAC * macs_per_s / 1e12
+    flags = []
+    for r in _matrix_layers(rows):
+        tops = OPS_PER_MAC * r["macs"] / (r["cycles"] / cfg.array.clock_hz) / 1e12
+        flags.append(tops > ABOVE_ROOF_TOLERANCE * _roof_tops(r["macs"] / r["dram_bytes"], peak_tops, bytes_per_s))
+    return flags
+
+
 def _draw_roofline(ax: Any, cfg: HardwareConfig, workloads: Mapping[str, Rows], title: str) -> None:
     macs_per_s = cfg.array.rows * cfg.array.cols * cfg.array.clock_hz
     bytes_per_s = cfg.weight_memory.bandwidth_gb_s * 1e9
     peak_tops = OPS_PER_MAC * macs_per_s / 1e12
     ridge = macs_per_s / bytes_per_s
     intensities = [ridge]
+    ops = _distinct([str(r.get("op", "")) for rows in workloads.values() for r in _matrix_layers(rows)])
+    colour = {op: OP_COLOURS[i % len(OP_COLOURS)] for i, op in enumerate(ops)}
+    handles: list[Any] = []
+    any_above = False
     for index, (name, rows) in enumerate(workloads.items()):
         layers = _matrix_layers(rows)
         x = [r["macs"] / r["dram_bytes"] for r in layers]
         y = [OPS_PER_MAC * r["macs"] / (r["cycles"] / cfg.array.clock_hz) / 1e12 for r in layers]
-        ax.scatter(x, y, s=18, alpha=0.75, marker="os^Dv<>p"[index % 8], label=f"{name} ({len(layers)} layers)")
+        above = above_roof(cfg, layers)
+        edges = [to_rgba(colour[str(r.get("op", ""))], 0.85) for r in layers]
+        faces = [(0.0, 0.0, 0.0, 0.0) if a else e for a, e in zip(above, edges)]  # (an alpha= would fill them)
+        marker = WORKLOAD_MARKERS[index % len(WORKLOAD_MARKERS)]
+        # One collection per workload: filled points on or under the roof, hollow ones above it, larger, so
+        # that a ring shows around a filled point at the same place.
+        ax.scatter(x, y, s=[44 if a else 20 for a in above], marker=marker, facecolors=faces, edgecolors=edges,
+                   linewidths=[1.4 if a else 0.6 for a in above],
+                   label=f"{name} ({len(layers)} layers)", zorder=2.5)
+        any_above = any_above or any(above)
+        if len(workloads) > 1:
+            handles.append(Line2D([], [], ls="none", marker=marker, color="dimgrey",
+                                  label=f"{name} ({len(layers)} layers)"))
         intensities += x
     lo, hi = min(intensities) / 2, max(intensities) * 2
     roof_x = [lo, ridge, hi]
-    ax.plot(roof_x, [min(peak_tops, OPS_PER_MAC * v * bytes_per_s / 1e12) for v in roof_x], color="black", lw=1.5,
-            label=f"roofline: {peak_tops:.3g} TOPS peak, {cfg.weight_memory.bandwidth_gb_s:g} GB/s")
+    roof = ax.plot(roof_x, [_roof_tops(v, peak_tops, bytes_per_s) for v in roof_x], color="black", lw=1.5,
+                   label=f"roofline: {peak_tops:.3g} TOPS\npeak, {cfg.weight_memory.bandwidth_gb_s:g} GB/s")[0]
     ax.axvline(ridge, color="grey", ls="--", lw=1)
     ax.text(ridge, 0.03, f"ridge {ridge:,.0f} MAC/B ", transform=ax.get_xaxis_transform(), rotation=90,
             ha="right", va="bottom", fontsize="small", color="grey")
@@ -322,7 +401,15 @@ def _draw_roofline(ax: Any, cfg: HardwareConfig, workloads: Mapping[str, Rows], 
     ax.set_ylabel("achieved TOPS")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=GRID_ALPHA)
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, frameon=False)
+    handles += [Line2D([], [], ls="none", marker="o", color=colour[op], label=op) for op in ops]
+    handles.append(roof)
+    if any_above:
+        handles.append(Line2D([], [], ls="none", marker="o", markersize=7, markerfacecolor="none",
+                              markeredgecolor="dimgrey", markeredgewidth=1.4, label=ABOVE_ROOF_LABEL))
+    # To the right: the explanation of hollow points is several lines, and a legend below the axes as
+    # wide as the figure would squeeze them.
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              frameon=False)
 
 
 def _as_workloads(layer_rows: Rows | Mapping[str, Rows]) -> Mapping[str, Rows]:
@@ -331,21 +418,23 @@ def _as_workloads(layer_rows: Rows | Mapping[str, Rows]) -> Mapping[str, Rows]:
 
 def roofline_figure(panels: Sequence[tuple[str, HardwareConfig, Rows | Mapping[str, Rows]]]) -> Figure:
     """Side-by-side rooflines; each panel is (title, chip config, layer rows or {workload: layer rows})."""
-    fig = Figure(figsize=(6.2 * len(panels), 4.8), dpi=DPI)
+    fig = Figure(figsize=(8.0 * len(panels), 4.6), dpi=DPI)
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, (title, cfg, rows) in zip(axes, panels):
         _draw_roofline(ax, cfg, _as_workloads(rows), title)
     for ax in axes:  # once every panel is drawn: the panels share their TOPS limits
         _light_minor_log_ticks(ax, GRID_ALPHA)
-    _fit_row(fig, list(axes), passes=2)  # the legends hang below the axes at a fraction of their height
+    _fit_row(fig, list(axes), passes=2)  # the legends hang beside the axes at a fraction of their width
     return fig
 
 
 def plot_roofline(cfg: HardwareConfig, layer_rows: Rows | Mapping[str, Rows], path: str | Path, *,
                   title: str | None = None) -> Path:
     """The chip's roofline (peak MACs, weight-memory bandwidth, the ridge between) with each matrix layer
-    at its MACs per weight byte and achieved TOPS. ``layer_rows`` are ``layers.csv`` rows, or a mapping
-    from workload name to such rows for several workloads on one chart."""
+    at its MACs per weight byte and achieved TOPS, coloured by its op; a marker shape per workload. A layer
+    above the roof (its weights fetched while earlier layers ran, see :func:`above_roof`) is drawn hollow,
+    and the legend says why. ``layer_rows`` are ``layers.csv`` rows, or a mapping from workload name to
+    such rows for several workloads on one chart."""
     return save_figure(roofline_figure([(title or f"{cfg.name} roofline", cfg, layer_rows)]), path)
 
 
