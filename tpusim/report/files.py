@@ -48,7 +48,11 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path}: is a file, not a folder")
-    base = _nearest_existing(path)
+    _check_writable_folder(path, _nearest_existing(path), flag)
+    return path
+
+
+def _check_writable_folder(path: Path, base: Path, flag: str) -> None:
     if not base.is_dir():
         raise OutputError(f"{flag} {path}: {base} is a file, not a folder")
     try:
@@ -56,7 +60,6 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
             pass
     except OSError as exc:
         raise OutputError(f"{flag} {path}: cannot write in {base}: {_reason(exc)}") from None
-    return path
 
 
 def check_output_file(path: str | Path, flag: str = "-o") -> Path:
@@ -64,14 +67,7 @@ def check_output_file(path: str | Path, flag: str = "-o") -> Path:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{flag} {path}: is a folder, not a file")
-    base = _nearest_existing(path.parent)
-    if not base.is_dir():
-        raise OutputError(f"{flag} {path}: {base} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as exc:
-        raise OutputError(f"{flag} {path}: cannot write in {base}: {_reason(exc)}") from None
+    _check_writable_folder(path, _nearest_existing(path.parent), flag)
     return path
 
 
