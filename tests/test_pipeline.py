@@ -7,11 +7,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from tpusim import pipeline
 from tpusim.cli import main
+from tpusim.config import load_config
+from tpusim.frontend import load_onnx
+from tpusim.quant.calibrate import collect_statistics, synthetic_inputs
+from tpusim.quant.execute import run_integer
+from tpusim.quant.quantize import quantize_graph
+from tpusim.quant.stage import _PeArrayUnit
+from tpusim.workloads import workload_file
 
 TPU_V1 = str(Path(__file__).resolve().parents[1] / "configs" / "tpu_v1.yaml")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -50,7 +58,15 @@ def test_quantization_columns_and_pe_fidelity(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     matrix = [r for r in rows if r["op"] in ("conv", "gemm")]
     assert all(float(r["sqnr_db"]) > 10 for r in matrix)
-    assert all(int(r["pe_array_cycles"]) > 0 for r in matrix)
+    # What pe_array_cycles counts: the PE-level array stepping each group's T tiles back to back, weights
+    # always ready (R to shift the first in, max(M, R) per further tile, then M + R + C - 2 to drain), for
+    # every group and every evaluation sample.
+    rows_, cols = 256, 256
+    for r in matrix:
+        m, k, n, groups = (int(r[c]) for c in ("M", "K", "N", "groups"))
+        tiles = -(-k // rows_) * -(-n // cols)
+        per_group = rows_ + (tiles - 1) * max(m, rows_) + m + rows_ + cols - 2
+        assert int(r["pe_array_cycles"]) == summary["fidelity"]["samples"] * groups * per_group, r["layer"]
     assert summary["calibration"]["synthetic"] is True and summary["fidelity"]["samples"] == 2
     assert summary["fidelity"]["wrapped_accumulations"] == 0
 
@@ -142,3 +158,18 @@ def test_accumulator_width_reaches_the_integers(tmp_path):
     assert sum(wrapped.values()) > 0
     assert narrow.summary["fidelity"]["wrapped_accumulations"] == sum(wrapped.values())
     assert any("wrapped around the 16-bit accumulator" in w for w in narrow.evaluation.warnings)
+
+
+def test_pe_array_and_kernel_give_identical_integers_in_every_tensor():
+    """--fidelity pe computes with the PE-level array what the default run computes with the int8 GEMM:
+    the same integers in every tensor of the network, not only the same SQNR."""
+    path = workload_file("tiny_cnn")
+    graph = load_onnx(path)
+    data = synthetic_inputs(graph.input_shape[1:], 2, seed=0)
+    qgraph = quantize_graph(graph, collect_statistics(onnx.load(str(path)), graph, data, 2048),
+                            load_config(TPU_V1).quant)
+    kernel = run_integer(qgraph, data.inputs[:1], keep_all=True).tensors
+    pe = run_integer(qgraph, data.inputs[:1], keep_all=True, engine=_PeArrayUnit(256, 256)).tensors
+    assert kernel.keys() == pe.keys()
+    for name in kernel:
+        np.testing.assert_array_equal(kernel[name], pe[name], err_msg=name)
