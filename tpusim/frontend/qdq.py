@@ -274,6 +274,15 @@ class _Stripper:
         self.integer_io: set[str] = set()
 
     # --- helpers -------------------------------------------------------------------------------
+    def channel_axis(self, index: int, params: "_Params", shape: tuple[int, ...]) -> int | None:
+        """The per-channel axis of ``params`` on a constant of ``shape``, normalized; None per tensor."""
+        axis = params.axis
+        if axis is None:
+            return None
+        if not -len(shape) <= axis < len(shape) or shape[axis] != params.scale.size:
+            raise self.fail(index, f"{params.scale.size} per-channel scales do not fit axis {axis} of shape {shape}")
+        return axis % len(shape)
+
     def fail(self, index: int, message: str) -> ModelError:
         node = self.nodes[index]
         return ModelError(f"{self.where}: node {self.names[index]!r} ({node.op_type}): {message}")
@@ -363,12 +372,7 @@ class _Stripper:
 
     def fold(self, index: int, integers: np.ndarray, params: _Params) -> None:
         node = self.nodes[index]
-        axis = params.axis
-        if axis is not None:
-            if not -integers.ndim <= axis < integers.ndim or integers.shape[axis] != params.scale.size:
-                raise self.fail(index, f"{params.scale.size} per-channel scales do not fit axis {axis} of "
-                                       f"shape {integers.shape}")
-            axis %= integers.ndim
+        axis = self.channel_axis(index, params, integers.shape)
         values = integers.astype(params.dtype)
         zero_point = params.zero_point.astype(params.dtype)
         self.folded[node.output[0]] = _dequantize(values, params.scale, zero_point, axis)
@@ -454,12 +458,7 @@ class _Stripper:
             raise self.fail(index, f"input {source!r} is {_type_name(const.data_type)}; expected float32")
         x = numpy_helper.to_array(const) if const is not None else self.folded.get(source)
         if x is not None:  # a float constant quantized in the graph (fake-quantized weight)
-            axis = params.axis
-            if axis is not None:
-                if not -x.ndim <= axis < x.ndim or x.shape[axis] != params.scale.size:
-                    raise self.fail(index, f"{params.scale.size} per-channel scales do not fit axis {axis} of "
-                                           f"shape {x.shape}")
-                axis %= x.ndim
+            axis = self.channel_axis(index, params, x.shape)
             integers = _quantize(x, params.scale, params.zero_point, axis, params.dtype)
             if params.qrange is not None:
                 integers = np.clip(integers, *params.qrange).astype(params.dtype)
