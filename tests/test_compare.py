@@ -59,3 +59,10 @@ def test_cli_writes_csv_and_markdown(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["compare", str(TPU_V1), "--model", "tiny_cnn", "--calibration", "kl"])
     assert info.value.code == 2
+
+
+def test_the_title_names_the_batch_that_ran(tmp_path, capsys):
+    assert main(["compare", str(TPU_V1), "--model", "tiny_cnn", "--weights", "per-channel", "--calibration",
+                 "percentile", "--baseline", "none", "--eval-samples", "1", "--out", str(tmp_path)]) == 0
+    assert "tiny_cnn on tpu_v1, batch 1" in (tmp_path / "compare.md").read_text()
+    assert [r["batch"] for r in csv.DictReader((tmp_path / "compare.csv").open())] == ["1"]

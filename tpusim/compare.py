@@ -26,7 +26,7 @@ COLUMNS = (
     "latency_vs_per_tensor_pct", "tops", "total_tops_per_w", "dynamic_tops_per_w", "perf_per_w_gain_vs_fp32",
     "dynamic_perf_per_w_gain_vs_fp32", "latency_gain_vs_fp32", "energy_per_inference_uj",
     "requant_pct_of_dynamic_energy", "per_channel_overhead_pct_of_latency",
-    "per_channel_overhead_pct_of_dynamic_energy", "calibration_data",
+    "per_channel_overhead_pct_of_dynamic_energy", "calibration_data", "batch",
 )
 
 
@@ -37,7 +37,7 @@ class CompareRequest:
     weights: tuple[str, ...] = WEIGHTS
     calibrations: tuple[str, ...] = ("percentile", "mse")
     baseline: str | None = "fp32"  # "fp32": this config with FP32 MACs; or a path to a baseline config
-    batch: int = 1
+    batch: int | None = None  # None: the model's own batch (or --input-shape's N), else 1
     overrides: tuple[tuple[str, Any], ...] = ()
     calib_data: str | None = None
     eval_samples: int = 4
@@ -57,7 +57,7 @@ def _int8_row(result: api.Result) -> dict[str, Any]:
         "requant_pct_of_dynamic_energy": round(r["requant_pct_of_dynamic_energy"], 4),
         "per_channel_overhead_pct_of_latency": round(r["per_channel_overhead_pct_of_latency"], 4),
         "per_channel_overhead_pct_of_dynamic_energy": round(r["per_channel_overhead_pct_of_dynamic_energy"], 4),
-        "calibration_data": s["calibration"]["source"],
+        "calibration_data": s["calibration"]["source"], "batch": s["batch"],
     }
 
 
@@ -111,7 +111,7 @@ def compare(request: CompareRequest) -> list[dict[str, Any]]:
             "dynamic_perf_per_w_gain_vs_fp32": 1.0, "latency_gain_vs_fp32": 1.0,
             "energy_per_inference_uj": e["total_pj"] / 1e6 / s["batch"], "latency_vs_per_tensor_pct": "",
             "requant_pct_of_dynamic_energy": "", "per_channel_overhead_pct_of_latency": "",
-            "per_channel_overhead_pct_of_dynamic_energy": "", "calibration_data": "",
+            "per_channel_overhead_pct_of_dynamic_energy": "", "calibration_data": "", "batch": s["batch"],
         })
     return rows
 
@@ -184,7 +184,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     check_output_dir(out)
     rows = compare(request)
     csv_path = atomic_write_csv(out / "compare.csv", COLUMNS, rows)
-    md_path = atomic_write_text(out / "compare.md", markdown(rows, f"{args.model} on {args.config.stem}, batch {args.batch}"))
+    md_path = atomic_write_text(out / "compare.md", markdown(rows, f"{args.model} on {args.config.stem}, batch {rows[-1]['batch']}"))
     print(format_table(("weights", "calibration", "top1_agreement", "output_sqnr_db", "perf_per_w_gain_vs_fp32",
                         "latency_vs_per_tensor_pct", "per_channel_overhead_pct_of_latency"), rows))
     print(f"wrote {csv_path}\nwrote {md_path}")
