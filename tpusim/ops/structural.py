@@ -1,6 +1,7 @@
 """Nodes that compute nothing: Identity and Dropout (inference) alias their input; Constant adds a
-constant. Canonicalisation normally removes them before lowering; these keep a graph that still has
-them (an Identity between two activations) readable."""
+constant. Canonicalisation removes the ones a file brings; these lower the ones written after it: the
+QDQ split keeps a graph output's name with an Identity, and op rewrites (the batch-first LSTM) leave
+them between renamed tensors."""
 from __future__ import annotations
 
 from onnx import numpy_helper
