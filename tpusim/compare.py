@@ -1,22 +1,23 @@
 """`tpusim compare`: the grid of weight granularities x calibration methods (and an FP32 baseline), every
-cell a measurement of this run: output agreement with FP32, perf/W, latency, rescale overhead."""
+cell a measurement of this run: output agreement with FP32, perf/W, latency, rescale overhead.
+
+`tpusim --help` imports this module to build its parser: the simulator itself is imported where it runs.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tpusim.arguments import positive_int
-from tpusim import api
-from tpusim.config import load_config, parse_override
-from tpusim.errors import ConfigError, TpusimError
-from tpusim.pipeline import default_out_dir
-from tpusim.report.files import atomic_write_csv, atomic_write_text, check_output_dir
-from tpusim.report.tables import format_table
+from tpusim.errors import ConfigError, TpusimError, TpusimWarning
+from tpusim.report.tables import format_agreement, format_table
+
+if TYPE_CHECKING:
+    from tpusim import api
 
 WEIGHTS = ("per-tensor", "per-channel")
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
@@ -27,6 +28,9 @@ COLUMNS = (
     "dynamic_perf_per_w_gain_vs_fp32", "latency_gain_vs_fp32", "energy_per_inference_uj",
     "requant_pct_of_dynamic_energy", "per_channel_overhead_pct_of_latency",
     "per_channel_overhead_pct_of_dynamic_energy", "calibration_data", "batch",
+    # What the row is (the baseline or a quantized grid point) and what its agreement was counted over.
+    "row", "datatype", "config", "eval_samples", "top1_agreeing_samples", "top5_agreeing_samples", "evaluated_on",
+    "synthetic_calibration",
 )
 
 
@@ -40,7 +44,9 @@ class CompareRequest:
     batch: int | None = None  # None: the model's own batch (or --input-shape's N), else 1
     overrides: tuple[tuple[str, Any], ...] = ()
     calib_data: str | None = None
-    eval_samples: int = 4
+    # 16: top-1 agreement moves in 6.25 % steps (4 gave 25 % steps); `tpusim run` uses the same number
+    # (RunOptions.eval_samples).
+    eval_samples: int = 16
     progress: bool = True
 
 
@@ -48,6 +54,10 @@ def _int8_row(result: api.Result) -> dict[str, Any]:
     s = result.summary
     f, e, r = s["fidelity"], s["energy"], s["rescale"]
     return {
+        "row": "quantized", "datatype": result.config.array.datatype, "config": result.config.name,
+        "eval_samples": f["samples"], "top1_agreeing_samples": f["top1_agreeing_samples"],
+        "top5_agreeing_samples": f["top5_agreeing_samples"], "evaluated_on": f["evaluated_on"],
+        "synthetic_calibration": s["calibration"]["synthetic"],
         "weights": s["calibration"]["weights"], "calibration": s["calibration"]["method"],
         "top1_agreement": f["top1_agreement"], "top5_agreement": f["top5_agreement"],
         "output_sqnr_db": round(f["output_sqnr_db"], 3), "cosine": round(f["cosine"], 6),
@@ -62,6 +72,8 @@ def _int8_row(result: api.Result) -> dict[str, Any]:
 
 
 def _baseline(request: CompareRequest) -> api.Result | None:
+    from tpusim import api
+
     if request.baseline is None:
         return None
     overrides = dict(request.overrides)
@@ -75,7 +87,15 @@ def _baseline(request: CompareRequest) -> api.Result | None:
 
 
 def compare(request: CompareRequest) -> list[dict[str, Any]]:
-    """Run every (weights, calibration) point and the baseline; one row per point plus the baseline row."""
+    """Run every (weights, calibration) point and the baseline; one row per point plus the baseline row.
+
+    What a run would warn about (synthetic calibration data, wrapped accumulators) is a
+    :class:`~tpusim.errors.TpusimWarning`, once for the whole grid when every point has it.
+    """
+    from tqdm import tqdm
+
+    from tpusim import api
+
     if isinstance(request.eval_samples, bool) or not isinstance(request.eval_samples, int) or request.eval_samples < 1:
         raise TpusimError(f"eval_samples: expected a positive integer, got {request.eval_samples!r}")
     points = [(w, c) for w in request.weights for c in request.calibrations]
@@ -84,13 +104,19 @@ def compare(request: CompareRequest) -> list[dict[str, Any]]:
     base = _baseline(request)
     bar.update(1 if base is not None else 0)
     rows = []
+    notes: dict[str, list[str]] = {}  # what a run warned about -> the grid points that warned it
     for weights, calibration in points:
         overrides = {**dict(request.overrides), "quant.weights": weights, "quant.calibration": calibration}
         result = api.simulate(request.config, request.model, batch=request.batch, overrides=overrides,
                               calib_data=request.calib_data, eval_samples=request.eval_samples)
         rows.append(_int8_row(result))
+        for note in result.evaluation.warnings:
+            notes.setdefault(note, []).append(f"{weights} weights, {calibration} calibration")
         bar.update(1)
     bar.close()
+    for note, where in notes.items():
+        warnings.warn(note if len(where) == len(points) else f"{'; '.join(where)}: {note}", TpusimWarning,
+                      stacklevel=2)
     per_tensor_latency = {r["calibration"]: r["latency_s"] for r in rows if r["weights"] == "per-tensor"}
     for row in rows:
         reference = per_tensor_latency.get(row["calibration"])
@@ -103,8 +129,13 @@ def compare(request: CompareRequest) -> list[dict[str, Any]]:
             row["latency_gain_vs_fp32"] = round(base.summary["latency_s"] / row["latency_s"], 4)
     if base is not None:
         s, e = base.summary, base.summary["energy"]
+        n = request.eval_samples
         rows.insert(0, {
-            "weights": f"{base.config.array.datatype} baseline ({base.config.name})", "calibration": "",
+            # The reference itself: it agrees with itself on every sample the grid points were measured on.
+            "row": "baseline", "datatype": base.config.array.datatype, "config": base.config.name,
+            "eval_samples": n, "top1_agreeing_samples": n, "top5_agreeing_samples": n, "evaluated_on": "",
+            "synthetic_calibration": False,
+            "weights": "", "calibration": "",
             "top1_agreement": 1.0, "top5_agreement": 1.0, "output_sqnr_db": "", "cosine": 1.0,
             "latency_s": s["latency_s"], "tops": s["tops"], "total_tops_per_w": e["total_tops_per_w"],
             "dynamic_tops_per_w": e["dynamic_tops_per_w"], "perf_per_w_gain_vs_fp32": 1.0,
@@ -130,19 +161,45 @@ def markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["calibration"] == "":
-            lines.append(f"| {r['weights']} | -- | reference | 1.00x | -- | -- |")
+        if r["row"] == "baseline":
+            lines.append(f"| {_label(r)} | -- | reference | 1.00x | -- | -- |")
             continue
         gain = ("" if "perf_per_w_gain_vs_fp32" not in r else
                 f"{r['perf_per_w_gain_vs_fp32']:.2f}x / {r['dynamic_perf_per_w_gain_vs_fp32']:.2f}x")
         lines.append(
-            f"| int8 {r['weights']} | {r['calibration']} | {r['top1_agreement']:.0%} / {r['top5_agreement']:.0%}, "
+            f"| {_label(r)} | {r['calibration']} | {format_agreement(r['top1_agreement'], r['eval_samples'])} / "
+            f"{format_agreement(r['top5_agreement'], r['eval_samples'])}, "
             f"{r['output_sqnr_db']:.1f} dB | {gain} | {_pct(r['latency_vs_per_tensor_pct'])} | "
             f"{_pct(r['per_channel_overhead_pct_of_latency'])} / {_pct(r['per_channel_overhead_pct_of_dynamic_energy'])}; "
             f"{r['requant_pct_of_dynamic_energy']:.2f} % |")
-    sources = sorted({r["calibration_data"] for r in rows if r["calibration_data"]})
-    lines += ["", f"Calibration data: {'; '.join(sources)}."]
+    measured = [r for r in rows if r["row"] != "baseline"]
+    sources = sorted({r["calibration_data"] for r in measured})
+    evaluated = sorted({r["evaluated_on"] for r in measured})
+    lines += ["", f"Calibration data: {'; '.join(sources)}. Agreement with FP32 counted on {'; '.join(evaluated)}."]
     return "\n".join(lines) + "\n"
+
+
+def _label(row: dict[str, Any]) -> str:
+    """What a row is, in words: ``fp32 baseline (tpu_v1)``, ``int8 per-channel``."""
+    if row["row"] == "baseline":
+        return f"{row['datatype']} baseline ({row['config']})"
+    return f"{row['datatype']} {row['weights']}"
+
+
+TERMINAL_COLUMNS = ("method", "calibration", "top1", "sqnr", "gain", "latency")
+TERMINAL_HEADERS = {"top1": "top-1 agreement", "sqnr": "SQNR dB", "gain": "perf/W vs FP32",
+                    "latency": "latency vs per-tensor"}
+
+
+def terminal_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """compare.csv's rows as the terminal shows them: agreement with its basis, gains and shares as x and %."""
+    return [{
+        "method": _label(r), "calibration": r["calibration"] or "--",
+        "top1": "reference" if r["row"] == "baseline" else format_agreement(r["top1_agreement"], r["eval_samples"]),
+        "sqnr": "" if r["output_sqnr_db"] == "" else f"{r['output_sqnr_db']:.1f}",
+        "gain": "" if "perf_per_w_gain_vs_fp32" not in r else f"{r['perf_per_w_gain_vs_fp32']:.2f}x",
+        "latency": _pct(r["latency_vs_per_tensor_pct"]),
+    } for r in rows]
 
 
 def _list(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
@@ -160,21 +217,26 @@ def add_compare_command(commands: argparse._SubParsersAction, add_model_argument
                     "write compare.csv and compare.md (every cell measured in this run).")
     add_model_arguments(parser)
     parser.add_argument("--weights", type=lambda t: _list(t, WEIGHTS, "--weights"), default=WEIGHTS,
-                        help="comma list (default per-tensor,per-channel)")
+                        metavar="LIST", help=f"comma list of {','.join(WEIGHTS)}")
     parser.add_argument("--calibration", type=lambda t: _list(t, CALIBRATIONS, "--calibration"),
-                        default=("percentile", "mse"), help="comma list of minmax,percentile,entropy,mse "
-                                                           "(default percentile,mse)")
+                        default=CompareRequest.calibrations, metavar="LIST",
+                        help=f"comma list of {','.join(CALIBRATIONS)}")
     parser.add_argument("--baseline", default="fp32",
                         help="'fp32' (this config with FP32 MACs), a baseline config file, or 'none'")
-    parser.add_argument("--calib-data", metavar="PATH", help="calibration inputs (.npy/.npz or image folder)")
-    parser.add_argument("--eval-samples", type=positive_int, default=4,
-                        help="inputs on which fidelity is measured (default 4)")
-    parser.add_argument("--out", type=Path, help="output folder (default results/<model>-<config>/)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--calib-data", metavar="PATH", help="calibration inputs (.npy/.npz or image folder; "
+                                                             "default: a seeded synthetic set, reported as such)")
+    parser.add_argument("--eval-samples", type=positive_int, default=CompareRequest.eval_samples, metavar="N",
+                        help="inputs on which fidelity is measured; agreement is counted over them")
+    parser.add_argument("--out", type=Path, help="output folder (default: results/<model>-<config>/)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     parser.set_defaults(handler=_cmd_compare)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from tpusim.config import load_config, parse_override
+    from tpusim.pipeline import default_out_dir
+    from tpusim.report.files import atomic_write_csv, atomic_write_text, check_output_dir
+
     request = CompareRequest(
         config=args.config, model=args.model, weights=args.weights, calibrations=args.calibration,
         baseline=None if args.baseline == "none" else args.baseline, batch=args.batch,
@@ -185,7 +247,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     rows = compare(request)
     csv_path = atomic_write_csv(out / "compare.csv", COLUMNS, rows)
     md_path = atomic_write_text(out / "compare.md", markdown(rows, f"{args.model} on {args.config.stem}, batch {rows[-1]['batch']}"))
-    print(format_table(("weights", "calibration", "top1_agreement", "output_sqnr_db", "perf_per_w_gain_vs_fp32",
-                        "latency_vs_per_tensor_pct", "per_channel_overhead_pct_of_latency"), rows))
+    print(format_table(TERMINAL_COLUMNS, terminal_rows(rows), left=("method", "calibration"), headers=TERMINAL_HEADERS))
     print(f"wrote {csv_path}\nwrote {md_path}")
     return 0

@@ -13,6 +13,8 @@ from tpusim.energy.model import LayerEnergy, RunEnergy
 from tpusim.ir import CycleBreakdown, Graph
 from tpusim.quant.stage import QuantOutcome
 from tpusim.rescale import LayerRescale
+from tpusim.report.tables import (format_agreement, format_duration, format_energy, format_percent, format_rate,
+                                  format_table)
 from tpusim.sim import SimResult
 
 TIMING_COLUMNS = (
@@ -32,6 +34,13 @@ RESCALE_COLUMNS = (
 QUANT_COLUMNS = ("sqnr_db", "wrapped_accumulations")
 PE_COLUMNS = ("pe_array_cycles",)
 
+# An integer column's value for a layer it does not apply to (M, K, N and groups of a layer with no GEMM,
+# steps of a layer that is not recurrent, wrapped_accumulations and pe_array_cycles of a layer the
+# accumulators or the PE array never saw). Zero rather than a blank cell: a blank turns the whole column
+# into floats in pandas, and zero is true of such a layer (its macs are 0 too, nothing wrapped, no PE
+# cycle was stepped). sqnr_db stays blank where there is none: it is a float column either way.
+NOT_APPLICABLE = 0
+
 
 def breakdown_dict(b: CycleBreakdown) -> dict[str, int]:
     return {
@@ -41,10 +50,10 @@ def breakdown_dict(b: CycleBreakdown) -> dict[str, int]:
     }
 
 
-def _steps(timing, batch: int) -> int | str:
-    """Time steps of a recurrent layer (its GEMM's M is steps x batch, all steps folded into its row); "" else."""
+def _steps(timing, batch: int) -> int:
+    """Time steps of a recurrent layer (its GEMM's M is steps x batch, all steps folded into its row); 0 else."""
     if timing.gemm is None or not getattr(ops.op(timing.op), "recurrent", False):
-        return ""
+        return NOT_APPLICABLE
     return timing.gemm.m // max(1, batch)
 
 
@@ -56,8 +65,8 @@ def layer_rows(sim: SimResult, energy: RunEnergy | None = None, quant: QuantOutc
         gemm = timing.gemm
         row = {
             "layer": timing.name, "op": timing.op,
-            "M": gemm.m if gemm else "", "K": gemm.k if gemm else "", "N": gemm.n if gemm else "",
-            "groups": gemm.groups if gemm else "",
+            "M": gemm.m if gemm else NOT_APPLICABLE, "K": gemm.k if gemm else NOT_APPLICABLE,
+            "N": gemm.n if gemm else NOT_APPLICABLE, "groups": gemm.groups if gemm else NOT_APPLICABLE,
             "macs": timing.macs, "cycles": timing.cycles, "utilization": round(timing.utilization, 6),
             "dram_bytes": c.weight_dram_bytes, "ub_bytes": c.ub_read_bytes + c.ub_write_bytes,
             "acc_bytes": c.acc_read_bytes + c.acc_write_bytes,
@@ -70,9 +79,9 @@ def layer_rows(sim: SimResult, energy: RunEnergy | None = None, quant: QuantOutc
         if quant is not None:
             sqnr = quant.fidelity.layer_sqnr_db.get(timing.name)
             row["sqnr_db"] = "" if sqnr is None else round(sqnr, 3)
-            row["wrapped_accumulations"] = quant.fidelity.wrapped.get(timing.name, "")
+            row["wrapped_accumulations"] = quant.fidelity.wrapped.get(timing.name, NOT_APPLICABLE)
             if quant.pe_array_cycles is not None:
-                row["pe_array_cycles"] = quant.pe_array_cycles.get(timing.name, "")
+                row["pe_array_cycles"] = quant.pe_array_cycles.get(timing.name, NOT_APPLICABLE)
         rows.append(row)
     return rows
 
@@ -141,6 +150,8 @@ def quant_summary(quant: QuantOutcome, cfg: HardwareConfig) -> dict[str, Any]:
         "fidelity": {
             "evaluated_on": quant.evaluation_source, "samples": f.samples, "held_out": quant.held_out,
             "top1_agreement": f.top1_agreement, "top5_agreement": f.top5_agreement,
+            "top1_agreeing_samples": round(f.top1_agreement * f.samples),
+            "top5_agreeing_samples": round(f.top5_agreement * f.samples),
             "cosine": f.cosine_similarity, "max_abs_error": f.max_abs_error,
             "output_sqnr_db": f.layer_sqnr_db[quant.graph.layers[-1].name],
             "min_layer_sqnr_db": min(finite) if finite else float("inf"),
@@ -166,8 +177,63 @@ def summary(graph: Graph, sim: SimResult, cfg: HardwareConfig, energy: RunEnergy
     }
     if energy is not None:
         result["energy"] = energy.summary()
+        result["energy_per_inference_uj"] = {
+            "total": energy.total_pj / 1e6 / sim.batch, "dynamic": energy.dynamic_pj / 1e6 / sim.batch,
+            "static": energy.static_pj / 1e6 / sim.batch,
+        }
     if rescale is not None and energy is not None:
         result["rescale"] = rescale_summary(rescale, sim, energy)
     if quant is not None:
         result.update(quant_summary(quant, cfg))
     return result
+
+
+# ------------------------------------------------------------------------------------------ terminal
+
+TERMINAL_WIDTH = 100
+TERMINAL_COLUMNS = ("layer", "op", "M", "K", "N", "cycles", "utilization", "active_cycles", "weight_cycles",
+                    "non_matrix_cycles")
+TERMINAL_HEADERS = {"utilization": "util %", "active_cycles": "active", "weight_cycles": "weights",
+                    "non_matrix_cycles": "other"}
+TERMINAL_LEGEND = "cycles = active + weights (weight stall and shift) + other (non-matrix); all columns: layers.csv"
+
+
+def terminal_table(rows: list[dict[str, Any]], max_rows: int | None = 40) -> str:
+    """The run's per-layer table in at most 100 columns: a chosen few of layers.csv's columns, the weight
+    stall and shift cycles added up, long layer names cut in the middle."""
+    shown = [{
+        "layer": r["layer"], "op": r["op"],
+        **{c: r[c] if r["M"] != NOT_APPLICABLE else "" for c in ("M", "K", "N")},  # a blank: no GEMM here
+        "cycles": r["cycles"], "utilization": f"{100.0 * r['utilization']:.1f}", "active_cycles": r["active_cycles"],
+        "weight_cycles": r["weight_stall_cycles"] + r["weight_shift_cycles"], "non_matrix_cycles": r["non_matrix_cycles"],
+    } for r in rows]
+    table = format_table(TERMINAL_COLUMNS, shown, max_rows=max_rows, left=("layer", "op"), headers=TERMINAL_HEADERS,
+                         width=TERMINAL_WIDTH, shrink="layer")
+    return f"{table}\n{TERMINAL_LEGEND}"
+
+
+def terminal_summary(model: str, layers: int, s: dict[str, Any]) -> list[str]:
+    """The lines under the run's table: size, speed, energy and (when quantized) int8 fidelity, with the
+    number of samples agreement was counted over."""
+    lines = [
+        f"{model}: {layers:,} layers, {s['macs']:,} MACs, batch {s['batch']:,}",
+        f"{s['total_cycles']:,} cycles = {format_duration(s['latency_s'])}; {s['tops']:.4g} TOPS; "
+        f"{format_rate(s['inferences_per_s'])} inferences/s; utilization {format_percent(s['utilization'])}",
+    ]
+    if "energy" in s:
+        e, per = s["energy"], s["energy_per_inference_uj"]
+        lines.append(f"energy {format_energy(per['total'] * 1e6)} per inference ({format_energy(per['dynamic'] * 1e6)} "
+                     f"dynamic); {e['total_power_w']:.3g} W; {e['total_tops_per_w']:.3g} TOPS/W "
+                     f"({e['dynamic_tops_per_w']:.3g} dynamic only)")
+    if "fidelity" in s:
+        f, c = s["fidelity"], s["calibration"]
+        scheme = ("quantization from the model" if c["quantization_source"] == "model"
+                  else f"{c['weights']} weights, {c['method']} calibration")
+        lines += [
+            f"int8 ({scheme}) vs FP32:",
+            f"  top-1 agreement {format_agreement(f['top1_agreement'], f['samples'])}, "
+            f"top-5 {format_agreement(f['top5_agreement'], f['samples'])}, cosine {f['cosine']:.4f}, "
+            f"output SQNR {f['output_sqnr_db']:.1f} dB",
+            f"  on {f['evaluated_on']}",
+        ]
+    return lines
