@@ -94,7 +94,7 @@ def test_default_command(name, tmp_path):
         onnx.save(model, str(path))
     assert main(["run", TPU_V1, "--model", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["calibration"]["samples"] == 32 and summary["fidelity"]["samples"] == 4
+    assert summary["calibration"]["samples"] == 32 and summary["fidelity"]["samples"] == 16
 
 
 @pytest.mark.parametrize("name,per_channel,activations",

@@ -42,7 +42,7 @@ def _merge_overrides(overrides: dict[str, Any] | None, keyword_overrides: dict[s
 
 def simulate(config: str | Path, model: str | Path | Graph, *, batch: int | None = None, input_shape: Shape | None = None,
              overrides: dict[str, Any] | None = None, quantize: bool = True, calib_data: str | Path | None = None,
-             eval_samples: int = 4, fidelity: str = "kernel", **keyword_overrides: Any) -> Result:
+             eval_samples: int = 16, fidelity: str = "kernel", **keyword_overrides: Any) -> Result:
     """Simulate ``model`` (an ``.onnx`` path or built-in workload name) on the chip described by ``config``.
 
     Config values are overridden by ``overrides={"array.rows": 128}`` or, equivalently, keyword arguments with

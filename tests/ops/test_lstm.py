@@ -221,7 +221,7 @@ def test_layers_csv_gets_a_steps_column(tmp_path):
     row = next(r for r in result.layer_rows if r["op"] == "lstm")
     assert (row["steps"], row["M"], row["K"], row["N"], row["groups"]) == (12, 60, 48, 128, 1)
     assert row["cycles"] > 0 and row["raw_stall_cycles"] > 0
-    assert all(r["steps"] == "" for r in result.layer_rows if r["op"] != "lstm")
+    assert all(r["steps"] == 0 for r in result.layer_rows if r["op"] != "lstm")
     header = (tmp_path / "out" / "layers.csv").read_text().splitlines()[0].split(",")
     assert "steps" in header
 

@@ -3,7 +3,7 @@ or a constant tensor the graph adds or concatenates) and the selection of an act
 constant indices (ViT's class token ``x[:, 0]``, the q/k/v split of a fused in-projection).
 
 **Embedding lookup** (layer ``embedding``). TPU v1 has no gather: the host holds the table and
-sends the rows the ids select over PCIe into the unified buffer (one ``Read_Host_Memory`` of the
+sends the rows the ids select over PCIe into the unified buffer (one ``ReadHostMemory`` of the
 output's bytes; the ids never go to the chip's matrix path). A constant operand that is neither a
 scalar nor a per-channel vector of an Add or Sub, or a constant input of a Concat (BERT's folded
 position and token-type embeddings, ViT's class token and position embedding), reaches the chip the

@@ -9,8 +9,8 @@ makes torch's ``Reshape -> Transpose -> Reshape`` transpose of K one Transpose.
 Matrix unit: each of the G batch entries (batch x heads) is a GEMM ``[M, K] x [K, N]``; the second
 operand is the array's stationary "weights". TPU v1 loads weights only from its weight memory, which
 only the host writes, so by default (``computed_weights.path: host``) the operand makes a round trip:
-unified buffer -> host (``Write_Host_Memory``), host -> weight memory over PCIe
-(``WriteWeightMemory``), then weight memory -> FIFO as ordinary tiles (``Read_Weights``). With
+unified buffer -> host (``WriteHostMemory``), host -> weight memory over PCIe
+(``WriteWeightMemory``), then weight memory -> FIFO as ordinary tiles (``ReadWeights``). With
 ``path: direct`` (later TPUs) each tile goes from the unified buffer to the FIFO at
 ``direct_bytes_per_cycle`` (``ReadWeightsFromUb``). Tiles are laid out as for a grouped conv: with
 ``mapping.pack_groups`` as many heads as fit share a tile block-diagonally.
