@@ -1,36 +1,49 @@
-"""Per-layer cycle agreement between tpusim and SCALE-Sim (weight stationary), refereed by the PE-level array.
+"""Per-layer cycle agreement between tpusim and SCALE-Sim 3.0 (weight stationary), and the PE-level array.
 
-    python3 benchmarks/compare_scalesim.py --model resnet50
-    python3 benchmarks/compare_scalesim.py --model mobilenet_v2 --depthwise packed --referee auto
+    python3 benchmarks/compare_scalesim.py --model resnet50 --pe-array
+    python3 benchmarks/compare_scalesim.py --model mobilenet_v2 --pe-array --record
+    python3 benchmarks/compare_scalesim.py --model mobilenet_v2 --tiles scalesim
 
-For every matrix layer of a built-in model this prints
+SCALE-Sim's weight-stationary model has no shadow weight registers: a fold's weights load only after
+the previous fold has drained, so each fold takes 2R + C + T - 2 cycles on its own. tpusim models
+that array with ``array.weight_double_buffering: false``. For every matrix layer of a built-in model
+this prints, with the same tiles on both sides:
 
-* ``closed``   -- tpusim's MXU-only cycles with weights always ready: the systolic closed form
-  (first shift exposed, each later tile streaming ``max(M, R)`` after the previous one, the last
-  one draining in ``M + R + C - 2``) over the exact tiles tpusim's tiler emits for the layer;
-* ``timeline`` -- tpusim's full timeline span of the layer (DRAM weight stalls, activation unit,
-  overlap with its neighbours), ``tpusim.sim.simulate_program``;
-* ``scalesim`` -- SCALE-Sim's "Total Cycles" of the same layer (its compute cycles; the
-  ``CALC`` bandwidth mode gives no stalls), summed over the SCALE-Sim layers the layer became;
-* ``formula``  -- whether that number equals ``sum over SCALE-Sim layers of F * (2R + C + T - 2) - 1``
-  (F folds of T streamed rows, each fold run alone), the accounting this benchmark attributes to it.
+* ``scalesim``  -- SCALE-Sim's "Total Cycles" of the layer (``InterfaceBandwidth: CALC``: no stalls,
+  so compute cycles), summed over the SCALE-Sim layers it was given (``ss layers``);
+* ``closed``    -- tpusim's systolic closed form without double buffering over the tiles tpusim's
+  tiler emits, ``sum over tiles of 2R + C + M - 2``;
+* ``PE array``  -- (``--pe-array``) the cycle-stepped array (``pe_array_run``,
+  ``weight_double_buffering=False``) stepping those tiles one after another, random operands;
+* ``timeline``  -- tpusim's timeline engine with ``array.weight_double_buffering=false`` and unlimited
+  memory bandwidth: the layer's MXU span, from its first weight shift (the R cycles before its first
+  stream) to its last output. A layer whose input comes from a vector layer (a pool or an add) shifts
+  its first tile's weights while it waits for that input; SCALE-Sim has no vector unit to wait for,
+  so the wait is left out;
+* ``agree``     -- whether each of those equals ``scalesim + ss layers`` (SCALE-Sim counts the index
+  of the last cycle, one less than the number of cycles, per layer it simulates);
+* ``tpusim DB`` -- tpusim's closed form as TPU v1 is built (double-buffered weights), for contrast.
+
+Same tiles: by default (``--tiles tpusim``) SCALE-Sim is given layers whose folds are exactly
+tpusim's tiles. Where tpusim's tiler and SCALE-Sim's own folding agree (most layers) that is the
+layer's own conv row; where they differ it is one SCALE-Sim layer per tpusim M chunk (tpusim
+streams M in accumulator-sized chunks, re-streaming every K fold per chunk) or one per packed
+depthwise tile (tpusim packs several groups block-diagonally into one tile). ``ss own`` is the
+fold count SCALE-Sim's own mapping of the layer would use; ``--tiles scalesim`` simulates that
+instead, and ``agree`` then reads ``folds`` where the tiles differ.
 
 SCALE-Sim runs in its own virtual environment (never a dependency of tpusim) as a subprocess. Its
-layers are simulated independently with fresh memories, so identical layers give identical
-results: by default each distinct layer is simulated once and its result reused, and the wall time
-of simulating every layer as written is projected from the per-layer times (``--no-dedupe``
-simulates every layer; a depthwise layer expands into one SCALE-Sim layer per channel).
-
-``--referee`` steps the PE-level array (``tpusim.kernels.systolic.pe_array_run``) on a layer's tiles
-twice: as tpusim schedules them (double-buffered weights, back to back) and one fold at a time as
-SCALE-Sim schedules them (shift, stream, drain, then the next fold), and prints both counts.
+layers are simulated independently with fresh memories, so identical layers give identical results:
+each distinct layer is simulated once and its result reused (``--no-dedupe`` simulates all of
+them), and the wall time of simulating every layer is projected from the per-layer times.
+``--record`` writes SCALE-Sim's per-layer numbers to ``tests/data/scalesim/MODEL.json``, which
+``tests/kernels/test_scalesim_agreement.py`` checks tpusim against without SCALE-Sim installed.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -42,14 +55,15 @@ from pathlib import Path
 import numpy as np
 
 from tpusim.config import HardwareConfig, load_config
-from tpusim.frontend import lower_model
+from tpusim.frontend import load_onnx
 from tpusim.ir import Graph, Layer
 from tpusim.kernels.systolic import pe_array_run, stream_starts, tile_sequence_cycles
 from tpusim.mapping import MatrixMultiply, Program, compile_program
+from tpusim.pipeline import resolve_model
 from tpusim.sim import simulate_program
-from tpusim.workloads import build_model
 
 REPO = Path(__file__).resolve().parent.parent
+RECORD_DIR = REPO / "tests" / "data" / "scalesim"
 DEFAULT_SCALESIM_PYTHON = Path("/work/venvs/scalesim/bin/python")
 SETUP_HINT = """\
 SCALE-Sim is not installed where --scalesim-python points ({python}).
@@ -61,15 +75,23 @@ Create its own virtual environment outside the repository (it is never a depende
 (scalesim 3.0.0 calls int() on one-element arrays, which numpy >= 2.4 rejects.)
 Then run this script again, or pass --scalesim-python /path/to/that/venv/bin/python."""
 
+# Memories that never stall: the timeline then charges the MXU only what the array itself costs.
+UNLIMITED_BANDWIDTH = {
+    "weight_memory.bandwidth_gb_s": 1e12, "weight_memory.latency_cycles": 0,
+    "host.bandwidth_gb_s": 1e12, "host.latency_cycles": 0,
+}
+
 # Runs inside SCALE-Sim's venv: SCALE-Sim parses the topology (expanding depthwise 'DP' rows into one
 # layer per channel), then each layer is simulated with SCALE-Sim's own single-layer simulator, the
 # way its simulator.run() does, minus trace files and reports; one JSON line per SCALE-Sim layer.
 DRIVER = r'''
 import json, sys, time
+from importlib.metadata import version
 from scalesim.scale_sim import scalesim
 from scalesim.single_layer_sim import single_layer_sim
 
 config, topology, layout, dedupe = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+print(json.dumps({"scalesim_version": version("scalesim")}), flush=True)
 sim = scalesim(save_disk_space=True, verbose=False, config=config, topology=topology, layout=layout,
                input_type_gemm=False)
 done = {}
@@ -172,22 +194,53 @@ class ScaleSimRow:
         return [(t, self.filter_h * self.filter_w * self.channels, self.filters)]
 
 
+def gemm_row(name: str, t_rows: int, k: int, n: int) -> ScaleSimRow:
+    """A SCALE-Sim layer streaming T rows through a K x N weight matrix: a 1x1 conv over a 1 x T IFMAP."""
+    return ScaleSimRow(name, 1, t_rows, 1, 1, k, n, 1)
+
+
+def fold_shapes(runs: list[tuple[int, int, int]], rows: int, cols: int) -> Counter[tuple[int, int, int]]:
+    """SCALE-Sim's WS folds of these layers: ceil(K/R) x ceil(N/C) per layer, each streaming all T rows."""
+    folds: Counter[tuple[int, int, int]] = Counter()
+    for t_rows, k, n in runs:
+        for k0 in range(0, k, rows):
+            for n0 in range(0, n, cols):
+                folds[(t_rows, min(rows, k - k0), min(cols, n - n0))] += 1
+    return folds
+
+
+def tile_shapes(tiles: tuple[WeightTile, ...]) -> Counter[tuple[int, int, int]]:
+    return Counter((t.m_rows, t.k_rows, t.n_cols) for t in tiles)
+
+
 @dataclass(frozen=True)
 class LayerComparison:
     name: str
     gemm: str
     tiles: tuple[WeightTile, ...]
     scalesim_rows: tuple[ScaleSimRow, ...]
-    closed: int
-    timeline: int
-    active: int
-    scalesim: int
-    scalesim_stall: int
-    formula: int
+    given_as: str  # how SCALE-Sim was given the layer: its own row, per M chunk, per packed tile
+    own_folds: int  # folds of SCALE-Sim's own mapping of the layer
+    own_folds_are_tiles: bool  # SCALE-Sim's own mapping has exactly tpusim's tiles
+    closed: int  # no double buffering, tpusim's tiles
+    timeline: int  # the engine's MXU span of the layer, no double buffering, unlimited bandwidth
+    closed_double_buffered: int
+    scalesim: int = 0
+    scalesim_stall: int = 0
+    pe_array: int | None = None
 
     @property
     def scalesim_runs(self) -> list[tuple[int, int, int]]:
         return [run for row in self.scalesim_rows for run in row.runs()]
+
+    @property
+    def expected(self) -> int:
+        """SCALE-Sim's count as a number of cycles: one more per SCALE-Sim layer."""
+        return self.scalesim + len(self.scalesim_runs)
+
+    def agrees(self) -> bool:
+        ours = [self.closed, self.timeline] + ([] if self.pe_array is None else [self.pe_array])
+        return all(v == self.expected for v in ours)
 
 
 def layer_tiles(program: Program, layer_index: int) -> tuple[WeightTile, ...]:
@@ -203,28 +256,19 @@ def layer_tiles(program: Program, layer_index: int) -> tuple[WeightTile, ...]:
     return tuple(tiles)
 
 
-def mxu_only_cycles(tiles: tuple[WeightTile, ...], rows: int, cols: int) -> int:
-    """Closed form of the stepped array for these tiles back to back, weights always ready."""
+def serial_cycles(tiles: tuple[WeightTile, ...], rows: int, cols: int) -> int:
+    """Closed form without double buffering: every tile shifts, streams and drains alone."""
+    return sum(tile_sequence_cycles(t.m_rows, 1, rows, cols, weight_double_buffering=False) for t in tiles)
+
+
+def double_buffered_cycles(tiles: tuple[WeightTile, ...], rows: int, cols: int) -> int:
+    """Closed form with double-buffered weights (tiles back to back, the first shift exposed)."""
     m_rows = [t.m_rows for t in tiles]
-    if len(set(m_rows)) == 1:
-        return tile_sequence_cycles(m_rows[0], len(tiles), rows, cols)
     return int(stream_starts(m_rows, rows)[-1]) + m_rows[-1] + rows + cols - 2
 
 
-def scalesim_fold_cycles(t_rows: int, k: int, n: int, rows: int, cols: int) -> int:
-    """SCALE-Sim WS accounting of one layer: each of its folds alone, 2R + C + T - 2 rows, reported 0-based."""
-    folds = math.ceil(k / rows) * math.ceil(n / cols)
-    return folds * (2 * rows + cols + t_rows - 2) - 1
-
-
-def scalesim_rows_for(layer: Layer, tag: str, tiles: tuple[WeightTile, ...], groups_per_tile: int,
-                      depthwise: str) -> list[ScaleSimRow]:
-    """SCALE-Sim topology rows computing the same GEMM(s) with the same M (pre-padded IFMAP).
-
-    A grouped conv becomes SCALE-Sim's own 'DP' row (depthwise) or one row per group; with
-    ``depthwise="packed"`` and groups packed by tpusim's tiler, one dense row per packed tile instead
-    (g groups as a conv of g*Cin/G channels and g*Cout/G filters: the tile's footprint, one K fold).
-    """
+def own_rows(layer: Layer, tag: str) -> list[ScaleSimRow]:
+    """The layer as SCALE-Sim maps it itself: one conv row (pre-padded IFMAP, so T = tpusim's M)."""
     if layer.op == "gemm":
         shape = layer.gemm
         return [ScaleSimRow(tag, 1, 1, 1, 1, shape.k, shape.n, 1)]
@@ -239,12 +283,29 @@ def scalesim_rows_for(layer: Layer, tag: str, tiles: tuple[WeightTile, ...], gro
     groups, n_g = conv.groups, c_out // conv.groups
     if groups == 1:
         return [ScaleSimRow(tag, ifmap_h, ifmap_w, kh, kw, c_in_g, c_out, stride)]
-    if depthwise == "packed" and groups_per_tile > 1:
-        return [ScaleSimRow(f"{tag}_t{i}", ifmap_h, ifmap_w, kh, kw, (t.n_cols // n_g) * c_in_g, t.n_cols, stride)
-                for i, t in enumerate(tiles)]
     if c_in_g == 1 and n_g == 1:
         return [ScaleSimRow(f"{tag}_DP", ifmap_h, ifmap_w, kh, kw, groups, 1, stride)]  # SCALE-Sim's own expansion
     return [ScaleSimRow(f"{tag}_g{g}", ifmap_h, ifmap_w, kh, kw, c_in_g, n_g, stride) for g in range(groups)]
+
+
+def rows_for_tiles(layer: Layer, tag: str, program: Program, layer_index: int, tiles: tuple[WeightTile, ...],
+                   rows: int, cols: int) -> tuple[list[ScaleSimRow], str]:
+    """SCALE-Sim layers whose folds are exactly tpusim's tiles, and how they were formed."""
+    own = own_rows(layer, tag)
+    if fold_shapes([r for row in own for r in row.runs()], rows, cols) == tile_shapes(tiles):
+        return own, "own row"
+    if layer.gemm.groups == 1:
+        # tpusim streams each accumulator-sized M chunk through every K fold
+        chunks = [ins.m_rows for ins in program.instructions
+                  if isinstance(ins, MatrixMultiply) and ins.layer == layer_index and not ins.accumulate]
+        n_blocks = -(-layer.gemm.n // cols)
+        chunks = chunks[: len(chunks) // n_blocks]
+        given = [gemm_row(f"{tag}_m{i}", m, layer.gemm.k, layer.gemm.n) for i, m in enumerate(chunks)], "per M chunk"
+    else:
+        given = [gemm_row(f"{tag}_t{i}", t.m_rows, t.k_rows, t.n_cols) for i, t in enumerate(tiles)], "per tile"
+    if fold_shapes([r for row in given[0] for r in row.runs()], rows, cols) != tile_shapes(tiles):
+        raise SystemExit(f"layer {layer.name!r}: no SCALE-Sim layers reproduce tpusim's tiles {tiles}")
+    return given
 
 
 def scalesim_available(python: Path) -> bool:
@@ -254,16 +315,21 @@ def scalesim_available(python: Path) -> bool:
     return probe.returncode == 0
 
 
-def run_scalesim(python: Path, workdir: Path, rows: list[ScaleSimRow], cfg: HardwareConfig,
-                 dedupe: bool) -> tuple[list[dict], float]:
-    """Write config, topology and layout; run SCALE-Sim; its per-layer results and the wall time."""
+def scalesim_config(cfg: HardwareConfig) -> str:
+    """SCALE-Sim's config for this array: SRAMs sized like the unified buffer, weight FIFO and accumulators."""
     kib = 1024
-    (workdir / "scalesim.cfg").write_text(CONFIG_TEMPLATE.format(
+    return CONFIG_TEMPLATE.format(
         rows=cfg.array.rows, cols=cfg.array.cols,
         ifmap_kb=cfg.unified_buffer.capacity_bytes // kib,
         filter_kb=cfg.weight_fifo.depth_tiles * cfg.array.rows * cfg.array.cols * cfg.array.element_bytes // kib,
         ofmap_kb=cfg.accumulators.entries * cfg.array.cols * cfg.accumulators.bits // 8 // kib,
-    ))
+    )
+
+
+def run_scalesim(python: Path, workdir: Path, rows: list[ScaleSimRow], cfg: HardwareConfig,
+                 dedupe: bool) -> tuple[str, list[dict], float]:
+    """Write config, topology and layout; run SCALE-Sim; its version, per-layer results and wall time."""
+    (workdir / "scalesim.cfg").write_text(scalesim_config(cfg))
     header = "Layer name,IFMAP Height,IFMAP Width,Filter Height,Filter Width,Channels,Num Filter,Strides,"
     (workdir / "topology.csv").write_text("\n".join([header] + [r.csv() for r in rows]) + "\n")
     (workdir / "layout.csv").write_text("Layer name,\n")  # custom layouts are off; SCALE-Sim still opens one
@@ -278,61 +344,58 @@ def run_scalesim(python: Path, workdir: Path, rows: list[ScaleSimRow], cfg: Hard
         hint = ("\n(scalesim 3.0.0 needs numpy < 2.4 in its venv: pip install 'numpy<2.4')"
                 if "0-dimensional arrays" in proc.stderr else "")
         raise SystemExit(f"SCALE-Sim failed (exit {proc.returncode}) in {workdir}:\n{proc.stderr[-3000:]}{hint}")
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return results, wall
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return lines[0]["scalesim_version"], lines[1:], wall
 
 
-def referee(tiles: tuple[WeightTile, ...], scalesim_runs: list[tuple[int, int, int]], rows: int, cols: int,
-            seed: int = 0) -> tuple[int, int]:
-    """PE-level cycles of (tpusim's tiles back to back, SCALE-Sim's folds one at a time).
-
-    The array's timing does not depend on the values, so each distinct fold shape of the serial
-    schedule is stepped once and counted as often as it occurs.
-    """
+def pe_array_cycles(tiles: tuple[WeightTile, ...], rows: int, cols: int, seed: int = 0) -> int:
+    """The stepped array without double buffering on these tiles, one after another, random operands."""
     rng = np.random.default_rng(seed)
-
-    def operands(m: int, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        return (rng.integers(0, 256, (m, k), dtype=np.uint8), rng.integers(-128, 128, (k, n), dtype=np.int8))
-
-    pairs = [operands(t.m_rows, t.k_rows, t.n_cols) for t in tiles]
-    back_to_back = pe_array_run([x for x, _ in pairs], [w for _, w in pairs], rows, cols).cycles
-    folds: Counter[tuple[int, int, int]] = Counter()
-    for t_rows, k, n in scalesim_runs:
-        for k0 in range(0, k, rows):
-            for n0 in range(0, n, cols):
-                folds[(t_rows, min(rows, k - k0), min(cols, n - n0))] += 1
-    serial = 0
-    for (m, k, n), count in folds.items():
-        x, w = operands(m, k, n)
-        serial += count * pe_array_run([x], [w], rows, cols).cycles
-    return back_to_back, serial
+    x_tiles = [rng.integers(0, 256, (t.m_rows, t.k_rows), dtype=np.uint8) for t in tiles]
+    w_tiles = [rng.integers(-128, 128, (t.k_rows, t.n_cols), dtype=np.int8) for t in tiles]
+    return pe_array_run(x_tiles, w_tiles, rows, cols, weight_double_buffering=False).cycles
 
 
-def compare(graph: Graph, cfg: HardwareConfig,
-            depthwise: str) -> tuple[list[LayerComparison], list[ScaleSimRow], float, int]:
-    """tpusim's side of every matrix layer, its SCALE-Sim rows, tpusim's wall time and total run cycles."""
+def mxu_spans(program: Program, cfg: HardwareConfig, batch: int) -> tuple[dict[int, int], float]:
+    """Per layer, the timeline's MXU span (R cycles before the first stream to the last output), and the
+    engine's wall time."""
+    start = time.perf_counter()
+    sim = simulate_program(program, cfg, batch)
+    wall = time.perf_counter() - start
+    trace = sim.trace
+    spans = {}
+    for layer in np.unique(trace.mxu_layer):
+        mine = trace.mxu_layer == layer
+        spans[int(layer)] = int(trace.last_output[mine].max() - trace.stream_start[mine].min()) + cfg.array.rows
+    return spans, wall
+
+
+def compare(graph: Graph, cfg: HardwareConfig, tiles_from: str) -> tuple[list[LayerComparison], float, float]:
+    """tpusim's side of every matrix layer and its SCALE-Sim rows; compile and timeline wall times."""
+    rows, cols = cfg.array.rows, cfg.array.cols
     start = time.perf_counter()
     program = compile_program(graph, cfg)
-    sim = simulate_program(program, cfg, graph.batch)
-    tpusim_wall = time.perf_counter() - start
-    timing = {lt.name: lt for lt in sim.layers}
-    rows, cols = cfg.array.rows, cfg.array.cols
+    compile_wall = time.perf_counter() - start
+    spans, timeline_wall = mxu_spans(program, cfg, graph.batch)
     layers = []
-    all_rows: list[ScaleSimRow] = []
     for index, layer in enumerate(graph.layers):
         if not layer.is_matrix:
             continue
+        tag = f"L{index:03d}"
         tiles = layer_tiles(program, index)
-        ss_rows = scalesim_rows_for(layer, f"L{index:03d}", tiles, program.mappings[index].groups_per_tile, depthwise)
-        all_rows += ss_rows
+        own = own_rows(layer, tag)
+        if tiles_from == "tpusim":
+            given, given_as = rows_for_tiles(layer, tag, program, index, tiles, rows, cols)
+        else:
+            given, given_as = own, "own row"
         g = layer.gemm
-        lt = timing[layer.name]
-        formula = sum(scalesim_fold_cycles(t, k, n, rows, cols) for row in ss_rows for t, k, n in row.runs())
+        own_folds = fold_shapes([r for row in own for r in row.runs()], rows, cols)
         layers.append(LayerComparison(
-            layer.name, f"{g.m}x{g.k}x{g.n}" + (f"/g{g.groups}" if g.groups > 1 else ""), tiles, tuple(ss_rows),
-            mxu_only_cycles(tiles, rows, cols), lt.cycles, lt.breakdown.active, 0, 0, formula,
+            layer.name, f"{g.m}x{g.k}x{g.n}" + (f"/g{g.groups}" if g.groups > 1 else ""), tiles, tuple(given),
+            given_as, sum(own_folds.values()), own_folds == tile_shapes(tiles),
+            serial_cycles(tiles, rows, cols), spans[index], double_buffered_cycles(tiles, rows, cols),
         ))
-    return layers, all_rows, tpusim_wall, sim.total_cycles
+    return layers, compile_wall, timeline_wall
 
 
 def attach_scalesim(layers: list[LayerComparison], results: list[dict]) -> list[LayerComparison]:
@@ -349,24 +412,69 @@ def attach_scalesim(layers: list[LayerComparison], results: list[dict]) -> list[
     return out
 
 
-def print_table(layers: list[LayerComparison], rows: int, cols: int) -> None:
-    head = (f"{'layer':<24} {'M x K x N /g':>18} {'tiles':>5} {'ss runs':>7} {'ss folds':>8} {'closed':>9} "
-            f"{'timeline':>9} {'scalesim':>10} {'ss/closed':>9} {'ss/timeline':>11} {'formula':>7}")
+def record(path: Path, model: str, config_path: str, cfg: HardwareConfig, version: str,
+           layers: list[LayerComparison], results: list[dict]) -> None:
+    """SCALE-Sim's per-layer numbers with what produced them, for the test that needs no SCALE-Sim."""
+    by_name = {r["name"]: r for r in results}
+    entries = []
+    for c in layers:
+        ss = []
+        for row in c.scalesim_rows:
+            (t_rows, k, n), = row.runs()
+            r = by_name[row.name]
+            ss.append({"name": row.name, "T": t_rows, "K": k, "N": n, "total_cycles": r["total_cycles"],
+                       "stall_cycles": r["stall_cycles"]})
+        entries.append({"layer": c.name, "gemm": c.gemm, "given_as": c.given_as, "scalesim_layers": ss})
+    write_record(path, {
+        "what": "SCALE-Sim's weight-stationary compute cycles ('Total Cycles', InterfaceBandwidth CALC) of every "
+                f"matrix layer of tpusim's built-in {model}, given tpusim's own tiles (see benchmarks/README.md)",
+        "command": f"python3 benchmarks/compare_scalesim.py --model {model} --record",
+        "scalesim_version": version,
+        "tpusim_config": str(Path(config_path).resolve().relative_to(REPO)),
+        "array": {"rows": cfg.array.rows, "cols": cfg.array.cols},
+        "scalesim_config": scalesim_config(cfg).splitlines(),
+        "layers": entries,
+    })
+
+
+def write_record(path: Path, document: dict) -> None:
+    """The record as JSON, one layer per line so that a diff shows which layers changed."""
+    head = json.dumps({k: v for k, v in document.items() if k != "layers"}, indent=1)
+    layers = ",\n".join("  " + json.dumps(entry) for entry in document["layers"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'{head[:-2]},\n "layers": [\n{layers}\n ]\n}}\n')
+
+
+def print_table(layers: list[LayerComparison], rows: int, cols: int, tiles_from: str) -> None:
+    def show(v: int | None) -> str:
+        return "-" if v is None else str(v)
+
+    head = (f"{'layer':<24} {'M x K x N /g':>18} {'given as':>11} {'tiles':>5} {'ss own':>6} {'ss layers':>9} "
+            f"{'scalesim':>9} {'closed':>9} {'PE array':>9} {'timeline':>9} {'agree':>5} {'tpusim DB':>9} "
+            f"{'ss/DB':>6}")
     print(head)
     print("-" * len(head))
     for c in layers:
-        runs = c.scalesim_runs
-        folds = sum(math.ceil(k / rows) * math.ceil(n / cols) for _, k, n in runs)
-        print(f"{c.name[:24]:<24} {c.gemm:>18} {len(c.tiles):>5} {len(runs):>7} {folds:>8} {c.closed:>9} "
-              f"{c.timeline:>9} {c.scalesim:>10} {c.scalesim / c.closed:>9.3f} {c.scalesim / c.timeline:>11.3f} "
-              f"{'ok' if c.scalesim == c.formula else 'DIFF':>7}")
-    closed = sum(c.closed for c in layers)
-    timeline = sum(c.timeline for c in layers)
-    scalesim = sum(c.scalesim for c in layers)
+        if c.agrees():
+            verdict = "yes"
+        elif tiles_from == "scalesim" and not c.own_folds_are_tiles:
+            verdict = "folds"
+        else:
+            verdict = "NO"
+        print(f"{c.name[:24]:<24} {c.gemm:>18} {c.given_as:>11} {len(c.tiles):>5} {c.own_folds:>6} "
+              f"{len(c.scalesim_runs):>9} {c.scalesim:>9} {c.closed:>9} {show(c.pe_array):>9} {c.timeline:>9} "
+              f"{verdict:>5} {c.closed_double_buffered:>9} {c.scalesim / c.closed_double_buffered:>6.3f}")
     print("-" * len(head))
-    print(f"{'total (matrix layers)':<24} {'':>18} {sum(len(c.tiles) for c in layers):>5} "
-          f"{sum(len(c.scalesim_runs) for c in layers):>7} {'':>8} {closed:>9} {timeline:>9} {scalesim:>10} "
-          f"{scalesim / closed:>9.3f} {scalesim / timeline:>11.3f}")
+
+    def total(values: list[int | None]) -> str:
+        return "-" if None in values else str(sum(values))
+
+    scalesim = sum(c.scalesim for c in layers)
+    double_buffered = sum(c.closed_double_buffered for c in layers)
+    print(f"{'total (matrix layers)':<24} {'':>18} {'':>11} {sum(len(c.tiles) for c in layers):>5} "
+          f"{sum(c.own_folds for c in layers):>6} {sum(len(c.scalesim_runs) for c in layers):>9} {scalesim:>9} "
+          f"{sum(c.closed for c in layers):>9} {total([c.pe_array for c in layers]):>9} "
+          f"{sum(c.timeline for c in layers):>9} {'':>5} {double_buffered:>9} {scalesim / double_buffered:>6.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,24 +483,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "tpu_v1.yaml"))
     parser.add_argument("--scalesim-python", type=Path, default=DEFAULT_SCALESIM_PYTHON,
                         help="python of the venv where scalesim is installed")
-    parser.add_argument("--depthwise", choices=["native", "packed"], default="native",
-                        help="native: SCALE-Sim's own 'DP' rows (one 1-channel layer per channel); "
-                             "packed: tpusim's block-diagonal tiles as dense SCALE-Sim layers")
+    parser.add_argument("--tiles", choices=["tpusim", "scalesim"], default="tpusim",
+                        help="tpusim: give SCALE-Sim layers whose folds are tpusim's tiles; "
+                             "scalesim: each layer as SCALE-Sim maps it itself (one 1-channel layer per "
+                             "depthwise channel, all of M per fold)")
+    parser.add_argument("--pe-array", action="store_true",
+                        help="also step every layer's tiles on the PE-level array (about a minute for resnet50)")
     parser.add_argument("--no-dedupe", action="store_true",
-                        help="simulate every SCALE-Sim layer, even identical ones (hours for mobilenet_v2)")
-    parser.add_argument("--referee", default="",
-                        help="comma-separated layer names to step on the PE-level array, or 'auto'")
+                        help="simulate every SCALE-Sim layer, even identical ones")
+    parser.add_argument("--record", action="store_true",
+                        help="write SCALE-Sim's numbers to tests/data/scalesim/MODEL.json (needs --tiles tpusim)")
     parser.add_argument("--workdir", type=Path, help="keep SCALE-Sim's inputs here (default: a temp dir)")
     args = parser.parse_args(argv)
+    if args.record and args.tiles != "tpusim":
+        parser.error("--record keeps the same-tiles comparison only: drop --tiles scalesim")
 
-    cfg = load_config(args.config)
-    graph = lower_model(build_model(args.model), args.model)
+    cfg = load_config(args.config, {"array.weight_double_buffering": False, **UNLIMITED_BANDWIDTH})
+    graph = load_onnx(resolve_model(args.model))
     if graph.batch != 1:
         raise SystemExit(f"batch {graph.batch}: SCALE-Sim conv topologies have no batch dimension")
-    layers, ss_rows, tpusim_wall, run_cycles = compare(graph, cfg, args.depthwise)
+    layers, compile_wall, timeline_wall = compare(graph, cfg, args.tiles)
     rows, cols = cfg.array.rows, cfg.array.cols
-    print(f"model {args.model}, array {rows}x{cols}, weight stationary, depthwise={args.depthwise}, "
-          f"{len(layers)} matrix layers")
+    print(f"model {args.model}, array {rows}x{cols}, weight stationary without double buffering, "
+          f"tiles from {args.tiles}, {len(layers)} matrix layers")
 
     if not scalesim_available(args.scalesim_python):
         print(SETUP_HINT.format(python=args.scalesim_python))
@@ -402,47 +515,34 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="scalesim_") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        results, scalesim_wall = run_scalesim(args.scalesim_python, workdir, ss_rows, cfg, not args.no_dedupe)
+        ss_rows = [row for c in layers for row in c.scalesim_rows]
+        version, results, scalesim_wall = run_scalesim(args.scalesim_python, workdir, ss_rows, cfg,
+                                                       not args.no_dedupe)
     layers = attach_scalesim(layers, results)
-    print_table(layers, rows, cols)
 
-    agree = sum(c.scalesim == c.formula for c in layers)
-    single = [c for c in layers if len(c.scalesim_runs) == 1 and len(c.tiles) == 1]
-    print(f"\nSCALE-Sim = sum over its layers of F*(2R+C+T-2) - 1 on {agree}/{len(layers)} layers; "
-          f"stall cycles {sum(c.scalesim_stall for c in layers)}.")
-    print(f"whole inference: tpusim timeline {run_cycles} cycles (all layers, overlapped); "
-          f"SCALE-Sim {sum(c.scalesim for c in layers)} (matrix layers one after another, compute only)")
-    print(f"one-tile layers (same decomposition, no fold overlap possible): {len(single)}, "
-          f"scalesim - closed = {sorted({c.scalesim - c.closed for c in single})}")
+    pe_wall = 0.0
+    if args.pe_array:
+        start = time.perf_counter()
+        layers = [dataclasses.replace(c, pe_array=pe_array_cycles(c.tiles, rows, cols)) for c in layers]
+        pe_wall = time.perf_counter() - start
+
+    print(f"SCALE-Sim {version}\n")
+    print_table(layers, rows, cols, args.tiles)
+    agree = sum(c.agrees() for c in layers)
+    checked = "closed form" + (", PE array" if args.pe_array else "") + ", timeline"
+    print(f"\n{checked} = SCALE-Sim + 1 per SCALE-Sim layer on {agree}/{len(layers)} layers; "
+          f"SCALE-Sim stall cycles {sum(c.scalesim_stall for c in layers)}; "
+          f"tpusim's tiles are SCALE-Sim's own folds on {sum(c.own_folds_are_tiles for c in layers)}/{len(layers)}")
     simulated = [r for r in results if r["simulated"]]
     projected = sum(r["wall_s"] for r in results)
-    print(f"\nwall time: tpusim compile+timeline {tpusim_wall:.3f} s (closed form: negligible); "
-          f"SCALE-Sim {scalesim_wall:.1f} s measured ({len(simulated)} distinct of {len(results)} SCALE-Sim layers "
-          f"simulated), {projected:.0f} s projected for every layer as written")
-
-    if args.referee:
-        names = [n for n in args.referee.split(",") if n]
-        if names == ["auto"]:
-            dense = [c for c in layers if "/g" not in c.gemm]
-            grouped = [c for c in layers if "/g" in c.gemm]
-            names = [max(dense, key=lambda c: c.scalesim / c.closed).name]
-            names += [min(dense, key=lambda c: (c.scalesim - c.closed, len(c.tiles))).name]
-            if grouped:
-                names.append(max(grouped, key=lambda c: c.scalesim / c.closed).name)
-            names = list(dict.fromkeys(names))
-        by_name = {c.name: c for c in layers}
-        print("\nPE-level referee (tpusim.kernels.systolic.pe_array_run, cycle-stepped):")
-        for name in names:
-            if name not in by_name:
-                raise SystemExit(f"--referee: no matrix layer {name!r} in {args.model}")
-            c = by_name[name]
-            start = time.perf_counter()
-            back_to_back, serial = referee(c.tiles, c.scalesim_runs, rows, cols)
-            print(f"  {name} ({c.gemm}, {len(c.tiles)} tpusim tiles, {len(c.scalesim_runs)} SCALE-Sim layer(s)): "
-                  f"array back to back {back_to_back} vs tpusim closed {c.closed}; "
-                  f"array one fold at a time {serial} vs SCALE-Sim {c.scalesim} "
-                  f"(+{serial - c.scalesim} = one per SCALE-Sim layer, its 0-based last cycle) "
-                  f"[{time.perf_counter() - start:.1f} s]")
+    print(f"wall time: tpusim compile {compile_wall:.3f} s + timeline {timeline_wall:.3f} s; closed form negligible"
+          + (f"; PE array {pe_wall:.1f} s" if args.pe_array else "")
+          + f"; SCALE-Sim {scalesim_wall:.1f} s measured ({len(simulated)} distinct of {len(results)} SCALE-Sim "
+            f"layers simulated), {projected:.0f} s projected for every layer")
+    if args.record:
+        path = RECORD_DIR / f"{args.model}.json"
+        record(path, args.model, args.config, cfg, version, layers, results)
+        print(f"recorded {path.relative_to(REPO)}")
     return 0
 
 

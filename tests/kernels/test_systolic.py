@@ -55,16 +55,27 @@ def test_closed_form_hand_values():
         tile_sequence_cycles(0, 1, 4, 4)
 
 
+def test_closed_form_without_double_buffering_hand_values():
+    # every fold shifts (R), streams and drains (M + R + C - 2) alone: 2R + C + M - 2
+    assert tile_sequence_cycles(10, 3, 4, 5, weight_double_buffering=False) == 3 * (8 + 5 + 10 - 2)
+    assert tile_sequence_cycles(49, 2, 256, 256, weight_double_buffering=False) == 2 * 815
+    # one tile: nothing to overlap, both modes agree
+    assert tile_sequence_cycles(7, 1, 4, 5, weight_double_buffering=False) == tile_sequence_cycles(7, 1, 4, 5)
+    assert list(stream_starts([2, 9, 1], 4, 5, weight_double_buffering=False)) == [4, 4 + 2 + 11, 17 + 9 + 11]
+    with pytest.raises(ValueError):
+        stream_starts([2], 4, weight_double_buffering=False)
+
+
 # --- the fast kernel against the register-transfer reference ---------------------------------
 
 
 @FAST
-@given(st.integers(1, 7), st.integers(1, 7), st.integers(1, 4), st.integers(0, 2**32 - 1))
-def test_kernel_equals_register_transfer_reference(rows, cols, n_tiles, seed):
+@given(st.integers(1, 7), st.integers(1, 7), st.integers(1, 4), st.booleans(), st.integers(0, 2**32 - 1))
+def test_kernel_equals_register_transfer_reference(rows, cols, n_tiles, double_buffered, seed):
     rng = np.random.default_rng(seed)
     x_tiles, w_tiles = random_tiles(rng, n_tiles, rows, cols)
-    fast = pe_array_run(x_tiles, w_tiles, rows, cols)
-    slow = pe_array_reference(x_tiles, w_tiles, rows, cols)
+    fast = pe_array_run(x_tiles, w_tiles, rows, cols, weight_double_buffering=double_buffered)
+    slow = pe_array_reference(x_tiles, w_tiles, rows, cols, weight_double_buffering=double_buffered)
     assert fast.cycles == slow.cycles
     assert fast.stream_starts == slow.stream_starts
     for got, want, x, w in zip(fast.outputs, slow.outputs, x_tiles, w_tiles):
@@ -72,16 +83,29 @@ def test_kernel_equals_register_transfer_reference(rows, cols, n_tiles, seed):
         np.testing.assert_array_equal(got, expected_outputs(x, w, cols))
 
 
-def test_reference_16x16_with_mixed_tiles():
+@pytest.mark.parametrize("double_buffered", [True, False])
+def test_reference_16x16_with_mixed_tiles(double_buffered):
     rng = np.random.default_rng(3)
     x_tiles, w_tiles = random_tiles(rng, 3, 16, 16)
     x_tiles.append(random_x(rng, 20, 16))
     w_tiles.append(random_w(rng, 16, 16))
-    fast = pe_array_run(x_tiles, w_tiles, 16, 16)
-    slow = pe_array_reference(x_tiles, w_tiles, 16, 16)
+    fast = pe_array_run(x_tiles, w_tiles, 16, 16, weight_double_buffering=double_buffered)
+    slow = pe_array_reference(x_tiles, w_tiles, 16, 16, weight_double_buffering=double_buffered)
     assert (fast.cycles, fast.stream_starts) == (slow.cycles, slow.stream_starts)
     for got, want in zip(fast.outputs, slow.outputs):
         np.testing.assert_array_equal(got, want)
+
+
+def test_reference_without_double_buffering_runs_each_fold_alone():
+    # 24x20 array, tiles of 30, 3 and 21 rows: the second and third wait for the previous drain
+    rng = np.random.default_rng(8)
+    x_tiles = [random_x(rng, 30, 24), random_x(rng, 3, 17), random_x(rng, 21, 24)]
+    w_tiles = [random_w(rng, 24, 20), random_w(rng, 17, 9), random_w(rng, 24, 20)]
+    slow = pe_array_reference(x_tiles, w_tiles, 24, 20, weight_double_buffering=False)
+    assert slow.stream_starts == (24, 24 + 30 + 66, 120 + 3 + 66)
+    assert slow.cycles == (30 + 66) + (3 + 66) + (21 + 66)
+    for got, x, w in zip(slow.outputs, x_tiles, w_tiles):
+        np.testing.assert_array_equal(got, expected_outputs(x, w, 20))
 
 
 # --- timing contract --------------------------------------------------------------------------
@@ -110,6 +134,25 @@ def test_tile_sequence_formula_equals_stepped_kernel(m, n_tiles, rows, cols, see
         np.testing.assert_array_equal(got, expected_outputs(x, w, cols))
 
 
+@FAST
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=5), st.integers(1, 64), st.integers(1, 64),
+       st.integers(0, 2**32 - 1))
+def test_without_double_buffering_each_fold_takes_2r_plus_c_plus_m_minus_2(m_rows, rows, cols, seed):
+    rng = np.random.default_rng(seed)
+    x_tiles, w_tiles = [], []
+    for m in m_rows:
+        tiles = random_tiles(rng, 1, rows, cols, m_rows=m)
+        x_tiles += tiles[0]
+        w_tiles += tiles[1]
+    run = pe_array_run(x_tiles, w_tiles, rows, cols, weight_double_buffering=False)
+    assert run.cycles == sum(2 * rows + cols + m - 2 for m in m_rows)
+    assert run.stream_starts == tuple(stream_starts(m_rows, rows, cols, weight_double_buffering=False))
+    if len(set(m_rows)) == 1:
+        assert run.cycles == tile_sequence_cycles(m_rows[0], len(m_rows), rows, cols, weight_double_buffering=False)
+    for got, x, w in zip(run.outputs, x_tiles, w_tiles):
+        np.testing.assert_array_equal(got, expected_outputs(x, w, cols))
+
+
 def test_256x256_tile_sequence_back_to_back():
     rng = np.random.default_rng(11)
     x_tiles, w_tiles = random_tiles(rng, 3, 256, 256, m_rows=300)
@@ -122,8 +165,8 @@ def test_256x256_tile_sequence_back_to_back():
 # --- whole GEMMs --------------------------------------------------------------------------------
 
 
-def check_pe_gemm(x, w, rows, cols, acc_bits=32, bias=None):
-    got = pe_gemm(x, w, rows, cols, acc_bits, bias)
+def check_pe_gemm(x, w, rows, cols, acc_bits=32, bias=None, double_buffered=True):
+    got = pe_gemm(x, w, rows, cols, acc_bits, bias, weight_double_buffering=double_buffered)
     want = int8_gemm_reference(x, w, acc_bits, bias)
     fast = int8_gemm(x, w, acc_bits, bias)
     assert got.result.dtype == want.result.dtype
@@ -131,19 +174,20 @@ def check_pe_gemm(x, w, rows, cols, acc_bits=32, bias=None):
     np.testing.assert_array_equal(got.result, fast.result)
     assert got.wrapped_count == want.wrapped_count == fast.wrapped_count
     n_tiles = -(-x.shape[1] // rows) * -(-w.shape[1] // cols)
-    assert got.cycles == tile_sequence_cycles(x.shape[0], n_tiles, rows, cols)
+    assert got.cycles == tile_sequence_cycles(x.shape[0], n_tiles, rows, cols, weight_double_buffering=double_buffered)
     return got
 
 
 @FAST
 @given(
     st.integers(1, 8), st.integers(1, 8), st.integers(1, 30), st.integers(1, 40), st.integers(1, 20),
-    st.booleans(), st.booleans(), st.integers(0, 2**32 - 1),
+    st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2**32 - 1),
 )
-def test_pe_gemm_tiny_arrays_equal_oracle(rows, cols, m, k, n, unsigned, with_bias, seed):
+def test_pe_gemm_tiny_arrays_equal_oracle(rows, cols, m, k, n, unsigned, with_bias, double_buffered, seed):
     rng = np.random.default_rng(seed)
     bias = rng.integers(-2**31, 2**31, n).astype(np.int32) if with_bias else None
-    check_pe_gemm(random_x(rng, m, k, unsigned), random_w(rng, k, n), rows, cols, bias=bias)
+    check_pe_gemm(random_x(rng, m, k, unsigned), random_w(rng, k, n), rows, cols, bias=bias,
+                  double_buffered=double_buffered)
 
 
 @pytest.mark.parametrize("rows, cols", [(16, 16), (32, 32), (16, 32)])
@@ -151,6 +195,14 @@ def test_pe_gemm_tiny_arrays_equal_oracle(rows, cols, m, k, n, unsigned, with_bi
 def test_pe_gemm_equals_oracle(rows, cols, m, k, n):
     rng = np.random.default_rng(m + k + n + rows)
     check_pe_gemm(random_x(rng, m, k, unsigned=m % 2 == 1), random_w(rng, k, n), rows, cols)
+
+
+def test_pe_gemm_256x256_without_double_buffering():
+    # a ResNet-50 7x7 layer's shape in miniature: 2 K folds x 2 column blocks, each fold alone
+    rng = np.random.default_rng(12)
+    got = check_pe_gemm(random_x(rng, 49, 300, unsigned=True), random_w(rng, 300, 300), 256, 256,
+                        double_buffered=False)
+    assert got.cycles == 4 * (2 * 256 + 256 + 49 - 2)
 
 
 def test_pe_gemm_worst_case_values():

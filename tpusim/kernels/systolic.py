@@ -20,10 +20,16 @@ The model (DESIGN.md section 4), for an array of R rows and C columns:
 * Schedule. Cycle 0 is the first cycle of tile 0's shift; tile 0 streams from cycle R; tile i+1
   streams from max(s_i + M_i, s_i + R): after tile i's last row has entered and once its own
   R-cycle shift is complete.
+* Without weight double buffering (``weight_double_buffering=False``: no shadow registers, the
+  array SCALE-Sim's weight-stationary model describes) a shift overwrites the weights in use, so
+  tile i+1's shift starts (column 0) in the cycle after tile i's last output has left the array,
+  and tile i+1 streams R cycles later: s_{i+1} = s_i + M_i + 2R + C - 2.
 
 Timing contract (tested equal to the stepped kernel): one tile of M rows takes M + R + C - 2
 cycles from its first input entering to its last output leaving; T tiles of M rows take
-R + (T-1) * max(M, R) + (M + R + C - 2) cycles in all, the first tile's shift being exposed.
+R + (T-1) * max(M, R) + (M + R + C - 2) cycles in all, the first tile's shift being exposed;
+without double buffering every tile (fold) takes its shift, stream and drain alone,
+2R + C + M - 2 cycles, T * (2R + C + M - 2) in all.
 
 ``pe_array_reference`` is a literal register-transfer model in numpy (every register of every PE
 updated every cycle, tokens travelling with the data, the schedule derived from register
@@ -56,32 +62,58 @@ class PeGemmResult(NamedTuple):
     wrapped_count: int
 
 
-def tile_sequence_cycles(m_rows: int, n_tiles: int, rows: int, cols: int) -> int:
+def tile_sequence_cycles(m_rows: int, n_tiles: int, rows: int, cols: int, *,
+                         weight_double_buffering: bool = True) -> int:
     """Cycles for n_tiles tiles of m_rows inputs each on a rows x cols array, weights available."""
     if m_rows < 1 or n_tiles < 1 or rows < 1 or cols < 1:
         raise ValueError(f"all arguments must be >= 1, got {m_rows=}, {n_tiles=}, {rows=}, {cols=}")
+    if not weight_double_buffering:
+        return n_tiles * (2 * rows + cols + m_rows - 2)
     return rows + (n_tiles - 1) * max(m_rows, rows) + (m_rows + rows + cols - 2)
 
 
-def stream_starts(m_rows: Sequence[int], rows: int) -> np.ndarray:
-    """Cycle at which each tile starts streaming (see the module docstring's schedule)."""
+def stream_starts(m_rows: Sequence[int], rows: int, cols: int | None = None, *,
+                  weight_double_buffering: bool = True) -> np.ndarray:
+    """Cycle at which each tile starts streaming (see the module docstring's schedule).
+
+    cols matters only without double buffering, where a tile waits for the previous one to drain.
+    """
+    if not weight_double_buffering and cols is None:
+        raise ValueError("without weight double buffering the schedule depends on the array's cols")
     starts = np.empty(len(m_rows), np.int64)
     start = rows
     for i, m in enumerate(m_rows):
         starts[i] = start
-        start = start + max(int(m), rows)
+        if weight_double_buffering:
+            start = start + max(int(m), rows)
+        else:
+            start = start + int(m) + 2 * rows + cols - 2
     return starts
+
+
+def _shift_starts(starts: np.ndarray, rows: int, weight_double_buffering: bool) -> np.ndarray:
+    """Cycle at which each tile's weights start shifting into column 0."""
+    if not weight_double_buffering:
+        return starts - rows
+    shift = np.empty_like(starts)
+    shift[0] = 0
+    shift[1:] = starts[:-1]  # the next tile shifts into the shadows while this one streams
+    return shift
 
 
 @njit(cache=True)
 def _step_array(x_src, tile_x_row0, tile_x_col0, tile_m, w_src, tile_w_row0, tile_w_col0,
-                starts, out_row0, out_col0, acc, exact, acc_bits, rows, cols):
+                starts, shift_base, out_row0, out_col0, acc, exact, acc_bits, rows, cols):
     """Step the array until the last output leaves; returns the cycle count.
 
     Tile i streams rows x_src[tile_x_row0[i] : +tile_m[i], tile_x_col0[i] : +rows] against
     weights w_src[tile_w_row0[i] : +rows, tile_w_col0[i] : +cols] from cycle starts[i] (both
-    sources zero-padded). Bottom-edge vector m of tile i goes to accumulator row
-    out_row0[i] + m, columns out_col0[i] + c: acc wraps at acc_bits, exact keeps the int64 sum.
+    sources zero-padded); its weights shift into column c from cycle shift_base[i] + c. The
+    weights always pass through the shadow registers: without double buffering no shift overlaps
+    another tile's streaming, so that equals shifting into the active registers (what
+    pe_array_reference models, and a test compares). Bottom-edge vector m of tile i goes to
+    accumulator row out_row0[i] + m, columns out_col0[i] + c: acc wraps at acc_bits, exact keeps
+    the int64 sum.
 
     Row r's activation registers live in a ring of 2*cols int16 (every value stored twice, so
     any window of cols is contiguous): PE(r, c)'s register at cycle t is at slot
@@ -111,10 +143,6 @@ def _step_array(x_src, tile_x_row0, tile_x_col0, tile_m, w_src, tile_w_row0, til
         while run_hi[j] < d:
             j += 1
         first_run[d] = j
-    # shift of tile i begins (column 0) at cycle shift_base[i]
-    shift_base = np.empty(n_tiles, np.int64)
-    shift_base[0] = 0
-    shift_base[1:] = starts[:-1]
 
     psum = np.zeros((rows, cols), np.int32)
     ring = np.zeros((rows, 2 * cols), np.int16)
@@ -221,8 +249,9 @@ def _check_tiles(x_tiles: Sequence[np.ndarray], w_tiles: Sequence[np.ndarray], r
             raise ValueError(f"tile {i}: x {x.shape} and w {w.shape} do not fit a {rows}x{cols} array")
 
 
-def pe_array_run(x_tiles: Sequence[np.ndarray], w_tiles: Sequence[np.ndarray], rows: int, cols: int) -> ArrayRun:
-    """Stream tiles back to back through the stepped array.
+def pe_array_run(x_tiles: Sequence[np.ndarray], w_tiles: Sequence[np.ndarray], rows: int, cols: int, *,
+                 weight_double_buffering: bool = True) -> ArrayRun:
+    """Stream tiles through the stepped array, back to back (or one at a time without double buffering).
 
     Tile i is an activation block x_tiles[i] (M_i, k_i <= rows), int8 or uint8, and a weight block
     w_tiles[i] (k_i, n_i <= cols), int8. Returns each tile's bottom-edge vectors (M_i, cols) int32
@@ -236,24 +265,25 @@ def pe_array_run(x_tiles: Sequence[np.ndarray], w_tiles: Sequence[np.ndarray], r
         x_src[r0 : r0 + x.shape[0], : x.shape[1]] = x
     w_src = np.concatenate([_padded(w, (rows, cols), np.int8) for w in w_tiles])
     zeros = np.zeros(len(x_tiles), np.int64)
-    starts = stream_starts(tile_m, rows)
+    starts = stream_starts(tile_m, rows, cols, weight_double_buffering=weight_double_buffering)
     acc = np.zeros((x_src.shape[0], cols), np.int64)
     exact = np.zeros_like(acc)
     cycles = _step_array(x_src, row0, zeros, tile_m, w_src, np.arange(len(w_tiles), dtype=np.int64) * rows, zeros,
-                         starts, row0, zeros, acc, exact, 32, rows, cols)
+                         starts, _shift_starts(starts, rows, weight_double_buffering), row0, zeros, acc, exact, 32,
+                         rows, cols)
     emitted = acc.astype(np.int32)
     outputs = tuple(emitted[r0 : r0 + m] for r0, m in zip(row0, tile_m))
     return ArrayRun(outputs, int(cycles), tuple(int(s) for s in starts))
 
 
 def pe_gemm(x: np.ndarray, w: np.ndarray, rows: int, cols: int, acc_bits: int = 32,
-            bias: np.ndarray | None = None) -> PeGemmResult:
+            bias: np.ndarray | None = None, *, weight_double_buffering: bool = True) -> PeGemmResult:
     """(M,K) x (K,N) through the stepped array, K folded over array rows and N over columns.
 
     Tiles go column block by column block, the K folds of one block consecutively, all in one
-    stream; every fold's bottom-edge vectors are added into acc_bits accumulators (initialised
-    with the bias). An output counts as wrapped when its exact int64 sum lies outside the
-    acc_bits range. Bit-exact equal to int8_gemm.
+    stream (one tile at a time without weight double buffering); every fold's bottom-edge vectors
+    are added into acc_bits accumulators (initialised with the bias). An output counts as wrapped
+    when its exact int64 sum lies outside the acc_bits range. Bit-exact equal to int8_gemm.
     """
     check_operands(x, w, bias, acc_bits)
     if rows < 1 or cols < 1:
@@ -270,36 +300,42 @@ def pe_gemm(x: np.ndarray, w: np.ndarray, rows: int, cols: int, acc_bits: int = 
     block = np.repeat(np.arange(n_blocks, dtype=np.int64), k_folds)
     zeros = np.zeros(n_tiles, np.int64)
     tile_m = np.full(n_tiles, m_total, np.int64)
-    starts = stream_starts(tile_m, rows)
+    starts = stream_starts(tile_m, rows, cols, weight_double_buffering=weight_double_buffering)
     bias_row = np.zeros(n_blocks * cols, np.int64)
     if bias is not None:
         bias_row[:n_total] = bias
     acc = np.repeat(bias_row[None, :], m_total, axis=0)
     exact = acc.copy()
     cycles = _step_array(x_src, zeros, fold * rows, tile_m, w_src, fold * rows, block * cols,
-                         starts, zeros, block * cols, acc, exact, acc_bits, rows, cols)
+                         starts, _shift_starts(starts, rows, weight_double_buffering), zeros, block * cols, acc,
+                         exact, acc_bits, rows, cols)
     acc, exact = acc[:, :n_total], exact[:, :n_total]
     wrapped = int(np.count_nonzero(acc != exact))
     return PeGemmResult(acc.astype(result_dtype(acc_bits)), int(cycles), wrapped)
 
 
-def pe_array_reference(x_tiles: Sequence[np.ndarray], w_tiles: Sequence[np.ndarray], rows: int, cols: int) -> ArrayRun:
+def pe_array_reference(x_tiles: Sequence[np.ndarray], w_tiles: Sequence[np.ndarray], rows: int, cols: int, *,
+                       weight_double_buffering: bool = True) -> ArrayRun:
     """Register-transfer oracle of pe_array_run in numpy: slow, literal, for small arrays.
 
     Every register of every PE is recomputed every cycle from last cycle's registers.
-    Activations carry (tile, row) tags and the swap token; partial sums carry tags too, and the
-    model checks that a PE only ever adds an activation into a partial sum of the same input
-    row. The schedule is not given: tile j starts streaming in the first cycle in which tile
-    j-1 has no rows left to send and column 0 has finished shifting tile j's weights; the shift
-    of tile j into column c starts in the cycle tile j-1's swap token is at PE(0, c) (for tile 0,
-    at cycle c).
+    Activations carry (tile, row) tags and the swap token; partial sums and weight registers carry
+    tags too, and the model checks that a PE only ever adds an activation into a partial sum of
+    the same input row, with the weights of the activation's tile. The schedule is not given:
+    tile j starts streaming in the first cycle in which tile j-1 has no rows left to send and
+    column 0 has finished shifting tile j's weights. The shift of tile 0 into column c starts at
+    cycle c. With double buffering, weights shift into the shadow registers and the shift of
+    tile j into column c starts in the cycle tile j-1's swap token is at PE(0, c). Without it
+    there are no shadow registers: weights shift straight into the active ones, and the shift of
+    tile j into column c starts c + 1 cycles after the cycle in which the bottom edge emitted
+    tile j-1's last output.
     """
     _check_tiles(x_tiles, w_tiles, rows, cols)
     n_tiles = len(x_tiles)
     xs = [_padded(x, (x.shape[0], rows), np.int64) for x in x_tiles]
     ws = [_padded(w, (rows, cols), np.int64) for w in w_tiles]
     outputs = [np.zeros((x.shape[0], cols), np.int64) for x in x_tiles]
-    pending = sum(x.shape[0] * cols for x in x_tiles)
+    pending = [x.shape[0] * cols for x in x_tiles]
 
     act = np.zeros((rows, cols), np.int64)
     act_tile = np.full((rows, cols), -1)
@@ -309,16 +345,20 @@ def pe_array_reference(x_tiles: Sequence[np.ndarray], w_tiles: Sequence[np.ndarr
     psum_tile = np.full((rows, cols), -1)
     psum_row = np.full((rows, cols), -1)
     active = np.zeros((rows, cols), np.int64)
-    shadow = np.zeros((rows, cols), np.int64)
+    active_tile = np.full((rows, cols), -1)
+    # where a shift writes: the shadow registers, or the active ones when there are none
+    shadow, shadow_tile = (np.zeros((rows, cols), np.int64), np.full((rows, cols), -1)) if weight_double_buffering \
+        else (active, active_tile)
     shift_tile = np.full(cols, -1)  # tile being shifted into each column
     shift_step = np.zeros(cols, np.int64)  # values already entered into that column
     shifted_into_col0 = -1  # last tile whose shift into column 0 is complete
+    drained_at = np.full(n_tiles, -1)  # cycle in which the bottom edge emitted the tile's last output
 
     launched: list[tuple[int, int]] = []  # wave d -> (tile, row) or (-1, -1)
     starts: list[int] = []
     streaming, next_row = -1, 0
     t = 0
-    while pending:
+    while any(pending):
         # stream controller: launch wave t into row 0 (row r receives it r cycles later)
         if streaming >= 0 and next_row < x_tiles[streaming].shape[0]:
             launched.append((streaming, next_row))
@@ -343,7 +383,9 @@ def pe_array_reference(x_tiles: Sequence[np.ndarray], w_tiles: Sequence[np.ndarr
         act_row = np.concatenate((edge_row[:, None], act_row[:, :-1]), axis=1)
         token = np.concatenate(((edge_row == 0)[:, None], token[:, :-1]), axis=1)
 
-        active = np.where(token, shadow, active)
+        if weight_double_buffering:
+            active[token] = shadow[token]
+            active_tile[token] = shadow_tile[token]
 
         psum_in = np.concatenate((np.zeros((1, cols), np.int64), psum[:-1]))
         tile_in = np.concatenate((act_tile[:1], psum_tile[:-1]))
@@ -351,24 +393,35 @@ def pe_array_reference(x_tiles: Sequence[np.ndarray], w_tiles: Sequence[np.ndarr
         carrying = act_tile >= 0
         assert np.array_equal(tile_in[carrying], act_tile[carrying])
         assert np.array_equal(row_in[carrying], act_row[carrying])
+        assert np.array_equal(active_tile[carrying], act_tile[carrying])
         psum = psum_in + act * active
         psum_tile, psum_row = tile_in, row_in
 
         for c in np.flatnonzero(psum_tile[-1] >= 0):
             tile, m = psum_tile[-1, c], psum_row[-1, c]
             outputs[tile][m, c] = psum[-1, c]
-            pending -= 1
+            pending[tile] -= 1
+            if pending[tile] == 0:
+                drained_at[tile] = t
 
         # weight shift at the end of the cycle
         for c in range(cols):
             if shift_tile[c] < 0:
-                next_tile = 0 if t == c else (act_tile[0, c] + 1 if token[0, c] else -1)
+                if t == c:
+                    next_tile = 0
+                elif weight_double_buffering:
+                    next_tile = act_tile[0, c] + 1 if token[0, c] else -1
+                else:
+                    just_drained = np.flatnonzero((drained_at >= 0) & (t - drained_at == c + 1))
+                    next_tile = just_drained[0] + 1 if just_drained.size else -1
                 if 0 <= next_tile < n_tiles:
                     shift_tile[c], shift_step[c] = next_tile, 0
             if shift_tile[c] >= 0:
                 head = shift_step[c]
                 shadow[1 : head + 1, c] = shadow[:head, c].copy()
+                shadow_tile[1 : head + 1, c] = shadow_tile[:head, c].copy()
                 shadow[0, c] = ws[shift_tile[c]][rows - 1 - head, c]
+                shadow_tile[0, c] = shift_tile[c]
                 shift_step[c] += 1
                 if shift_step[c] == rows:
                     if c == 0:
