@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +17,8 @@ from tpusim.cli import main
 from tpusim.errors import ConfigError, ModelError
 from tpusim.sweeps import SweepError, build_points, expand_grid, parse_set, parse_values
 
-TPU_V1 = str(Path(__file__).resolve().parents[1] / "configs" / "tpu_v1.yaml")
+REPO = Path(__file__).resolve().parents[1]
+TPU_V1 = str(REPO / "configs" / "tpu_v1.yaml")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 from tpusim import sweeps as sweep_module
 
@@ -128,6 +133,119 @@ def test_sweep_rows_equal_direct_simulation(tmp_path):
         (r["model"], r["batch"], r["array.rows"]) for r in rows]
     assert [int(r["total_cycles"]) for r in table] == [r["total_cycles"] for r in rows]
     assert len(list((tmp_path / "points").glob("*.json"))) == 8
+
+
+def _direct_record(point, config=TPU_V1):
+    direct = tpusim.simulate(config, point.model, batch=point.batch, overrides=dict(point.overrides), quantize=False)
+    return sweep_module.point_record(point, direct.summary, direct.evaluation.energy)
+
+
+def test_points_run_one_after_another_in_a_process_equal_direct_simulation():
+    """A worker keeps the config, the lowered model and the energy table between points and makes no
+    per-tensor twin run; every record is still what a direct ``tpusim.simulate`` reports, key for key."""
+    grid = {"array.rows": [64, 256], "weight_memory.bandwidth_gb_s": [17, 34],
+            "quant.weights": ["per-tensor", "per-channel"]}
+    points = build_points(TPU_V1, ["tiny_cnn", "mlp"], grid, zip=True, batch=[1, 3])
+    sweep_module._clear_caches()
+    try:
+        for point in points:
+            assert sweep_module.simulate_point(TPU_V1, point) == _direct_record(point), point.label()
+        assert sweep_module._lowered.cache_info().misses == 4  # once per model and batch
+    finally:
+        sweep_module._clear_caches()
+
+
+def test_resnet50_points_equal_direct_simulation_exactly():
+    points = build_points(TPU_V1, "resnet50", {"array.rows": [128, 256], "weight_memory.bandwidth_gb_s": [17, 68]},
+                          zip=True, batch=2)
+    sweep_module._clear_caches()
+    try:
+        for point in points:
+            record, direct = sweep_module.simulate_point(TPU_V1, point), _direct_record(point)
+            assert (record["total_cycles"], record["total_pj"]) == (direct["total_cycles"], direct["total_pj"])
+            assert record == direct
+    finally:
+        sweep_module._clear_caches()
+
+
+def test_a_sweep_row_equals_the_summary_of_tpusim_run(tmp_path, capsys):
+    (row,) = tpusim.sweep(TPU_V1, "tiny_cnn", {"array.rows": [64], "weight_memory.bandwidth_gb_s": [17]}, batch=2,
+                          jobs=1, progress=False)
+    assert main(["run", TPU_V1, "--model", "tiny_cnn", "--batch", "2", "--no-quantize", "--set", "array.rows=64",
+                 "--set", "weight_memory.bandwidth_gb_s=17", "--out", str(tmp_path), "--no-progress"]) == 0
+    capsys.readouterr()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (row["total_cycles"], row["latency_s"], row["utilization"]) == (
+        summary["total_cycles"], summary["latency_s"], summary["utilization"])
+    assert {key: row[key] for key in sweep_module.ENERGY_KEYS} == {key: summary["energy"][key]
+                                                                   for key in sweep_module.ENERGY_KEYS}
+    assert {key: row[key] for key in sweep_module.BREAKDOWN_KEYS} == {key: summary["breakdown"][key]
+                                                                      for key in sweep_module.BREAKDOWN_KEYS}
+
+
+@pytest.mark.parametrize("overrides", [
+    {"array.rows": 128, "input_preprocessing.mean": [0.5, 0.5, 0.5]},
+    {"array.datatype": "fp32", "energy.static_power_w": 10},
+    {"weight_memory.technology": "DDR3", "weight_memory.bandwidth_gb_s": 100},
+    {"energy.table": "energy/horowitz45.yaml"},  # relative: resolved against the config's folder
+])
+def test_a_point_config_is_what_load_config_builds(overrides):
+    from tpusim.config import load_config
+
+    (point,) = build_points(TPU_V1, "tiny_cnn", {key: [value] for key, value in overrides.items()})
+    assert sweep_module._point_config(TPU_V1, point) == load_config(TPU_V1, overrides)
+
+
+def test_a_process_reads_an_edited_config_or_model_file_again(tmp_path):
+    """Worker caches are keyed on file contents (a Dask worker outlives a sweep)."""
+    from tpusim import workloads
+
+    config, model = tmp_path / "chip.yaml", tmp_path / "net.onnx"
+    config.write_text(Path(TPU_V1).read_text())
+    model.write_bytes(workloads.workload_file("tiny_cnn").read_bytes())
+    sweep_module._clear_caches()
+    try:
+        (first,) = build_points(config, str(model), {})
+        before = sweep_module.simulate_point(str(config), first)
+        config.write_text(Path(TPU_V1).read_text().replace("static_power_w: 28", "static_power_w: 30"))
+        model.write_bytes(workloads.workload_file("mlp").read_bytes())
+        (second,) = build_points(config, str(model), {})
+        after = sweep_module.simulate_point(str(config), second)
+        assert after == _direct_record(second, str(config))
+        assert after["macs"] != before["macs"] and after["static_pj"] != before["static_pj"]
+    finally:
+        sweep_module._clear_caches()
+
+
+def test_importing_the_module_imports_no_heavy_module():
+    """`tpusim --help` imports tpusim.sweeps to build its parser."""
+    heavy = ("numpy", "onnx", "onnxruntime", "numba", "matplotlib", "tpusim.pipeline", "tpusim.workloads",
+             "tpusim.config", "yaml", "tqdm")
+    code = f"import sys, tpusim.sweeps; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------ handing out work
+
+def test_a_worker_keeps_to_its_group_then_takes_a_free_one_then_helps():
+    queue = sweep_module._Queue(["a1", "a2", "b1", "b2", "b3", "c1"], group=lambda item: item[0])
+    first = sweep_module._NO_GROUP_YET
+    assert queue.take(first, []) == ("a", "a1")
+    assert queue.take(first, ["a"]) == ("b", "b1")
+    assert queue.take("a", ["b"]) == ("a", "a2")
+    assert queue.take("a", ["b"]) == ("c", "c1")  # a is done; c has no worker
+    assert queue.take("c", ["b"]) == ("b", "b2")  # every group left has a worker: help the largest
+    assert queue.take("b", ["b"]) == ("b", "b3")
+    assert not queue
+
+
+def test_without_groups_items_are_handed_out_in_order():
+    queue = sweep_module._Queue([3, 1, 2], group=sweep_module._no_group)
+    first = sweep_module._NO_GROUP_YET
+    assert [queue.take(first, [None])[1] for _ in range(3)] == [3, 1, 2]
 
 
 def _count_calls(monkeypatch) -> list:
@@ -279,4 +397,6 @@ def test_cli_sweep_takes_input_shape_weights_and_calibration_data(tmp_path, caps
     rows = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
     assert [r["batch"] for r in rows] == ["2", "2"] and {r["quant.weights"] for r in rows} == {"per-tensor"}
     # The six given samples calibrated (fewer than quant.calibration_samples), so fidelity is on them: not synthetic.
-    assert all(r["evaluated_on"] == "the first 4 calibration samples" and r["held_out"] == "False" for r in rows)
+    evaluated = min(6, inspect.signature(tpusim.simulate).parameters["eval_samples"].default)
+    assert all(r["evaluated_on"] == f"the first {evaluated} calibration samples" and r["held_out"] == "False"
+               for r in rows)

@@ -55,6 +55,12 @@ def test_pool_map_returns_every_result_and_leaves_no_worker():
     assert _no_workers_left(os.getpid(), within_s=0.1)
 
 
+def test_pool_map_with_groups_returns_every_result_and_leaves_no_worker():
+    results = dict(pool_map(abs, list(range(-6, 6)), jobs=2, group=lambda item: item % 3))
+    assert results == {item: abs(item) for item in range(-6, 6)}
+    assert _no_workers_left(os.getpid(), within_s=0.1)
+
+
 def test_a_failing_task_ends_the_iteration_and_its_workers():
     with pytest.raises(TaskFailed) as info:
         list(pool_map(int, ["1", "x", "2", "3"], jobs=2))

@@ -4,7 +4,8 @@ A sweep is a set of *points*; each point is a model, a batch size and a set of c
 points are the cross product of the swept values (or, with ``zip=True``, the config values taken position by
 position) and run on local worker processes or on a Dask distributed cluster. With an output folder,
 every finished point is written at once to ``points/<hash>.json`` (atomically), so an interrupted sweep
-resumes where it stopped; ``sweep.csv`` and the plots are then assembled from the point files.
+resumes where it stopped; ``sweep.csv`` and the plots are then assembled from the point files. A worker
+keeps the parsed config and the lowered model between points (see :func:`simulate_point`).
 
 >>> import tpusim
 >>> rows = tpusim.sweep("configs/tpu_v1.yaml", "mlp", {"array.rows": [64, 128, 256], "array.cols": [64, 128, 256]},
@@ -29,24 +30,26 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-from tqdm import tqdm
-
 from tpusim.arguments import positive_int, shape
-from tpusim.config import load_config
 from tpusim.errors import ConfigError, TpusimError
-
-if TYPE_CHECKING:
-    from tpusim.api import Result
-# tpusim.api and tpusim.pipeline (the whole simulator) are imported where used, so that a sweep
-# worker process starts in a fraction of a second and imports them once, for its first point.
 from tpusim.report.files import atomic_write_csv, atomic_write_json, check_output_dir
 from tpusim.report.tables import format_table
+
+# The simulator (tpusim.pipeline: onnx, numba), the config reader (yaml) and tqdm are imported where
+# used: `tpusim --help` imports this module to build its parser, and a sweep worker process starts in
+# a fraction of a second and imports them once, for its first point.
+if TYPE_CHECKING:
+    from tpusim.config import HardwareConfig
+    from tpusim.energy.model import RunEnergy
+    from tpusim.energy.table import EnergyTable
+    from tpusim.ir import Graph
+    from tpusim.sim import SimResult
 
 POINTS_DIR = "points"
 CSV_NAME = "sweep.csv"
@@ -71,6 +74,10 @@ class SweepPoint:
     overrides: tuple[tuple[str, Any], ...]
     quantize: bool
     key: str  # names the point's file; see point_key
+    # Contents of the config file with its energy tables, and of the model file: a worker process keeps
+    # the parsed config and the lowered model between points under these, so an edited file is read again.
+    config_digest: str
+    model_digest: str
     input_shape: tuple[int, ...] | None = None
     calib_data: str | None = None
 
@@ -147,6 +154,8 @@ def expand_grid(grid: Mapping[str, Sequence[Any]], *, zip: bool = False) -> list
 
 def parse_values(text: str) -> list[Any]:
     """``"32,64,128"`` -> [32, 64, 128]; each value is read as YAML, so ``[1,2],[3,4]`` is two lists."""
+    import yaml
+
     try:
         values = yaml.safe_load(f"[{text}]")
     except yaml.YAMLError:
@@ -185,33 +194,33 @@ def build_points(config: str | Path, model: str | Sequence[str], grid: Mapping[s
     if not models or not batches:
         raise SweepError("a sweep needs at least one model and one batch size")
     settings = [tuple(combo.items()) for combo in expand_grid({k: _as_list(v) for k, v in grid.items()}, zip=zip)]
-    tables = set()
-    for overrides in settings:
-        # A bad key or value fails here, naming it, before any work; the energy table is part of the point.
-        tables.add(load_config(config, dict(overrides)).energy.table)
-    config_digest = _file_digest(Path(config)) + "".join(sorted(_file_digest(Path(t)) for t in tables))
+    config_file_digest = _file_digest(Path(config))
+    # A bad key or value fails here, naming it, before any work; the energy table is part of the point.
+    tables = {_config_with(str(config), config_file_digest, dict(overrides)).energy.table for overrides in settings}
+    config_digest = config_file_digest + "".join(sorted(_file_digest(Path(t)) for t in tables))
     model_digests = {name: _model_digest(name, input_shape) for name in models}
     data = None if calib_data is None else str(calib_data)
     data_digest = None if data is None else _data_digest(data)
     return [SweepPoint(model=m, batch=b, overrides=overrides, quantize=quantize, input_shape=input_shape,
-                       calib_data=data,
+                       calib_data=data, config_digest=config_digest, model_digest=model_digests[m],
                        key=point_key(config_digest, m, model_digests[m], b, overrides, quantize, input_shape,
                                      data_digest))
             for m, b, overrides in itertools.product(models, batches, settings)]
 
 
-def point_record(point: SweepPoint, result: Result) -> dict[str, Any]:
-    """One row of the sweep table: the point's parameters, then what ``tpusim.simulate`` reported."""
-    s = result.summary
-    energy = s["energy"]
+def point_record(point: SweepPoint, summary: Mapping[str, Any], energy: RunEnergy) -> dict[str, Any]:
+    """One row of the sweep table: the point's parameters, then what ``tpusim.simulate`` reports for it
+    (its ``Result.summary`` and the dynamic energy per component)."""
+    s = summary
+    run_energy = s["energy"]
     record: dict[str, Any] = {
         **point.params,
         "latency_s": s["latency_s"], "total_cycles": s["total_cycles"], "tops": s["tops"],
         "inferences_per_s": s["inferences_per_s"], "utilization": s["utilization"], "macs": s["macs"],
-        "energy_per_inference_pj": energy["total_pj"] / s["batch"],
-        **{key: energy[key] for key in ENERGY_KEYS},
+        "energy_per_inference_pj": run_energy["total_pj"] / s["batch"],
+        **{key: run_energy[key] for key in ENERGY_KEYS},
         **{key: s["breakdown"][key] for key in BREAKDOWN_KEYS},
-        **{f"energy_{component}_pj": pj for component, pj in result.evaluation.energy.dynamic.as_dict().items()
+        **{f"energy_{component}_pj": pj for component, pj in energy.dynamic.as_dict().items()
            if component != "total"},
     }
     record.update({key: value for key, value in s.get("fidelity", {}).items()
@@ -220,12 +229,91 @@ def point_record(point: SweepPoint, result: Result) -> dict[str, Any]:
 
 
 def simulate_point(config: str, point: SweepPoint) -> dict[str, Any]:
-    """Run one point (in a worker process, local or Dask) and return its record."""
-    from tpusim.api import simulate
+    """Run one point (in a worker process, local or Dask) and return its record, equal to what a direct
+    ``tpusim.simulate`` with the point's settings reports.
 
-    result = simulate(config, point.model, batch=point.batch, overrides=dict(point.overrides),
-                      quantize=point.quantize, input_shape=point.input_shape, calib_data=point.calib_data)
-    return point_record(point, result)
+    A timing point (``quantize`` false) compiles, simulates and prices only: the process reads the
+    config, lowers the model and reads the energy table once for all its points, and makes no
+    per-tensor twin run (that run measures requantization overhead, which the record has no column
+    for). A quantized point is one ``tpusim.simulate`` call; its calibration costs seconds anyway."""
+    if point.quantize:
+        from tpusim.api import simulate
+
+        result = simulate(config, point.model, batch=point.batch, overrides=dict(point.overrides), quantize=True,
+                          input_shape=point.input_shape, calib_data=point.calib_data)
+        return point_record(point, result.summary, result.evaluation.energy)
+    from tpusim.report import run_report
+
+    hardware = _point_config(config, point)
+    graph = _lowered(point.model, point.model_digest, point.batch, point.input_shape)
+    sim, energy = _time_and_energy(graph, hardware, _energy_table(hardware.energy.table, point.config_digest))
+    return point_record(point, run_report.summary(graph, sim, hardware, energy), energy)
+
+
+# Caches of one process (a local worker, a Dask worker, or the caller's with jobs=1), keyed on file
+# digests (the arguments the bodies do not use) so that an edited file is read again. A lowered
+# ResNet-50 holds its weights (about 100 MB at any batch), hence room for two only: local workers get
+# their points grouped by model and batch (pool_map's groups), so they seldom return to an older one.
+@functools.lru_cache(maxsize=4)
+def _base_config(config: str, config_digest: str) -> HardwareConfig:
+    from tpusim.config import load_config
+
+    return load_config(config)
+
+
+@functools.lru_cache(maxsize=2)
+def _lowered(model: str, model_digest: str, batch: int, input_shape: tuple[int, ...] | None) -> Graph:
+    from tpusim.frontend import load_onnx
+    from tpusim.pipeline import resolve_model
+
+    return load_onnx(resolve_model(model), batch=batch, input_shape=input_shape)
+
+
+@functools.lru_cache(maxsize=4)
+def _energy_table(path: str, config_digest: str) -> EnergyTable:
+    from tpusim.energy.table import load_energy_table
+
+    return load_energy_table(path)
+
+
+def _clear_caches() -> None:
+    for cache in (_base_config, _lowered, _energy_table):
+        cache.cache_clear()
+
+
+# Overrides that load_config must see: it resolves a relative energy table against the config's folder
+# and checks the weight-memory technology against the table.
+_READ_WITH_THE_FILE = ("energy", "energy.table", "weight_memory", "weight_memory.technology")
+
+
+def _config_with(config: str, config_digest: str, overrides: Mapping[str, Any]) -> HardwareConfig:
+    """``load_config(config, overrides)``, built from this process's parsed base config where that is
+    the same (every other override is checked by the same code either way); an invalid override fails
+    with load_config's message, which names the config file."""
+    from tpusim.config import load_config
+
+    if not any(key in _READ_WITH_THE_FILE for key in overrides):
+        try:
+            return _base_config(config, config_digest).replace(**overrides)
+        except ConfigError:
+            pass
+    return load_config(config, dict(overrides))
+
+
+def _point_config(config: str, point: SweepPoint) -> HardwareConfig:
+    return _config_with(config, point.config_digest, dict(point.overrides))
+
+
+def _time_and_energy(graph: Graph, config: HardwareConfig, table: EnergyTable) -> tuple[SimResult, RunEnergy]:
+    """``pipeline.time_and_energy`` with an energy table the caller keeps (that one reads it per call)."""
+    from tpusim.energy.model import run_energy
+    from tpusim.mapping import compile_program
+    from tpusim.sim import simulate_program
+
+    program = compile_program(graph, config)
+    sim = simulate_program(program, config, graph.batch)
+    energy = run_energy([(t.name, t.counts) for t in sim.layers], sim.latency_s, sim.macs, sim.batch, config, table)
+    return sim, energy
 
 
 class _PointStore:
@@ -261,8 +349,11 @@ Completed = Iterator[tuple[SweepPoint, dict[str, Any]]]
 
 
 def _run_in_process(config: str, points: Sequence[SweepPoint]) -> Completed:
-    for point in points:
-        yield point, _checked(point, lambda: simulate_point(config, point))
+    try:
+        for point in points:
+            yield point, _checked(point, lambda: simulate_point(config, point))
+    finally:
+        _clear_caches()  # the caller's process: do not keep lowered models alive after the sweep
 
 
 # Local workers are plain ``python -c`` processes of our own rather than a multiprocessing pool:
@@ -372,6 +463,9 @@ class TaskFailed(Exception):
         self.user, self.message, self.item = user, message, item
 
 
+_NO_GROUP_YET = object()
+
+
 class _Worker:
     def __init__(self) -> None:
         import tpusim
@@ -383,6 +477,7 @@ class _Worker:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                         start_new_session=True)
         self.item: Any = None
+        self.group: Hashable = _NO_GROUP_YET
 
     @property
     def fd(self) -> int:
@@ -419,13 +514,47 @@ class _Worker:
             self.process.wait()
 
 
-def pool_map(function: Callable[[Any], Any], items: Sequence[Any], jobs: int) -> Iterator[tuple[Any, Any]]:
+class _Queue:
+    """Items not yet handed out, by group (in order of first appearance), each group in item order."""
+
+    def __init__(self, items: Sequence[Any], group: Callable[[Any], Hashable]):
+        self.groups: dict[Hashable, deque[Any]] = {}
+        for item in items:
+            self.groups.setdefault(group(item), deque()).append(item)
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def take(self, previous: Hashable, others: Iterable[Hashable]) -> tuple[Hashable, Any]:
+        """The next item of group ``previous``; when that group is done, of the first group that no other
+        worker is on; when every group has a worker, of the group with the most items left."""
+        key = previous
+        if key not in self.groups:
+            taken = set(others)
+            free = [k for k in self.groups if k not in taken]
+            key = free[0] if free else max(self.groups, key=lambda k: len(self.groups[k]))
+        items = self.groups[key]
+        item = items.popleft()
+        if not items:
+            del self.groups[key]
+        return key, item
+
+
+def _no_group(item: Any) -> None:
+    return None
+
+
+def pool_map(function: Callable[[Any], Any], items: Sequence[Any], jobs: int,
+             group: Callable[[Any], Hashable] = _no_group) -> Iterator[tuple[Any, Any]]:
     """``(item, function(item))`` for every item, in completion order, computed on ``jobs`` local worker
     processes; ``function`` and the items must pickle (a module-level function, ``functools.partial``).
+    Items are handed out in order; with ``group``, a worker keeps to the group of its last item while
+    that group has items left and then moves to a group no other worker is on, so that what a worker
+    keeps for a group (a lowered model) serves most of the group's items.
     A task that raises ends the iteration with :class:`TaskFailed`. However the iteration ends
     (exhausted, an exception, ``close()``, Ctrl-C), every worker is gone when it has ended."""
     workers: list[_Worker] = []
-    todo = list(reversed(items))
+    todo = _Queue(items, group)
     finished = False
     try:
         for _ in range(min(jobs, len(items))):
@@ -436,7 +565,8 @@ def pool_map(function: Callable[[Any], Any], items: Sequence[Any], jobs: int) ->
         while todo or busy:
             while todo and idle:
                 worker = idle.pop()
-                worker.submit(function, todo.pop())
+                worker.group, item = todo.take(worker.group, (other.group for other in busy.values()))
+                worker.submit(function, item)
                 busy[worker.fd] = worker
             ready, _, _ = select.select(list(busy), [], [])
             for fd in ready:
@@ -456,8 +586,12 @@ def pool_map(function: Callable[[Any], Any], items: Sequence[Any], jobs: int) ->
                 worker.stop(kill=not finished)
 
 
+def _lowering_of(point: SweepPoint) -> Hashable:
+    return point.model, point.model_digest, point.batch, point.input_shape  # the key of _lowered
+
+
 def _run_local(config: str, points: Sequence[SweepPoint], jobs: int) -> Completed:
-    completed = pool_map(functools.partial(simulate_point, config), points, jobs)
+    completed = pool_map(functools.partial(simulate_point, config), points, jobs, group=_lowering_of)
     try:
         while True:
             try:
@@ -563,6 +697,8 @@ def sweep(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Seq
             records[point.key] = saved
         else:
             pending[point.key] = point
+
+    from tqdm import tqdm
 
     workers = min(jobs or os.cpu_count() or 1, max(len(pending), 1))
     todo = list(pending.values())
