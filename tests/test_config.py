@@ -31,6 +31,7 @@ def test_tpu_v1_values():
     assert cfg.unified_buffer.capacity_bytes == 24 * 2**20
     assert cfg.accumulators.entries * cfg.array.cols * cfg.accumulators.bits // 8 == 4 * 2**20
     assert cfg.weight_fifo.depth_tiles == 4
+    assert all(load_config(p).array.weight_double_buffering for p in sorted(CONFIGS.glob("*.yaml")))
     assert Path(cfg.energy.table).is_absolute() and Path(cfg.energy.table).name == "horowitz45.yaml"
 
 
@@ -58,6 +59,11 @@ def test_every_key_of_the_shipped_config_has_a_comment():
     (lambda d: d["quant"].update(weights="per-row"), r"quant\.weights: expected one of"),
     (lambda d: d["quant"].update(percentile=101), r"quant\.percentile: must be <= 100"),
     (lambda d: d["accumulators"].update(double_buffered=1), r"accumulators\.double_buffered: expected true or false"),
+    (lambda d: d["array"].update(weight_double_buffering="yes"),
+     r"array\.weight_double_buffering: expected true or false"),
+    (lambda d: d["array"].pop("weight_double_buffering"), r"array\.weight_double_buffering: missing key"),
+    (lambda d: d["activation_unit"].update(scale_path_bytes_per_cycle=0),
+     r"activation_unit\.scale_path_bytes_per_cycle: must be > 0"),
     (lambda d: d.update(host=5), r"host: expected a mapping"),
     (lambda d: d.update(extra={}), r"extra: unknown key"),
 ])

@@ -27,6 +27,7 @@ class ArrayConfig:
     cols: int = field(metadata=_range(1, 8192))
     clock_mhz: float = field(metadata=_range(0, None, lo_open=True))
     datatype: Literal["int8", "fp32"]
+    weight_double_buffering: bool  # shadow weight registers: the next tile shifts in while one streams
 
     @property
     def element_bytes(self) -> int:
@@ -84,6 +85,7 @@ class ActivationUnitConfig:
     lanes: int = field(metadata=_range(1))
     per_channel_requant: Literal["native", "extra_pass"]
     pipeline_latency_cycles: int = field(metadata=_range(0))
+    scale_path_bytes_per_cycle: float = field(metadata=_range(0, None, lo_open=True))  # requant vectors' path
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ def test_column_tiles_pack_groups_block_diagonally():
 
 
 def test_m_chunks_bounded_by_half_the_accumulators_and_k_folds_refetched_per_chunk():
+    # chunks of 2048, 2048 and 904 rows: the third does not fit behind the first two and wraps to row 0
     program = compile_program(gemm_graph(5000, 512, 256), BASE)
     mmuls = of_type(program, MatrixMultiply)
     assert [i.m_rows for i in mmuls] == [2048, 2048, 2048, 2048, 904, 904]
@@ -58,6 +59,15 @@ def test_single_k_fold_keeps_weights_across_chunks():
     mmuls = of_type(program, MatrixMultiply)
     assert [i.load_weights for i in mmuls] == [True, False, False] * 2
     assert len(of_type(program, ReadWeights)) == 2
+
+
+def test_column_tiles_take_accumulator_rows_side_by_side_in_a_ring():
+    program = compile_program(gemm_graph(100, 256, 768), BASE)
+    assert [i.acc_addr for i in of_type(program, MatrixMultiply)] == [0, 100, 200]
+    assert [a.acc_addr for a in of_type(program, Activate)] == [0, 100, 200]
+    # 40 tiles of 100 rows fill rows 0-3999 of 4096; the 41st does not fit the last 96 and wraps to 0
+    program = compile_program(gemm_graph(100, 256, 41 * 256), BASE)
+    assert [i.acc_addr for i in of_type(program, MatrixMultiply)] == [100 * t for t in range(40)] + [0]
 
 
 def test_single_buffered_accumulators_use_all_entries():

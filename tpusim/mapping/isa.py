@@ -88,8 +88,9 @@ class ReadWeightsFromUb:
 class MatrixMultiply:
     """Stream ``m_rows`` input vectors from ``src`` through the array into accumulator rows.
 
-    ``load_weights``: pop the next tile from the weight FIFO and shift it in (double-buffered)
-    before streaming; otherwise keep the weights in the array. ``accumulate``: add to the
+    ``load_weights``: pop the next tile from the weight FIFO and shift it in before streaming (into
+    the shadow registers while the previous tile streams, or, without weight double buffering, after
+    the array has drained); otherwise keep the weights in the array. ``accumulate``: add to the
     accumulators instead of overwriting them (K folds after the first). ``k_rows`` x ``n_cols`` is
     the used part of the tile; ``macs_per_row`` the useful MACs per streamed vector (smaller than
     ``k_rows * n_cols`` when groups are packed block-diagonally). ``input_bytes`` is what the input

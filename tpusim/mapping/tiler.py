@@ -2,8 +2,12 @@
 
 Matrix layers (conv, gemm) are GEMMs ``y[M, N] = x[M, K] @ W[K, N]`` per group, with im2col done on the
 fly by the unified buffer's input path (M = batch x Hout x Wout, K = Cin/g x kh x kw, N = Cout/g).
-K is folded over the array's rows, N over its columns, and M is streamed in chunks that fit one
-accumulator buffer (``entries``, halved when double-buffered so one half drains while the other fills).
+K is folded over the array's rows, N over its columns, and M is streamed in chunks of at most
+``entries`` accumulator rows, half of them when double-buffered so that one chunk drains while the next
+fills. Accumulators are handed out in rows, not halves: with double buffering each chunk takes the next
+rows of a ring over all ``entries`` (wrapping to row 0 when the rest of the ring is too short), so the
+column tiles of a small-M layer sit side by side and none waits for another's drain; single-buffered,
+every chunk starts at row 0 and waits for the previous one to drain.
 
 Loop order, per layer: for each column tile (N), for each M chunk, for each K fold: stream the chunk
 through the fold's weight tile, accumulating. A compiler keeps the column tile outermost because
@@ -161,6 +165,7 @@ class _Compiler:
         self.int8 = cfg.array.datatype == "int8"
         self.lanes = cfg.activation_unit.lanes
         acc = cfg.accumulators
+        self.acc_entries = acc.entries
         self.acc_chunk = acc.entries // 2 if acc.double_buffered else acc.entries
         self.double_buffered = acc.double_buffered
         self.ub = UbAllocator(cfg.unified_buffer.capacity_bytes, cfg.unified_buffer.width_bytes)
@@ -170,7 +175,7 @@ class _Compiler:
         self.alias: dict[str, str] = {}
         self.host_top = 0
         self.dram_top = 0
-        self.chunk_counter = 0
+        self.acc_cursor = 0  # next free row of the accumulator ring (double-buffered)
         self.staging_counter = 0
 
     # -- tensors -----------------------------------------------------------------------------
@@ -285,9 +290,15 @@ class _Compiler:
             pass_batches=(graph.batch,),
         )
 
-    def _next_acc_addr(self) -> int:
-        addr = (self.chunk_counter % 2) * self.acc_chunk if self.double_buffered else 0
-        self.chunk_counter += 1
+    def _next_acc_addr(self, rows: int | None = None) -> int:
+        """First accumulator row of a chunk of ``rows`` rows (a whole chunk's worth when not given)."""
+        if not self.double_buffered:
+            return 0
+        rows = self.acc_chunk if rows is None else rows
+        if self.acc_cursor + rows > self.acc_entries:
+            self.acc_cursor = 0
+        addr = self.acc_cursor
+        self.acc_cursor += rows
         return addr
 
     def _requant_mode(self) -> RequantMode:
@@ -332,7 +343,7 @@ class _Compiler:
                                                     spill=not inp.graph_input))
                 else:
                     src = UbRegion(inp.ub_addr, inp.nbytes)
-                acc_addr = self._next_acc_addr()
+                acc_addr = self._next_acc_addr(rows)
                 weight_addr = weight_base
                 for f, fold in enumerate(tile.folds):
                     load = c == 0 or len(tile.folds) > 1

@@ -10,12 +10,24 @@ Timeline model. Six units run concurrently, each executing its own instructions 
   start once the previous tile has started streaming and the new tile is in the FIFO. A multiply
   streams its M input vectors one per cycle, starting when the MXU is free, its weights are shifted
   in, its input bytes in the unified buffer have been written (RAW on addresses) and its accumulator
-  rows have been drained; its last output reaches the accumulators M + R + C - 2 cycles after its
-  first input. With weights always ready T tiles take R + (T-1) max(M, R) + M + R + C - 2 cycles.
+  rows are free; its last output reaches the accumulators M + R + C - 2 cycles after its first input.
+  With weights always ready T tiles take R + (T-1) max(M, R) + M + R + C - 2 cycles. Without weight
+  double buffering (``array.weight_double_buffering: false``, no shadow registers) a shift may start
+  only once the array has drained the previous multiply's last output, so each fold takes
+  2R + C + M - 2 cycles alone. Both equal the PE-level array (``tpusim.kernels.systolic``) stepped on
+  the same tiles, cycle for cycle (tested over random layers and arrays).
+* Accumulators: an overwriting multiply's output vector j first reaches its accumulator row at
+  start + j + R - 1, which must be no earlier than the cycle after the activation unit last read what
+  the row held (with double-buffered accumulators; single-buffered, the whole previous chunk must
+  have drained before the next one starts).
 * Activation unit (``Activate``): one ``lanes``-wide vector per cycle plus ``pipeline_latency_cycles``;
   it drains accumulator rows as the last K fold's multiply delivers them (from its first output,
   R + C - 1 cycles after that multiply's first input; at least one pass per row, so it never overtakes
-  the array), or waits for all of its unified-buffer operands.
+  the array), or waits for all of its unified-buffer operands. An ``Activate`` that needs new
+  requantization scales (5 bytes per output channel per column tile with per-channel weights, 5 per
+  layer per-tensor) first loads them over ``scale_path_bytes_per_cycle``, after the previous
+  ``Activate`` is done with the registers they replace: hidden when the unit would wait for the
+  array's drain anyway, exposed when drains follow each other closely.
 * Host link in / out (``ReadHostMemory`` / ``WriteHostMemory``): PCIe, ``latency + bytes / bandwidth``.
 * Operands computed on the chip as weights (attention's K and V): ``WriteWeightMemory`` moves bytes the
   host holds (after a ``WriteHostMemory`` of them) into the weight memory, occupying the host link in
@@ -24,13 +36,17 @@ Timeline model. Six units run concurrently, each executing its own instructions 
   ``computed_weights.direct_bytes_per_cycle``) once the operand's bytes are written.
 
 Cycle categories (the TPU v1 paper's, Jouppi et al. 2017 Table 3) are the MXU's point of view: every
-cycle of the run is exactly one of *active* (streaming), *weight_stall*, *weight_shift* or
-*non_matrix*. The idle cycles before a multiply are split in this order: first those spent waiting
-for its input data (``input_stall`` if the bytes come over PCIe, else ``raw_stall``; both are
-non-matrix), then the weight shift it would have exposed even with weights ready (``weight_shift``:
-R - M per tile when M < R), then any further wait for the weight memory (``weight_stall``: a tile's
-fetch minus max(M, R) when DRAM-bound), and the rest is waiting for the activation unit to drain an
-accumulator buffer (non-matrix). Cycles after the last multiply are non-matrix. A layer's span runs
+cycle of the run is exactly one of *active* (streaming), *weight_stall* (waiting for weights from the
+weight memory), *weight_shift* (shifting weights into the array, not overlapped with computation) or
+*non_matrix*. Each idle cycle before a multiply is charged to its cause, in time order: first the
+cycles spent waiting for its input data (``input_stall`` if the bytes come over PCIe, else
+``raw_stall``; both are non-matrix); then, for a multiply that loads a tile, the cycles before the
+tile arrives in the FIFO when its late arrival is what holds the shift back (``weight_stall``); then
+the cycles until its shift is done (``weight_shift``, the part of the shift the previous tile's
+streaming did not cover: R - M when M < R and the tile was in the FIFO when the previous tile started
+streaming, the whole R cycles when it arrived after that stream had ended; without double buffering
+also the wait for the array to drain); the rest is waiting for the activation unit to free
+accumulator rows (non-matrix). Cycles after the last multiply are non-matrix. A layer's span runs
 from the end of the previous layer to the end of its own work (its last multiply's streaming for a
 matrix layer, its last activation-unit or host-write result otherwise; the last layer ends the run),
 so spans tile the run and per-layer totals sum to the run's cycles. Active cycles split into
@@ -163,6 +179,7 @@ class _Timeline:
         depth = cfg.weight_fifo.depth_tiles
         clock = cfg.array.clock_mhz
         wm, host, act = cfg.weight_memory, cfg.host, cfg.activation_unit
+        scale_bytes_per_cycle = Fraction(act.scale_path_bytes_per_cycle)
         n_ub_rows = -(-cfg.unified_buffer.capacity_bytes // width)
         ub_ready = np.zeros(n_ub_rows, dtype=np.int64)       # time the last write of each row lands
         ub_from_host = np.zeros(n_ub_rows, dtype=bool)       # whether that write came over PCIe
@@ -170,7 +187,10 @@ class _Timeline:
         # First row of each accumulator range final: the activation unit drains rows as they arrive
         # (one per cycle), so it may start then; it is never faster than that, so it cannot overtake.
         acc_first_row = np.zeros(cfg.accumulators.entries, dtype=np.int64)
-        acc_free = np.zeros(cfg.accumulators.entries, dtype=np.int64)
+        acc_free = np.zeros(cfg.accumulators.entries, dtype=np.int64)  # cycle after the drain's last read
+        row_offset = np.arange(cfg.accumulators.entries, dtype=np.int64)
+        acc_double_buffered = cfg.accumulators.double_buffered
+        weight_double_buffering = cfg.array.weight_double_buffering
         fetch_start: list[int] = []
         fetch_end: list[int] = []
         shift_end_of_tile: list[int] = []
@@ -183,6 +203,7 @@ class _Timeline:
         written_at: list[int] = []
         mxu_free = 0
         tile_stream_start = 0  # when the weights now in the array were swapped in
+        array_drained = 0      # when the last output of the latest multiply has left the array
         finish = 0
         for ins in self.program.instructions:
             c = self.counts[ins.layer]
@@ -191,19 +212,29 @@ class _Timeline:
                 data_ready = int(ub_ready[src].max())
                 data_category = INPUT_STALL if ub_from_host[src][int(ub_ready[src].argmax())] else RAW_STALL
                 acc = slice(ins.acc_addr, ins.acc_addr + ins.m_rows)
-                acc_wait = 0 if ins.accumulate else int(acc_free[acc].max())
-                shift_ideal = shift_end = 0
+                if ins.accumulate:
+                    acc_wait = 0
+                elif acc_double_buffered:
+                    # row j is first written when output vector j leaves the array's bottom edge,
+                    # start + j + R - 1, which must come after the drain of what the row held
+                    acc_wait = int((acc_free[acc] - row_offset[:ins.m_rows]).max()) - (rows - 1)
+                else:  # one buffer: the fill starts only when the previous chunk has drained
+                    acc_wait = int(acc_free[acc].max())
+                memory_wait = shift_end = 0
                 shift_start = -1
                 if ins.load_weights:
                     tile = len(shift_end_of_tile)
-                    shift_start = max(tile_stream_start, fetch_end[tile])
+                    # when the array could take the tile: into the shadow registers once the weights in
+                    # use have started streaming; without them, once the array has drained
+                    gate = tile_stream_start if weight_double_buffering else array_drained
+                    shift_start = max(gate, fetch_end[tile])
                     shift_end = shift_start + rows
-                    shift_ideal = tile_stream_start + rows
+                    memory_wait = fetch_end[tile] if fetch_end[tile] > gate else 0
                     shift_end_of_tile.append(shift_end)
                 start = max(mxu_free, data_ready, shift_end, acc_wait)
                 level = mxu_free
-                for bound, category in ((data_ready, data_category), (shift_ideal, WEIGHT_SHIFT),
-                                        (shift_end, WEIGHT_STALL), (start, OTHER_NON_MATRIX)):
+                for bound, category in ((data_ready, data_category), (memory_wait, WEIGHT_STALL),
+                                        (shift_end, WEIGHT_SHIFT), (start, OTHER_NON_MATRIX)):
                     bound = min(max(bound, level), start)
                     self._interval(level, bound, category)
                     level = bound
@@ -213,6 +244,7 @@ class _Timeline:
                     tile_stream_start = start
                     c["weight_shift_bytes"] += ins.n_cols * eb * rows * (rows + 1) // 2
                 last_output = start + ins.m_rows + rows + cols - 2
+                array_drained = last_output
                 mxu_free = end
                 acc_first_row[acc] = start + rows + cols - 1
                 ub_read_done[src] = np.maximum(ub_read_done[src], end)
@@ -265,7 +297,9 @@ class _Timeline:
                 c["host_weight_bytes"] += ins.nbytes
                 c["weight_dram_bytes"] += ins.nbytes
             elif isinstance(ins, Activate):
-                start = act_free
+                # One set of per-lane multiplier/shift registers: new scale vectors load once the unit has
+                # finished with the previous ones, hidden if the unit would wait for its data anyway.
+                start = act_free + int(-(-Fraction(ins.requant_scale_bytes) // scale_bytes_per_cycle))
                 if ins.acc_rows:
                     acc = slice(ins.acc_addr, ins.acc_addr + ins.acc_rows)
                     start = max(start, int(acc_first_row[acc].max()))
@@ -276,7 +310,9 @@ class _Timeline:
                 act_free = start + ins.vector_passes
                 done = act_free + act.pipeline_latency_cycles
                 if ins.acc_rows:
-                    acc_free[acc] = act_free
+                    # whatever the order of its passes, the unit's last pass over row i is at the latest
+                    # in cycle act_free - acc_rows + i (one row per cycle at the end)
+                    acc_free[acc] = act_free - ins.acc_rows + 1 + row_offset[:ins.acc_rows]
                     acc_traffic = ins.acc_rows * ins.cols * acc_bytes
                     c["acc_read_bytes"] += acc_traffic * (2 if ins.extra_requant_pass else 1)
                     c["acc_write_bytes"] += acc_traffic if ins.extra_requant_pass else 0
