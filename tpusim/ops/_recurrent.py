@@ -785,7 +785,7 @@ class _Emitter:
         for n, tile in enumerate(tiles):
             for m0 in range(0, m_rows, chunk):
                 rows = min(chunk, m_rows - m0)
-                acc = self.c._next_acc_addr()
+                acc = self.c._next_acc_addr(rows)
                 fold_addr = addr
                 for f, fold in enumerate(tile.folds):
                     key = (kind, d, n, f)

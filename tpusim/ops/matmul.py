@@ -202,7 +202,7 @@ def _emit(compiler, li: int, layer, out) -> None:
                 src = UbRegion(a.ub_addr, a.nbytes)
             else:
                 src = UbRegion(a.ub_addr + first_group * a_group_bytes, groups_here * a_group_bytes)
-            acc_addr = compiler._next_acc_addr()
+            acc_addr = compiler._next_acc_addr(rows)
             addr = tile_weights
             for f, fold in enumerate(tile.folds):
                 load = c == 0 or len(tile.folds) > 1
