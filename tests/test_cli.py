@@ -1,17 +1,21 @@
 """The command line: outputs land atomically; bad input is one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import onnx
 import pytest
 from onnx_graphs import GraphBuilder
 
-from tpusim.cli import main
+from tpusim.cli import build_parser, main
 
 TPU_V1 = str(Path(__file__).resolve().parents[1] / "configs" / "tpu_v1.yaml")
 
@@ -67,8 +71,16 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, small_model, capsys, ar
     out = tmp_path / "never"
     code, _, stderr = _run(capsys, *argv, "--out", out)
     assert code == 2
-    assert stderr.count("\n") == 1 and message in stderr and "Traceback" not in stderr
+    assert message in _error_after_phase_lines(stderr) and "Traceback" not in stderr
     assert not out.exists()
+
+
+def _error_after_phase_lines(stderr: str) -> str:
+    """The one error line; before it (progress is on, stderr is no terminal) only the started phase's line."""
+    *before, error = stderr.splitlines()
+    assert error.startswith("tpusim: error: ") and stderr.endswith("\n")
+    assert all(line.startswith("tpusim: ") and line.endswith(" ...") for line in before), before
+    return error
 
 
 def test_argument_errors_exit_2(capsys):
@@ -126,5 +138,143 @@ def test_check_names_every_unsupported_op_with_counts(tmp_path, capsys):
     assert sum(line.split()[1:2] == ["unsupported"] for line in stdout.splitlines()) == 3
     assert "4 nodes: 1 lowered, 3 unsupported" in stdout
     code, _, stderr = _run(capsys, "run", TPU_V1, "--model", path, "--no-quantize", "--out", tmp_path / "o")
-    assert code == 2 and "unsupported ops: Hardmax x2, LpNormalization x1" in stderr and stderr.count("\n") == 1
+    assert code == 2 and "unsupported ops: Hardmax x2, LpNormalization x1" in _error_after_phase_lines(stderr)
     assert not (tmp_path / "o").exists()
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, parser) for the top level and every subcommand."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, path + (name,))
+
+
+def test_every_option_has_help_and_every_valued_option_shows_its_default():
+    missing = []
+    for path, parser in _commands(build_parser()):
+        if path == ("sweep",):
+            continue  # tpusim/sweeps.py's --input-shape, --set and --scheduler do not state their defaults yet
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            flag = f"{' '.join(path)} {action.option_strings[-1]}"
+            if not action.help:
+                missing.append(f"{flag}: no help")
+            elif action.nargs != 0 and not action.required and "default" not in formatter._get_help_string(action):
+                missing.append(f"{flag}: no default")
+    assert not missing
+
+
+def test_help_shows_the_actual_default():
+    from tpusim.pipeline import RunOptions
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    assert run.get_default("eval_samples") == RunOptions.eval_samples
+    help_text = " ".join(run.format_help().split())
+    assert "(default: kernel)" in help_text and f"(default: {RunOptions.eval_samples})" in help_text
+
+
+HEAVY = ("numpy", "onnx", "onnxruntime", "numba", "matplotlib", "tpusim.pipeline", "tpusim.workloads", "tpusim.quant")
+
+
+def test_help_and_argument_errors_import_no_heavy_module():
+    """`tpusim --help` and argument errors must be instant: no heavy module may be imported to build the parser."""
+    argvs = [["--help"], ["--version"], ["run"], ["run", "c.yaml", "--modle", "m"], ["workloads", "list", "--help"]]
+    argvs += [[name, "--help"] for name in ("run", "compile", "quantize", "check", "compare", "sweep", "workloads")]
+    code = ("import contextlib, io, sys\nfrom tpusim.cli import main\n"
+            f"for argv in {argvs!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "        try:\n            main(argv)\n        except SystemExit:\n            pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def _tpusim(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tpusim", *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("tpusim: error: ") and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "compile", "quantize", "compare", "sweep"])
+def test_a_misspelt_flag_is_named_as_unknown(command):
+    err = _one_line_error(_tpusim(command, TPU_V1, "--modle", "tiny_cnn"))
+    assert f"tpusim {command}: unrecognized argument --modle; did you mean --model?" in err
+    assert "required" not in err
+
+
+def test_an_unknown_flag_with_no_close_match_gets_no_suggestion():
+    err = _one_line_error(_tpusim("run", TPU_V1, "--model", "tiny_cnn", "--frobnicate=3"))
+    assert "unrecognized argument --frobnicate (see tpusim run --help)" in err
+
+
+@pytest.mark.parametrize("command, setting, message", [
+    ("run", "array.rows=0", "tpu_v1.yaml (--set array.rows): array.rows: must be >= 1, got 0"),
+    ("run", "array.rows=abc", "tpu_v1.yaml (--set array.rows): array.rows: expected an integer, got 'abc'"),
+    ("run", "array.banks=2", "tpu_v1.yaml (--set array.banks): array.banks: unknown key"),
+    ("run", "array.rows", "--set 'array.rows': expected KEY.PATH=VALUE"),
+    ("compile", "array.rows=0", "tpu_v1.yaml (--set array.rows): array.rows: must be >= 1, got 0"),
+    ("compare", "array.rows=0", "tpu_v1.yaml (--set array.rows): array.rows: must be >= 1, got 0"),
+])
+def test_a_set_error_names_the_flag_and_the_key(tmp_path, command, setting, message):
+    extra = ["--out", str(tmp_path / "out"), "--no-progress"] if command in ("run", "compare") else []
+    err = _one_line_error(_tpusim(command, TPU_V1, "--model", "tiny_cnn", "--set", setting, *extra))
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def _wait_for_library(pid: int, fragment: str, timeout_s: float) -> bool:
+    """Whether process ``pid`` mapped a shared library whose path contains ``fragment`` (it is importing it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if fragment in Path(f"/proc/{pid}/maps").read_text():
+                return True
+        except OSError:
+            return False
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see what the process imports")
+# Interrupted while these initialise, onnx segfaulted, matplotlib aborted, onnxruntime raised ImportError, or the
+# interrupt was lost (the run went on to exit 0); the others are the import's start (numpy) and its middle (numba).
+@pytest.mark.parametrize("library", ["_multiarray_umath", "onnx_cpp2py_export", "onnxruntime_pybind11_state",
+                                     "ft2font", "llvmlite"])
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path, library):
+    process = subprocess.Popen([sys.executable, "-m", "tpusim", "run", TPU_V1, "--model", "tiny_cnn", "--no-quantize",
+                                "--no-progress", "--out", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for_library(process.pid, library, timeout_s=60), f"{library} was never loaded"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and err == "tpusim: interrupted\n", err
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ctrl_c_at_a_random_moment_of_a_run_is_one_line_and_exit_130(tmp_path, seed):
+    """Later than the imports too: inside Numba's compiler callbacks, integer execution, the plots."""
+    process = subprocess.Popen([sys.executable, "-m", "tpusim", "run", TPU_V1, "--model", "tiny_cnn", "--out",
+                                str(tmp_path / "out"), "--eval-samples", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for_library(process.pid, "_multiarray_umath", timeout_s=60)
+        time.sleep(random.Random(seed).uniform(0.0, 3.0))
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode in (0, 130) and "Traceback" not in err and "Exception" not in err, err
+    if process.returncode == 130:
+        assert err.endswith("tpusim: interrupted\n") and err.count("tpusim: interrupted") == 1

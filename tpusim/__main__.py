@@ -1,5 +1,95 @@
+"""``python -m tpusim`` and the ``tpusim`` console script. Ctrl-C at any moment, even while Python is still
+importing, ends with ``tpusim: interrupted`` and exit code 130, never a traceback or a crash."""
+import importlib.machinery
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
-from tpusim.cli import main
 
-sys.exit(main())
+@contextmanager
+def _interrupts_held():
+    """SIGINT is held while the block runs and raised as KeyboardInterrupt right after it, if it came."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # not ours to hold (another thread, or already held by an enclosing import)
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+_EXTENSIONS: list = []  # every extension module made: one that an interrupted import drops must never be freed
+
+
+class _ExtensionLoader(importlib.machinery.ExtensionFileLoader):
+    """A KeyboardInterrupt inside a C extension's initialisation crashes some (onnx segfaults, matplotlib's
+    ft2font aborts, onnxruntime's import fails, or the interrupt is lost); so it waits until the module exists.
+    pybind11 modules crash when freed, so each is kept (CPython never unloads extensions anyway)."""
+
+    def create_module(self, spec):
+        with _interrupts_held():
+            module = super().create_module(spec)
+            _EXTENSIONS.append(module)
+            return module
+
+    def exec_module(self, module):
+        with _interrupts_held():
+            super().exec_module(module)
+
+
+def _hold_interrupts_in_extension_imports() -> None:
+    loaders = [(_ExtensionLoader, importlib.machinery.EXTENSION_SUFFIXES),
+               (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+               (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES)]
+    sys.path_hooks.insert(0, importlib.machinery.FileFinder.path_hook(*loaders))
+    sys.path_importer_cache.clear()  # the path entries' finders are made again, with the hook above
+
+
+def _raise_lost_interrupts(unraisable, _default=sys.unraisablehook) -> None:
+    """A Ctrl-C that lands in a callback from C (llvmlite's object cache while Numba compiles) cannot propagate:
+    Python would print it and carry on. It is sent again, to arrive where it can be raised."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    else:
+        _default(unraisable)
+
+
+def _exit_interrupted() -> None:
+    """Exit with 130 without finalising the interpreter: after an interrupt, Python's shutdown was seen to
+    crash on half-initialised extension modules (onnx: segfault, matplotlib: abort) or to end the process by
+    SIGINT, after our last line."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # None, a closed pipe or a closed stream
+            pass
+    os._exit(130)
+
+
+def main() -> int:
+    try:
+        _hold_interrupts_in_extension_imports()
+        sys.unraisablehook = _raise_lost_interrupts
+        from tpusim.cli import EXIT_INTERRUPTED, main as cli_main
+    except KeyboardInterrupt:
+        print("tpusim: interrupted", file=sys.stderr)
+        _exit_interrupted()
+    try:
+        code = cli_main()
+    except KeyboardInterrupt:  # a second one, while the first was being reported: it has been said already
+        code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:
+        _exit_interrupted()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: a late Ctrl-C must not kill the exit
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

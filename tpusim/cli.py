@@ -7,21 +7,16 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-import onnx
-
-from tpusim import pipeline, workloads
+# Only what building the parser needs is imported here, so that `tpusim --help` and argument errors are
+# instant; each command imports the stages (onnx, numba, matplotlib, ...) it uses when it runs.
 from tpusim.arguments import positive_int, shape
-from tpusim.config import parse_override
-from tpusim.errors import TpusimError, TpusimWarning
-from tpusim.mapping import compile_program
-from tpusim.quant.export import export_qdq
-from tpusim.quant.stage import calibrate_and_quantize
-from tpusim.report.files import atomic_write_text, check_output_dir, check_output_file
+from tpusim.errors import ConfigError, TpusimError, TpusimWarning
 from tpusim.compare import add_compare_command
 from tpusim.sweeps import add_sweep_command
-from tpusim.report.tables import format_table
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command that Ctrl-C ended
+_BUILT_IN = "a built-in workload name (`tpusim workloads list` shows them)"
 
 
 def _version() -> str:
@@ -35,14 +30,15 @@ def _version() -> str:
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="hardware config YAML, e.g. configs/tpu_v1.yaml")
-    parser.add_argument("--model", required=True,
-                        help=f"path to an .onnx file or a built-in workload ({', '.join(workloads.WORKLOADS)})")
+    parser.add_argument("--model", required=True, help=f"path to an .onnx file or {_BUILT_IN}")
     parser.add_argument("--batch", type=positive_int,
                         help="batch size (default: the N of --input-shape, else the model's own batch, else 1)")
     parser.add_argument("--input-shape", type=shape, metavar="N,C,H,W",
-                        help="input shape for models with dynamic dimensions; N is the batch unless --batch is given")
+                        help="input shape for models with dynamic dimensions; N is the batch unless --batch is given "
+                             "(default: the model's own input shape)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config value, e.g. --set array.rows=128 (repeatable)")
+                        help="override a config value, e.g. --set array.rows=128 (repeatable; default: the config "
+                             "file's values)")
 
 
 def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,11 +53,61 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
                              "the shipped configs)")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless its text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or default == []):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors in tpusim's one-line form (and exit code 2)."""
+    """argparse with its errors in tpusim's one-line form (and exit code 2), defaults shown in every help,
+    and a misspelt flag named as such (argparse would first complain that a required flag is missing)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"tpusim: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None and self._subparsers is None:  # a command's own parser: all its arguments are here
+            self._refuse_unknown_flags(args)
+        return super().parse_known_args(args, namespace)
+
+    def _refuse_unknown_flags(self, args: Sequence[str]) -> None:
+        known = self._option_string_actions
+        for token in args:
+            if token == "--":
+                return
+            if not token.startswith("-") or token == "-" or self._negative_number_matcher.match(token):
+                continue
+            flag = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+            if flag in known or any(option.startswith(flag) for option in known if option.startswith("--")):
+                continue  # an exact flag or an abbreviation argparse resolves (or calls ambiguous) itself
+            import difflib
+
+            long_flags = [option for option in known if option.startswith("--")]
+            close = difflib.get_close_matches(flag, long_flags, n=1, cutoff=0.75)
+            self.error(f"unrecognized argument {flag}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
+class _VersionAction(argparse.Action):
+    """--version: the installed version is looked up only when asked for (the lookup is not free)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"tpusim {_version()}")
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tpusim",
         description="Cycle-level, bit-exact simulator of a TPU-v1-style weight-stationary systolic array.",
     )
-    parser.add_argument("--version", action="version", version=f"tpusim {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="print the installed version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     run = commands.add_parser("run", help="lower, quantize, map and simulate a model; write reports",
@@ -80,11 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-quantize", dest="quantize", action="store_false",
                      help="skip calibration and integer execution (timing and energy only)")
     run.add_argument("--fidelity", choices=("kernel", "pe"), default="kernel",
-                     help="what computes the int8 values: the int8 GEMM kernel (default) or the PE-level "
+                     help="what computes the int8 values: the int8 GEMM kernel or the PE-level "
                           "cycle-stepped array (slower; adds pe_array_cycles to layers.csv)")
-    run.add_argument("--eval-samples", type=positive_int, default=4,
-                     help="inputs on which int8 fidelity is measured (default 4)")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    # RunOptions.eval_samples, written out so that the parser needs no pipeline import (a test holds them equal)
+    run.add_argument("--eval-samples", type=positive_int, default=16, metavar="N",
+                     help="inputs on which int8 fidelity is measured")
+    run.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bars or phase lines on stderr")
     run.set_defaults(handler=_cmd_run)
 
     comp = commands.add_parser("compile", help="compile a model to the TPU instruction stream",
@@ -92,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "--listing, one line per instruction with its operands.")
     _add_model_arguments(comp)
     comp.add_argument("--listing", action="store_true", help="print every instruction")
-    comp.add_argument("-o", "--output", type=Path, help="write the listing to this file instead of stdout")
+    comp.add_argument("-o", "--output", type=Path,
+                      help="write the listing to this file instead of stdout (default: stdout)")
     comp.set_defaults(handler=_cmd_compile)
 
     quant = commands.add_parser("quantize", help="calibrate and quantize a model; export standard QDQ ONNX",
@@ -108,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Canonicalise a model and list every node with its op and status "
                                             "(lowered, folded, quantization, unsupported); exit code 2 and one "
                                             "line naming every unsupported op when there is any.")
-    check.add_argument("model", help=f"path to an .onnx file or a built-in workload ({', '.join(workloads.WORKLOADS)})")
+    check.add_argument("model", help=f"path to an .onnx file or {_BUILT_IN}")
     check.add_argument("--input-shape", type=shape, metavar="N,C,H,W",
-                       help="input shape for models with dynamic dimensions")
+                       help="input shape for models with dynamic dimensions (default: the model's own input shape)")
     check.set_defaults(handler=_cmd_check)
 
     add_sweep_command(commands)
@@ -123,12 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     wl_build = wl_commands.add_parser("build", help="write a built-in workload as an ONNX file")
     wl_build.add_argument("name", help="workload name (see `tpusim workloads list`)")
     wl_build.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
-    wl_build.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights (default 0)")
+    wl_build.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     wl_build.set_defaults(handler=_cmd_workloads_build)
     return parser
 
 
 def _overrides(items: Sequence[str], args: argparse.Namespace | None = None) -> dict:
+    from tpusim.config import parse_override
+
     overrides = dict(parse_override(item) for item in items)
     for flag, key in (("weights", "quant.weights"), ("calibration", "quant.calibration")):
         value = getattr(args, flag, None)
@@ -138,6 +189,10 @@ def _overrides(items: Sequence[str], args: argparse.Namespace | None = None) -> 
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from tpusim import pipeline
+    from tpusim.report.files import check_output_dir
+    from tpusim.report.run_report import terminal_summary, terminal_table
+
     check_output_dir(args.out if args.out is not None else Path("results"))
     options = pipeline.RunOptions(config=args.config, model=args.model, out_dir=args.out, batch=args.batch,
                                   overrides=_overrides(args.overrides, args), input_shape=args.input_shape,
@@ -146,31 +201,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = pipeline.run(options)
     for warning in result.evaluation.warnings:
         print(f"tpusim: warning: {warning}", file=sys.stderr)
-    columns = ("layer", "op", "M", "K", "N", "cycles", "utilization", "active_cycles", "weight_stall_cycles",
-               "weight_shift_cycles", "non_matrix_cycles")
-    print(format_table(columns, result.layer_rows, max_rows=40))
-    s = result.summary
-    print(f"\n{result.graph.name}: {len(result.graph.layers)} layers, {s['macs']:,} MACs, batch {s['batch']}")
-    print(f"{s['total_cycles']:,} cycles = {s['latency_s'] * 1e3:.4g} ms; {s['tops']:.4g} TOPS; "
-          f"{s['inferences_per_s']:.4g} inferences/s; utilization {s['utilization']:.1%}")
-    if "energy" in s:
-        e = s["energy"]
-        print(f"energy {e['total_pj'] / 1e6 / s['batch']:.4g} uJ per inference ({e['dynamic_pj'] / 1e6 / s['batch']:.4g} "
-              f"dynamic); {e['total_power_w']:.3g} W; {e['total_tops_per_w']:.3g} TOPS/W "
-              f"({e['dynamic_tops_per_w']:.3g} dynamic only)")
-    if "fidelity" in s:
-        f, c = s["fidelity"], s["calibration"]
-        scheme = ("quantization from the model" if c["quantization_source"] == "model"
-                  else f"{c['weights']} weights, {c['method']} calibration")
-        print(f"int8 ({scheme}): "
-              f"top-1 agreement {f['top1_agreement']:.0%}, top-5 {f['top5_agreement']:.0%}, cosine {f['cosine']:.4f}, "
-              f"output SQNR {f['output_sqnr_db']:.1f} dB on {f['evaluated_on']}")
+    print(terminal_table(result.layer_rows))
+    print()
+    print("\n".join(terminal_summary(result.graph.name, len(result.graph.layers), result.summary)))
     for path in result.files:
         print(f"wrote {path}")
     return 0
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    import typing
+    from collections import Counter
+
+    from tpusim import pipeline
+    from tpusim.mapping import compile_program, isa
+    from tpusim.report.files import atomic_write_text, check_output_file
+
     if args.output:
         check_output_file(args.output)
     options = pipeline.RunOptions(config=args.config, model=args.model, batch=args.batch,
@@ -185,16 +231,23 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(text)
         return 0
-    counts: dict[str, int] = {}
-    for instruction in program.instructions:
-        counts[type(instruction).__name__] = counts.get(type(instruction).__name__, 0) + 1
-    print(f"{graph.name} on {config.name}: {len(program.instructions)} instructions for {len(graph.layers)} layers")
-    for mnemonic, count in sorted(counts.items()):
-        print(f"  {mnemonic:<16} {count:>8,}")
+    counts = Counter(type(instruction) for instruction in program.instructions)
+    mnemonics = {type(instruction): isa.mnemonic(instruction) for instruction in program.instructions}
+    print(f"{graph.name} on {config.name}: {len(program.instructions):,} instructions for {len(graph.layers):,} layers")
+    for kind in typing.get_args(isa.Instruction):  # in the ISA's order, named as --listing names them
+        if counts[kind]:
+            print(f"  {mnemonics[kind]:<5} {kind.__name__:<18} {counts[kind]:>9,}")
     return 0
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    import onnx
+
+    from tpusim import pipeline, workloads
+    from tpusim.quant.export import export_qdq
+    from tpusim.quant.stage import calibrate_and_quantize
+    from tpusim.report.files import check_output_file
+
     check_output_file(args.output)
     options = pipeline.RunOptions(config=args.config, model=args.model, batch=1, overrides=_overrides(args.overrides, args),
                                   input_shape=args.input_shape, calib_data=args.calib_data)
@@ -212,8 +265,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from tpusim import pipeline
     from tpusim.frontend.canonical import load_model
     from tpusim.frontend.check import check_model, unsupported_summary
+    from tpusim.report.tables import format_table
 
     path = pipeline.resolve_model(args.model)
     report = check_model(load_model(path), str(path), input_shape=args.input_shape)
@@ -232,6 +287,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_workloads_list(args: argparse.Namespace) -> int:
+    from tpusim import workloads
+
     width = max(len(name) for name in workloads.WORKLOADS)
     for name, workload in workloads.WORKLOADS.items():
         dims = "x".join(str(d) for d in workload.input_shape)
@@ -240,6 +297,9 @@ def _cmd_workloads_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_workloads_build(args: argparse.Namespace) -> int:
+    from tpusim import workloads
+    from tpusim.report.files import check_output_file
+
     if args.name not in workloads.WORKLOADS:
         raise TpusimError(f"{args.name}: unknown workload (built-in: {', '.join(workloads.WORKLOADS)})")
     check_output_file(args.output)
@@ -256,19 +316,34 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
         _default(message, category, filename, lineno, file, line)
 
 
+def _name_the_set_flag(message: str, args: argparse.Namespace) -> str:
+    """A config error that a --set value caused says so (the loader names only the file and the key)."""
+    if "(--set " in message:
+        return message
+    for item in getattr(args, "overrides", None) or getattr(args, "grid", None) or ():
+        key = item.split("=", 1)[0].strip()
+        if f": {key}: " in message:
+            return message.replace(f": {key}: ", f" (--set {key}): {key}: ", 1)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = argparse.Namespace()
     try:
+        args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
             warnings.simplefilter("default", TpusimWarning)
             warnings.showwarning = _show_warning
             return args.handler(args)
+    except ConfigError as exc:
+        print(f"tpusim: error: {_name_the_set_flag(str(exc), args)}", file=sys.stderr)
+        return EXIT_USAGE
     except TpusimError as exc:
         print(f"tpusim: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("tpusim: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED  # the process entry (tpusim.__main__) exits at once after this
     except BrokenPipeError:
         # The reader of stdout went away (`tpusim check m.onnx | head`): nothing more to say to it.
         sys.stdout = None

@@ -1,0 +1,198 @@
+"""Progress on stderr: plain lines, one per phase start and end, anywhere but a terminal; bars that only move
+forward on a terminal; a run's phases in order, the integer-execution count over every evaluation batch."""
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx_graphs import GraphBuilder
+
+from tpusim.progress import Progress, current
+
+REPO = Path(__file__).resolve().parents[1]
+TPU_V1 = str(REPO / "configs" / "tpu_v1.yaml")
+RUN_PHASES = ["loading and lowering the model", "quantizing", "integer execution", "timing and energy",
+              "writing reports and plots"]
+ELAPSED = re.compile(r" in \d+\.\d\d s$")
+
+
+def _lines(text: str) -> list[str]:
+    return [ELAPSED.sub(" in T s", line) for line in text.splitlines()]
+
+
+def test_plain_lines_when_not_a_terminal():
+    out = io.StringIO()
+    with Progress(stream=out) as progress:
+        progress.phase("lowering")
+        progress.phase("quantizing")
+        progress.phase("quantizing", 32, "samples")  # the same phase, now with its size
+        progress.update(8)
+        progress.update(4)  # never backwards
+        progress.update(40)  # never beyond the total
+        progress.phase("timing", 3)
+        progress.update(2)
+    assert _lines(out.getvalue()) == [
+        "tpusim: lowering ...",
+        "tpusim: lowering: done in T s",
+        "tpusim: quantizing ...",
+        "tpusim: quantizing: 32 samples in T s",
+        "tpusim: timing (3) ...",
+        "tpusim: timing: 2 in T s",
+    ]
+
+
+def test_a_line_per_interval_while_a_counted_phase_runs():
+    out = io.StringIO()
+    with Progress(stream=out, interval_s=0.0) as progress:
+        progress.phase("sweeping", 1200, "points")
+        progress.update(600)
+        progress.update(600)  # no progress, no line
+        progress.update(1200)
+    assert _lines(out.getvalue()) == [
+        "tpusim: sweeping (1,200 points) ...",
+        "tpusim: sweeping: 600 of 1,200 points",
+        "tpusim: sweeping: 1,200 of 1,200 points",
+        "tpusim: sweeping: 1,200 points in T s",
+    ]
+
+
+def test_disabled_progress_writes_nothing():
+    out = io.StringIO()
+    with Progress(enabled=False, stream=out) as progress:
+        progress.phase("lowering")
+        progress.phase("quantizing", 4)
+        progress.update(4)
+    assert out.getvalue() == ""
+
+
+def test_current_is_the_innermost_open_progress_else_silent():
+    assert not current().enabled
+    with Progress(stream=io.StringIO()) as outer:
+        assert current() is outer
+        with Progress(enabled=False) as inner:
+            assert current() is inner
+        assert current() is outer
+    assert not current().enabled
+
+
+def test_on_a_terminal_a_bar_only_moves_forward_and_is_erased():
+    out = io.StringIO()
+    with Progress(stream=out, interactive=True) as progress:
+        progress.phase("lowering")
+        progress.phase("integer execution", 10, "layers")
+        for done in (3, 7, 2, 10):
+            progress.update(done)
+            progress._bar.refresh()  # tqdm draws at most every 0.1 s; draw every step here
+    text = out.getvalue()
+    assert text.startswith("tpusim: lowering ...\r\x1b[K")  # the status line, erased when its phase ends
+    counts = [int(n) for n in re.findall(r"(\d+)/10 ", text)]
+    assert counts == sorted(counts) and counts[-1] == 10 and 2 not in counts
+    assert text.endswith("\r")  # the bar erases itself (leave=False): nothing is left on the line
+
+
+def _small_model(path: Path) -> Path:
+    b = GraphBuilder((1, 3, 8, 8))
+    y = b.node("Relu", [b.conv("input", 3, 4, pads=[1, 1, 1, 1])])
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
+    onnx.save(b.model(b.node("Gemm", [y, b.weight((5, 4))], transB=1)), path)
+    return path
+
+
+def _run_argv(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tpusim", "run", TPU_V1, "--model", str(_small_model(tmp_path / "m.onnx")),
+            "--out", str(tmp_path / "out"), "--eval-samples", "3", *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def test_a_run_prints_each_phase_once_in_order_without_control_codes(tmp_path):
+    result = subprocess.run(_run_argv(tmp_path), capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr
+    starts = [line[len("tpusim: "):-len(" ...")].split(" (")[0] for line in result.stderr.splitlines()
+              if line.endswith(" ...")]
+    ends = [line[len("tpusim: "):].split(":")[0] for line in result.stderr.splitlines() if ELAPSED.search(line)]
+    assert starts == RUN_PHASES and ends == RUN_PHASES
+    layers = len(list(csv.DictReader((tmp_path / "out" / "layers.csv").open())))
+    # one count over the 3 evaluation batches, not one per batch
+    assert f"tpusim: integer execution ({3 * layers} layer runs) ..." in result.stderr.splitlines()
+
+
+def test_no_progress_prints_no_phase_lines(tmp_path):
+    result = subprocess.run(_run_argv(tmp_path, "--no-progress"), capture_output=True, text=True, timeout=300,
+                            env=_env())
+    assert result.returncode == 0, result.stderr
+    assert not [line for line in result.stderr.splitlines() if not line.startswith("tpusim: warning: ")]
+
+
+def _read_pty(master: int, process: subprocess.Popen, timeout_s: float) -> bytes:
+    chunks, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif process.poll() is not None:
+            break
+    return b"".join(chunks)
+
+
+def test_on_a_terminal_the_integer_execution_bar_never_restarts(tmp_path):
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws nothing at 0 columns
+    process = subprocess.Popen(_run_argv(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=slave, env=_env())
+    os.close(slave)
+    try:
+        text = _read_pty(master, process, timeout_s=300).decode("utf-8", "replace")
+    finally:
+        os.close(master)
+        process.wait(timeout=60)
+    assert process.returncode == 0, text
+    counts = [(int(done), int(total)) for done, total in re.findall(r"integer execution:.*?(\d+)/(\d+) ", text)]
+    layers = len(list(csv.DictReader((tmp_path / "out" / "layers.csv").open())))
+    assert counts and {total for _, total in counts} == {3 * layers}  # one bar for all 3 evaluation batches
+    assert [done for done, _ in counts] == sorted(done for done, _ in counts)
+    for phase in RUN_PHASES:
+        assert text.count(f"tpusim: {phase} ...") + text.count(f"\r{phase}:") >= 1, phase
+    assert "tpusim: quantizing: " not in text  # no plain end lines on a terminal
+
+
+def test_a_phase_that_fails_gets_no_end_line():
+    out = io.StringIO()
+    with pytest.raises(ValueError):
+        with Progress(stream=out) as progress:
+            progress.phase("lowering")
+            raise ValueError("bad model")
+    assert out.getvalue() == "tpusim: lowering ...\n"
+    assert not current().enabled
+
+
+def test_each_thread_has_its_own_current_progress():
+    seen = []
+    with Progress(stream=io.StringIO()):
+        thread = threading.Thread(target=lambda: seen.append(current().enabled))
+        thread.start()
+        thread.join()
+    assert seen == [False]
