@@ -3,6 +3,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -17,7 +18,8 @@ from tpusim.energy.model import (
 )
 from tpusim.energy.table import load_energy_table
 from tpusim.errors import ConfigError
-from tpusim.ir import LayerCounts
+from tpusim.ir import Activation, ConvAttrs, Graph, Layer, LayerCounts
+from tpusim.sim import simulate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,6 +65,7 @@ IDLE_PE = 0.75
 DRAM_DDR3, DRAM_HBM2 = 16.0, 4.0
 FIFO_WRITE_PLUS_READ = 2.0 + 1.0  # 1 KiB FIFO
 SHIFT = 4.0
+HOP = SHIFT * (1 + 4)  # an int8 activation and a 32-bit partial sum move one register per PE-cycle
 UB_READ, UB_WRITE = 4.0, 8.0  # 16 KiB unified buffer
 ACC_READ, ACC_WRITE = 2.0, 4.0  # 4 KiB accumulators
 REQUANT = 2.0 + 0.125 + 0.5 + 2 * 0.25
@@ -109,7 +112,7 @@ def test_each_component_is_count_times_table_value(hand_config, hand_table):
     assert e == LayerEnergy(
         mac=1000 * MAC_INT8,
         idle_pe=536 * IDLE_PE,
-        array_transport=1536 * SHIFT * (1 + 4),  # an int8 activation and a 32-bit partial sum per PE-cycle
+        array_transport=1536 * HOP,
         weight_dram=300 * DRAM_DDR3,
         weight_fifo=256 * FIFO_WRITE_PLUS_READ,
         weight_shift=4096 * SHIFT,
@@ -134,13 +137,54 @@ def test_each_count_drives_only_its_component(hand_config, hand_table):
 
 
 def test_idle_pe_gating(hand_config, hand_table):
+    """Gated idle PEs cost neither their clock nor their register hops; ungated they cost both."""
     ungated = layer_energy(COUNTS, hand_config, hand_table)
     gated = layer_energy(COUNTS, hand_config.replace(**{"energy.idle_pe_gated": True}), hand_table)
     assert ungated.idle_pe == (1536 - 1000) * IDLE_PE
+    assert ungated.array_transport == 1536 * HOP
     assert gated.idle_pe == 0.0
-    assert dataclasses.replace(ungated, idle_pe=0.0) == gated
+    assert gated.array_transport == 1000 * HOP
+    assert dataclasses.replace(ungated, idle_pe=0.0, array_transport=1000 * HOP) == gated
     full = dataclasses.replace(COUNTS, mac_slots=COUNTS.macs)
     assert layer_energy(full, hand_config, hand_table).idle_pe == 0.0
+    assert layer_energy(full, hand_config, hand_table) == layer_energy(
+        full, hand_config.replace(**{"energy.idle_pe_gated": True}), hand_table)
+
+
+def _simulated_counts(layer, cfg):
+    graph = Graph("g", layer.inputs[0], layer.input_shapes[0], (layer.name,), (layer,))
+    return simulate(graph, cfg).layers[0].counts
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_array_movement_of_a_simulated_gemm(hand_config, hand_table, gated):
+    """10 x 20 @ 20 x 20 on the 16x16 array: 2 K folds x 2 column tiles, each streaming the 10 rows over
+    all 256 PEs, so 4 x 10 x 256 = 10,240 PE-cycles of which 10 x 20 x 20 = 4,000 do a MAC."""
+    cfg = hand_config.replace(**{"energy.idle_pe_gated": gated})
+    gemm = Layer("fc", "gemm", ("x",), "fc", ((10, 20),), (10, 20), Activation(),
+                 weight=np.zeros((20, 20), np.int8))
+    counts = _simulated_counts(gemm, cfg)
+    assert (counts.macs, counts.mac_slots) == (4000, 10240)
+    e = layer_energy(counts, cfg, hand_table)
+    assert e.mac == 4000 * MAC_INT8
+    assert e.array_transport == (4000 if gated else 10240) * HOP
+    assert e.idle_pe == (0 if gated else 6240 * IDLE_PE)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_array_movement_of_a_simulated_depthwise_conv(hand_config, hand_table, gated):
+    """3x3 depthwise conv, 32 channels of 4x4, batch 1: each group is a 16 x 9 @ 9 x 1 GEMM and only
+    16 // 9 = 1 fits a tile's rows, so 32 tiles stream 16 rows each over all 256 PEs: 131,072 PE-cycles,
+    of which 32 x 16 x 9 = 4,608 do a MAC."""
+    cfg = hand_config.replace(**{"energy.idle_pe_gated": gated})
+    attrs = ConvAttrs((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32)
+    dw = Layer("dw", "conv", ("x",), "dw", ((1, 32, 4, 4),), (1, 32, 4, 4), Activation(),
+               weight=np.zeros((32, 1, 3, 3), np.int8), conv=attrs)
+    counts = _simulated_counts(dw, cfg)
+    assert (counts.macs, counts.mac_slots) == (4608, 131072)
+    e = layer_energy(counts, cfg, hand_table)
+    assert e.array_transport == (4608 if gated else 131072) * HOP
+    assert e.idle_pe == (0 if gated else (131072 - 4608) * IDLE_PE)
 
 
 def test_int8_vs_fp32_mac(hand_config, hand_table):

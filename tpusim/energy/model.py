@@ -5,6 +5,10 @@ Every component is an event count from :class:`~tpusim.ir.LayerCounts` times one
 table, so they are worked out once per run (:func:`action_prices`). All energies are in pJ.
 
 Where each count's energy goes:
+- ``mac_slots - macs`` are idle PE-cycles (padding rows/columns of a tile, zeros of a packed
+  depthwise block). Ungated (``energy.idle_pe_gated: false``) each costs its clock (``idle_pe``) and
+  the activation and partial-sum register hops (``array_transport``) of a busy slot; gated, neither:
+  only the ``macs`` slots move data, as only they compute.
 - ``ub_read_bytes`` / ``ub_write_bytes`` are the array-side unified-buffer traffic; the unified
   buffer's side of host and spill transfers is charged to ``host`` and ``spill`` along with the
   PCIe link, so those components hold the whole cost of moving the data.
@@ -37,7 +41,7 @@ class LayerEnergy:
 
     mac: float = 0.0
     idle_pe: float = 0.0
-    array_transport: float = 0.0  # activations hopping right and partial sums hopping down, per active PE-cycle
+    array_transport: float = 0.0  # activations hopping right and partial sums hopping down, per PE-cycle moved
     weight_dram: float = 0.0
     weight_fifo: float = 0.0
     weight_shift: float = 0.0
@@ -65,7 +69,8 @@ class ActionPrices:
 
     mac: float
     idle_pe_cycle: float  # 0 when idle PEs are clock-gated
-    array_hop_slot: float  # one activation register hop + one partial-sum register hop
+    array_hop_busy_slot: float  # one activation register hop + one partial-sum register hop, in a PE doing a MAC
+    array_hop_idle_slot: float  # the same hops in a PE with no MAC to do; 0 when idle PEs are clock-gated
     weight_dram_byte: float
     weight_fifo_byte: float  # one write into the FIFO and one read out of it
     weight_shift_byte: float  # one register hop
@@ -89,10 +94,12 @@ def weight_fifo_bytes(cfg: HardwareConfig) -> int:
 
 def action_prices(cfg: HardwareConfig, table: EnergyTable) -> ActionPrices:
     ub, acc, fifo = cfg.unified_buffer.capacity_bytes, accumulator_bytes(cfg), weight_fifo_bytes(cfg)
+    hop = table.register_pj_per_byte * (cfg.array.element_bytes + PARTIAL_SUM_BYTES)
     return ActionPrices(
         mac=table.mac_pj(cfg.array.datatype),
         idle_pe_cycle=0.0 if cfg.energy.idle_pe_gated else table.idle_pe_pj_per_cycle,
-        array_hop_slot=table.register_pj_per_byte * (cfg.array.element_bytes + PARTIAL_SUM_BYTES),
+        array_hop_busy_slot=hop,
+        array_hop_idle_slot=0.0 if cfg.energy.idle_pe_gated else hop,
         weight_dram_byte=table.dram_pj_per_byte(cfg.weight_memory.technology),
         weight_fifo_byte=table.sram_pj_per_byte(fifo, "write") + table.sram_pj_per_byte(fifo, "read"),
         weight_shift_byte=table.register_pj_per_byte,
@@ -114,7 +121,7 @@ def priced_layer_energy(counts: LayerCounts, prices: ActionPrices) -> LayerEnerg
     return LayerEnergy(
         mac=counts.macs * p.mac,
         idle_pe=(counts.mac_slots - counts.macs) * p.idle_pe_cycle,
-        array_transport=counts.mac_slots * p.array_hop_slot,
+        array_transport=counts.macs * p.array_hop_busy_slot + (counts.mac_slots - counts.macs) * p.array_hop_idle_slot,
         weight_dram=counts.weight_dram_bytes * p.weight_dram_byte,
         weight_fifo=counts.weight_fifo_bytes * p.weight_fifo_byte,
         weight_shift=counts.weight_shift_bytes * p.weight_shift_byte,
