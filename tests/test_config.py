@@ -55,6 +55,8 @@ def test_every_key_of_the_shipped_config_has_a_comment():
     (lambda d: d["array"].update(rows=0), r"array\.rows: must be >= 1"),
     (lambda d: d["array"].update(clock_mhz=0), r"array\.clock_mhz: must be > 0"),
     (lambda d: d["accumulators"].update(entries=1), r"accumulators\.entries: must be >= 2"),
+    (lambda d: d["weight_memory"].update(requests_in_flight=0), r"weight_memory\.requests_in_flight: must be >= 1"),
+    (lambda d: d["weight_memory"].pop("requests_in_flight"), r"weight_memory\.requests_in_flight: missing key"),
     (lambda d: d["array"].update(datatype="int4"), r"array\.datatype: expected one of 'int8', 'fp32'"),
     (lambda d: d["quant"].update(weights="per-row"), r"quant\.weights: expected one of"),
     (lambda d: d["quant"].update(percentile=101), r"quant\.percentile: must be <= 100"),
@@ -120,3 +122,16 @@ def test_effective_config_round_trips(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
     assert cfg.replace(**{"array.rows": 32}).array.rows == 32
+
+
+@pytest.mark.parametrize("variant", ["tpu_v1_gddr5.yaml", "tpu_v1_hbm.yaml"])
+def test_memory_variants_are_tpu_v1_but_for_the_weight_memory(variant):
+    base, other = load_config(TPU_V1).to_dict(), load_config(CONFIGS / variant).to_dict()
+    assert {key for key in base if base[key] != other[key]} == {"name", "weight_memory"}
+
+
+def test_hbm_config_states_its_memory():
+    memory = load_config(CONFIGS / "tpu_v1_hbm.yaml").weight_memory
+    assert (memory.technology, memory.capacity_bytes, memory.bandwidth_gb_s, memory.latency_cycles,
+            memory.requests_in_flight) == ("HBM2", 32 * 2**30, 900.0, 70, 8)
+    assert load_config(TPU_V1).weight_memory.requests_in_flight == 1

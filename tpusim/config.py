@@ -44,6 +44,7 @@ class WeightMemoryConfig:
     capacity_bytes: int = field(metadata=_range(1))
     bandwidth_gb_s: float = field(metadata=_range(0, None, lo_open=True))
     latency_cycles: int = field(metadata=_range(0))
+    requests_in_flight: int = field(metadata=_range(1, 1024))  # tile reads whose latencies overlap
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tpusim import cli
 from tpusim.config import load_config
-from tpusim.errors import TpusimError
+from tpusim.errors import ConfigError, TpusimError
 from tpusim.ir import Graph, Layer
 from tpusim.mapping import Activate, MatrixMultiply, ReadHostMemory, ReadWeights, WriteHostMemory, compile_program
 from tpusim.mapping.tiler import UbAllocator, column_tiles, rebatched, spill_bytes
 
-BASE = load_config(Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml")
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml"
+BASE = load_config(CONFIG)
 SPILLING = BASE.replace(**{"mapping.sub_batching": False})  # whole batch at once, spilling what does not fit
 
 
@@ -186,3 +188,24 @@ def test_sub_batching_leaves_a_batch_that_fits_alone():
     on, off = compile_program(graph, BASE), compile_program(graph, SPILLING)
     assert on.pass_batches == off.pass_batches == (512,)
     assert on.instructions == off.instructions
+
+
+def test_weights_that_do_not_fit_the_weight_memory_are_a_config_error():
+    graph = gemm_graph(4, 300, 10)  # 3,000 int8 weights
+    assert sum(ins.nbytes for ins in of_type(compile_program(graph, BASE.replace(
+        **{"weight_memory.capacity_bytes": 3000})), ReadWeights)) == 3000  # exactly full fits
+    with pytest.raises(ConfigError) as error:
+        compile_program(graph, BASE.replace(**{"weight_memory.capacity_bytes": 2999}))
+    assert str(error.value) == ("tpu_v1: weight_memory.capacity_bytes: 2,999 bytes cannot hold model 'g', "
+                                "whose weights take 3,000 bytes")
+
+
+def test_cli_refuses_a_model_bigger_than_the_weight_memory_in_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["run", str(CONFIG), "--model", "tiny_cnn", "--no-quantize", "--no-progress",
+                     "--set", "weight_memory.capacity_bytes=1000", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == ("tpusim: error: tpu_v1 (--set weight_memory.capacity_bytes): weight_memory.capacity_bytes: "
+                   "1,000 bytes cannot hold model 'tiny_cnn', whose weights take 6,784 bytes\n")
+    assert not out.exists()

@@ -226,6 +226,62 @@ def test_dram_bound_gemm_exposes_every_tiles_full_shift_after_its_fetch():
     assert np.array_equal(np.diff(result.trace.stream_start), [fetch] * (tiles - 1))
 
 
+# A latency-bound weight memory: 448 GB/s is 640 B/cycle at 700 MHz, so a 64 KiB tile streams in
+# ceil(102.4) = 103 cycles after a 1,000-cycle latency; a deep FIFO leaves the requests in flight as the
+# only limit on how far fetches run ahead.
+SLOW_TURNAROUND = {**FAST_HOST, "weight_memory.bandwidth_gb_s": 448.0, "weight_memory.latency_cycles": 1000,
+                   "weight_fifo.depth_tiles": 16}
+LATENCY_BOUND_X = 103
+
+
+def latency_bound_run(in_flight, **overrides):
+    return simulate(gemm_graph(64, 8 * R, C),
+                    cfg(**{**SLOW_TURNAROUND, "weight_memory.requests_in_flight": in_flight, **overrides}))
+
+
+def test_one_request_in_flight_serialises_latency_and_transfer_as_before():
+    assert BASE.weight_memory.requests_in_flight == 1
+    result = latency_bound_run(1)
+    turnaround = 1000 + LATENCY_BOUND_X
+    assert transfer_cycles(R * C, 448.0, 700.0, 1000) == turnaround
+    assert np.array_equal(result.trace.fetch_start, [turnaround * i for i in range(8)])
+    assert np.array_equal(result.trace.fetch_end, [turnaround * (i + 1) for i in range(8)])
+    # each tile arrives long after the previous one has streamed: last arrival, its shift, its stream,
+    # the drain to the first accumulator row, the activation unit, the 1-cycle host write
+    assert result.total_cycles == 8 * turnaround + R + 64 + (R + C - 1) + LATENCY + 1 == 9672
+
+
+@pytest.mark.parametrize("in_flight, ends, total", [
+    # request i issues when request i - N has finished: N latencies overlap, their data follow each
+    # other on the bus 103 cycles apart, and the next group's latency starts as the first of this one ends
+    (2, [1103, 1206, 2206, 2309, 3309, 3412, 4412, 4515], 5516),
+    (4, [1103, 1206, 1309, 1412, 2206, 2309, 2412, 2515], 3822),
+])
+def test_requests_in_flight_overlap_latencies_and_share_the_bandwidth(in_flight, ends, total):
+    result = latency_bound_run(in_flight)
+    assert np.array_equal(result.trace.fetch_end, ends)
+    assert np.array_equal(result.trace.fetch_start, [0] * in_flight + ends[:8 - in_flight])
+    # within a group the tiles arrive 103 cycles apart, faster than the array's 256-cycle shifts: the
+    # last group's first arrival, one shift per tile of the group, the last tile's stream and the drain
+    last_group_arrival = ends[8 - in_flight]
+    assert result.total_cycles == last_group_arrival + in_flight * R + 64 + (R + C - 1) + LATENCY + 1 == total
+
+
+def test_bandwidth_not_latency_bounds_a_memory_with_enough_requests_in_flight():
+    # 8 requests at once: every latency overlaps and the bus streams the tiles back to back
+    assert np.array_equal(latency_bound_run(8).trace.fetch_end, [1000 + LATENCY_BOUND_X * (i + 1) for i in range(8)])
+
+
+def test_the_fifo_depth_still_bounds_how_far_fetches_run_ahead():
+    result = latency_bound_run(4, **{"weight_fifo.depth_tiles": 2})
+    trace = result.trace
+    shift_end = trace.shift_start + R  # every multiply of this one-row-chunk GEMM loads a tile
+    # tiles 0 and 1 issue at once; tile i >= 2 waits for tile i - 2 to leave its FIFO slot for the array
+    assert np.array_equal(trace.fetch_start[:2], [0, 0])
+    assert np.array_equal(trace.fetch_start[2:], shift_end[:-2])
+    assert (trace.fetch_start[2], trace.fetch_end[2]) == (1103 + R, 1103 + R + 1000 + LATENCY_BOUND_X)
+
+
 def test_faster_weight_memory_hides_the_later_shifts_behind_streaming():
     m, tiles = 64, 4
     graph = gemm_graph(m, tiles * R, C)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from tpusim import ops
 from tpusim.config import HardwareConfig
-from tpusim.errors import TpusimError
+from tpusim.errors import ConfigError, TpusimError
 from tpusim.ir import Graph, Layer
 from tpusim.mapping.isa import (
     Activate,
@@ -278,6 +278,10 @@ class _Compiler:
                 self.code.append(WriteHostMemory(i, UbRegion(out.ub_addr, out.nbytes), out.host_addr, spill=False))
             self._release(i)
         self.code.append(Sync(len(graph.layers) - 1))
+        capacity = self.cfg.weight_memory.capacity_bytes
+        if self.dram_top > capacity:  # the weight memory holds every weight (and K/V written there at run time)
+            raise ConfigError(f"{self.cfg.name}: weight_memory.capacity_bytes: {capacity:,} bytes cannot hold model "
+                              f"{graph.name!r}, whose weights take {self.dram_top:,} bytes")
         return Program(
             graph_name=graph.name,
             config_name=self.cfg.name,

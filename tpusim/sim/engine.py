@@ -3,9 +3,15 @@
 Timeline model. Six units run concurrently, each executing its own instructions in program order
 (decoupled access/execute), and wait for one another only through data:
 
-* DRAM (``ReadWeights``): one tile at a time, ``ceil(bytes / bytes-per-cycle) + latency_cycles`` each,
-  into a weight FIFO of ``depth_tiles`` slots; a slot frees when its tile has been shifted into the
-  array, so fetches run ahead of the MXU -- across layer boundaries too -- by up to the FIFO depth.
+* DRAM (``ReadWeights``): each tile is one request into a weight FIFO of ``depth_tiles`` slots; a
+  slot frees when its tile has been shifted into the array, so fetches run ahead of the MXU -- across
+  layer boundaries too -- by up to the FIFO depth. Requests issue in program order, at most
+  ``requests_in_flight`` unfinished at a time (a request may issue once the one that many places
+  before it has finished and its FIFO slot is free); a request's data streams at the memory's
+  bandwidth, ``ceil(bytes / bytes-per-cycle)`` cycles, from ``latency_cycles`` after its issue or from
+  the end of the previous request's data, whichever is later: latencies overlap, the bandwidth is
+  shared. With one request in flight a tile takes ``latency + ceil(bytes / bytes-per-cycle)`` in
+  series. A ``WriteWeightMemory`` holds the memory alone (later requests issue after it).
 * MXU (``MatrixMultiply``): a new tile shifts in over R cycles into shadow registers; the shift may
   start once the previous tile has started streaming and the new tile is in the FIFO. A multiply
   streams its M input vectors one per cycle, starting when the MXU is free, its weights are shifted
@@ -195,7 +201,12 @@ class _Timeline:
         fetch_end: list[int] = []
         shift_end_of_tile: list[int] = []
         trace_mxu: list[tuple[int, int, int, int, int]] = []
+        # dram_free: when the weight memory's data bus is next free (the end of the latest request's data)
         dram_free = host_in_free = host_out_free = act_free = direct_free = 0
+        in_flight = wm.requests_in_flight
+        bytes_per_cycle = Fraction(wm.bandwidth_gb_s) * 1000 / Fraction(clock)
+        request_end: list[int] = []  # when each weight-memory request's last byte has arrived
+        request_issue = 0            # issue time of the latest request (requests issue in order)
         host_ready: dict[int, int] = {}  # host address -> when a WriteHostMemory to it has landed
         # Weight-memory ranges the host wrote during the run (ascending start addresses) and when.
         written_start: list[int] = []
@@ -259,12 +270,16 @@ class _Timeline:
                     c["acc_read_bytes"] += acc_traffic
             elif isinstance(ins, ReadWeights):
                 tile = len(fetch_end)
-                start = max(dram_free, shift_end_of_tile[tile - depth] if tile >= depth else 0)
+                request = len(request_end)
+                start = max(request_issue, shift_end_of_tile[tile - depth] if tile >= depth else 0,
+                            request_end[request - in_flight] if request >= in_flight else 0)
                 if written_start:
                     w = bisect.bisect_right(written_start, ins.dram_addr) - 1
                     if w >= 0 and ins.dram_addr < written_end[w]:
                         start = max(start, written_at[w])
-                dram_free = start + transfer_cycles(ins.nbytes, wm.bandwidth_gb_s, clock, wm.latency_cycles)
+                request_issue = start
+                dram_free = max(start + wm.latency_cycles, dram_free) + int(-(-Fraction(ins.nbytes) // bytes_per_cycle))
+                request_end.append(dram_free)
                 fetch_start.append(start)
                 fetch_end.append(dram_free)
                 c["weight_dram_bytes"] += ins.nbytes
@@ -284,7 +299,7 @@ class _Timeline:
                 start = max(host_in_free, dram_free, host_ready.get(ins.host_addr, 0))
                 end = start + max(transfer_cycles(ins.nbytes, host.bandwidth_gb_s, clock, host.latency_cycles),
                                   transfer_cycles(ins.nbytes, wm.bandwidth_gb_s, clock, wm.latency_cycles))
-                host_in_free = dram_free = end
+                host_in_free = dram_free = request_issue = end
                 at = bisect.bisect_left(written_start, ins.dram_addr)
                 if at < len(written_start) and written_start[at] == ins.dram_addr:  # a later pass rewrites it
                     written_end[at], written_at[at] = ins.dram_addr + ins.nbytes, end
