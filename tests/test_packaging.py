@@ -56,3 +56,11 @@ def test_a_built_package_runs_from_another_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == str(built / "tpusim" / "__init__.py")
     assert (elsewhere / "out" / "summary.json").is_file()
+
+    # a copied config names its energy table relative to itself; the installed copy is found instead
+    shutil.copy(shipped / "tpu_v1.yaml", elsewhere / "my.yaml")
+    copied = subprocess.run([sys.executable, "-m", "tpusim", "run", "my.yaml", "--model", "m.onnx", "--no-quantize",
+                             "--no-progress", "--out", "out-copied"], cwd=elsewhere, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert copied.returncode == 0, copied.stderr
+    assert (elsewhere / "out-copied" / "summary.json").is_file()

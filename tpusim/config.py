@@ -299,7 +299,9 @@ def read_yaml_file(path: Path, what: str) -> Any:
         raise ConfigError(f"{where}: {line}invalid YAML: {problem}") from None
 
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/ folder
+_CHECKOUT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# a checkout's configs/ folder, else the copy a non-editable install puts in the package (tpusim/configs)
+SHIPPED_CONFIGS = _CHECKOUT_CONFIGS if _CHECKOUT_CONFIGS.is_dir() else Path(__file__).resolve().parent / "configs"
 
 
 def resolve_table_path(table: str, config_path: Path) -> Path:
