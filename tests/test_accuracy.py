@@ -136,9 +136,13 @@ def test_study_end_to_end_on_a_tiny_budget_and_its_table() -> None:
     assert [r.scheme for r in study.results] == list(schemes)
     fp32 = study.fp32
     assert fp32.photo_agreement == 1.0 and len(fp32.photo_top1) == len(study.photo_views) == 40
-    assert 0.3 < fp32.probe_accuracy <= 1.0  # 10 classes: chance is 0.1
-    for r in study.results:
-        assert r.error is None and 0.0 <= r.probe_accuracy <= 1.0 and 0.0 <= r.photo_agreement <= 1.0
+    assert all(r.error is None for r in study.results)
+    # seeded, so the counts are fixed: 10 of 20 test digits for FP32; per-tensor minmax int8 collapses this
+    # depthwise network to chance (2 of 20), with or without CLE
+    assert [round(r.probe_accuracy * 20) for r in study.results] == [10, 2, 2]
+    # float top-1 of 40 photo views; a near-tie may flip on another CPU's float kernels, hence one view of slack
+    agreeing = [round(r.photo_agreement * 40) for r in study.results]
+    assert agreeing[0] == 40 and abs(agreeing[1] - 17) <= 1 and abs(agreeing[2] - 13) <= 1
     table = acc.markdown_table(study)
     print(table)
     assert table.splitlines()[0].startswith("| scheme |") and len(table.splitlines()[2:5]) == 3
