@@ -3,6 +3,7 @@ with a one-line warning that also stays on the calibration set (``CalibrationSet
 from __future__ import annotations
 
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,11 @@ from PIL import Image
 
 from tpusim.cli import main
 from tpusim.config import load_config
-from tpusim.errors import CalibrationDataWarning, DataError
-from tpusim.quant.calibrate import load_calibration_set
+from tpusim.errors import CalibrationDataWarning, DataError, ModelError
+from tpusim.frontend import lower_model
+from tpusim.quant import calibrate
+from tpusim.quant.calibrate import load_calibration_set, synthetic_inputs
+from tpusim.workloads import build_model
 
 TPU_V1 = str(Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml")
 PREP = load_config(TPU_V1).input_preprocessing
@@ -92,3 +96,96 @@ def test_the_cli_prints_each_warning_as_one_line(tmp_path, capsys):
     assert [line.split(": ")[2] for line in lines] == [str(folder)] * 3
     assert all(line.startswith("tpusim: warning: ") for line in lines)
     assert "converted" in lines[0] and "resized" in lines[1] and "not held-out" in lines[2]
+
+
+# --------------------------------------------------------------------------------- streaming statistics
+
+def _tiny_cnn():
+    model = build_model("tiny_cnn")
+    return model, lower_model(model, "tiny_cnn")
+
+
+def _same_statistics(a: dict, b: dict) -> bool:
+    """Every field of every tensor's statistics identical, bit for bit (the sign of a zero extreme too)."""
+    return list(a) == list(b) and all(
+        repr((s.min, s.max, s.lo, s.hi, s.count)) == repr((t.min, t.max, t.lo, t.hi, t.count))
+        and np.array_equal(s.counts, t.counts) for s, t in ((a[name], b[name]) for name in a))
+
+
+def _per_sample_bytes(graph) -> int:
+    return sum(4 * int(np.prod(layer.output_shape)) for layer in graph.layers)
+
+
+@pytest.mark.parametrize("samples_per_run", [1, 3])
+def test_statistics_do_not_depend_on_how_many_samples_run_together(monkeypatch, samples_per_run):
+    model, graph = _tiny_cnn()
+    data = synthetic_inputs(graph.input_shape[1:], 10, 0)
+    whole_batches = calibrate.collect_statistics(model, graph, data, 2048)  # batches of 8: a small model
+    monkeypatch.setattr(calibrate, "_RUN_BYTES", samples_per_run * _per_sample_bytes(graph))
+    assert _same_statistics(calibrate.collect_statistics(model, graph, data, 2048), whole_batches)
+
+
+def test_a_large_model_runs_as_many_samples_as_fit_in_the_run_budget(monkeypatch):
+    model, graph = _tiny_cnn()
+    tensors = calibrate.graph_tensors(graph)
+    one = _per_sample_bytes(graph)
+    for budget, samples in ((0, 1), (3 * one - 1, 2), (3 * one, 3), (100 * one, 8)):
+        monkeypatch.setattr(calibrate, "_RUN_BYTES", budget)
+        assert calibrate._samples_per_run(graph, tensors, 8) == samples
+    runs = []
+    real_session = calibrate._session_exposing
+
+    def counting_session(*args):
+        session = real_session(*args)
+        real_run = session.run
+        session.run = lambda names, feed: runs.append(len(next(iter(feed.values())))) or real_run(names, feed)
+        return session
+
+    monkeypatch.setattr(calibrate, "_session_exposing", counting_session)
+    monkeypatch.setattr(calibrate, "_RUN_BYTES", 3 * one)
+    calibrate.collect_statistics(model, graph, synthetic_inputs(graph.input_shape[1:], 10, 0), 2048)
+    assert runs == [3, 3, 3, 1]
+
+
+def test_each_tensor_is_dropped_once_observed(monkeypatch):
+    """At most one observed array is alive when the next is observed: the batch's input, which the loop
+    slices from the calibration set. Holding a batch's every tensor until the next batch ran is what
+    made a ResNet-50 calibration 2.5 GB."""
+    model, graph = _tiny_cnn()
+    seen: list[weakref.ref] = []
+    alive_at_each_call = []
+    real_observe = calibrate.observe
+
+    def watching_observe(values, bins, name):
+        alive_at_each_call.append(sum(ref() is not None for ref in seen))
+        seen.append(weakref.ref(values))
+        return real_observe(values, bins, name=name)
+
+    monkeypatch.setattr(calibrate, "observe", watching_observe)
+    calibrate.collect_statistics(model, graph, synthetic_inputs(graph.input_shape[1:], 16, 0), 2048)
+    assert len(alive_at_each_call) == 2 * len(calibrate.graph_tensors(graph))
+    assert max(alive_at_each_call) == 1
+
+
+def test_the_model_keeps_its_outputs():
+    model, graph = _tiny_cnn()
+    before = model.SerializeToString()
+    calibrate.collect_statistics(model, graph, synthetic_inputs(graph.input_shape[1:], 2, 0), 2048)
+    assert model.SerializeToString() == before
+
+
+def test_a_tensor_beyond_float32_is_named():
+    model, graph = _tiny_cnn()
+    huge = calibrate.CalibrationSet(np.full((2, *graph.input_shape[1:]), 3e38, np.float32), "huge inputs",
+                                    synthetic=False)
+    first = graph.layers[0].output
+    with pytest.raises(ModelError, match=rf"tensor {first!r} is NaN or inf when the FP32 model runs on the "
+                                         r"calibration data \(huge inputs\)"):
+        calibrate.collect_statistics(model, graph, huge, 2048)
+
+
+@pytest.mark.parametrize("samples", [1, 8, 20])
+def test_synthetic_inputs_are_the_generators_whole_draw(samples):
+    whole = np.random.default_rng(3).standard_normal((samples, *SHAPE)).astype(np.float32)
+    drawn = synthetic_inputs(SHAPE, samples, 3).inputs
+    assert drawn.dtype == np.float32 and np.array_equal(drawn.view(np.int32), whole.view(np.int32))

@@ -6,6 +6,7 @@ pure function of them (``tpusim.quant.ranges``).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import onnxruntime as ort
 from tpusim.config import InputPreprocessingConfig
 from tpusim.errors import CalibrationDataWarning, DataError, ModelError
 from tpusim.ir import Graph, Shape
-from tpusim.quant.histogram import TensorStats, merge, observe
+from tpusim.quant.histogram import NonFiniteError, TensorStats, merge, observe
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
 
@@ -31,9 +32,18 @@ class CalibrationSet:
     warnings: tuple[str, ...] = ()  # what weakens this data (few samples, converted images), one line each
 
 
+_DRAW_SAMPLES = 8  # synthetic samples drawn at a time: the float64 draws of a whole set would be twice its size
+
+
 def synthetic_inputs(sample_shape: Shape, samples: int, seed: int) -> CalibrationSet:
-    """Seeded standard-normal inputs, i.e. images already normalised per channel."""
-    data = np.random.default_rng(seed).standard_normal((samples, *sample_shape)).astype(np.float32)
+    """Seeded standard-normal inputs, i.e. images already normalised per channel: the generator's
+    ``standard_normal((samples, *sample_shape))`` in float32, drawn ``_DRAW_SAMPLES`` samples at a time
+    (the generator's stream does not depend on how it is cut)."""
+    rng = np.random.default_rng(seed)
+    data = np.empty((samples, *sample_shape), np.float32)
+    for start in range(0, samples, _DRAW_SAMPLES):
+        chunk = data[start : start + _DRAW_SAMPLES]
+        chunk[...] = rng.standard_normal(chunk.shape)
     return CalibrationSet(data, f"synthetic N(0,1), seed {seed}, {samples} samples", synthetic=True)
 
 
@@ -192,15 +202,19 @@ def graph_tensors(graph: Graph) -> list[str]:
 
 
 def _session_exposing(model: onnx.ModelProto, tensors: list[str]) -> ort.InferenceSession:
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    for name in tensors:
-        if name not in present and name not in {i.name for i in exposed.graph.input}:
-            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    """A session of ``model`` with ``tensors`` as extra outputs. The outputs are added to ``model`` only
+    while it is serialised: a copy of the model (its weights) would double what calibration holds."""
+    outputs = model.graph.output
+    present = {o.name for o in outputs} | {i.name for i in model.graph.input}
+    added = [name for name in tensors if name not in present]
+    outputs.extend(onnx.helper.make_empty_tensor_value_info(name) for name in added)
+    try:
+        serialized = model.SerializeToString()
+    finally:
+        del outputs[len(outputs) - len(added):]
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
 
 def _fixed_batch(model: onnx.ModelProto) -> int | None:
@@ -217,12 +231,34 @@ def _check_finite_parameters(graph: Graph) -> None:
                                  "(after folding batch norm)")
 
 
+# What one ONNX Runtime run returns at most (every exposed tensor of its samples), in bytes: the run
+# holds it twice (ONNX Runtime's buffers and the arrays they are copied to), and calibration holds nothing
+# else that grows with the data. Batches are cut to fit, down to one sample.
+_RUN_BYTES = 64 * 2**20
+
+
+def _samples_per_run(graph: Graph, tensors: list[str], batch_size: int) -> int:
+    """Samples per ONNX Runtime run: ``batch_size``, or fewer when their exposed tensors pass ``_RUN_BYTES``.
+
+    ONNX Runtime computes a sample's tensors the same whatever else is in its batch for every built-in
+    workload but the LSTM (its recurrent kernel batches the samples' GEMMs), and the histograms of
+    batches merge exactly: a smaller batch gives the same statistics there. The LSTM is small and keeps
+    its batches of ``batch_size``."""
+    exposed = set(tensors)
+    per_sample = sum(4 * math.prod(layer.output_shape) for layer in graph.layers if layer.output in exposed)
+    per_sample //= graph.batch
+    return max(1, min(batch_size, _RUN_BYTES // max(per_sample, 1)))
+
+
 def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSet, bins: int,
                        batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
                        tensors: list[str] | None = None) -> dict[str, TensorStats]:
     """Run the FP32 model over the calibration set and return merged statistics per graph tensor
     (or only per tensor of ``tensors``, which must include the graph input).
 
+    The data run through ONNX Runtime in batches of ``batch_size`` samples (the model's fixed batch if it
+    has one; fewer for a large model, see :func:`_samples_per_run`); each tensor of a batch is observed,
+    merged and dropped, so memory does not grow with the number of samples.
     ``progress(samples done, samples total)`` is called after every batch."""
     _check_finite_parameters(graph)
     tensors = graph_tensors(graph) if tensors is None else tensors
@@ -232,24 +268,26 @@ def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSe
     tensors = [name for name in tensors if name not in constants]
     session = _session_exposing(model, tensors)
     input_name = session.get_inputs()[0].name
-    step = _fixed_batch(model) or batch_size
+    step = _fixed_batch(model) or _samples_per_run(graph, tensors, batch_size)
     output_names = [o.name for o in session.get_outputs()]
     wanted = [name for name in output_names if name in set(tensors)]
-    stats: dict[str, TensorStats] = {graph.input_name: None}
+    in_order = [graph.input_name] + [name for name in tensors[1:] if name in set(wanted)]
+    stats: dict[str, TensorStats | None] = dict.fromkeys([graph.input_name] + wanted)
     for start in range(0, len(data.inputs), step):
         batch = data.inputs[start : start + step]
         if len(batch) < step and _fixed_batch(model):
             break
         results = dict(zip(output_names, session.run(None, {input_name: batch})))
         results[graph.input_name] = batch
-        in_order = [graph.input_name] + [name for name in tensors[1:] if name in set(wanted)]
-        overflow = next((name for name in in_order if not np.all(np.isfinite(results[name]))), None)
-        if overflow is not None:
-            raise ModelError(f"model {graph.name!r}: tensor {overflow!r} is NaN or inf when the FP32 model runs on the "
-                             f"calibration data ({data.source}): weights or values beyond float32's range?")
-        for name in [graph.input_name] + wanted:
-            observed = observe(results[name], bins, name=name)
-            stats[name] = observed if stats.get(name) is None else merge(stats[name], observed)
+        for name in in_order:
+            try:
+                observed = observe(results.pop(name), bins, name=name)
+            except NonFiniteError:
+                raise ModelError(f"model {graph.name!r}: tensor {name!r} is NaN or inf when the FP32 model runs on "
+                                 f"the calibration data ({data.source}): weights or values beyond float32's "
+                                 "range?") from None
+            stats[name] = observed if stats[name] is None else merge(stats[name], observed)
+        del results  # the model outputs that are not calibrated, freed before the next run
         if progress is not None:
             progress(min(start + step, len(data.inputs)), len(data.inputs))
     if stats.get(graph.input_name) is not None:

@@ -27,6 +27,10 @@ DEFAULT_BINS = 2048
 _MIN_LEVEL = -1000
 
 
+class NonFiniteError(DataError):
+    """A tensor to observe holds NaN or inf."""
+
+
 @dataclass(frozen=True, eq=False)
 class TensorStats:
     """Statistics of the values of one tensor over all observed batches.
@@ -288,7 +292,7 @@ def observe(x: np.ndarray, bins: int = DEFAULT_BINS, *, name: str = "tensor") ->
     flat = np.ascontiguousarray(x).reshape(-1)
     finite, data_min, data_max = _extremes(flat)
     if not finite:
-        raise DataError(f"{name}: tensor contains NaN or inf")
+        raise NonFiniteError(f"{name}: tensor contains NaN or inf")
     level, first_bin = _window(data_min, data_max, bins, _MIN_LEVEL)
     inside, counts = _bin_counts(flat, math.ldexp(1.0, -level), first_bin, bins)
     if not inside:
