@@ -71,6 +71,21 @@ def test_quantization_columns_and_pe_fidelity(tiny_run):
     assert summary["fidelity"]["wrapped_accumulations"] == 0
 
 
+def test_pe_fidelity_follows_the_weight_double_buffering_switch(tiny_run, tmp_path):
+    # without shadow registers every tile runs alone: 2R + C + M - 2 cycles each, the values unchanged
+    assert main(["run", TPU_V1, "--model", "tiny_cnn", "--out", str(tmp_path), "--no-progress", "--eval-samples",
+                 "2", "--fidelity", "pe", "--set", "array.weight_double_buffering=false"]) == 0
+    single = list(csv.DictReader((tmp_path / "layers.csv").open()))
+    samples = json.loads((tmp_path / "summary.json").read_text())["fidelity"]["samples"]
+    rows_, cols = 256, 256
+    for r in (r for r in single if r["op"] in ("conv", "gemm")):
+        m, k, n, groups = (int(r[c]) for c in ("M", "K", "N", "groups"))
+        tiles = -(-k // rows_) * -(-n // cols)
+        assert int(r["pe_array_cycles"]) == samples * groups * tiles * (2 * rows_ + cols + m - 2), r["layer"]
+    double = list(csv.DictReader((tiny_run / "layers.csv").open()))
+    assert [r["sqnr_db"] for r in single] == [r["sqnr_db"] for r in double]
+
+
 def test_pe_array_computes_the_same_values_as_the_kernel(tiny_run, tmp_path):
     assert main(["run", TPU_V1, "--model", "tiny_cnn", "--out", str(tmp_path), "--no-progress", "--eval-samples",
                  "2"]) == 0
@@ -169,7 +184,8 @@ def test_pe_array_and_kernel_give_identical_integers_in_every_tensor():
     qgraph = quantize_graph(graph, collect_statistics(onnx.load(str(path)), graph, data, 2048),
                             load_config(TPU_V1).quant)
     kernel = run_integer(qgraph, data.inputs[:1], keep_all=True).tensors
-    pe = run_integer(qgraph, data.inputs[:1], keep_all=True, engine=_PeArrayUnit(256, 256)).tensors
-    assert kernel.keys() == pe.keys()
-    for name in kernel:
-        np.testing.assert_array_equal(kernel[name], pe[name], err_msg=name)
+    for double_buffered in (True, False):
+        pe = run_integer(qgraph, data.inputs[:1], keep_all=True, engine=_PeArrayUnit(256, 256, double_buffered)).tensors
+        assert kernel.keys() == pe.keys()
+        for name in kernel:
+            np.testing.assert_array_equal(kernel[name], pe[name], err_msg=name)

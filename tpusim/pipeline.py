@@ -2,22 +2,21 @@
 energy -> report. Each stage takes and returns typed values; nothing here reaches back."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
-from tqdm import tqdm
 
 from tpusim import workloads
 from tpusim.config import HardwareConfig, load_config
 from tpusim.energy.model import RunEnergy, action_prices, run_energy
-from tpusim.energy.table import load_energy_table
+from tpusim.energy.table import EnergyTable, load_energy_table
 from tpusim.errors import ModelError
 from tpusim.frontend import load_onnx
 from tpusim.ir import Graph, Shape
 from tpusim.mapping import Program, compile_program
+from tpusim.progress import Progress, current
 from tpusim.quant.stage import QuantOutcome, quantize_and_measure
 from tpusim.rescale import LayerRescale, per_tensor_twin, rescale_report
 from tpusim.report import run_report
@@ -36,7 +35,7 @@ class RunOptions:
     input_shape: Shape | None = None
     calib_data: Path | str | None = None
     quantize: bool = True
-    eval_samples: int = 4
+    eval_samples: int = 16  # top-1 agreement in 6.25 % steps; compare uses the same (CompareRequest)
     fidelity: str = "kernel"  # "kernel": int8 GEMM kernel computes values; "pe": the PE-level array does
     progress: bool = False
 
@@ -113,10 +112,12 @@ def prepare(options: RunOptions) -> tuple[HardwareConfig, Graph, Path]:
     return config, graph, model_path
 
 
-def time_and_energy(graph: Graph, config: HardwareConfig) -> tuple[Program, SimResult, RunEnergy]:
-    program = compile_program(graph, config)
+def time_and_energy(graph: Graph, config: HardwareConfig, table: EnergyTable | None = None,
+                    program: Program | None = None) -> tuple[Program, SimResult, RunEnergy]:
+    """Compile (unless given the program), simulate and price; a caller running many points passes the table."""
+    program = compile_program(graph, config) if program is None else program
     sim = simulate_program(program, config, graph.batch)
-    table = load_energy_table(config.energy.table)
+    table = load_energy_table(config.energy.table) if table is None else table
     energy = run_energy([(t.name, t.counts) for t in sim.layers], sim.latency_s, sim.macs, sim.batch, config, table)
     return program, sim, energy
 
@@ -132,28 +133,25 @@ def measure_rescale(graph: Graph, config: HardwareConfig, program: Program, sim:
 
 def quantize(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> QuantOutcome:
     """Quantize and run in integers; values do not depend on the batch, so this uses a batch-1 lowering."""
+    current().phase("quantizing")
     single = graph if graph.batch == 1 else load_onnx(model_path, batch=1, input_shape=options.input_shape)
-    bars: dict[str, tqdm] = {}
+    names = {"calibrate": ("quantizing", "calibration samples"), "execute": ("integer execution", "layer runs")}
 
     def progress(phase: str, done: int, total: int) -> None:
-        bar = bars.get(phase)
-        if bar is None:
-            label = {"calibrate": "calibrating (samples)", "execute": "integer execution (layers)"}[phase]
-            bar = bars[phase] = tqdm(total=total, desc=label, unit="", leave=False, file=sys.stderr)
-        bar.update(done - bar.n)
+        name, unit = names[phase]
+        current().phase(name, total, unit)
+        current().update(done)
 
-    try:
-        return quantize_and_measure(single, onnx.load(str(model_path)), config, options.calib_data,
-                                    options.eval_samples, options.fidelity,
-                                    progress=progress if options.progress else None)
-    finally:
-        for bar in bars.values():
-            bar.close()
+    return quantize_and_measure(single, onnx.load(str(model_path)), config, options.calib_data,
+                                options.eval_samples, options.fidelity,
+                                progress=progress if current().enabled else None)
 
 
 def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> Evaluation:
+    program = compile_program(graph, config)  # first: a model the chip cannot hold fails before calibration runs
     quant = quantize(config, graph, model_path, options) if options.quantize and config.array.datatype == "int8" else None
-    program, sim, energy = time_and_energy(graph, config)
+    current().phase("timing and energy")
+    program, sim, energy = time_and_energy(graph, config, program=program)
     rescale = measure_rescale(graph, config, program, sim, energy)
     rows = run_report.layer_rows(sim, energy, quant)
     summary = run_report.summary(graph, sim, config, energy, quant, rescale)
@@ -184,9 +182,12 @@ def write_reports(config: HardwareConfig, evaluation: Evaluation, out_dir: Path,
 
 
 def run(options: RunOptions) -> RunResult:
-    config, graph, model_path = prepare(options)
-    evaluation = evaluate(config, graph, model_path, options)
-    out_dir = options.out_dir or default_out_dir(options.model, config)
-    with file_set(out_dir) as staging:
-        files = tuple(out_dir / path.name for path in write_reports(config, evaluation, staging))
+    with Progress(options.progress) as progress:  # the stages report their phases to it (progress.current())
+        progress.phase("loading and lowering the model")  # (a built-in one is generated on first use)
+        config, graph, model_path = prepare(options)
+        evaluation = evaluate(config, graph, model_path, options)
+        out_dir = options.out_dir or default_out_dir(options.model, config)
+        progress.phase("writing reports and plots")
+        with file_set(out_dir) as staging:
+            files = tuple(out_dir / path.name for path in write_reports(config, evaluation, staging))
     return RunResult(config=config, graph=graph, evaluation=evaluation, out_dir=out_dir, files=files)

@@ -209,3 +209,15 @@ def test_cli_refuses_a_model_bigger_than_the_weight_memory_in_one_line_and_write
     assert err == ("tpusim: error: tpu_v1 (--set weight_memory.capacity_bytes): weight_memory.capacity_bytes: "
                    "1,000 bytes cannot hold model 'tiny_cnn', whose weights take 6,784 bytes\n")
     assert not out.exists()
+
+
+def test_a_model_bigger_than_the_weight_memory_fails_before_calibration(tmp_path, capsys, monkeypatch):
+    from tpusim import pipeline
+
+    def calibration_ran(*args, **kwargs):
+        raise AssertionError("calibration ran for a model the weight memory cannot hold")
+
+    monkeypatch.setattr(pipeline, "quantize", calibration_ran)
+    code = cli.main(["run", str(CONFIG), "--model", "tiny_cnn", "--no-progress",
+                     "--set", "weight_memory.capacity_bytes=1000", "--out", str(tmp_path / "run")])
+    assert code == 2 and "cannot hold model 'tiny_cnn'" in capsys.readouterr().err

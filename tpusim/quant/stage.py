@@ -42,12 +42,13 @@ class QuantOutcome:
 class _PeArrayUnit:
     """The PE-level cycle-stepped array as the integer executor's matrix unit, counting its cycles."""
 
-    def __init__(self, rows: int, cols: int):
-        self.rows, self.cols = rows, cols
+    def __init__(self, rows: int, cols: int, weight_double_buffering: bool):
+        self.rows, self.cols, self.weight_double_buffering = rows, cols, weight_double_buffering
         self.cycles_since_layer = 0
 
     def __call__(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray, acc_bits: int) -> tuple[np.ndarray, int]:
-        result = pe_gemm(x, w, self.rows, self.cols, acc_bits, bias)
+        result = pe_gemm(x, w, self.rows, self.cols, acc_bits, bias,
+                         weight_double_buffering=self.weight_double_buffering)
         self.cycles_since_layer += result.cycles
         return result.result, result.wrapped_count
 
@@ -138,8 +139,16 @@ def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareC
     engine: GemmEngine = "int8-gemm"
     pe_cycles: dict[str, int] | None = None
     layer_progress = None
+    # fidelity() runs the layers once per evaluation batch; one count over all batches only moves forward
+    batches, finished_batches = len(eval_x) // graph.batch, 0
+
+    def execute_progress(done: int, total: int) -> None:
+        nonlocal finished_batches
+        progress("execute", finished_batches * total + done, batches * total)
+        finished_batches += done == total
+
     if fidelity_mode == "pe":
-        unit = _PeArrayUnit(config.array.rows, config.array.cols)
+        unit = _PeArrayUnit(config.array.rows, config.array.cols, config.array.weight_double_buffering)
         engine, pe_cycles = unit, {}
         matrix_layers = {layer.name for layer in graph.layers if ops.op(layer.op).accumulates}
 
@@ -148,10 +157,10 @@ def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareC
                 pe_cycles[name] = pe_cycles.get(name, 0) + unit.cycles_since_layer
             unit.cycles_since_layer = 0
             if progress is not None:
-                progress("execute", done, total)
+                execute_progress(done, total)
     elif progress is not None:
         def layer_progress(done: int, total: int, name: str) -> None:
-            progress("execute", done, total)
+            execute_progress(done, total)
     report = fidelity(graph, qgraph, eval_x, engine=engine, progress=layer_progress, acc_bits=config.accumulators.bits)
     return QuantOutcome(graph=graph, calibration=calibration, evaluation_source=eval_source, qgraph=qgraph,
                         fidelity=report, pe_array_cycles=pe_cycles, held_out=held_out)
