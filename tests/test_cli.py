@@ -154,8 +154,6 @@ def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 def test_every_option_has_help_and_every_valued_option_shows_its_default():
     missing = []
     for path, parser in _commands(build_parser()):
-        if path == ("sweep",):
-            continue  # tpusim/sweeps.py's --input-shape, --set and --scheduler do not state their defaults yet
         formatter = parser._get_formatter()
         for action in parser._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):
@@ -278,3 +276,15 @@ def test_ctrl_c_at_a_random_moment_of_a_run_is_one_line_and_exit_130(tmp_path, s
     assert process.returncode in (0, 130) and "Traceback" not in err and "Exception" not in err, err
     if process.returncode == 130:
         assert err.endswith("tpusim: interrupted\n") and err.count("tpusim: interrupted") == 1
+
+
+def test_check_counts_have_thousands_separators(tmp_path, capsys):
+    b = GraphBuilder((1, 4, 4, 4))
+    y = "input"
+    for _ in range(1200):
+        y = b.node("Relu", [y])
+    path = tmp_path / "deep.onnx"
+    onnx.save(b.model(y), path)
+    code, stdout, _ = _run(capsys, "check", path)
+    assert code == 0
+    assert stdout.splitlines()[-1] == f"{path}: 1,200 nodes: 1,200 lowered"

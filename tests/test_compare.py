@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -13,7 +14,7 @@ import pytest
 from tpusim.api import simulate
 from tpusim.cli import build_parser, main
 from tpusim.compare import COLUMNS, CompareRequest, compare, markdown, terminal_rows
-from tpusim.errors import TpusimWarning
+from tpusim.errors import ConfigError, TpusimWarning
 from tpusim.pipeline import RunOptions
 from tpusim.report.tables import format_table
 
@@ -166,3 +167,50 @@ def test_the_title_names_the_batch_that_ran(tmp_path, capsys):
                  "percentile", "--baseline", "none", "--eval-samples", "1", "--out", str(tmp_path)]) == 0
     assert "tiny_cnn on tpu_v1, batch 1" in (tmp_path / "compare.md").read_text()
     assert [r["batch"] for r in csv.DictReader((tmp_path / "compare.csv").open())] == ["1"]
+
+
+def _tpusim(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "tpusim", *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("baseline, reason", [("fp16", "no such file"), (".", "a folder")])
+def test_a_bad_baseline_is_one_line_listing_the_choices_before_any_run(tmp_path, baseline, reason):
+    done = _tpusim(tmp_path, "compare", str(TPU_V1), "--model", "tiny_cnn", "--baseline", baseline, "--out", "out")
+    # progress is on: no phase line may come before the error
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"tpusim: error: --baseline {baseline}: expected fp32, none or a config file ({reason})\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_baseline_config_is_checked_before_any_run(tmp_path):
+    broken = tmp_path / "baseline.yaml"
+    broken.write_text(TPU_V1.read_text().replace("rows: 256", "rows: 0", 1))
+    with pytest.raises(ConfigError, match=r"baseline.yaml: array.rows: must be >= 1"):
+        compare(CompareRequest(config=TPU_V1, model="not_a_workload", baseline=str(broken), progress=False))
+
+
+def test_progress_is_one_counted_phase_of_runs_in_plain_lines(tmp_path):
+    done = _tpusim(tmp_path, "compare", str(TPU_V1), "--model", "tiny_cnn", "--weights", "per-tensor,per-channel",
+                   "--calibration", "minmax", "--eval-samples", "1", "--out", "out")
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("tpusim: warning: ")]
+    assert len(lines) == 2 and lines[0] == "tpusim: comparing (3 runs) ..."
+    assert re.fullmatch(r"tpusim: comparing: 3 runs in \d+\.\d\d s", lines[1]), lines
+
+
+def test_no_progress_prints_no_phase_lines(tmp_path):
+    done = _tpusim(tmp_path, "compare", str(TPU_V1), "--model", "tiny_cnn", "--weights", "per-tensor",
+                   "--calibration", "minmax", "--baseline", "none", "--eval-samples", "1", "--no-progress", "--out", "out")
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if not line.startswith("tpusim: warning: ")] == []
+
+
+@pytest.mark.parametrize("baseline", [None, "none"])
+def test_no_baseline_is_none_in_the_api_as_on_the_command_line(baseline):
+    with pytest.warns(TpusimWarning, match="SYNTHETIC"):
+        rows = compare(CompareRequest(config=TPU_V1, model="tiny_cnn", weights=("per-tensor",),
+                                      calibrations=("minmax",), baseline=baseline, eval_samples=1, progress=False))
+    assert [r["row"] for r in rows] == ["quantized"] and "perf_per_w_gain_vs_fp32" not in rows[0]

@@ -5,6 +5,7 @@ import csv
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -400,3 +401,121 @@ def test_cli_sweep_takes_input_shape_weights_and_calibration_data(tmp_path, caps
     evaluated = min(6, inspect.signature(tpusim.simulate).parameters["eval_samples"].default)
     assert all(r["evaluated_on"] == f"the first {evaluated} calibration samples" and r["held_out"] == "False"
                for r in rows)
+
+
+# ------------------------------------------------------------------------------------ terminal output
+
+def _hand_row(model: str, batch: int, rows: int, latency_s: float, utilization: float, energy_pj: float) -> dict:
+    return {"model": model, "batch": batch, "array.rows": rows, "latency_s": latency_s, "tops": 0.1761,
+            "utilization": utilization, "energy_per_inference_pj": energy_pj, "total_tops_per_w": 0.005895}
+
+
+def test_the_terminal_table_shows_units_percentages_and_thousands_separators():
+    rows = [_hand_row("tiny_cnn", 1, 32, 1.028e-05, 0.0153, 3.072e8),
+            _hand_row("resnet50", 1024, 4096, 2.5, 0.98765, 4.323e10)]
+    assert sweep_module.terminal_table(rows, ["model", "batch", "array.rows"]).splitlines() == [
+        "model     batch  array.rows   latency    TOPS  utilization  energy/inference    TOPS/W",
+        "--------  -----  ----------  --------  ------  -----------  ----------------  --------",
+        "tiny_cnn      1          32  10.28 us  0.1761        1.5 %          307.2 uJ  0.005895",
+        "resnet50  1,024       4,096     2.5 s  0.1761       98.8 %          43.23 mJ  0.005895",
+    ]
+
+
+def test_a_missing_config_file_is_one_line_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"absent.yaml: no such config file$"):
+        build_points(tmp_path / "absent.yaml", "not_a_workload", {})
+
+
+def _tpusim(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "tpusim", *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _phase_lines(stderr: str) -> list[str]:
+    return [re.sub(r" in \d+\.\d\d s$", " in T s", line) for line in stderr.splitlines()]
+
+
+def test_cli_progress_is_plain_lines_per_phase_when_stderr_is_no_terminal(tmp_path):
+    done = _tpusim(tmp_path, "sweep", TPU_V1, "--model", "tiny_cnn", "--set", "array.rows=32,64", "--jobs", "2",
+                   "--out", "sw")
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr
+    assert _phase_lines(done.stderr) == [
+        "tpusim: sweeping (2 points) ...",
+        "tpusim: sweeping: 2 points in T s",
+        "tpusim: writing sweep.csv and plots ...",
+        "tpusim: writing sweep.csv and plots: done in T s",
+    ]
+    table = done.stdout.splitlines()
+    assert table[0].split() == ["model", "batch", "array.rows", "latency", "TOPS", "utilization", "energy/inference",
+                                "TOPS/W"]
+    assert len(table) == 2 + 2 + 2 and all(re.search(r" us .* % .* [mu]J ", line) for line in table[2:4]), table
+    done = _tpusim(tmp_path, "sweep", TPU_V1, "--model", "tiny_cnn", "--set", "array.rows=32,64", "--jobs", "2",
+                   "--out", "sw", "--no-progress")
+    assert done.returncode == 0 and done.stderr == ""
+
+
+def test_a_resumed_sweep_counts_only_the_points_it_computes(tmp_path, capsys):
+    tpusim.sweep(TPU_V1, "tiny_cnn", {"array.rows": [32]}, out=tmp_path, jobs=1, progress=False, plots=False)
+    tpusim.sweep(TPU_V1, "tiny_cnn", {"array.rows": [32, 64, 128]}, out=tmp_path, jobs=1, plots=False)
+    assert _phase_lines(capsys.readouterr().err) == [
+        "tpusim: sweeping, 1 of 3 points saved before (2 points) ...",
+        "tpusim: sweeping, 1 of 3 points saved before: 2 points in T s",
+        "tpusim: writing sweep.csv ...",
+        "tpusim: writing sweep.csv: done in T s",
+    ]
+    tpusim.sweep(TPU_V1, "tiny_cnn", {"array.rows": [32, 64, 128]}, out=tmp_path, jobs=1, plots=False)
+    assert _phase_lines(capsys.readouterr().err) == ["tpusim: writing sweep.csv ...",
+                                                    "tpusim: writing sweep.csv: done in T s"]
+
+
+def test_a_quantized_point_in_this_process_shows_none_of_its_run_phases(tmp_path, capsys):
+    tpusim.sweep(TPU_V1, "tiny_cnn", {"quant.calibration_samples": [2]}, quantize=True, jobs=1, plots=False)
+    assert _phase_lines(capsys.readouterr().err) == ["tpusim: sweeping (1 points) ...",
+                                                    "tpusim: sweeping: 1 points in T s"]
+
+
+def test_on_a_terminal_the_points_are_one_bar_that_only_moves_forward(tmp_path):
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws nothing at 0 columns
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-m", "tpusim", "sweep", TPU_V1, "--model", "tiny_cnn", "--set",
+                                "array.rows=16,32,64,128", "--jobs", "1", "--out", str(tmp_path / "sw")],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env=env)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                if process.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert process.returncode == 0, text
+    counts = [int(done) for done in re.findall(r"sweeping:.*?(\d+)/4 ", text)]
+    assert counts and counts == sorted(counts)
+    assert "tpusim: sweeping" not in text  # no plain lines on a terminal: a bar, then a status line
+    assert "tpusim: writing sweep.csv and plots ...\r\x1b[K" in text

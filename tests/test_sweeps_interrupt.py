@@ -129,9 +129,9 @@ def test_interrupted_cli_sweep_exits_at_once_and_keeps_finished_points(tmp_path,
     reader = _reader(process.stderr, err)
     try:
         deadline = time.monotonic() + 60
-        while b"sweep:" not in err and process.poll() is None and time.monotonic() < deadline:
+        while b"tpusim: sweeping (" not in err and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert b"sweep:" in err, err.decode(errors="replace")
+        assert b"tpusim: sweeping (" in err, err.decode(errors="replace")
         time.sleep(random.Random(seed).uniform(0.0, 1.5))
         os.killpg(process.pid, signal.SIGINT)
         sent = time.monotonic()

@@ -278,7 +278,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     by_status: dict[str, int] = {}
     for n in report.nodes:
         by_status[n.status] = by_status.get(n.status, 0) + 1
-    print(f"\n{path}: {len(report.nodes)} nodes: " + ", ".join(f"{count} {status}" for status, count in by_status.items()))
+    print(f"\n{path}: {len(report.nodes):,} nodes: "
+          + ", ".join(f"{count:,} {status}" for status, count in by_status.items()))
     if report.canonical_error:
         print(f"canonicalisation failed: {report.canonical_error}")
     if report.unsupported:

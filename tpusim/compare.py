@@ -6,7 +6,6 @@ cell a measurement of this run: output agreement with FP32, perf/W, latency, res
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from tpusim.arguments import positive_int
 from tpusim.errors import ConfigError, TpusimError, TpusimWarning
+from tpusim.progress import Progress
 from tpusim.report.tables import format_agreement, format_table
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class CompareRequest:
     model: str
     weights: tuple[str, ...] = WEIGHTS
     calibrations: tuple[str, ...] = ("percentile", "mse")
-    baseline: str | None = "fp32"  # "fp32": this config with FP32 MACs; or a path to a baseline config
+    baseline: str | None = "fp32"  # "fp32": this config with FP32 MACs; a path to a baseline config; None or "none"
     batch: int | None = None  # None: the model's own batch (or --input-shape's N), else 1
     overrides: tuple[tuple[str, Any], ...] = ()
     calib_data: str | None = None
@@ -71,19 +71,33 @@ def _int8_row(result: api.Result) -> dict[str, Any]:
     }
 
 
+def check_baseline(request: CompareRequest) -> None:
+    """Refuse a baseline that is neither ``fp32``, ``none`` (None) nor a loadable config file, before any run."""
+    from tpusim.config import load_config
+
+    if request.baseline == "fp32" or not _has_baseline(request):
+        return
+    path = Path(request.baseline)
+    if not path.is_file():
+        raise ConfigError(f"--baseline {request.baseline}: expected fp32, none or a config file "
+                          f"({'a folder' if path.is_dir() else 'no such file'})")
+    load_config(path, dict(request.overrides))
+
+
+def _has_baseline(request: CompareRequest) -> bool:
+    return request.baseline not in (None, "none")
+
+
 def _baseline(request: CompareRequest) -> api.Result | None:
     from tpusim import api
 
-    if request.baseline is None:
+    if not _has_baseline(request):
         return None
     overrides = dict(request.overrides)
     if request.baseline == "fp32":
         return api.simulate(request.config, request.model, batch=request.batch, quantize=False,
                             overrides={**overrides, "array.datatype": "fp32"})
-    path = Path(request.baseline)
-    if not path.is_file():
-        raise ConfigError(f"--baseline {request.baseline}: expected 'fp32' or a config file")
-    return api.simulate(path, request.model, batch=request.batch, quantize=False, overrides=overrides)
+    return api.simulate(Path(request.baseline), request.model, batch=request.batch, quantize=False, overrides=overrides)
 
 
 def compare(request: CompareRequest) -> list[dict[str, Any]]:
@@ -92,28 +106,27 @@ def compare(request: CompareRequest) -> list[dict[str, Any]]:
     What a run would warn about (synthetic calibration data, wrapped accumulators) is a
     :class:`~tpusim.errors.TpusimWarning`, once for the whole grid when every point has it.
     """
-    from tqdm import tqdm
-
     from tpusim import api
 
     if isinstance(request.eval_samples, bool) or not isinstance(request.eval_samples, int) or request.eval_samples < 1:
         raise TpusimError(f"eval_samples: expected a positive integer, got {request.eval_samples!r}")
+    check_baseline(request)
     points = [(w, c) for w in request.weights for c in request.calibrations]
-    bar = tqdm(total=len(points) + (request.baseline is not None), desc="compare (runs)", disable=not request.progress,
-               file=sys.stderr)
-    base = _baseline(request)
-    bar.update(1 if base is not None else 0)
     rows = []
     notes: dict[str, list[str]] = {}  # what a run warned about -> the grid points that warned it
-    for weights, calibration in points:
-        overrides = {**dict(request.overrides), "quant.weights": weights, "quant.calibration": calibration}
-        result = api.simulate(request.config, request.model, batch=request.batch, overrides=overrides,
-                              calib_data=request.calib_data, eval_samples=request.eval_samples)
-        rows.append(_int8_row(result))
-        for note in result.evaluation.warnings:
-            notes.setdefault(note, []).append(f"{weights} weights, {calibration} calibration")
-        bar.update(1)
-    bar.close()
+    # The runs' own stages report to an inner silent Progress: this one counts runs.
+    with Progress(request.progress) as progress, Progress(enabled=False):
+        progress.phase("comparing", len(points) + _has_baseline(request), "runs")
+        base = _baseline(request)
+        progress.update(1 if base is not None else 0)
+        for weights, calibration in points:
+            overrides = {**dict(request.overrides), "quant.weights": weights, "quant.calibration": calibration}
+            result = api.simulate(request.config, request.model, batch=request.batch, overrides=overrides,
+                                  calib_data=request.calib_data, eval_samples=request.eval_samples)
+            rows.append(_int8_row(result))
+            for note in result.evaluation.warnings:
+                notes.setdefault(note, []).append(f"{weights} weights, {calibration} calibration")
+            progress.update(len(rows) + (base is not None))
     for note, where in notes.items():
         warnings.warn(note if len(where) == len(points) else f"{'; '.join(where)}: {note}", TpusimWarning,
                       stacklevel=2)
@@ -228,7 +241,8 @@ def add_compare_command(commands: argparse._SubParsersAction, add_model_argument
     parser.add_argument("--eval-samples", type=positive_int, default=CompareRequest.eval_samples, metavar="N",
                         help="inputs on which fidelity is measured; agreement is counted over them")
     parser.add_argument("--out", type=Path, help="output folder (default: results/<model>-<config>/)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar or phase lines on stderr")
     parser.set_defaults(handler=_cmd_compare)
 
 
@@ -239,7 +253,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     request = CompareRequest(
         config=args.config, model=args.model, weights=args.weights, calibrations=args.calibration,
-        baseline=None if args.baseline == "none" else args.baseline, batch=args.batch,
+        baseline=args.baseline, batch=args.batch,
         overrides=tuple(parse_override(item) for item in args.overrides), calib_data=args.calib_data,
         eval_samples=args.eval_samples, progress=args.progress)
     out = args.out or default_out_dir(args.model, load_config(args.config, dict(request.overrides)))

@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 from tpusim.arguments import positive_int, shape
 from tpusim.errors import ConfigError, TpusimError
+from tpusim.progress import Progress
 from tpusim.report.files import atomic_write_csv, atomic_write_json, check_output_dir
-from tpusim.report.tables import format_table
+from tpusim.report.tables import format_duration, format_energy, format_percent, format_table
 
-# The simulator (tpusim.pipeline: onnx, numba), the config reader (yaml) and tqdm are imported where
+# The simulator (tpusim.pipeline: onnx, numba) and the config reader (yaml) are imported where
 # used: `tpusim --help` imports this module to build its parser, and a sweep worker process starts in
 # a fraction of a second and imports them once, for its first point.
 if TYPE_CHECKING:
@@ -126,6 +127,15 @@ def _data_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _config_file_digest(path: Path) -> str:
+    """Digest of the config file, once it is known to be a readable YAML file (a missing, unreadable or
+    binary one fails in load_config's words, before its bytes are hashed)."""
+    from tpusim.config import read_yaml_file
+
+    read_yaml_file(path, "config file")
+    return _file_digest(path)
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -194,7 +204,7 @@ def build_points(config: str | Path, model: str | Sequence[str], grid: Mapping[s
     if not models or not batches:
         raise SweepError("a sweep needs at least one model and one batch size")
     settings = [tuple(combo.items()) for combo in expand_grid({k: _as_list(v) for k, v in grid.items()}, zip=zip)]
-    config_file_digest = _file_digest(Path(config))
+    config_file_digest = _config_file_digest(Path(config))
     # A bad key or value fails here, naming it, before any work; the energy table is part of the point.
     tables = {_config_with(str(config), config_file_digest, dict(overrides)).energy.table for overrides in settings}
     config_digest = config_file_digest + "".join(sorted(_file_digest(Path(t)) for t in tables))
@@ -669,7 +679,9 @@ def sweep(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Seq
     cluster at ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``; without one Dask starts a local
     cluster). Dask workers read the config and model files from the same paths as this process.
     ``input_shape`` (models with dynamic dimensions) and ``calib_data`` (with ``quantize``) are passed
-    to every point as ``tpusim.simulate`` takes them.
+    to every point as ``tpusim.simulate`` takes them. With ``progress``, stderr shows one counted phase for
+    the points still to compute and one for writing the files (:mod:`tpusim.progress`: plain lines when
+    stderr is not a terminal).
     """
     if executor not in ("local", "dask"):
         raise SweepError(f"executor: expected 'local' or 'dask', got {executor!r}")
@@ -698,8 +710,6 @@ def sweep(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Seq
         else:
             pending[point.key] = point
 
-    from tqdm import tqdm
-
     workers = min(jobs or os.cpu_count() or 1, max(len(pending), 1))
     todo = list(pending.values())
     if not todo:
@@ -710,24 +720,33 @@ def sweep(config: str | Path, model: str | Sequence[str], grid: Mapping[str, Seq
         completed = _run_in_process(str(config_path), todo)
     else:
         completed = _run_local(str(config_path), todo, workers)
-    try:
-        with tqdm(total=len(records) + len(todo), initial=len(records), desc="sweep", unit="point",
-                  disable=not progress) as bar:
-            for point, record in completed:
+    # The points' own stages (a quantized point run in this process) report to an inner silent Progress:
+    # this one counts points.
+    with Progress(progress) as shown, Progress(enabled=False):
+        try:
+            if todo:
+                shown.phase(_sweeping(len(records), len(records) + len(todo)), len(todo), "points")
+            for done, (point, record) in enumerate(completed, start=1):
                 store.save(point, record)
                 records[point.key] = record
-                bar.update()
-    finally:
-        close = getattr(completed, "close", None)
-        if close is not None:
-            close()  # stops (kills) the workers now, not when the generator is collected
+                shown.update(done)
+        finally:
+            close = getattr(completed, "close", None)
+            if close is not None:
+                close()  # stops (kills) the workers now, not when the generator is collected
 
-    rows = [dict(records[point.key]) for point in points]
-    if out_dir is not None:
-        write_table(rows, out_dir / CSV_NAME)
-        if plots:
-            write_plots(rows, swept_parameters(points, grid), out_dir)
+        rows = [dict(records[point.key]) for point in points]
+        if out_dir is not None:
+            shown.phase(f"writing {CSV_NAME} and plots" if plots else f"writing {CSV_NAME}")
+            write_table(rows, out_dir / CSV_NAME)
+            if plots:
+                write_plots(rows, swept_parameters(points, grid), out_dir)
     return rows
+
+
+def _sweeping(saved: int, total: int) -> str:
+    """The name of the phase that computes the points a sweep has not saved yet."""
+    return f"sweeping, {saved:,} of {total:,} points saved before" if saved else "sweeping"
 
 
 def swept_parameters(points: Sequence[SweepPoint], grid: Mapping[str, Sequence[Any]]) -> list[str]:
@@ -764,6 +783,23 @@ def write_plots(rows: Sequence[dict[str, Any]], parameters: Sequence[str], out_d
             for name in axes]
 
 
+TERMINAL_RESULTS = ("latency", "tops", "utilization", "energy", "tops_per_w")
+TERMINAL_HEADERS = {"latency": "latency", "tops": "TOPS", "utilization": "utilization",
+                    "energy": "energy/inference", "tops_per_w": "TOPS/W"}
+
+
+def terminal_table(rows: Sequence[dict[str, Any]], parameters: Sequence[str], max_rows: int = 40) -> str:
+    """The sweep's table as the terminal shows it: the parameters, then latency and energy per inference in
+    the units their size calls for, utilization in %, counts with thousands separators (sweep.csv keeps
+    plain numbers)."""
+    shown = [{**{p: r[p] for p in parameters}, "latency": format_duration(r["latency_s"]), "tops": r["tops"],
+              "utilization": format_percent(r["utilization"]), "energy": format_energy(r["energy_per_inference_pj"]),
+              "tops_per_w": r["total_tops_per_w"]} for r in rows]
+    text = [p for p in parameters if not all(isinstance(r[p], (int, float)) for r in rows)]
+    return format_table([*parameters, *TERMINAL_RESULTS], shown, max_rows=max_rows, left=text,
+                        headers=TERMINAL_HEADERS)
+
+
 def _file_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
@@ -781,7 +817,8 @@ def add_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch", metavar="B[,B...]",
                         help="batch sizes, comma-separated (default: the N of --input-shape, else 1)")
     parser.add_argument("--input-shape", type=shape, metavar="N,C,H,W",
-                        help="input shape for models with dynamic dimensions; N is the batch unless --batch is given")
+                        help="input shape for models with dynamic dimensions; N is the batch unless --batch is given "
+                             "(default: the model's own input shape)")
     parser.add_argument("--calib-data", metavar="PATH",
                         help="calibration inputs for --quantize: a .npy/.npz or a folder of images "
                              "(default: a seeded synthetic set)")
@@ -789,19 +826,22 @@ def add_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
                         help="weight quantization granularity for every point (default: the config's quant.weights)")
     parser.add_argument("--set", dest="grid", action="append", default=[], metavar="KEY.PATH=V1[,V2...]",
                         help="sweep a config value, e.g. --set array.rows=32,64,128 (repeatable; one value "
-                             "just overrides)")
+                             "just overrides; default: the config file's values)")
     parser.add_argument("--zip", action="store_true",
                         help="take the --set value lists position by position instead of their cross product (models and "
                              "batch sizes are still crossed with them)")
     parser.add_argument("--out", type=Path, help="output folder (default results/sweep-<models>-<config>/)")
     parser.add_argument("--fresh", action="store_true", help="discard finished points in OUT and recompute all")
-    parser.add_argument("--jobs", type=positive_int, help="local worker processes (default: one per CPU)")
+    parser.add_argument("--jobs", type=positive_int, metavar="N", help="local worker processes (default: one per CPU)")
     parser.add_argument("--executor", choices=("local", "dask"), default="local",
-                        help="local processes (default) or a Dask distributed cluster")
+                        help="local worker processes or a Dask distributed cluster")
     parser.add_argument("--scheduler", metavar="ADDRESS",
-                        help="Dask scheduler address for --executor dask, e.g. tcp://10.0.0.5:8786")
+                        help="Dask scheduler address for --executor dask, e.g. tcp://10.0.0.5:8786 (default: a "
+                             "local Dask cluster of --jobs workers)")
     parser.add_argument("--quantize", action="store_true",
                         help="calibrate and run the integer model too, adding fidelity columns (slower)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar or phase lines on stderr")
     parser.set_defaults(handler=_cmd_sweep)
     return parser
 
@@ -832,9 +872,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     check_output_dir(out)
     rows = sweep(args.config, models, grid, zip=args.zip, batch=batches, out=out, fresh=args.fresh,
                  executor=args.executor, scheduler=args.scheduler, jobs=args.jobs, quantize=args.quantize,
-                 input_shape=args.input_shape, calib_data=args.calib_data)
-    shown = ["model", "batch", *grid, "latency_s", "tops", "utilization", "total_tops_per_w"]
-    print(format_table(shown, rows, max_rows=40))
+                 input_shape=args.input_shape, calib_data=args.calib_data, progress=args.progress)
+    print(terminal_table(rows, ["model", "batch", *grid]))
     for path in sorted(out.glob("sweep*")):
         print(f"wrote {path}")
     return 0
