@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from tpusim.energy.model import RunEnergy
     from tpusim.energy.table import EnergyTable
     from tpusim.ir import Graph
-    from tpusim.sim import SimResult
 
 POINTS_DIR = "points"
 CSV_NAME = "sweep.csv"
@@ -252,11 +251,12 @@ def simulate_point(config: str, point: SweepPoint) -> dict[str, Any]:
         result = simulate(config, point.model, batch=point.batch, overrides=dict(point.overrides), quantize=True,
                           input_shape=point.input_shape, calib_data=point.calib_data)
         return point_record(point, result.summary, result.evaluation.energy)
+    from tpusim.pipeline import time_and_energy
     from tpusim.report import run_report
 
     hardware = _point_config(config, point)
     graph = _lowered(point.model, point.model_digest, point.batch, point.input_shape)
-    sim, energy = _time_and_energy(graph, hardware, _energy_table(hardware.energy.table, point.config_digest))
+    sim, energy = time_and_energy(graph, hardware, _energy_table(hardware.energy.table, point.config_digest))[1:]
     return point_record(point, run_report.summary(graph, sim, hardware, energy), energy)
 
 
@@ -312,18 +312,6 @@ def _config_with(config: str, config_digest: str, overrides: Mapping[str, Any]) 
 
 def _point_config(config: str, point: SweepPoint) -> HardwareConfig:
     return _config_with(config, point.config_digest, dict(point.overrides))
-
-
-def _time_and_energy(graph: Graph, config: HardwareConfig, table: EnergyTable) -> tuple[SimResult, RunEnergy]:
-    """``pipeline.time_and_energy`` with an energy table the caller keeps (that one reads it per call)."""
-    from tpusim.energy.model import run_energy
-    from tpusim.mapping import compile_program
-    from tpusim.sim import simulate_program
-
-    program = compile_program(graph, config)
-    sim = simulate_program(program, config, graph.batch)
-    energy = run_energy([(t.name, t.counts) for t in sim.layers], sim.latency_s, sim.macs, sim.batch, config, table)
-    return sim, energy
 
 
 class _PointStore:
