@@ -55,6 +55,21 @@ def test_plain_lines_when_not_a_terminal():
     ]
 
 
+def test_one_of_a_unit_is_said_in_the_singular():
+    out = io.StringIO()
+    with Progress(stream=out) as progress:
+        progress.phase("sweeping", 1, "points")
+        progress.update(1)
+        progress.phase("comparing", 2, "runs")
+        progress.update(2)
+    assert _lines(out.getvalue()) == [
+        "tpusim: sweeping (1 point) ...",
+        "tpusim: sweeping: 1 point in T s",
+        "tpusim: comparing (2 runs) ...",
+        "tpusim: comparing: 2 runs in T s",
+    ]
+
+
 def test_a_line_per_interval_while_a_counted_phase_runs():
     out = io.StringIO()
     with Progress(stream=out, interval_s=0.0) as progress:

@@ -146,6 +146,9 @@ class Progress:
 
 
 def _amount(count: int, unit: str) -> str:
+    """``unit`` is a plural ("points", "calibration samples"): one of them is said in the singular."""
+    if count == 1 and unit.endswith("s"):
+        unit = unit[:-1]
     return f"{count:,} {unit}" if unit else f"{count:,}"
 
 
