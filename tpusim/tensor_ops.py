@@ -1,8 +1,10 @@
 """Dtype-generic NCHW tensor operations in numpy, shared by the FP32 reference, the workload
-generators and the integer executor. They favour clarity; the hot integer paths use Numba kernels."""
+generators and the integer executor. They favour clarity; the hot integer paths use Numba kernels
+(:func:`im2col_channels_last`, whose oracle is :func:`im2col` with its columns permuted)."""
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from tpusim.ir import ConvAttrs, PoolAttrs
 
@@ -61,6 +63,78 @@ def im2col(x: np.ndarray, attrs: ConvAttrs, pad_value: float | int = 0) -> np.nd
             cols[:, :, i, j] = xp[:, :, hs : hs + sh * (h_out - 1) + 1 : sh, ws : ws + sw * (w_out - 1) + 1 : sw]
     cols = cols.reshape(b, g, c // g, kh, kw, h_out * w_out)
     return np.ascontiguousarray(cols.transpose(1, 0, 5, 2, 3, 4).reshape(g, b * h_out * w_out, (c // g) * kh * kw))
+
+
+def channels_last(x: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) -> its (B, H, W, C) C-contiguous transpose: a free view when x is one of those
+    (an NCHW-shaped view of channels-last memory, as the integer conv returns), else a copy."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+@njit(cache=True)
+def _copy_run(src, start, dst, at, length):
+    """dst[at : at + length] = src[start : start + length], as a loop over slices: indices from 0 let
+    LLVM drop the negative-index wrap and vectorise the copy."""
+    source, target = src[start : start + length], dst[at : at + length]
+    for t in range(length):
+        target[t] = source[t]
+
+
+@njit(cache=True)
+def _gather_windows(flat, shape, groups, kh, kw, sh, sw, top, left, dh, dw, pad_value, h_out, w_out, cols):
+    """cols[g, m, (i kw + j) Cg + c] = xt[b, oh sh - top + i dh, ow sw - left + j dw, g Cg + c], m = (b, oh, ow),
+    for the channels-last input xt = flat.reshape(shape); pad_value where the window leaves the input.
+    Columns past kh kw Cg are left alone."""
+    batch, height, width, channels = shape
+    per_group = channels // groups
+    for g in range(groups):
+        for b in range(batch):
+            for oh in range(h_out):
+                for ow in range(w_out):
+                    row = cols[g, (b * h_out + oh) * w_out + ow]
+                    iw0 = ow * sw - left
+                    for i in range(kh):
+                        ih = oh * sh - top + i * dh
+                        pixel0 = ((b * height + ih) * width + iw0) * channels
+                        if groups == 1 and dw == 1 and 0 <= ih < height and 0 <= iw0 and iw0 + kw <= width:
+                            # The window row's kw pixels are adjacent in memory: one run of kw * C values.
+                            _copy_run(flat, pixel0, row, i * kw * channels, kw * channels)
+                            continue
+                        for j in range(kw):
+                            iw = iw0 + j * dw
+                            base = (i * kw + j) * per_group
+                            if 0 <= ih < height and 0 <= iw < width:
+                                _copy_run(flat, pixel0 + j * dw * channels + g * per_group, row, base, per_group)
+                            else:
+                                padding = row[base : base + per_group]
+                                for c in range(per_group):
+                                    padding[c] = pad_value
+
+
+def im2col_channels_last(x: np.ndarray, attrs: ConvAttrs, pad_value: int = 0, depth: int | None = None) -> np.ndarray:
+    """(B, C, H, W) integers -> (groups, B*Hout*Wout, depth) columns, K ordered (kh, kw, c).
+
+    The windows of :func:`im2col` (its oracle), each window's elements in channels-last order
+    (weights must be permuted OIHW -> OHWI to match); columns from K = C/groups*kh*kw up to
+    ``depth`` (default K) are zero, so a GEMM kernel that wants K in whole blocks needs no second
+    copy. Window rows are copied as runs of channels from the channels-last input, and a 1x1 stride-1
+    conv of one group takes that input itself, with no copy when x is already channels-last memory.
+    """
+    b, c, h, w = x.shape
+    (kh, kw), (sh, sw), (pt, pl, _, _), (dh, dw) = attrs.kernel, attrs.strides, attrs.pads, attrs.dilations
+    g = attrs.groups
+    h_out, w_out = conv_output_hw(h, w, attrs)
+    k = c // g * kh * kw
+    depth = k if depth is None else depth
+    if depth < k:
+        raise ValueError(f"depth {depth} is below the window size {k}")
+    xt = channels_last(x)
+    if kh == kw == sh == sw == g == 1 and not any(attrs.pads) and depth == k:
+        return xt.reshape(1, b * h * w, c)
+    cols = (np.empty if depth == k else np.zeros)((g, b * h_out * w_out, depth), x.dtype)
+    _gather_windows(xt.reshape(-1), xt.shape, g, kh, kw, sh, sw, pt, pl, dh, dw, x.dtype.type(pad_value), h_out,
+                    w_out, cols)
+    return cols
 
 
 def col2nchw(y: np.ndarray, batch: int, h_out: int, w_out: int) -> np.ndarray:

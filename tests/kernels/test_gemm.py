@@ -1,3 +1,4 @@
+import numba
 import numpy as np
 import pytest
 
@@ -6,9 +7,12 @@ from tpusim.kernels.gemm import (
     grouped_int8_gemm,
     int8_gemm,
     int8_gemm_reference,
+    requantized_int8_gemm,
+    vnni_depth,
     wrap_reference,
     wrap_to_bits,
 )
+from tpusim.quant.fixed_point import quantize_multiplier, requantize_reference
 
 # The vpdpbusd kernel runs only on CPUs with AVX-512 VNNI; the portable kernel runs everywhere.
 KERNELS = [pytest.param(True, marks=pytest.mark.skipif(not HAS_VNNI, reason="CPU lacks AVX-512 VNNI"), id="vnni"),
@@ -204,3 +208,102 @@ def test_a_vnni_kernel_that_does_not_compile_falls_back_to_the_portable_one(monk
     want = gemm_module.int8_gemm_reference(x[0], np.ascontiguousarray(w[0].T))
     np.testing.assert_array_equal(got.result[0], want.result)
     assert gemm_module._vnni_compiles == [False]
+
+
+def requantized_reference(x, w_nk, bias, acc_bits, m0, shift, zero_point, qmin, qmax):
+    """Oracle of the fused kernel: the grouped reference's accumulators, channels-last, through requantize_reference."""
+    acc, wrapped = grouped_reference(x, w_nk, acc_bits, bias)
+    rows = np.ascontiguousarray(acc.transpose(1, 0, 2).reshape(x.shape[1], -1)).astype(np.int32)
+    return requantize_reference(rows, m0, shift, zero_point, qmin, qmax, channel_axis=-1), wrapped
+
+
+@pytest.mark.parametrize("use_vnni", KERNELS)
+@pytest.mark.parametrize("acc_bits", [32, 16])
+@pytest.mark.parametrize("groups, m, k, n", [
+    (1, 8, 64, 8), (1, 13, 147, 10), (3, 9, 128, 4), (5, 7, 9, 1), (2, 70, 300, 7), (1, 6, 37, 12), (1, 97, 4608, 36),
+    # Broadcast tiles (whole 64-channel tiles waste little): pixels past a 6-row strip, K and channels padded.
+    (1, 70, 192, 64), (2, 13, 147, 250), (1, 301, 64, 256), (1, 6, 4608, 64),
+])
+@pytest.mark.parametrize("unsigned, per_channel", [(True, True), (False, False)])
+def test_requantized_kernel_equals_gemm_then_requantize(groups, m, k, n, acc_bits, use_vnni, unsigned, per_channel):
+    rng = np.random.default_rng(groups * 1000 + m * 100 + k + n + acc_bits + unsigned)
+    x = rng.integers(0, 256, (groups, m, k)).astype(np.uint8) if unsigned else \
+        rng.integers(-128, 128, (groups, m, k)).astype(np.int8)
+    w = rng.integers(-128, 128, (groups, n, k)).astype(np.int8)
+    bias = rng.integers(-2**24, 2**24, groups * n).astype(np.int32)
+    # Multipliers from 2**-20 to 4 (negative shifts too): outputs clamp at both ends as well as land inside.
+    m0, shift = quantize_multiplier(2.0 ** rng.uniform(-20, 2, groups * n if per_channel else 1))
+    want, wrapped = requantized_reference(x, w, bias, acc_bits, m0, shift, 3, -128, 127)
+    got, got_wrapped = requantized_int8_gemm(x, w, bias, acc_bits, m0, shift, 3, -128, 127, np.int8, use_vnni=use_vnni)
+    assert got.shape == (m, groups * n) and got.dtype == np.int8
+    np.testing.assert_array_equal(got, want)
+    assert got_wrapped == wrapped
+    if per_channel and got.size >= 500:  # multipliers spread enough that both clamps and the range between occur
+        assert np.count_nonzero(got == -128) and np.count_nonzero(got == 127) and np.count_nonzero(np.abs(got) < 100)
+    if acc_bits == 16:
+        assert wrapped > 0
+
+
+def test_requantized_kernel_rounds_half_away_from_zero_and_clamps():
+    # acc = x * 1 + bias; multiplier 2**-2 (m0 = 2**30, shift 1): 6/4 -> 2, -6/4 -> -2, 5/4 -> 1, -2/4 -> -1 (ties away)
+    x = np.array([[[6], [0], [5], [0], [255]]], np.uint8)
+    w = np.ones((1, 1, 1), np.int8)
+    bias = np.zeros(1, np.int32)
+    got, wrapped = requantized_int8_gemm(x, w, bias, 32, np.array([2**30]), np.array([1]), 10, 0, 70, np.uint8)
+    np.testing.assert_array_equal(got[:, 0], [12, 10, 11, 10, 70])
+    got, _ = requantized_int8_gemm(-np.ones((1, 2, 1), np.int8) * np.array([6, 2], np.int8).reshape(1, 2, 1), w, bias,
+                                   32, np.array([2**30]), np.array([1]), 10, 0, 70, np.uint8)
+    np.testing.assert_array_equal(got[:, 0], [8, 9])
+    assert wrapped == 0
+
+
+@pytest.mark.parametrize("use_vnni", KERNELS)
+@pytest.mark.parametrize("x_value, k, wraps", [(255, 65792, 0), (255, 2**17, 64 * 6), (-128, 2**17, 64 * 6)])
+def test_requantized_kernel_at_the_int32_chunk_limit(x_value, k, wraps, use_vnni):
+    # The broadcast tile's raw int32 sums hold K * 255 * 128 exactly up to the chunk limit; past it
+    # the portable kernel's int64 chunks take over and the 32-bit accumulator wraps every output.
+    x = np.full((1, 6, k), x_value, np.uint8 if x_value > 127 else np.int8)
+    w = np.full((1, 64, k), -128, np.int8)
+    m0, shift = quantize_multiplier(np.array([2.0**-24]))
+    want, wrapped = requantized_reference(x, w, None, 32, m0, shift, 0, -128, 127)
+    got, got_wrapped = requantized_int8_gemm(x, w, None, 32, m0, shift, 0, -128, 127, np.int8, use_vnni=use_vnni)
+    np.testing.assert_array_equal(got, want)
+    assert got_wrapped == wrapped == wraps
+
+
+@pytest.mark.parametrize("use_vnni", KERNELS)
+def test_threads_change_no_integer(use_vnni):
+    # Enough rows for one task per thread: the split must not change a value or the wrap count.
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (1, 301, 256)).astype(np.uint8)
+    w = rng.integers(-128, 128, (1, 64, 256)).astype(np.int8)
+    m0, shift = quantize_multiplier(np.full(64, 2.0**-14))
+    previous = numba.get_num_threads()
+    try:
+        results = []
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(threads)
+            results.append((grouped_int8_gemm(x, w, 16, use_vnni=use_vnni),
+                            requantized_int8_gemm(x, w, None, 16, m0, shift, 0, 0, 255, np.uint8, use_vnni=use_vnni)))
+    finally:
+        numba.set_num_threads(previous)
+    (plain_1, fused_1), (plain_n, fused_n) = results
+    np.testing.assert_array_equal(plain_1.result, plain_n.result)
+    np.testing.assert_array_equal(fused_1[0], fused_n[0])
+    assert plain_1.wrapped_count == plain_n.wrapped_count == fused_1[1] == fused_n[1] > 0
+
+
+def test_requantized_kernel_rejects_wide_accumulators_and_bad_multipliers():
+    x, w = np.zeros((1, 2, 3), np.uint8), np.zeros((1, 2, 3), np.int8)
+    with pytest.raises(ValueError, match="int32"):
+        requantized_int8_gemm(x, w, None, 40, np.array([2**30]), np.array([0]), 0, 0, 255, np.uint8)
+    with pytest.raises(ValueError, match="entries"):
+        requantized_int8_gemm(x, w, None, 32, np.array([2**30] * 3), np.array([0] * 3), 0, 0, 255, np.uint8)
+
+
+@pytest.mark.parametrize("k, n, acc_bits, depth", [(147, 64, 32, 192), (576, 64, 32, 576), (37, 64, 32, 64),
+                                                   (30, 64, 32, 30),
+                                                   (147, 2, 32, 147), (147, 64, 40, 147)])
+def test_vnni_depth_is_the_padded_k_only_where_the_vnni_kernel_runs(k, n, acc_bits, depth):
+    assert vnni_depth(k, n, acc_bits, use_vnni=True) == depth
+    assert vnni_depth(k, n, acc_bits, use_vnni=False) == k

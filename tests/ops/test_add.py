@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from onnx_graphs import GraphBuilder
 from op_checks import CONFIG, check_all_stages
@@ -54,3 +55,44 @@ def test_add_kernel_is_exact_on_one_grid():
     a, b = rng.integers(0, 256, shape).astype(np.uint8), rng.integers(0, 256, (1, 2, 1, 1)).astype(np.uint8)
     y, _ = ops.op("add").execute(ql, [a, b], None)
     np.testing.assert_array_equal(y, np.clip(a.astype(int) + b.astype(int) - 100, 0, 255))
+
+
+def _general_path(module, ql, inputs):
+    """The broadcasting path (rescale each input, sum in int32, requantize) that the one-pass kernel must equal."""
+    from tpusim.ops.add import ADD_LEFT_SHIFT
+    from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, centered, rescale, rescale_output
+
+    total = np.zeros(ql.layer.output_shape, np.int32)
+    for q, qp, r, sign in zip(inputs, ql.input_qparams, ql.input_rescales, module.signs):
+        term = rescale(centered(q, qp.zero_point) << ADD_LEFT_SHIFT, r, 0, INT32_MIN, INT32_MAX)
+        total = total + term if sign > 0 else total - term
+    return rescale_output(ql, total)
+
+
+@pytest.mark.parametrize("name", ["add", "sub"])
+@pytest.mark.parametrize("grids", [
+    ((0.109375, 100, 0, 255), (0.0703125, 3, 0, 255), (0.203125, 0, 0, 255)),
+    ((0.109375, 0, -128, 127), (0.3125, 0, -128, 127), (0.046875, -3, -128, 127)),
+    ((0.5, 128, 0, 255), (0.5, 128, 0, 255), (0.5, 128, 0, 255)),       # one grid: exact sums, clamps at both ends
+])
+@pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("channels-last", "channels-last"), ("nchw", "channels-last")])
+def test_one_pass_kernel_equals_the_general_path(name, grids, layouts):
+    shape = (2, 16, 5, 7)
+    layer = Layer(name="a", op=name, inputs=("a", "b"), output="y", input_shapes=(shape, shape), output_shape=shape)
+    qa, qb, qy = (QParams(np.array(s), np.array(z), lo, hi) for s, z, lo, hi in grids)
+    module = ops.op(name)
+    ql = module.quantize(layer, (qa, qb), qy, CONFIG.quant, None)
+    rng = np.random.default_rng(len(name))
+    a = rng.integers(qa.qmin, qa.qmax + 1, shape).astype(qa.storage_dtype)
+    b = rng.integers(qb.qmin, qb.qmax + 1, shape).astype(qb.storage_dtype)
+    want = _general_path(module, ql, [a, b])
+
+    def stored(q, layout):
+        return q if layout == "nchw" else np.ascontiguousarray(q.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+    got, wrapped = module.execute(ql, [stored(a, layouts[0]), stored(b, layouts[1])], None)
+    assert got.dtype == want.dtype and wrapped == 0
+    np.testing.assert_array_equal(got, want)
+    assert np.count_nonzero(got == ql.out_qmin)
+    if layouts[0] == layouts[1] == "channels-last":
+        assert got.transpose(0, 2, 3, 1).flags.c_contiguous  # the output keeps its inputs' memory order

@@ -90,7 +90,7 @@ def test_integers_are_the_exact_centred_products_requantized(a_scheme, b_scheme)
     assert wrapped == 0 and out.shape == layer.output_shape and out.dtype == np.uint8
     assert np.max(np.abs(out - np.clip(real, 0, 255))) <= 0.5 + 1e-6
     # The same integers from BLAS and from the PE-level cycle-stepped array.
-    for engine in ("exact-blas", _PeArrayUnit(32, 32)):
+    for engine in ("exact-blas", _PeArrayUnit(32, 32, weight_double_buffering=True)):
         np.testing.assert_array_equal(module.execute(ql, [qa, qb], ExecOptions(engine=engine))[0], out)
 
 

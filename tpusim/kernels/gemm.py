@@ -4,32 +4,45 @@ This is the functional model of the matrix unit's arithmetic: 8-bit operands (ac
 signed or unsigned, weights signed), exact products, sums wrapped modulo ``2**acc_bits`` as
 the TPU's 32-bit accumulators would. ``int8_gemm`` (and ``grouped_int8_gemm``, which takes
 weights in their stored (N, K) layout and all groups of a conv at once) is the fast Numba kernel;
-``int8_gemm_reference`` is the naive numpy oracle it is tested against.
+``int8_gemm_reference`` is the naive numpy oracle it is tested against. ``requantized_int8_gemm``
+adds the activation unit's requantization in the kernel's epilogue and returns channels-last
+8-bit outputs (its oracle: the GEMM reference, then ``requantize_reference``).
 
-Every output is a dot product of two K-contiguous rows. On CPUs with AVX-512 VNNI the kernel
-uses ``vpdpbusd`` (64 uint8 x int8 products per instruction) through a small LLVM intrinsic
-(int8 activations are shifted to uint8 first, the bias absorbing the shift); elsewhere, and for
-shapes that do not fill its tiles, a portable loop that LLVM vectorises. Both are exact.
+On CPUs with AVX-512 VNNI the kernels use ``vpdpbusd`` (64 uint8 x int8 products per
+instruction) through small LLVM intrinsics (int8 activations are shifted to uint8 first, the
+bias absorbing the shift): for the fused kernel, 6 pixels x 64 channels per tile with each
+pixel's four activation bytes broadcast against packed weights, so no sum is reduced across
+lanes; otherwise 4 x 4 tiles of K-contiguous dot products. Elsewhere, and for shapes that do not
+fill the tiles, a portable loop that LLVM vectorises. All are exact. Rows are split into tasks
+that the cores take one at a time (``numba.get_num_threads()`` threads); each output is computed
+by one task, so the integers do not depend on the thread count.
 """
 from __future__ import annotations
 
+import os
 import warnings
-
+import weakref
 from typing import NamedTuple
 
 import llvmlite.binding
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+# The kernels' threads wait for work asleep, not spinning: a spinning OpenMP thread takes a core from
+# the single-threaded work between two GEMMs, which on a busy machine costs more than the GEMMs gain.
+# (libgomp reads this when Numba loads it, at the first parallel kernel call.)
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 # |uint8 x int8| <= 255 * 128, so this many products always fit an int32 partial sum.
 _INT32_SAFE_TERMS = (2**31 - 1) // (255 * 128)
 _TILE = 4  # a tile is 4 rows of x against 4 weight rows: 16 int32 sums, each a vectorised reduction over K
 _PANEL_BYTES = 128 * 1024  # weight rows swept by all row blocks before moving on: stays in L2
 _VNNI_BLOCK = 64  # bytes of K per vpdpbusd operand (one zmm register)
+_BROADCAST_PANEL_BYTES = 512 * 1024  # weights a broadcast-tile panel holds: half of a Zen 4/5 core's L2
 _VNNI_CHUNK = _INT32_SAFE_TERMS // _VNNI_BLOCK * _VNNI_BLOCK  # whole blocks whose int32 sums cannot overflow
 # Numba compiles for the host CPU unless told otherwise; the intrinsic exists only there.
 HAS_VNNI = numba.config.CPU_NAME is None and bool(llvmlite.binding.get_host_cpu_features().get("avx512vnni"))
@@ -169,17 +182,19 @@ def _transpose_reduce(builder, vectors):
     return vectors[0]
 
 
-@intrinsic
-def _vnni_tile(typingctx, x, w, m0, n0, blocks, bias, half, mask, out):
-    """Tile (m0.., n0..) of 4 x 4 outputs, wrapped and stored channel-major; returns how many wrapped.
+def _vnni_tile_intrinsic(channel_major: bool):
+    """An intrinsic computing the tile (m0.., n0..) of 4 x 4 outputs, wrapped and stored; it returns how many wrapped.
 
-    out[n0 + j, m0 + i] = wrap(sum over k < 64 blocks of x[m0 + i, k] * w[n0 + j, k] + bias[n0 + j]),
-    the wrap being ((v + half) & mask) - half. x is a uint8 and w an int8 2-D array, bias int64
-    and out int32, all with unit inner stride. Sixteen zmm accumulators take one vpdpbusd per 64
-    k each (four adjacent products per int32 lane, modulo 2**32: exact while K * 255 * 128 <
-    2**31); they are reduced together, then the bias add and wrap check run in int64 lanes.
+    v[i, j] = wrap(sum over k < 64 blocks of x[m0 + i, k] * w[n0 + j, k] + bias[n0 + j]), the wrap
+    being ((v + half) & mask) - half, goes to out[out_row + j, out_col + i] (``channel_major``) or
+    out[out_row + i, out_col + j]. x is a uint8 and w an int8 2-D array, bias int64 and out int32,
+    all with unit inner stride. Sixteen zmm accumulators take one vpdpbusd per 64 k each (four
+    adjacent products per int32 lane, modulo 2**32: exact while K * 255 * 128 < 2**31); they are
+    reduced together, then the bias add and wrap check run in int64 lanes.
     """
-    sig = types.int64(x, w, m0, n0, blocks, bias, half, mask, out)
+
+    def tile(typingctx, x, w, m0, n0, blocks, bias, half, mask, out, out_row, out_col):
+        return types.int64(x, w, m0, n0, blocks, bias, half, mask, out, out_row, out_col), codegen
 
     def codegen(context, builder, signature, args):
         byte, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -231,14 +246,19 @@ def _vnni_tile(typingctx, x, w, m0, n0, blocks, bias, half, mask, out):
         wrapped = builder.call(reduce_add, [builder.zext(builder.icmp_signed("!=", stored, exact), wide)])
         narrow = builder.trunc(stored, _I32X16)
         quad = ir.VectorType(i32, _TILE)
-        m0_bytes = builder.mul(args[2], i64(4))
-        for j in range(_TILE):
-            part = builder.shuffle_vector(narrow, narrow, ir.Constant(quad, list(range(_TILE * j, _TILE * j + _TILE))))
-            target = row_start(out_arr.data, args[3], j, out_stride, m0_bytes)
+        column_bytes = builder.mul(args[10], i64(4))
+        for r in range(_TILE):
+            lanes = [_TILE * r + t for t in range(_TILE)] if channel_major else [_TILE * t + r for t in range(_TILE)]
+            part = builder.shuffle_vector(narrow, narrow, ir.Constant(quad, lanes))
+            target = row_start(out_arr.data, args[9], r, out_stride, column_bytes)
             builder.store(part, builder.bitcast(target, quad.as_pointer()), align=4)
         return wrapped
 
-    return sig, codegen
+    return intrinsic(tile)
+
+
+_vnni_tile = _vnni_tile_intrinsic(channel_major=True)
+_vnni_tile_rows = _vnni_tile_intrinsic(channel_major=False)
 
 
 @njit(cache=True)
@@ -269,43 +289,59 @@ def _panel_rows(k_total: int, n_total: int) -> int:
 
 
 @njit(cache=True)
-def _grouped_gemm_kernel(x, w, bias64, acc_bits, out, panel):
+def _rows_range(task, chunks, m_total):
+    """[m_lo, m_hi) of task's share of the rows: whole tiles, the tiles split as evenly as the chunks allow."""
+    tiles = -(-m_total // _TILE)
+    chunk = task % chunks
+    tile_lo = chunk * tiles // chunks
+    tile_hi = (chunk + 1) * tiles // chunks
+    return tile_lo * _TILE, min(tile_hi * _TILE, m_total)
+
+
+@njit(cache=True, parallel=True)
+def _grouped_gemm_kernel(x, w, bias64, acc_bits, out, panel, chunks):
     """out[g] = wrap(x[g] @ w[g].T + bias64[g]).T for every group g; returns the number of wrapped outputs.
 
     x is (G, M, K) and w is (G, N, K), both contiguous along K; out is channel-major (G, N, M),
-    which for a batch-1 conv is already NCHW. Weight rows are taken a panel at a time; every
-    4-row block of x sweeps the panel in 4 x 4 tiles, edge tiles fall back to single dot products.
+    which for a batch-1 conv is already NCHW. Each (group, chunk of M) is a task of its own (the
+    tasks share no output, so threads cannot change any sum). Weight rows are taken a panel at a
+    time; every 4-row block of x sweeps the panel in 4 x 4 tiles, edge tiles fall back to single
+    dot products.
     """
     groups, m_total, _ = x.shape
     n_total = w.shape[1]
-    sums = np.empty((_TILE, _TILE), np.int64)
     wrapped = 0
-    for g in range(groups):
+    for task in prange(groups * chunks):
+        g = task // chunks
+        m_lo, m_hi = _rows_range(task, chunks, m_total)
         xg, wg, bias_g, out_g = x[g], w[g], bias64[g], out[g]
+        sums = np.empty((_TILE, _TILE), np.int64)
+        task_wrapped = 0
         if n_total < _TILE:  # e.g. depthwise: no full tile anywhere, so skip the tile bookkeeping
             for n in range(n_total):
-                for m in range(m_total):
+                for m in range(m_lo, m_hi):
                     exact = _dot(xg[m], wg[n]) + bias_g[n]
                     stored = wrap_to_bits(exact, acc_bits)
-                    wrapped += stored != exact
+                    task_wrapped += stored != exact
                     out_g[n, m] = stored
-            continue
-        for p0 in range(0, n_total, panel):
-            p1 = min(p0 + panel, n_total)
-            for m0 in range(0, m_total, _TILE):
-                rows_here = min(_TILE, m_total - m0)
-                for n0 in range(p0, p1, _TILE):
-                    cols_here = min(_TILE, p1 - n0)
-                    if rows_here == _TILE and cols_here == _TILE:
-                        _tile_sums(xg, wg, m0, n0, sums)
-                    else:
-                        _edge_sums(xg, wg, m0, n0, rows_here, cols_here, sums)
-                    wrapped += _store_tile(sums, rows_here, cols_here, bias_g, acc_bits, out_g, m0, n0)
+        else:
+            for p0 in range(0, n_total, panel):
+                p1 = min(p0 + panel, n_total)
+                for m0 in range(m_lo, m_hi, _TILE):
+                    rows_here = min(_TILE, m_hi - m0)
+                    for n0 in range(p0, p1, _TILE):
+                        cols_here = min(_TILE, p1 - n0)
+                        if rows_here == _TILE and cols_here == _TILE:
+                            _tile_sums(xg, wg, m0, n0, sums)
+                        else:
+                            _edge_sums(xg, wg, m0, n0, rows_here, cols_here, sums)
+                        task_wrapped += _store_tile(sums, rows_here, cols_here, bias_g, acc_bits, out_g, m0, n0)
+        wrapped += task_wrapped
     return wrapped
 
 
-@njit(cache=True)
-def _grouped_gemm_vnni_kernel(x, w, bias64, acc_bits, out, panel):
+@njit(cache=True, parallel=True)
+def _grouped_gemm_vnni_kernel(x, w, bias64, acc_bits, out, panel, chunks):
     """_grouped_gemm_kernel for uint8 x and an int32 out on an AVX-512 VNNI CPU: full tiles through vpdpbusd.
 
     K must be a multiple of 64 (the caller zero-pads it: zero products change no sum) and at
@@ -317,24 +353,280 @@ def _grouped_gemm_vnni_kernel(x, w, bias64, acc_bits, out, panel):
     half = np.int64(1) << (acc_bits - 1)
     mask = (np.int64(1) << acc_bits) - 1
     wrapped = 0
-    for g in range(groups):
+    for task in prange(groups * chunks):
+        g = task // chunks
+        m_lo, m_hi = _rows_range(task, chunks, m_total)
         xg, wg, bias_g, out_g = x[g], w[g], bias64[g], out[g]
+        task_wrapped = 0
         for p0 in range(0, n_total, panel):
             p1 = min(p0 + panel, n_total)
-            for m0 in range(0, m_total, _TILE):
-                rows_here = min(_TILE, m_total - m0)
+            for m0 in range(m_lo, m_hi, _TILE):
+                rows_here = min(_TILE, m_hi - m0)
                 for n0 in range(p0, p1, _TILE):
                     cols_here = min(_TILE, p1 - n0)
                     if rows_here == _TILE and cols_here == _TILE:
-                        wrapped += _vnni_tile(xg, wg, m0, n0, blocks, bias_g, half, mask, out_g)
+                        task_wrapped += _vnni_tile(xg, wg, m0, n0, blocks, bias_g, half, mask, out_g, n0, m0)
                         continue
                     for j in range(cols_here):
                         for i in range(rows_here):
                             exact = _dot(xg[m0 + i], wg[n0 + j]) + bias_g[n0 + j]
                             stored = wrap_to_bits(exact, acc_bits)
-                            wrapped += stored != exact
+                            task_wrapped += stored != exact
                             out_g[n0 + j, m0 + i] = stored
+        wrapped += task_wrapped
     return wrapped
+
+
+@njit(cache=True)
+def _requantize_strip(acc, rows, width, multiplier, right, half, zero_point, qmin, qmax, out, m0, c0):
+    """out[m0 + i, c0 + j] = clamp(round(acc[i, j] * multiplier / 2**right) + zero_point, qmin, qmax), channel c0 + j.
+
+    The rounding of :func:`tpusim.quant.fixed_point.requantize` (half away from zero), per channel.
+    """
+    # Slices indexed from 0 let LLVM drop the negative-index wrap and vectorise along the channels.
+    scale, bits, rounding = multiplier[c0 : c0 + width], right[c0 : c0 + width], half[c0 : c0 + width]
+    for i in range(rows):
+        src = acc[i, :width]
+        dst = out[m0 + i, c0 : c0 + width]
+        for j in range(width):
+            product = np.int64(src[j]) * scale[j]
+            rounded = (product + rounding[j]) >> bits[j] if product >= 0 else -((rounding[j] - product) >> bits[j])
+            dst[j] = min(max(rounded + zero_point, qmin), qmax)
+
+
+@njit(cache=True, parallel=True)
+def _requantized_gemm_kernel(x, w, bias64, acc_bits, multiplier, right, half_r, zero_point, qmin, qmax, out, panel,
+                             chunks):
+    """_grouped_gemm_kernel's sums, requantized a strip of four rows at a time into out (M, G*N)."""
+    groups, m_total, _ = x.shape
+    n_g = w.shape[1]
+    wrapped = 0
+    for task in prange(groups * chunks):
+        g = task // chunks
+        m_lo, m_hi = _rows_range(task, chunks, m_total)
+        xg, wg, bias_g = x[g], w[g], bias64[g]
+        sums = np.empty((_TILE, _TILE), np.int64)
+        acc = np.empty((_TILE, panel), np.int32)
+        task_wrapped = 0
+        for p0 in range(0, n_g, panel):
+            p1 = min(p0 + panel, n_g)
+            for m0 in range(m_lo, m_hi, _TILE):
+                rows_here = min(_TILE, m_hi - m0)
+                for n0 in range(p0, p1, _TILE):
+                    cols_here = min(_TILE, p1 - n0)
+                    if rows_here == _TILE and cols_here == _TILE:
+                        _tile_sums(xg, wg, m0, n0, sums)
+                    else:
+                        _edge_sums(xg, wg, m0, n0, rows_here, cols_here, sums)
+                    for i in range(rows_here):
+                        for j in range(cols_here):
+                            exact = sums[i, j] + bias_g[n0 + j]
+                            stored = wrap_to_bits(exact, acc_bits)
+                            task_wrapped += stored != exact
+                            acc[i, n0 - p0 + j] = stored
+                _requantize_strip(acc, rows_here, p1 - p0, multiplier, right, half_r, zero_point, qmin, qmax, out, m0,
+                                  g * n_g + p0)
+        wrapped += task_wrapped
+    return wrapped
+
+
+@njit(cache=True, parallel=True)
+def _requantized_gemm_vnni_kernel(x, w, bias64, acc_bits, multiplier, right, half_r, zero_point, qmin, qmax, out,
+                                  panel, chunks):
+    """_grouped_gemm_vnni_kernel's sums, requantized a strip of four rows at a time into out (M, G*N)."""
+    groups, m_total, k_total = x.shape
+    n_g = w.shape[1]
+    blocks = k_total // _VNNI_BLOCK
+    half = np.int64(1) << (acc_bits - 1)
+    mask = (np.int64(1) << acc_bits) - 1
+    wrapped = 0
+    for task in prange(groups * chunks):
+        g = task // chunks
+        m_lo, m_hi = _rows_range(task, chunks, m_total)
+        xg, wg, bias_g = x[g], w[g], bias64[g]
+        acc = np.empty((_TILE, panel), np.int32)
+        task_wrapped = 0
+        for p0 in range(0, n_g, panel):
+            p1 = min(p0 + panel, n_g)
+            for m0 in range(m_lo, m_hi, _TILE):
+                rows_here = min(_TILE, m_hi - m0)
+                for n0 in range(p0, p1, _TILE):
+                    cols_here = min(_TILE, p1 - n0)
+                    if rows_here == _TILE and cols_here == _TILE:
+                        task_wrapped += _vnni_tile_rows(xg, wg, m0, n0, blocks, bias_g, half, mask, acc, 0, n0 - p0)
+                        continue
+                    for i in range(rows_here):
+                        for j in range(cols_here):
+                            exact = _dot(xg[m0 + i], wg[n0 + j]) + bias_g[n0 + j]
+                            stored = wrap_to_bits(exact, acc_bits)
+                            task_wrapped += stored != exact
+                            acc[i, n0 - p0 + j] = stored
+                _requantize_strip(acc, rows_here, p1 - p0, multiplier, right, half_r, zero_point, qmin, qmax, out, m0,
+                                  g * n_g + p0)
+        wrapped += task_wrapped
+    return wrapped
+
+
+_ROWS = 6  # pixels per broadcast tile: 6 x 4 accumulators, 4 weight vectors and a broadcast fill 29 of 32 zmm
+_VECTORS = 4  # 16-channel weight vectors per broadcast tile
+_LANES = _VNNI_BLOCK // 4  # int32 lanes of a zmm: one output channel each
+_TILE_CHANNELS = _VECTORS * _LANES
+
+
+@intrinsic
+def _broadcast_tile(typingctx, x, packed, m0, m_last, v0, quads, out, out_col):
+    """Raw int32 sums of pixels m0 .. m0 + 5 against channels 16 v0 .. 16 v0 + 63, into out[r, out_col + c].
+
+    packed is (vectors, quads, 64) int8: packed[v, q, 4 l + t] = w[16 v + l, 4 q + t]. Each step over
+    four k loads four weight vectors, broadcasts each pixel's four activation bytes to every lane and
+    issues 24 vpdpbusd: lane l of accumulator (r, v) sums output channel 16 v + l of pixel m0 + r, so
+    nothing is reduced across lanes and the stores are channels-last rows. Pixels past m_last re-read
+    pixel m_last (their sums are never used). Sums wrap modulo 2**32: exact while K * 255 * 128 < 2**31.
+    """
+    sig = types.void(x, packed, m0, m_last, v0, quads, out, out_col)
+
+    def codegen(context, builder, signature, args):
+        byte, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        x_arr, w_arr, out_arr = (context.make_array(signature.args[a])(context, builder, args[a]) for a in (0, 1, 6))
+        x_stride = cgutils.unpack_tuple(builder, x_arr.strides, 2)[0]
+        out_stride = cgutils.unpack_tuple(builder, out_arr.strides, 2)[0]
+        m0, m_last, v0, quads, out_col = args[2], args[3], args[4], args[5], args[7]
+
+        def pixel(r):
+            row = builder.add(m0, i64(r))
+            row = builder.select(builder.icmp_signed("<", row, m_last), row, m_last)
+            return builder.gep(x_arr.data, [builder.mul(row, x_stride)], source_etype=byte)
+
+        pixels = [pixel(r) for r in range(_ROWS)]
+        vector_bytes = builder.mul(quads, i64(_VNNI_BLOCK))
+        vectors = [builder.gep(w_arr.data, [builder.mul(builder.add(v0, i64(v)), vector_bytes)], source_etype=byte)
+                   for v in range(_VECTORS)]
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(_I32X16, None)) for _ in range(_VECTORS)]
+                for _ in range(_ROWS)]
+        dpbusd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_I32X16, [_I32X16, _I8X64, _I8X64]), "llvm.x86.avx512.vpdpbusd.512")
+        spread = ir.Constant(ir.VectorType(i32, _LANES), None)
+        with cgutils.for_range(builder, quads) as loop:
+            w_offset = builder.mul(loop.index, i64(_VNNI_BLOCK))
+            x_offset = builder.mul(loop.index, i64(4))
+            weights = [builder.load(builder.gep(v, [w_offset], source_etype=byte), typ=_I8X64, align=1)
+                       for v in vectors]
+            for r in range(_ROWS):
+                word = builder.load(builder.bitcast(builder.gep(pixels[r], [x_offset], source_etype=byte),
+                                                    i32.as_pointer()), typ=i32, align=1)
+                lanes = builder.insert_element(ir.Constant(_I32X16, None), word, i32(0))
+                activations = builder.bitcast(builder.shuffle_vector(lanes, lanes, spread), _I8X64)
+                for v in range(_VECTORS):
+                    acc = accs[r][v]
+                    builder.store(builder.call(dpbusd, [builder.load(acc), activations, weights[v]]), acc)
+        for r in range(_ROWS):
+            row = builder.mul(i64(r), out_stride)
+            for v in range(_VECTORS):
+                column = builder.mul(builder.add(out_col, i64(v * _LANES)), i64(4))
+                target = builder.gep(out_arr.data, [builder.add(row, column)], source_etype=byte)
+                builder.store(builder.load(accs[r][v]), builder.bitcast(target, _I32X16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _finish_strip(acc, rows, width, bias, acc_bits, multiplier, right, half, zero_point, qmin, qmax, out, m0, c0):
+    """Bias, wrap and requantize acc[:rows, :width] (raw sums of channels c0..) into out[m0.., c0..]; returns wraps."""
+    wrapped = 0
+    # Slices indexed from 0 let LLVM drop the negative-index wrap and vectorise along the channels.
+    start, scale = bias[:width], multiplier[c0 : c0 + width]
+    bits, rounding = right[c0 : c0 + width], half[c0 : c0 + width]
+    for i in range(rows):
+        src = acc[i, :width]
+        dst = out[m0 + i, c0 : c0 + width]
+        for j in range(width):
+            exact = np.int64(src[j]) + start[j]
+            stored = wrap_to_bits(exact, acc_bits)
+            wrapped += stored != exact
+            product = stored * scale[j]
+            rounded = (product + rounding[j]) >> bits[j] if product >= 0 else -((rounding[j] - product) >> bits[j])
+            dst[j] = min(max(rounded + zero_point, qmin), qmax)
+    return wrapped
+
+
+@njit(cache=True, parallel=True)
+def _requantized_broadcast_kernel(x, packed, bias64, acc_bits, multiplier, right, half_r, zero_point, qmin, qmax, out,
+                                  panel_vectors, chunks):
+    """The fused GEMM through _broadcast_tile: x (G, M, K) uint8 with K a multiple of 64, packed
+    (G, vectors, K / 4, 64) with vectors a multiple of 4; a panel of panel_vectors weight vectors stays
+    in L2 while every 6-pixel strip of the task's rows sweeps it."""
+    groups, m_total, k_total = x.shape
+    n_g = bias64.shape[1]
+    quads = k_total // 4
+    vectors = packed.shape[1]
+    wrapped = 0
+    for task in prange(groups * chunks):
+        g = task // chunks
+        m_lo, m_hi = _rows_range(task, chunks, m_total)
+        xg, packed_g, bias_g = x[g], packed[g].reshape(vectors, quads * _VNNI_BLOCK), bias64[g]
+        acc = np.empty((_ROWS, panel_vectors * _LANES), np.int32)
+        task_wrapped = 0
+        for v_lo in range(0, vectors, panel_vectors):
+            v_hi = min(v_lo + panel_vectors, vectors)
+            c_lo, c_hi = v_lo * _LANES, min(v_hi * _LANES, n_g)
+            if c_lo >= c_hi:
+                continue
+            for m0 in range(m_lo, m_hi, _ROWS):
+                for v0 in range(v_lo, v_hi, _VECTORS):
+                    _broadcast_tile(xg, packed_g, m0, m_hi - 1, v0, quads, acc, (v0 - v_lo) * _LANES)
+                task_wrapped += _finish_strip(acc, min(_ROWS, m_hi - m0), c_hi - c_lo, bias_g[c_lo:], acc_bits,
+                                              multiplier, right, half_r, zero_point, qmin, qmax, out, m0,
+                                              g * n_g + c_lo)
+        wrapped += task_wrapped
+    return wrapped
+
+
+def _pack_broadcast_weights(w_nk: np.ndarray) -> np.ndarray:
+    """(G, N, K) -> (G, vectors, K / 4, 64): 16 channels x 4 k per 64 bytes, channels zero-padded to whole tiles."""
+    groups, n_g, k_total = w_nk.shape
+    vectors = -(-n_g // _TILE_CHANNELS) * _VECTORS
+    padded = np.zeros((groups, vectors * _LANES, k_total), np.int8)
+    padded[:, :n_g] = w_nk
+    return np.ascontiguousarray(padded.reshape(groups, vectors, _LANES, k_total // 4, 4).transpose(0, 1, 3, 2, 4)
+                                .reshape(groups, vectors, k_total // 4, _VNNI_BLOCK))
+
+
+# Values derived from a weight array (packed layouts, bias shifts), per array and tag: a model's
+# weights are packed once, not once per run. Entries go when their array does.
+_derived: dict[tuple[int, object], tuple[weakref.ref, object]] = {}
+
+
+def derived_from(array: np.ndarray, tag: object, make):
+    """make(), computed once per live ``array`` and hashable ``tag`` (which must say everything make depends on)."""
+    key = (id(array), tag)
+    entry = _derived.get(key)
+    if entry is not None and entry[0]() is array:
+        return entry[1]
+    value = make()
+    _derived[key] = (weakref.ref(array, lambda _, key=key: _derived.pop(key, None)), value)
+    return value
+
+
+def _broadcast_fits(n_g: int, m_total: int) -> bool:
+    """The broadcast tile for channel counts that whole 64-channel tiles waste little of, and enough pixels."""
+    return 4 * -(-n_g // _TILE_CHANNELS) * _TILE_CHANNELS <= 5 * n_g and m_total >= _ROWS
+
+
+def _row_chunks(m_total: int) -> int:
+    """Tasks per group: four per thread, taken one at a time (see :func:`one_task_at_a_time`), so a thread
+    the OS deschedules on a busy machine leaves its share to the others; none thinner than a few tiles."""
+    return max(1, min(4 * numba.get_num_threads(), m_total // (6 * _TILE)))
+
+
+class one_task_at_a_time:
+    """Threads of the next parallel loops take one iteration at a time instead of an equal share each."""
+
+    def __enter__(self):
+        self.previous = numba.set_parallel_chunksize(1)
+
+    def __exit__(self, *exc):
+        numba.set_parallel_chunksize(self.previous)
 
 
 def check_grouped_operands(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int) -> None:
@@ -352,6 +644,61 @@ def check_grouped_operands(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | N
         raise ValueError(f"acc_bits must be in [2, 64], got {acc_bits}")
 
 
+def _vnni_runs(k_total: int, n_g: int, acc_bits: int, use_vnni: bool) -> bool:
+    """Worth it for int32 accumulators, tiles of several weight rows and K that padding does not more than double."""
+    k_padded = -(-k_total // _VNNI_BLOCK) * _VNNI_BLOCK
+    return use_vnni and _vnni_compiles[0] and acc_bits <= 32 and n_g >= _TILE and k_padded <= min(2 * k_total,
+                                                                                                   _VNNI_CHUNK)
+
+
+def vnni_depth(k_total: int, n_g: int, acc_bits: int, use_vnni: bool = HAS_VNNI) -> int:
+    """K as the vpdpbusd kernel takes it (whole 64-byte blocks) where it will run, else K: operands
+    built this deep (zero-filled) need no padding copy."""
+    return -(-k_total // _VNNI_BLOCK) * _VNNI_BLOCK if _vnni_runs(k_total, n_g, acc_bits, use_vnni) else k_total
+
+
+def _vnni_operands(x: np.ndarray, w_nk: np.ndarray, bias64: np.ndarray, acc_bits: int, use_vnni: bool):
+    """(x, w, bias) as the vpdpbusd kernel takes them, or None where the portable kernel should run.
+
+    vpdpbusd takes unsigned activations: int8 x + 128 (its bits are x's with the top one flipped)
+    fits uint8, and sum (x + 128) w = sum x w + 128 sum w, so the exact bias absorbs the shift. K is
+    zero-padded to whole 64-byte blocks (zero products change no sum).
+    """
+    groups, n_g, k_total = w_nk.shape
+    if not _vnni_runs(k_total, n_g, acc_bits, use_vnni):
+        return None
+    k_padded = vnni_depth(k_total, n_g, acc_bits, use_vnni)
+    if x.dtype == np.int8:
+        bias64 = bias64 - 128 * w_nk.sum(axis=2, dtype=np.int64)
+        x = x.view(np.uint8) ^ np.uint8(0x80)
+    if k_padded != k_total:
+        x = np.concatenate([x, np.zeros((*x.shape[:2], k_padded - k_total), np.uint8)], axis=2)
+        w_nk = np.concatenate([w_nk, np.zeros((groups, n_g, k_padded - k_total), np.int8)], axis=2)
+    return np.ascontiguousarray(x), np.ascontiguousarray(w_nk), bias64
+
+
+def _run_kernels(vnni_kernel, portable_kernel, x, w_nk, bias64, acc_bits, use_vnni, *args) -> int:
+    """The vpdpbusd kernel where it applies and compiles, else the portable one; returns the wrapped count."""
+    chunks = _row_chunks(x.shape[1])
+    operands = _vnni_operands(x, w_nk, bias64, acc_bits, use_vnni)
+    if operands is not None:
+        try:
+            with one_task_at_a_time():
+                return int(vnni_kernel(*operands, acc_bits, *args, _panel_rows(operands[1].shape[2], w_nk.shape[1]),
+                                       chunks))
+        except (numba.core.errors.NumbaError, RuntimeError) as exc:
+            # The intrinsic's signature follows the LLVM inside llvmlite; another LLVM may refuse it.
+            _vnni_compiles[0] = False
+            warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
+    with one_task_at_a_time():
+        return int(portable_kernel(np.ascontiguousarray(x), np.ascontiguousarray(w_nk), bias64, acc_bits, *args,
+                                   _panel_rows(w_nk.shape[2], w_nk.shape[1]), chunks))
+
+
+def _bias64(bias: np.ndarray | None, groups: int, n_g: int) -> np.ndarray:
+    return np.zeros((groups, n_g), np.int64) if bias is None else bias.astype(np.int64).reshape(groups, n_g)
+
+
 def grouped_int8_gemm(x: np.ndarray, w_nk: np.ndarray, acc_bits: int = 32, bias: np.ndarray | None = None,
                       use_vnni: bool = HAS_VNNI) -> GemmResult:
     """Per group g: x[g] (M,K) int8/uint8 times w_nk[g].T, weights stored (N,K) like OIHW rows.
@@ -361,32 +708,68 @@ def grouped_int8_gemm(x: np.ndarray, w_nk: np.ndarray, acc_bits: int = 32, bias:
     vpdpbusd kernel (only where the CPU has it; tests turn it off to check the portable kernel too).
     """
     check_grouped_operands(x, w_nk, bias, acc_bits)
-    groups, n_g, k_total = w_nk.shape
-    bias64 = np.zeros((groups, n_g), np.int64) if bias is None else bias.astype(np.int64).reshape(groups, n_g)
+    groups, n_g, _ = w_nk.shape
     out = np.empty((groups, n_g, x.shape[1]), result_dtype(acc_bits))
-    k_padded = -(-k_total // _VNNI_BLOCK) * _VNNI_BLOCK
-    # Worth it for int32 accumulators, tiles of several weight rows and K that padding does not more than double.
-    if use_vnni and _vnni_compiles[0] and acc_bits <= 32 and n_g >= _TILE and k_padded <= min(2 * k_total, _VNNI_CHUNK):
-        vnni_x, vnni_w, vnni_bias = x, w_nk, bias64
+    wrapped = _run_kernels(_grouped_gemm_vnni_kernel, _grouped_gemm_kernel, x, w_nk, _bias64(bias, groups, n_g),
+                           acc_bits, use_vnni, out)
+    return GemmResult(out.transpose(0, 2, 1), wrapped)
+
+
+def requantized_int8_gemm(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int, m0: np.ndarray,
+                          shift: np.ndarray, zero_point: int, qmin: int, qmax: int, out_dtype: np.dtype,
+                          use_vnni: bool = HAS_VNNI) -> tuple[np.ndarray, int]:
+    """:func:`grouped_int8_gemm` with the activation unit's requantization fused in: (M, G*N) integers, wrapped count.
+
+    Row m of the result holds all G*N output channels of pixel m (channels-last, group-major), each
+    ``requantize(wrap(x[g, m] . w_nk[g, n] + bias), m0, shift, zero_point, qmin, qmax)`` exactly as
+    :func:`tpusim.quant.fixed_point.requantize` computes it (m0, shift: one entry or one per channel).
+    Each strip of four rows is requantized while its int32 sums are still in L1, so no int32 tensor is
+    written. acc_bits must be at most 32 (the activation unit reads int32).
+    """
+    check_grouped_operands(x, w_nk, bias, acc_bits)
+    if acc_bits > 32:
+        raise ValueError(f"the fused requantization reads int32 accumulators; acc_bits={acc_bits}")
+    groups, n_g, _ = w_nk.shape
+    n_total = groups * n_g
+    m0 = np.asarray(m0).reshape(-1)
+    shift = np.asarray(shift).reshape(-1)
+    if m0.shape != shift.shape or m0.size not in (1, n_total):
+        raise ValueError(f"m0 {m0.shape} and shift {shift.shape} must have 1 or {n_total} entries")
+    multiplier = np.ascontiguousarray(np.broadcast_to(m0.astype(np.int64), (n_total,)))
+    right = np.ascontiguousarray(np.broadcast_to(31 + shift.astype(np.int64), (n_total,)))
+    out = np.empty((x.shape[1], n_total), out_dtype)
+    half = (np.int64(1) << right) >> 1
+    requant = (multiplier, right, half, np.int64(zero_point), np.int64(qmin), np.int64(qmax), out)
+    bias64 = _bias64(bias, groups, n_g)
+    if _vnni_runs(w_nk.shape[2], n_g, acc_bits, use_vnni) and _broadcast_fits(n_g, x.shape[1]):
+        k_padded = vnni_depth(w_nk.shape[2], n_g, acc_bits, use_vnni)
+        packed, shift_bias = derived_from(w_nk, ("broadcast", w_nk.shape, k_padded),
+                                          lambda: _broadcast_operands(w_nk, k_padded))
+        xb = x
         if x.dtype == np.int8:
-            # vpdpbusd takes unsigned activations: x + 128 (its bits are x's with the top one flipped)
-            # fits uint8, and sum (x + 128) w = sum x w + 128 sum w, so the exact bias absorbs the shift.
-            vnni_bias = bias64 - 128 * w_nk.sum(axis=2, dtype=np.int64)
-            vnni_x = x.view(np.uint8) ^ np.uint8(0x80)
-        if k_padded != k_total:
-            vnni_x = np.concatenate([vnni_x, np.zeros((*x.shape[:2], k_padded - k_total), np.uint8)], axis=2)
-            vnni_w = np.concatenate([vnni_w, np.zeros((groups, n_g, k_padded - k_total), np.int8)], axis=2)
+            xb, bias64 = x.view(np.uint8) ^ np.uint8(0x80), bias64 + shift_bias
+        if k_padded != w_nk.shape[2]:
+            xb = np.concatenate([xb, np.zeros((*x.shape[:2], k_padded - w_nk.shape[2]), np.uint8)], axis=2)
+        panel = max(_VECTORS, _BROADCAST_PANEL_BYTES // (k_padded * _LANES) // _VECTORS * _VECTORS)
         try:
-            wrapped = _grouped_gemm_vnni_kernel(np.ascontiguousarray(vnni_x), np.ascontiguousarray(vnni_w), vnni_bias,
-                                                acc_bits, out, _panel_rows(k_padded, n_g))
-            return GemmResult(out.transpose(0, 2, 1), int(wrapped))
+            with one_task_at_a_time():
+                return out, int(_requantized_broadcast_kernel(np.ascontiguousarray(xb), packed, bias64, acc_bits,
+                                                              *requant, panel, _row_chunks(x.shape[1])))
         except (numba.core.errors.NumbaError, RuntimeError) as exc:
-            # The intrinsic's signature follows the LLVM inside llvmlite; another LLVM may refuse it.
             _vnni_compiles[0] = False
             warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
-    wrapped = _grouped_gemm_kernel(np.ascontiguousarray(x), np.ascontiguousarray(w_nk), bias64, acc_bits, out,
-                                   _panel_rows(k_total, n_g))
-    return GemmResult(out.transpose(0, 2, 1), int(wrapped))
+    wrapped = _run_kernels(_requantized_gemm_vnni_kernel, _requantized_gemm_kernel, x, w_nk, bias64, acc_bits, use_vnni,
+                           *requant)
+    return out, wrapped
+
+
+def _broadcast_operands(w_nk: np.ndarray, k_padded: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packed, K-padded weights and the bias shift that int8 activations moved to uint8 need (-128 sum_k w)."""
+    groups, n_g, k_total = w_nk.shape
+    padded = w_nk
+    if k_padded != k_total:
+        padded = np.concatenate([w_nk, np.zeros((groups, n_g, k_padded - k_total), np.int8)], axis=2)
+    return _pack_broadcast_weights(padded), -128 * w_nk.sum(axis=2, dtype=np.int64)
 
 
 def int8_gemm(x: np.ndarray, w: np.ndarray, acc_bits: int = 32, bias: np.ndarray | None = None) -> GemmResult:

@@ -2,7 +2,10 @@
 
 The array computes it as a GEMM per group (``Layer.gemm``: M = batch x Hout x Wout, K = Cin/g x kh x
 kw, N = Cout/g) with im2col done on the fly by the unified buffer's input path; the integer executor
-pads im2col with the input zero point (real zero) and requantizes the int32 accumulators.
+pads im2col with the input zero point (real zero) and requantizes the int32 accumulators. With the
+int8 kernel (the default engine) the columns are channels-last (K ordered kh, kw, c, the weights
+permuted to match: the same sums), the requantization runs inside the GEMM, and the output is an
+NCHW-shaped view of channels-last memory, so the next conv's columns need no transpose.
 """
 from __future__ import annotations
 
@@ -11,10 +14,25 @@ import numpy as np
 from tpusim import tensor_ops
 from tpusim.frontend.context import LowerContext, node_attrs, require_4d, spatial_pads
 from tpusim.ir import ConvAttrs, Layer
+from tpusim.kernels.gemm import derived_from, requantized_int8_gemm, vnni_depth
 from tpusim.ops import register
 from tpusim.ops._matrix import accumulate, quantize_matrix_layer
 from tpusim.ops.base import ExecOptions, Op
+from tpusim.quant.arithmetic import storage_dtype
 from tpusim.quant.qlayer import QLayer, rescale_output
+
+def _channels_last_weight(weight_q: np.ndarray, groups: int, depth: int) -> np.ndarray:
+    """OIHW int8 weights as (groups, N/groups, depth) rows in im2col_channels_last's (kh, kw, c) order,
+    zero-padded to depth; built once per weight array (the kernel then caches its own packing of it)."""
+
+    def build() -> np.ndarray:
+        n_out = weight_q.shape[0]
+        rows = weight_q.transpose(0, 2, 3, 1).reshape(groups, n_out // groups, -1)
+        packed = np.zeros((groups, n_out // groups, depth), np.int8)
+        packed[..., : rows.shape[2]] = rows
+        return packed
+
+    return derived_from(weight_q, ("ohwi", groups, depth), build)
 
 
 @register
@@ -57,6 +75,8 @@ class Conv(Op):
         return quantize_matrix_layer(layer, in_qps[0], y_qp, quant, input_mean)
 
     def execute(self, ql: QLayer, inputs, options: ExecOptions):
+        if options.engine == "int8-gemm" and options.acc_bits <= 32:
+            return self._execute_channels_last(ql, inputs[0], options.acc_bits)
         layer = ql.layer
         batch, _, h_out, w_out = layer.output_shape
         cols = tensor_ops.im2col(inputs[0], layer.conv, pad_value=int(ql.input_qparams[0].zero_point))
@@ -65,6 +85,21 @@ class Conv(Op):
         acc, wrapped = accumulate(cols, weight, ql.acc_bias, options.acc_bits, options.engine)
         acc = tensor_ops.col2nchw(acc, batch, h_out, w_out)
         return rescale_output(ql, acc), wrapped
+
+    def _execute_channels_last(self, ql: QLayer, x: np.ndarray, acc_bits: int):
+        """The int8 kernel's path: channels-last columns, requantization fused into the GEMM, and an
+        NCHW-shaped view of channels-last memory out, which the next conv reads with no transpose."""
+        layer = ql.layer
+        batch, n_out, h_out, w_out = layer.output_shape
+        groups = layer.conv.groups
+        k = ql.weight_q[0].size
+        depth = vnni_depth(k, n_out // groups, acc_bits)
+        cols = tensor_ops.im2col_channels_last(x, layer.conv, int(ql.input_qparams[0].zero_point), depth)
+        weight = _channels_last_weight(ql.weight_q, groups, depth)
+        y, wrapped = requantized_int8_gemm(cols, weight, ql.acc_bias, acc_bits, ql.requant.m0, ql.requant.shift,
+                                           int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax,
+                                           storage_dtype(ql.out_qmin, ql.out_qmax))
+        return y.reshape(batch, h_out, w_out, n_out).transpose(0, 3, 1, 2), wrapped
 
     def export(self, b, layer, inputs, weight, bias, y):
         c = layer.conv

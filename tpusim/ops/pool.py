@@ -9,13 +9,14 @@ once), plus the average's requantization of every output element.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from tpusim import tensor_ops
 from tpusim.frontend.context import LowerContext, node_attrs, require_4d, spatial_pads
 from tpusim.ir import PoolAttrs
 from tpusim.ops import register
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.qlayer import QLayer, Requant, centered, clamp_output, plain_qlayer, rescale, scalar
+from tpusim.quant.qlayer import QLayer, Requant, centered, plain_qlayer, rescale, scalar
 
 
 def _lower_pool(ctx: LowerContext, node, op: str) -> None:
@@ -68,13 +69,82 @@ class MaxPool(Op):
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
-        return clamp_output(ql, tensor_ops.maxpool(inputs[0], ql.layer.pool)), 0
+        return integer_maxpool(inputs[0], ql.layer.pool, ql.out_qmin, ql.out_qmax), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
         return _pool_cost(layer, out_elements, lanes, int8, averaging=False)
 
     def export(self, b, layer, inputs, weight, bias, y):
         b.node("MaxPool", inputs, y, layer.name, **_pool_export_attrs(layer))
+
+
+@njit(cache=True)
+def _maxpool_kernel(x, kh, kw, sh, sw, top, left, qmin, qmax, out):
+    """out[b, c, oh, ow] = clamp(max of the window's in-bounds elements, qmin, qmax).
+
+    Padding and ceil-mode overhang hold the dtype's lowest value in ONNX's definition, so they are
+    skipped; a window with no element at all clamps that lowest value (qmin). Each input row and
+    window column is one branch-free pass over the outputs whose window holds it.
+    """
+    _, _, height, width = x.shape
+    _, _, h_out, w_out = out.shape
+    for b in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            plane = x[b, c]
+            for oh in range(h_out):
+                best = out[b, c, oh]
+                for ow in range(w_out):
+                    best[ow] = qmin
+                for h in range(max(oh * sh - top, 0), min(oh * sh - top + kh, height)):
+                    row = plane[h]
+                    for j in range(kw):
+                        offset = j - left  # input column of output ow is ow * sw + offset
+                        first = max(0, -(offset // sw))
+                        last = min(w_out, (width - 1 - offset) // sw + 1)
+                        for ow in range(first, last):
+                            best[ow] = max(best[ow], row[ow * sw + offset])
+                for ow in range(w_out):
+                    best[ow] = min(best[ow], qmax)
+
+
+@njit(cache=True)
+def _maxpool_channels_last_kernel(xt, kh, kw, sh, sw, top, left, qmin, qmax, out):
+    """_maxpool_kernel on channels-last xt (B, H, W, C) into out (B, Hout, Wout, C): one pass over the
+    channels per window element."""
+    _, height, width, channels = xt.shape
+    _, h_out, w_out, _ = out.shape
+    for b in range(xt.shape[0]):
+        for oh in range(h_out):
+            for ow in range(w_out):
+                best = out[b, oh, ow]
+                for c in range(channels):
+                    best[c] = qmin
+                for h in range(max(oh * sh - top, 0), min(oh * sh - top + kh, height)):
+                    for w in range(max(ow * sw - left, 0), min(ow * sw - left + kw, width)):
+                        pixel = xt[b, h, w]
+                        for c in range(channels):
+                            best[c] = max(best[c], pixel[c])
+                for c in range(channels):
+                    best[c] = min(best[c], qmax)
+
+
+def integer_maxpool(x: np.ndarray, pool: PoolAttrs, qmin: int, qmax: int) -> np.ndarray:
+    """Max pooling of integers clamped to [qmin, qmax] (within x's dtype); oracle: ``tensor_ops.maxpool``.
+
+    Channels-last memory (what the integer conv returns behind its NCHW shape) is pooled in place
+    and the output keeps that layout.
+    """
+    h_out, w_out = tensor_ops.pool_output_hw(x.shape[2], x.shape[3], pool)
+    (kh, kw), (sh, sw), (top, left, _, _) = pool.kernel, pool.strides, pool.pads
+    lo, hi = x.dtype.type(qmin), x.dtype.type(qmax)
+    xt = x.transpose(0, 2, 3, 1)
+    if xt.flags.c_contiguous and not x.flags.c_contiguous:
+        out = np.empty((x.shape[0], h_out, w_out, x.shape[1]), x.dtype)
+        _maxpool_channels_last_kernel(xt, kh, kw, sh, sw, top, left, lo, hi, out)
+        return out.transpose(0, 3, 1, 2)
+    out = np.empty((*x.shape[:2], h_out, w_out), x.dtype)
+    _maxpool_kernel(np.ascontiguousarray(x), kh, kw, sh, sw, top, left, lo, hi, out)
+    return out
 
 
 def _window_sums(x: np.ndarray, pool: PoolAttrs, out_hw: tuple[int, int]) -> np.ndarray:

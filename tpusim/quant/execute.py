@@ -3,7 +3,9 @@
 The input is quantized once; from then on every value is an 8-bit integer in the unified buffer or
 an int32 in the accumulators. Each layer runs its op module's integer kernel (:mod:`tpusim.ops`):
 conv is im2col (padded with the input zero point, i.e. real zero) followed by the int8 GEMM of the
-matrix unit with the folded int32 bias, wrapping modulo ``2**acc_bits``; requantization, pooling,
+matrix unit with the folded int32 bias, wrapping modulo ``2**acc_bits`` (with the default engine,
+channels-last and with the requantization fused into the GEMM, so conv outputs are NCHW-shaped views
+of channels-last memory; every tensor's values are the same either way); requantization, pooling,
 residual add and concat rescales use dyadic multipliers and the rounding shift of
 :func:`tpusim.quant.fixed_point.requantize`; table ops look their 256 entries up. Softmax is the one
 float step.
@@ -53,7 +55,8 @@ def run_integer(
     """Run the whole network in integers on the float input ``x_float`` (shaped like the graph input).
 
     ``engine`` evaluates the matrix unit's sums: ``int8-gemm`` is the Numba kernel of
-    :mod:`tpusim.kernels.gemm` (single-threaded, AVX-512 VNNI where the CPU has it); ``exact-blas``
+    :mod:`tpusim.kernels.gemm` (on ``numba.get_num_threads()`` threads, AVX-512 VNNI where the CPU has
+    it; the thread count changes no integer); ``exact-blas``
     computes the same integers with float32 BLAS on chunks of K small enough that every partial sum
     is an exactly representable integer (slower, and much slower when BLAS threads compete for busy cores);
     tests hold the two equal, wrap counts included. A callable ``MatrixUnit`` (for example the
