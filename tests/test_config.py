@@ -66,6 +66,11 @@ def test_every_key_of_the_shipped_config_has_a_comment():
     (lambda d: d["array"].pop("weight_double_buffering"), r"array\.weight_double_buffering: missing key"),
     (lambda d: d["activation_unit"].update(scale_path_bytes_per_cycle=0),
      r"activation_unit\.scale_path_bytes_per_cycle: must be > 0"),
+    (lambda d: d["unified_buffer"].update(read_ports=0), r"unified_buffer\.read_ports: must be >= 1"),
+    (lambda d: d["unified_buffer"].update(write_ports=1.5), r"unified_buffer\.write_ports: expected an integer"),
+    (lambda d: d["unified_buffer"].update(port_bytes_per_cycle=0),
+     r"unified_buffer\.port_bytes_per_cycle: must be > 0"),
+    (lambda d: d["unified_buffer"].pop("write_ports"), r"unified_buffer\.write_ports: missing key"),
     (lambda d: d.update(host=5), r"host: expected a mapping"),
     (lambda d: d.update(extra={}), r"extra: unknown key"),
 ])
@@ -135,3 +140,15 @@ def test_hbm_config_states_its_memory():
     assert (memory.technology, memory.capacity_bytes, memory.bandwidth_gb_s, memory.latency_cycles,
             memory.requests_in_flight) == ("HBM2", 32 * 2**30, 900.0, 70, 8)
     assert load_config(TPU_V1).weight_memory.requests_in_flight == 1
+
+
+def test_unified_buffer_ports_are_tpu_v1s_paths():
+    # one 256-byte path out to the MXU and one back from the activation unit: 167 GiB/s each at 700 MHz
+    for path in sorted(CONFIGS.glob("tpu_v1*.yaml")):
+        ub = load_config(path).unified_buffer
+        assert (ub.read_ports, ub.write_ports) == (1, 1)
+    ub = load_config(TPU_V1).unified_buffer
+    assert ub.port_bytes_per_cycle == 256.0
+    assert round(ub.port_bytes_per_cycle * load_config(TPU_V1).array.clock_hz / 2**30) == 167
+    # the hypothetical FP32 chip's 4-byte elements: four times the bytes for one vector per cycle
+    assert load_config(CONFIGS / "tpu_v1_fp32.yaml").unified_buffer.port_bytes_per_cycle == 4 * 256.0

@@ -51,6 +51,9 @@ class WeightMemoryConfig:
 class UnifiedBufferConfig:
     capacity_bytes: int = field(metadata=_range(1))
     width_bytes: int = field(metadata=_range(1))
+    read_ports: int = field(metadata=_range(1, 64))   # shared by the MXU's inputs, activation operands, host out
+    write_ports: int = field(metadata=_range(1, 64))  # shared by activation results and host in
+    port_bytes_per_cycle: float = field(metadata=_range(0, None, lo_open=True))
 
 
 @dataclass(frozen=True)

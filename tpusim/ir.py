@@ -168,8 +168,8 @@ class CycleBreakdown:
     """Cycles in the TPU v1 paper's categories (Jouppi et al. 2017, Table 3).
 
     ``active + weight_stall + weight_shift + non_matrix == total``;
-    ``useful_mac + unused_mac == active``; ``raw_stall`` and ``input_stall`` are parts of
-    ``non_matrix``.
+    ``useful_mac + unused_mac == active``; ``raw_stall``, ``input_stall`` and ``ub_stall`` (the MXU
+    waiting for a unified-buffer port) are parts of ``non_matrix``.
     """
 
     total: int = 0
@@ -181,6 +181,7 @@ class CycleBreakdown:
     unused_mac: int = 0
     raw_stall: int = 0
     input_stall: int = 0
+    ub_stall: int = 0
 
     def __add__(self, other: "CycleBreakdown") -> "CycleBreakdown":
         return CycleBreakdown(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))

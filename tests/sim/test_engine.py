@@ -1,4 +1,5 @@
 """Timeline engine: exact cycle counts derived by hand from the config, and counting invariants."""
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -7,19 +8,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tpusim.config import load_config
-from tpusim.ir import Activation, ConvAttrs, Graph, Layer, PoolAttrs
+from tpusim.ir import Activation, ConvAttrs, GemmShape, Graph, Layer, PoolAttrs
 from tpusim.kernels.systolic import pe_array_reference, pe_array_run
-from tpusim.mapping.isa import MatrixMultiply
+from tpusim.mapping.isa import (Activate, LayerMapping, MatrixMultiply, Program, ReadHostMemory, ReadWeights, Sync,
+                                UbRegion)
 from tpusim.mapping.tiler import _Compiler, rebatched
 from tpusim.report.run_report import summary
 from tpusim.sim import compile_program, simulate, simulate_program, transfer_cycles
+from tpusim.sim.engine import UbPorts
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml"
 BASE = load_config(CONFIG)
 R, C = BASE.array.rows, BASE.array.cols
 LATENCY = BASE.activation_unit.pipeline_latency_cycles
 RELU = Activation("relu", 0.0)
-FAST_HOST = {"host.bandwidth_gb_s": 1e6, "host.latency_cycles": 0}  # every host transfer takes 1 cycle
+# every unified-buffer transfer takes 1 cycle and finds a free port (3 readers, 2 writers at most at once)
+UNLIMITED_UB = {"unified_buffer.read_ports": 3, "unified_buffer.write_ports": 2,
+                "unified_buffer.port_bytes_per_cycle": 2.0 ** 40}
+FAST_HOST = {"host.bandwidth_gb_s": 1e6, "host.latency_cycles": 0, **UNLIMITED_UB}  # every host transfer: 1 cycle
 FAST_WEIGHTS = {"weight_memory.bandwidth_gb_s": 1e6, "weight_memory.latency_cycles": 0}
 SPILL = {"mapping.sub_batching": False}  # run the whole batch at once, spilling what does not fit
 
@@ -472,16 +478,163 @@ def test_sub_batched_resnet50_batch_32_fits_and_keeps_its_throughput(resnet50):
     assert result.counts.weight_dram_bytes >= program.passes * single.counts.weight_dram_bytes
 
 
-@pytest.mark.parametrize("batch, cycles, spill", [(16, 6_958_679, 89_915_392), (32, 28_399_032, 629_407_744)])
-def test_without_sub_batching_resnet50_spills_as_before(resnet50, batch, cycles, spill):
+@pytest.mark.parametrize("batch, cycles, contended, spill", [(16, 6_958_679, 7_274_587, 89_915_392),
+                                                         (32, 28_399_032, 28_849_078, 629_407_744)])
+def test_without_sub_batching_resnet50_spills_as_before(resnet50, batch, cycles, contended, spill):
     graph = resnet50[batch]
     program = compile_program(graph, SPILL_CFG)
     assert program.instructions == _Compiler(graph, SPILL_CFG).compile().instructions
+    # with a free unified-buffer port for every transfer, the cycles of the engine before it had ports
+    roomy = simulate_program(program, SPILL_CFG.replace(**UNLIMITED_UB), batch)
+    assert (roomy.total_cycles, roomy.counts.spill_bytes, roomy.sub_batch, roomy.breakdown.ub_stall) == \
+        (cycles, spill, batch, 0)
+    # on TPU v1's one read port the spills' DMA out and the MXU's inputs take turns
     result = simulate_program(program, SPILL_CFG, batch)
-    assert (result.total_cycles, result.counts.spill_bytes, result.sub_batch) == (cycles, spill, batch)
+    assert (result.total_cycles, result.counts.spill_bytes, result.sub_batch) == (contended, spill, batch)
+    assert result.breakdown.ub_stall > 0 and result.counts == roomy.counts
 
 
 def test_sub_batching_leaves_resnet50_batch_8_unchanged(resnet50):
     on, off = simulate(resnet50[8], BASE), simulate(resnet50[8], SPILL_CFG)
     assert on.total_cycles == off.total_cycles == 1_762_087
     assert on.sub_batch == off.sub_batch == 8 and on.layers == off.layers
+
+
+# ------------------------------------------------------------------------------ unified-buffer ports
+
+def test_two_users_of_one_port_take_turns_and_a_later_one_fills_a_gap():
+    port = UbPorts(1, 256)
+    assert port.reserve(0, 100 * 256) == (0, 100)
+    assert port.reserve(50, 10 * 256) == (100, 110)    # waits for the first user
+    assert port.reserve(200, 10 * 256) == (200, 210)   # leaves [110, 200) free
+    assert port.reserve(105, 91 * 256) == (210, 301)   # 91 cycles do not fit the 90-cycle gap
+    assert port.reserve(105, 90 * 256 - 1) == (110, 200)  # 90 do: reserved later, served earlier
+    assert (port.starts, port.ends) == ([[0]], [[301]])  # touching intervals merge
+    assert port.reserve(400, 0) == (400, 400)          # nothing to move holds no port
+
+
+def test_enough_ports_leave_every_user_its_own_time():
+    ports = UbPorts(2, 256)
+    assert ports.reserve(0, 100 * 256) == (0, 100)
+    assert ports.reserve(50, 10 * 256) == (50, 60)     # port 1
+    assert ports.reserve(55, 256) == (60, 61)          # both busy at 55: port 1 frees first
+    assert (ports.starts, ports.ends) == ([[0], [50]], [[100], [61]])
+
+
+def test_port_cycles_are_exact_ceilings_of_fractional_bandwidth():
+    pcie_like = UbPorts(1, 22.5)
+    assert (pcie_like.cycles(45), pcie_like.cycles(46), UbPorts(1, 256).cycles(1)) == (2, 3, 1)
+
+
+def hand_program(layers, instructions):
+    """A program written by hand: ``layers`` is (name, gemm or None) per layer."""
+    mappings = tuple(LayerMapping(name, "gemm" if gemm else "relu", gemm, 1 if gemm else 0, 1 if gemm else 0,
+                                  1, 1 if gemm else 0, 1 if gemm else 0, False, 1.0 if gemm else 0.0)
+                     for name, gemm in layers)
+    return Program("hand", BASE.name, R, C, tuple(n for n, _ in layers), tuple(m.op for m in mappings), mappings,
+                   tuple(instructions), (1,))
+
+
+def contended_read_program(m=64):
+    """A 400-pass vector op reading 400 rows of the buffer, then a one-tile GEMM reading other rows."""
+    vector_bytes = 400 * 256
+    return hand_program([("vec", None), ("fc", GemmShape(m, R, C))], [
+        ReadWeights(1, 0, R * C, R, C),
+        Activate(0, "relu", "none", "none", 0, 0, 0, (UbRegion(0, vector_bytes),), UbRegion(vector_bytes, vector_bytes),
+                 vector_bytes, 400, 400 * 256, 0, 0, 0),
+        MatrixMultiply(1, UbRegion(2 * vector_bytes, m * R), 0, m, R, C, R * C, m * R, load_weights=True,
+                       accumulate=False),
+        Activate(1, "none", "none", "none", 0, m, C, (), UbRegion(3 * vector_bytes, m * C), m * C, m, 0, 0, 0, 0),
+        Sync(1),
+    ])
+
+
+def test_the_mxu_waits_for_the_read_port_an_activation_holds():
+    program = contended_read_program()
+    one_port = cfg(**FAST_WEIGHTS)
+    assert (one_port.unified_buffer.read_ports, one_port.unified_buffer.port_bytes_per_cycle) == (1, 256.0)
+    shared = simulate_program(program, one_port, 1)
+    # The vector op reads [0, 400) first (program order). The tile's 1-cycle fetch and 256-cycle shift end
+    # at 257, when the MXU could stream; its 64 x 256 input bytes wait for the port until 400: 143 cycles.
+    assert shared.trace.stream_start.tolist() == [400]
+    b = shared.breakdown
+    assert (b.weight_stall, b.weight_shift, b.ub_stall, b.active) == (1, R, 400 - (1 + R), 64)
+    assert b.ub_stall <= b.non_matrix and b.raw_stall == b.input_stall == 0
+    # the drain: first accumulator row R + C - 1 after the stream's start, 64 passes, 16-cycle pipeline
+    assert shared.total_cycles == 400 + (R + C - 1) + 64 + LATENCY == 991
+    two_ports = simulate_program(program, cfg(**FAST_WEIGHTS, **{"unified_buffer.read_ports": 2}), 1)
+    assert two_ports.trace.stream_start.tolist() == [1 + R]
+    assert (two_ports.breakdown.ub_stall, shared.total_cycles - two_ports.total_cycles) == (0, 143)
+
+
+@pytest.mark.parametrize("host_first, landed, act_done", [(False, 416 + 100, 416), (True, 100, 400 + LATENCY + 84)])
+def test_host_dma_in_and_activation_results_share_the_write_port_in_program_order(host_first, landed, act_done):
+    vector_bytes, host_bytes = 400 * 256, 100 * 256
+    activate = Activate(0, "relu", "none", "none", 0, 0, 0, (), UbRegion(0, vector_bytes), vector_bytes, 400,
+                        400 * 256, 0, 0, 0)
+    dma_in = ReadHostMemory(0, 0, UbRegion(vector_bytes, host_bytes), spill=False)
+    code = [dma_in, activate] if host_first else [activate, dma_in]
+    program = hand_program([("vec", None)], code + [Sync(0)])
+    hw = cfg(**{"host.bandwidth_gb_s": 1e6, "host.latency_cycles": 0})  # the PCIe transfer itself: 1 cycle
+    result = simulate_program(program, hw, 1)
+    # the activation writes its 400 rows in its last 400 cycles, [16, 416) unhindered; the DMA's 100 rows
+    # arrive in cycle 1 and take the port's first free 100 cycles: after the activation's, or before them,
+    # which then end 84 cycles late (their 400 cycles from 100, not 16)
+    assert result.total_cycles == max(landed, act_done)
+    roomy = simulate_program(program, hw.replace(**{"unified_buffer.write_ports": 2}), 1)
+    assert roomy.total_cycles == 416
+
+
+def test_a_port_narrower_than_the_stream_makes_the_mxu_wait_for_its_reads():
+    # two K folds of a 100-row GEMM; 256-byte input rows over a 128-byte port: each multiply's reads take
+    # 200 cycles, 100 more than its stream
+    hw = cfg(**{**FAST_HOST, **FAST_WEIGHTS, "unified_buffer.port_bytes_per_cycle": 128})
+    result = simulate(gemm_graph(100, 2 * R, C), hw)
+    b = result.breakdown
+    # input 51,200 B lands at 400 (write port); fold 0 streams [400, 500) and reads until 600; fold 1's
+    # shift, begun at 400, ends at 656 (56 cycles weight shift), streams [656, 756), reads until 856
+    assert result.trace.stream_start.tolist() == [400, 656]
+    assert (b.input_stall, b.active, b.weight_shift, b.ub_stall) == (400, 200, 56, 200)
+    # drain from 656 + R + C - 1 = 1167 for 100 passes, 16-cycle pipeline; the host write reads 200 cycles
+    assert result.total_cycles == 1167 + 100 + LATENCY + 200 == 1483
+
+
+@pytest.fixture(scope="module")
+def bert_tiny():
+    from tpusim.frontend import load_onnx
+    from tpusim.pipeline import resolve_model
+
+    path = resolve_model("bert_tiny")
+    return {batch: load_onnx(path, batch=batch) for batch in (1, 32)}
+
+
+def run_breakdown(result):
+    return dataclasses.astuple(result.breakdown)
+
+
+# (total, active, weight stall, weight shift, non-matrix, useful, unused, RAW, input, ub stall) of the engine
+# before the buffer had ports
+RESNET50_BATCH_1 = (667_873, 128_804, 363_056, 90_636, 85_377, 62_395, 66_409, 76_714, 7_391, 0)
+BERT_TINY_BATCH_1 = (28_392, 2_560, 7_968, 2_206, 15_658, 896, 1_664, 13_350, 0, 0)
+BERT_TINY_BATCH_32 = (391_923, 81_920, 123_186, 32_768, 154_049, 28_670, 53_250, 119_248, 0, 0)
+
+
+def test_ports_for_every_user_give_the_cycles_without_a_buffer_limit(resnet50, bert_tiny):
+    roomy = cfg(**UNLIMITED_UB)
+    for graph, before in ((resnet50[1], RESNET50_BATCH_1), (bert_tiny[1], BERT_TINY_BATCH_1),
+                          (bert_tiny[32], BERT_TINY_BATCH_32)):
+        assert run_breakdown(simulate(graph, roomy)) == before
+    # TPU v1's one read and one write port cost ResNet-50 and BERT-tiny at batch 1 nothing, layer by layer
+    for graph in (resnet50[1], bert_tiny[1]):
+        assert simulate(graph, BASE).layers == simulate(graph, roomy).layers
+
+
+def test_tpu_v1s_read_port_is_contended_on_bert_tiny_at_batch_32(bert_tiny):
+    result = simulate(bert_tiny[32], BASE)
+    b = result.breakdown
+    # the MXU waits 10,300 cycles for the read port an activation-unit op holds; the weights computed on
+    # the chip (K and V, a round trip through the host) leave later too: 4,026 more weight stall
+    assert (b.total, b.ub_stall, b.weight_stall) == (406_249, 10_300, 127_212)
+    assert (b.active, b.weight_shift, b.raw_stall, b.input_stall) == BERT_TINY_BATCH_32[1:2] + BERT_TINY_BATCH_32[3:4] \
+        + BERT_TINY_BATCH_32[7:9]
+    assert b.active + b.weight_stall + b.weight_shift + b.non_matrix == b.total == result.total_cycles

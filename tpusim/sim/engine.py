@@ -40,6 +40,19 @@ Timeline model. Six units run concurrently, each executing its own instructions 
   and the weight memory for the slower of the two transfers; a ``ReadWeights`` of those addresses waits
   for it. ``ReadWeightsFromUb`` fills a FIFO slot straight from the unified buffer (a direct path of
   ``computed_weights.direct_bytes_per_cycle``) once the operand's bytes are written.
+* Unified buffer ports: ``unified_buffer.read_ports`` and ``write_ports`` ports of ``port_bytes_per_cycle``
+  each. Every transfer into or out of the buffer holds one port of its direction for ceil(bytes /
+  bytes-per-cycle) consecutive cycles. Transfers reserve their cycles in program order: each takes the
+  first run of free cycles at or after the time it could start, on the port that offers the earliest
+  (the lowest-numbered of equals); a later transfer may fill a gap an earlier one left, never move it.
+  Readers: a multiply's M x K input bytes (from its stream's start; if the port is slower than the
+  stream, the MXU waits for the reads to end), the activation unit's buffer operands (from its start;
+  it is busy at least until they are read) and host DMA out (then the PCIe transfer); the direct
+  weight path (a later TPU's) has its own, ``direct_bytes_per_cycle`` wide. Writers: the activation
+  unit's results (its last cycles before they land; a busy port makes them land later and holds the
+  unit as long) and host DMA in (as the data arrive: the transfer's last cycles at the earliest; the
+  link is busy until they are written). Enough ports for every user at once (3 read, 2 write) wide
+  enough to move any transfer in one cycle leave every cycle as it is without a buffer limit.
 
 Cycle categories (the TPU v1 paper's, Jouppi et al. 2017 Table 3) are the MXU's point of view: every
 cycle of the run is exactly one of *active* (streaming), *weight_stall* (waiting for weights from the
@@ -51,11 +64,14 @@ tile arrives in the FIFO when its late arrival is what holds the shift back (``w
 the cycles until its shift is done (``weight_shift``, the part of the shift the previous tile's
 streaming did not cover: R - M when M < R and the tile was in the FIFO when the previous tile started
 streaming, the whole R cycles when it arrived after that stream had ended; without double buffering
-also the wait for the array to drain); the rest is waiting for the activation unit to free
-accumulator rows (non-matrix). Cycles after the last multiply are non-matrix. A layer's span runs
-from the end of the previous layer to the end of its own work (its last multiply's streaming for a
-matrix layer, its last activation-unit or host-write result otherwise; the last layer ends the run),
-so spans tile the run and per-layer totals sum to the run's cycles. Active cycles split into
+also the wait for the array to drain); then waiting for the activation unit to free accumulator
+rows (non-matrix); the rest is waiting for a unified-buffer read port (``ub_stall``, non-matrix; so
+are the cycles after a stream whose reads a narrow port has not finished). Another unit's wait for a
+port reaches the MXU through what it delays (a later input is a RAW stall, a later weight round trip
+a weight stall), as any late producer's does. Cycles after the last multiply are non-matrix. A
+layer's span runs from the end of the previous layer to the end of its own work (its last multiply's
+streaming for a matrix layer, its last activation-unit or host-write result otherwise; the last layer
+ends the run), so spans tile the run and per-layer totals sum to the run's cycles. Active cycles split into
 useful/unused MAC cycles by the fraction of the array's MAC slots doing real work (floor of the
 useful MAC count over R x C; the remainder is unused).
 
@@ -91,8 +107,8 @@ from tpusim.mapping.isa import (
 )
 from tpusim.mapping.tiler import compile_program
 
-ACTIVE, WEIGHT_STALL, WEIGHT_SHIFT, RAW_STALL, INPUT_STALL, OTHER_NON_MATRIX = range(6)
-_N_CATEGORIES = 6
+ACTIVE, WEIGHT_STALL, WEIGHT_SHIFT, RAW_STALL, INPUT_STALL, OTHER_NON_MATRIX, UB_STALL = range(7)
+_N_CATEGORIES = 7
 
 
 def transfer_cycles(nbytes: int, bandwidth_gb_s: float, clock_mhz: float, latency_cycles: int) -> int:
@@ -149,6 +165,55 @@ class SimResult:
     sub_batch: int  # inputs per pass of the program (``batch`` unless it ran in sub-batches)
 
 
+class UbPorts:
+    """Ports of one direction of the unified buffer (reads or writes), each a sorted list of disjoint
+    reserved cycle intervals [start, end)."""
+
+    def __init__(self, ports: int, bytes_per_cycle: float):
+        # bytes per cycle as an exact ratio of integers: integer ceilings, no Fraction per transfer
+        self.per_cycle, self.per_cycles = Fraction(bytes_per_cycle).as_integer_ratio()
+        self.starts: list[list[int]] = [[] for _ in range(ports)]
+        self.ends: list[list[int]] = [[] for _ in range(ports)]
+
+    def cycles(self, nbytes: int) -> int:
+        """Cycles one port takes to move ``nbytes``: ceil(bytes / bytes-per-cycle)."""
+        return -(-nbytes * self.per_cycles // self.per_cycle)
+
+    def reserve(self, ready: int, nbytes: int) -> tuple[int, int]:
+        """Reserve the first ``cycles(nbytes)`` consecutive free cycles at or after ``ready`` on the port
+        where they start earliest (the lowest-numbered of equals); return (start, end)."""
+        length = self.cycles(nbytes)
+        if length == 0:
+            return ready, ready
+        best_start, best_port = -1, 0
+        for port, (starts, ends) in enumerate(zip(self.starts, self.ends)):
+            start = ready
+            i = bisect.bisect_right(ends, start)  # the first interval still busy at ``start``
+            while i < len(starts) and starts[i] < start + length:
+                start = ends[i]
+                i += 1
+            if best_start < 0 or start < best_start:
+                best_start, best_port = start, port
+                if start == ready:
+                    break
+        self._insert(best_port, best_start, best_start + length)
+        return best_start, best_start + length
+
+    def _insert(self, port: int, start: int, end: int) -> None:
+        starts, ends = self.starts[port], self.ends[port]
+        i = bisect.bisect_left(starts, start)
+        # merge with a neighbour the interval touches, so back-to-back users keep the lists short
+        if i > 0 and ends[i - 1] == start:
+            i -= 1
+            ends[i] = end
+        else:
+            starts.insert(i, start)
+            ends.insert(i, end)
+        if i + 1 < len(starts) and starts[i + 1] == end:
+            ends[i] = ends[i + 1]
+            del starts[i + 1], ends[i + 1]
+
+
 def _ub_rows(region: UbRegion, width: int) -> slice:
     return slice(region.addr // width, -(-(region.addr + region.nbytes) // width))
 
@@ -186,6 +251,9 @@ class _Timeline:
         clock = cfg.array.clock_mhz
         wm, host, act = cfg.weight_memory, cfg.host, cfg.activation_unit
         scale_bytes_per_cycle = Fraction(act.scale_path_bytes_per_cycle)
+        ub = cfg.unified_buffer
+        ub_reads = UbPorts(ub.read_ports, ub.port_bytes_per_cycle)
+        ub_writes = UbPorts(ub.write_ports, ub.port_bytes_per_cycle)
         n_ub_rows = -(-cfg.unified_buffer.capacity_bytes // width)
         ub_ready = np.zeros(n_ub_rows, dtype=np.int64)       # time the last write of each row lands
         ub_from_host = np.zeros(n_ub_rows, dtype=bool)       # whether that write came over PCIe
@@ -242,21 +310,23 @@ class _Timeline:
                     shift_end = shift_start + rows
                     memory_wait = fetch_end[tile] if fetch_end[tile] > gate else 0
                     shift_end_of_tile.append(shift_end)
-                start = max(mxu_free, data_ready, shift_end, acc_wait)
+                ready = max(mxu_free, data_ready, shift_end, acc_wait)
+                start, read_end = ub_reads.reserve(ready, ins.input_bytes)
                 level = mxu_free
                 for bound, category in ((data_ready, data_category), (memory_wait, WEIGHT_STALL),
-                                        (shift_end, WEIGHT_SHIFT), (start, OTHER_NON_MATRIX)):
+                                        (shift_end, WEIGHT_SHIFT), (ready, OTHER_NON_MATRIX), (start, UB_STALL)):
                     bound = min(max(bound, level), start)
                     self._interval(level, bound, category)
                     level = bound
                 end = start + ins.m_rows
                 self._interval(start, end, ACTIVE, ins.macs_per_row)
+                self._interval(end, read_end, UB_STALL)  # the port is slower than the stream: the MXU waits
                 if ins.load_weights:
                     tile_stream_start = start
                     c["weight_shift_bytes"] += ins.n_cols * eb * rows * (rows + 1) // 2
                 last_output = start + ins.m_rows + rows + cols - 2
                 array_drained = last_output
-                mxu_free = end
+                mxu_free = max(end, read_end)
                 acc_first_row[acc] = start + rows + cols - 1
                 ub_read_done[src] = np.maximum(ub_read_done[src], end)
                 trace_mxu.append((ins.layer, start, end, shift_start, last_output))
@@ -321,9 +391,15 @@ class _Timeline:
                 for region in ins.sources:
                     start = max(start, int(ub_ready[_ub_rows(region, width)].max()))
                 dst = _ub_rows(ins.dst, width)
-                start = max(start, int(ub_read_done[dst].max()))
-                act_free = start + ins.vector_passes
+                start, read_end = ub_reads.reserve(max(start, int(ub_read_done[dst].max())),
+                                                   sum(region.nbytes for region in ins.sources))
+                act_free = max(start + ins.vector_passes, read_end)
                 done = act_free + act.pipeline_latency_cycles
+                # results are written in the unit's last cycles; a busy write port holds the unit
+                write_cycles = ub_writes.cycles(ins.out_bytes)
+                _, write_end = ub_writes.reserve(done - write_cycles, ins.out_bytes)
+                act_free += write_end - done
+                done = write_end
                 if ins.acc_rows:
                     # whatever the order of its passes, the unit's last pass over row i is at the latest
                     # in cycle act_free - acc_rows + i (one row per cycle at the end)
@@ -347,8 +423,12 @@ class _Timeline:
             elif isinstance(ins, ReadHostMemory):
                 dst = _ub_rows(ins.dst, width)
                 start = max(host_in_free, int(ub_read_done[dst].max()), int(ub_ready[dst].max()))
-                host_in_free = start + transfer_cycles(ins.dst.nbytes, host.bandwidth_gb_s, clock,
-                                                       host.latency_cycles)
+                arrived = start + transfer_cycles(ins.dst.nbytes, host.bandwidth_gb_s, clock, host.latency_cycles)
+                # the DMA writes the buffer as the data arrive, its last access in the transfer's last cycle at
+                # the earliest; the link stays busy until the write is done
+                write_cycles = ub_writes.cycles(ins.dst.nbytes)
+                _, host_in_free = ub_writes.reserve(max(start, arrived - write_cycles), ins.dst.nbytes)
+                host_in_free = max(host_in_free, arrived)
                 ub_ready[dst] = host_in_free
                 ub_from_host[dst] = True
                 self.other_end[ins.layer] = max(self.other_end[ins.layer], host_in_free)
@@ -358,9 +438,9 @@ class _Timeline:
                 c["spill_bytes"] += ins.dst.nbytes if ins.spill else 0
             elif isinstance(ins, WriteHostMemory):
                 src = _ub_rows(ins.src, width)
-                start = max(host_out_free, int(ub_ready[src].max()))
-                host_out_free = start + transfer_cycles(ins.src.nbytes, host.bandwidth_gb_s, clock,
-                                                        host.latency_cycles)
+                start, read_end = ub_reads.reserve(max(host_out_free, int(ub_ready[src].max())), ins.src.nbytes)
+                host_out_free = max(read_end, start + transfer_cycles(ins.src.nbytes, host.bandwidth_gb_s, clock,
+                                                                      host.latency_cycles))
                 ub_read_done[src] = np.maximum(ub_read_done[src], host_out_free)
                 host_ready[ins.host_addr] = host_out_free
                 self.other_end[ins.layer] = max(self.other_end[ins.layer], host_out_free)
@@ -426,11 +506,12 @@ def simulate_program(program: Program, cfg: HardwareConfig, batch: int) -> SimRe
             active=active,
             weight_stall=int(cycles[WEIGHT_STALL]),
             weight_shift=int(cycles[WEIGHT_SHIFT]),
-            non_matrix=int(cycles[RAW_STALL] + cycles[INPUT_STALL] + cycles[OTHER_NON_MATRIX]),
+            non_matrix=int(cycles[RAW_STALL] + cycles[INPUT_STALL] + cycles[OTHER_NON_MATRIX] + cycles[UB_STALL]),
             useful_mac=useful,
             unused_mac=active - useful,
             raw_stall=int(cycles[RAW_STALL]),
             input_stall=int(cycles[INPUT_STALL]),
+            ub_stall=int(cycles[UB_STALL]),
         )
         counts = LayerCounts(**{**timeline.counts[i], "mac_slots": streamed_rows[i] * slots_per_cycle})
         gemm = program.mappings[i].gemm
