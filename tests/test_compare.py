@@ -72,9 +72,10 @@ def test_markdown_has_a_row_per_point(rows):
 def test_every_row_says_how_many_samples_its_agreement_counts(rows):
     for r in rows[1:]:
         assert r["eval_samples"] == 2 and r["evaluated_on"] == "synthetic N(0,1), seed 1, 2 samples (held out)"
-        assert r["top1_agreeing_samples"] / 2 == r["top1_agreement"] and r["top5_agreeing_samples"] / 2 == r["top5_agreement"]
+        assert r["agreement_rows"] == 2  # one row of logits per sample
+        assert r["top1_agreeing_rows"] / 2 == r["top1_agreement"] and r["top5_agreeing_rows"] / 2 == r["top5_agreement"]
         assert r["synthetic_calibration"] is True
-    assert (rows[0]["eval_samples"], rows[0]["top1_agreeing_samples"], rows[0]["synthetic_calibration"]) == (2, 2, False)
+    assert (rows[0]["eval_samples"], rows[0]["top1_agreeing_rows"], rows[0]["synthetic_calibration"]) == (2, 2, False)
 
 
 def test_synthetic_calibration_is_warned_once_for_the_whole_grid(compared):
@@ -86,7 +87,7 @@ def test_synthetic_calibration_is_warned_once_for_the_whole_grid(compared):
 
 def _point(weights, calibration, top1, top5, sqnr, gain, latency_pct):
     return {"row": "quantized", "datatype": "int8", "config": "tpu_v1", "weights": weights, "calibration": calibration,
-            "top1_agreement": top1, "top5_agreement": top5, "eval_samples": 16, "output_sqnr_db": sqnr,
+            "top1_agreement": top1, "top5_agreement": top5, "eval_samples": 16, "agreement_rows": 16, "output_sqnr_db": sqnr,
             "perf_per_w_gain_vs_fp32": gain, "dynamic_perf_per_w_gain_vs_fp32": gain + 0.2,
             "latency_vs_per_tensor_pct": latency_pct, "per_channel_overhead_pct_of_latency": latency_pct,
             "per_channel_overhead_pct_of_dynamic_energy": 0.05, "requant_pct_of_dynamic_energy": 0.48,

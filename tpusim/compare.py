@@ -29,7 +29,8 @@ COLUMNS = (
     "requant_pct_of_dynamic_energy", "per_channel_overhead_pct_of_latency",
     "per_channel_overhead_pct_of_dynamic_energy", "calibration_data", "batch",
     # What the row is (the baseline or a quantized grid point) and what its agreement was counted over.
-    "row", "datatype", "config", "eval_samples", "top1_agreeing_samples", "top5_agreeing_samples", "evaluated_on",
+    "row", "datatype", "config", "eval_samples", "agreement_rows", "top1_agreeing_rows", "top5_agreeing_rows",
+    "evaluated_on",
     "synthetic_calibration",
 )
 
@@ -55,8 +56,9 @@ def _int8_row(result: api.Result) -> dict[str, Any]:
     f, e, r = s["fidelity"], s["energy"], s["rescale"]
     return {
         "row": "quantized", "datatype": result.config.array.datatype, "config": result.config.name,
-        "eval_samples": f["samples"], "top1_agreeing_samples": f["top1_agreeing_samples"],
-        "top5_agreeing_samples": f["top5_agreeing_samples"], "evaluated_on": f["evaluated_on"],
+        "eval_samples": f["samples"], "agreement_rows": f["agreement_rows"],
+        "top1_agreeing_rows": f["top1_agreeing_rows"], "top5_agreeing_rows": f["top5_agreeing_rows"],
+        "evaluated_on": f["evaluated_on"],
         "synthetic_calibration": s["calibration"]["synthetic"],
         "weights": s["calibration"]["weights"], "calibration": s["calibration"]["method"],
         "top1_agreement": f["top1_agreement"], "top5_agreement": f["top5_agreement"],
@@ -143,10 +145,12 @@ def compare(request: CompareRequest) -> list[dict[str, Any]]:
     if base is not None:
         s, e = base.summary, base.summary["energy"]
         n = request.eval_samples
+        agreement_rows = rows[0]["agreement_rows"] if rows else n
         rows.insert(0, {
-            # The reference itself: it agrees with itself on every sample the grid points were measured on.
+            # The reference itself: it agrees with itself on every row the grid points were measured on.
             "row": "baseline", "datatype": base.config.array.datatype, "config": base.config.name,
-            "eval_samples": n, "top1_agreeing_samples": n, "top5_agreeing_samples": n, "evaluated_on": "",
+            "eval_samples": n, "agreement_rows": agreement_rows, "top1_agreeing_rows": agreement_rows,
+            "top5_agreeing_rows": agreement_rows, "evaluated_on": "",
             "synthetic_calibration": False,
             "weights": "", "calibration": "",
             "top1_agreement": 1.0, "top5_agreement": 1.0, "output_sqnr_db": "", "cosine": 1.0,
@@ -180,8 +184,8 @@ def markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
         gain = ("" if "perf_per_w_gain_vs_fp32" not in r else
                 f"{r['perf_per_w_gain_vs_fp32']:.2f}x / {r['dynamic_perf_per_w_gain_vs_fp32']:.2f}x")
         lines.append(
-            f"| {_label(r)} | {r['calibration']} | {format_agreement(r['top1_agreement'], r['eval_samples'])} / "
-            f"{format_agreement(r['top5_agreement'], r['eval_samples'])}, "
+            f"| {_label(r)} | {r['calibration']} | {format_agreement(r['top1_agreement'], r['agreement_rows'])} / "
+            f"{format_agreement(r['top5_agreement'], r['agreement_rows'])}, "
             f"{r['output_sqnr_db']:.1f} dB | {gain} | {_pct(r['latency_vs_per_tensor_pct'])} | "
             f"{_pct(r['per_channel_overhead_pct_of_latency'])} / {_pct(r['per_channel_overhead_pct_of_dynamic_energy'])}; "
             f"{r['requant_pct_of_dynamic_energy']:.2f} % |")
@@ -208,7 +212,7 @@ def terminal_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     """compare.csv's rows as the terminal shows them: agreement with its basis, gains and shares as x and %."""
     return [{
         "method": _label(r), "calibration": r["calibration"] or "--",
-        "top1": "reference" if r["row"] == "baseline" else format_agreement(r["top1_agreement"], r["eval_samples"]),
+        "top1": "reference" if r["row"] == "baseline" else format_agreement(r["top1_agreement"], r["agreement_rows"]),
         "sqnr": "" if r["output_sqnr_db"] == "" else f"{r['output_sqnr_db']:.1f}",
         "gain": "" if "perf_per_w_gain_vs_fp32" not in r else f"{r['perf_per_w_gain_vs_fp32']:.2f}x",
         "latency": _pct(r["latency_vs_per_tensor_pct"]),

@@ -32,8 +32,8 @@ def test_tiny_cnn_report():
     report = fidelity(graph, qgraph, data.inputs[:2])
     assert set(report.layer_sqnr_db) == {layer.name for layer in graph.layers}
     assert all(20.0 < v < 60.0 for v in report.layer_sqnr_db.values())
-    assert report.samples == 2 and report.top1_agreement == 1.0 and report.top5_agreement == 1.0
-    assert report.cosine_similarity > 0.999 and report.max_abs_error < 0.05
+    assert report.samples == report.agreement_rows == 2 and report.top1_agreement == 1.0
+    assert report.top5_agreement == 1.0 and report.cosine_similarity > 0.999 and report.max_abs_error < 0.05
 
 
 def test_per_channel_beats_per_tensor_on_mobilenet_v2_depthwise_layers():
@@ -49,3 +49,16 @@ def test_per_channel_beats_per_tensor_on_mobilenet_v2_depthwise_layers():
     better = [name for name in depthwise if sqnr["per-channel"][name] > sqnr["per-tensor"][name]]
     assert len(depthwise) == 17 and len(better) == len(depthwise)
     assert np.mean([sqnr["per-channel"][n] - sqnr["per-tensor"][n] for n in depthwise]) > 3.0
+
+
+def test_agreement_is_counted_over_output_rows_one_per_position():
+    # a model with an output per token agrees or not per token: 2 samples x 3 positions are 6 rows
+    from onnx_graphs import GraphBuilder
+
+    b = GraphBuilder((1, 3, 8))
+    model = b.model(b.node("MatMul", ["input", b.weight((8, 4))]))
+    graph = lower_model(model, "tokens")
+    data = synthetic_inputs(graph.input_shape[1:], 4, seed=0)
+    qgraph = quantize_graph(graph, collect_statistics(model, graph, data, 2048), QUANT)
+    report = fidelity(graph, qgraph, data.inputs[:2])
+    assert (report.samples, report.agreement_rows) == (2, 6)

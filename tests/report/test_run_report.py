@@ -61,7 +61,7 @@ SUMMARY = {
     "energy": {"total_power_w": 45.31, "total_tops_per_w": 0.18919, "dynamic_tops_per_w": 0.49512},
     "energy_per_inference_uj": {"total": 43_234.1, "dynamic": 16_520.4, "static": 26_713.7},
     "calibration": {"quantization_source": "calibration", "weights": "per-channel", "method": "percentile"},
-    "fidelity": {"top1_agreement": 0.9375, "top5_agreement": 1.0, "samples": 16, "cosine": 0.99876,
+    "fidelity": {"top1_agreement": 0.9375, "top5_agreement": 1.0, "samples": 16, "agreement_rows": 16, "cosine": 0.99876,
                  "output_sqnr_db": 25.98, "evaluated_on": "synthetic N(0,1), seed 1, 16 samples (held out)"},
 }
 
@@ -74,6 +74,15 @@ def test_the_summary_lines_give_units_by_magnitude_and_the_agreement_basis():
         "int8 (per-channel weights, percentile calibration) vs FP32:",
         "  top-1 agreement 15/16 (94 %), top-5 16/16 (100 %), cosine 0.9988, output SQNR 26.0 dB",
         "  on synthetic N(0,1), seed 1, 16 samples (held out)",
+    ]
+
+
+def test_a_model_with_an_output_per_token_counts_agreement_over_its_rows():
+    tokens = {**SUMMARY["fidelity"], "top1_agreement": 0.900390625, "top5_agreement": 1.0, "agreement_rows": 2048}
+    lines = terminal_summary("bert_base", 12, {**SUMMARY, "fidelity": tokens})
+    assert lines[-2:] == [
+        "  top-1 agreement 1,844/2,048 (90 %), top-5 2,048/2,048 (100 %), cosine 0.9988, output SQNR 26.0 dB",
+        "  on synthetic N(0,1), seed 1, 16 samples (held out); 2,048 output rows, 128 per sample",
     ]
 
 
@@ -120,5 +129,38 @@ def test_summary_has_per_inference_energy_and_agreement_counts(tiny_run):
     per, e, f = s["energy_per_inference_uj"], s["energy"], s["fidelity"]
     assert per["total"] == e["total_pj"] / 1e6 / s["batch"]
     assert per["dynamic"] == e["dynamic_pj"] / 1e6 / s["batch"] and per["static"] == e["static_pj"] / 1e6 / s["batch"]
-    assert f["samples"] == 3
-    assert f["top1_agreeing_samples"] / 3 == f["top1_agreement"] and f["top5_agreeing_samples"] / 3 == f["top5_agreement"]
+    assert f["samples"] == f["agreement_rows"] == 3  # one output row (of logits) per sample
+    assert f["top1_agreeing_rows"] / 3 == f["top1_agreement"] and f["top5_agreeing_rows"] / 3 == f["top5_agreement"]
+
+
+def test_ub_stall_cycles_come_last_in_layers_csv_and_in_the_summary_breakdown(tiny_run):
+    from tpusim.report.run_report import ENERGY_COLUMNS, QUANT_COLUMNS, TIMING_COLUMNS
+
+    _, out = tiny_run
+    with (out / "layers.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    # every earlier column keeps its place; the new one is appended
+    assert reader.fieldnames == list(TIMING_COLUMNS + ENERGY_COLUMNS + QUANT_COLUMNS) + ["ub_stall_cycles"]
+    for row in rows:
+        parts = sum(int(row[c]) for c in ("raw_stall_cycles", "input_stall_cycles", "ub_stall_cycles"))
+        assert parts <= int(row["non_matrix_cycles"])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["breakdown"]["ub_stall_cycles"] == sum(int(row["ub_stall_cycles"]) for row in rows)
+
+
+def test_a_layers_ub_stall_reaches_its_row():
+    import numpy as np
+
+    from tpusim.config import load_config
+    from tpusim.ir import Graph, Layer
+    from tpusim.report.run_report import layer_rows
+    from tpusim.sim import simulate
+
+    m, k, n = 100, 512, 256
+    fc = Layer("fc", "gemm", ("x",), "fc", ((m, k),), (m, n), weight=np.zeros((n, k), np.int8))
+    # 256-byte input rows over a 128-byte port: the MXU waits 100 cycles after each of the two K folds
+    narrow = load_config(TPU_V1, {"unified_buffer.port_bytes_per_cycle": 128})
+    sim = simulate(Graph("g", "x", (m, k), ("fc",), (fc,)), narrow)
+    (row,) = layer_rows(sim)
+    assert row["ub_stall_cycles"] == sim.layers[0].breakdown.ub_stall == 200

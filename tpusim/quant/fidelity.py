@@ -23,12 +23,13 @@ _TINY = 1e-30
 @dataclass(frozen=True)
 class FidelityReport:
     layer_sqnr_db: dict[str, float]  # layer name -> SQNR of its output tensor
-    top1_agreement: float            # fraction of samples whose argmax matches FP32
+    top1_agreement: float            # fraction of output rows whose argmax matches FP32
     top5_agreement: float            # fraction whose FP32 top-1 class is in the integer model's top 5
     cosine_similarity: float         # of the flattened outputs, mean over samples
     max_abs_error: float             # largest |int8 - fp32| of the outputs
     samples: int
     wrapped: dict[str, int]          # matrix layer name -> accumulator wrap-arounds over all samples
+    agreement_rows: int              # output rows the agreement is over: the samples, times positions (tokens) if any
 
 
 def output_agreement(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float, float, float]:
@@ -74,7 +75,8 @@ def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray, engine: G
         outputs_int.append(run.dequantized[final])
     layer_sqnr = {name: float("inf") if noise[name] == 0.0 else 10.0 * np.log10(max(signal[name], _TINY) / noise[name])
                   for name in signal}
-    top1, top5, cosine, max_err = output_agreement(np.concatenate(outputs_ref), np.concatenate(outputs_int))
+    reference, integer = np.concatenate(outputs_ref), np.concatenate(outputs_int)
+    top1, top5, cosine, max_err = output_agreement(reference, integer)
     return FidelityReport(layer_sqnr_db=layer_sqnr, top1_agreement=top1, top5_agreement=top5,
                           cosine_similarity=cosine, max_abs_error=max_err, samples=len(inputs),
-                          wrapped=wrapped)
+                          wrapped=wrapped, agreement_rows=reference.size // reference.shape[-1])

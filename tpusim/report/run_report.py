@@ -33,6 +33,7 @@ RESCALE_COLUMNS = (
 )
 QUANT_COLUMNS = ("sqnr_db", "wrapped_accumulations")
 PE_COLUMNS = ("pe_array_cycles",)
+UB_COLUMNS = ("ub_stall_cycles",)  # added after every earlier column, so that none moves
 
 # An integer column's value for a layer it does not apply to (M, K, N and groups of a layer with no GEMM,
 # steps of a layer that is not recurrent, wrapped_accumulations and pe_array_cycles of a layer the
@@ -46,7 +47,7 @@ def breakdown_dict(b: CycleBreakdown) -> dict[str, int]:
     return {
         "active_cycles": b.active, "weight_stall_cycles": b.weight_stall, "weight_shift_cycles": b.weight_shift,
         "non_matrix_cycles": b.non_matrix, "useful_mac_cycles": b.useful_mac, "unused_mac_cycles": b.unused_mac,
-        "raw_stall_cycles": b.raw_stall, "input_stall_cycles": b.input_stall,
+        "raw_stall_cycles": b.raw_stall, "input_stall_cycles": b.input_stall, "ub_stall_cycles": b.ub_stall,
     }
 
 
@@ -126,7 +127,7 @@ def rescale_summary(rescale: list[LayerRescale], sim: SimResult, energy: RunEner
 
 def columns(quant: QuantOutcome | None) -> tuple[str, ...]:
     extra = () if quant is None else QUANT_COLUMNS + (PE_COLUMNS if quant.pe_array_cycles is not None else ())
-    return TIMING_COLUMNS + ENERGY_COLUMNS + extra
+    return TIMING_COLUMNS + ENERGY_COLUMNS + extra + UB_COLUMNS
 
 
 def quant_summary(quant: QuantOutcome, cfg: HardwareConfig) -> dict[str, Any]:
@@ -150,8 +151,9 @@ def quant_summary(quant: QuantOutcome, cfg: HardwareConfig) -> dict[str, Any]:
         "fidelity": {
             "evaluated_on": quant.evaluation_source, "samples": f.samples, "held_out": quant.held_out,
             "top1_agreement": f.top1_agreement, "top5_agreement": f.top5_agreement,
-            "top1_agreeing_samples": round(f.top1_agreement * f.samples),
-            "top5_agreeing_samples": round(f.top5_agreement * f.samples),
+            "agreement_rows": f.agreement_rows,
+            "top1_agreeing_rows": round(f.top1_agreement * f.agreement_rows),
+            "top5_agreeing_rows": round(f.top5_agreement * f.agreement_rows),
             "cosine": f.cosine_similarity, "max_abs_error": f.max_abs_error,
             "output_sqnr_db": f.layer_sqnr_db[quant.graph.layers[-1].name],
             "min_layer_sqnr_db": min(finite) if finite else float("inf"),
@@ -229,11 +231,14 @@ def terminal_summary(model: str, layers: int, s: dict[str, Any]) -> list[str]:
         f, c = s["fidelity"], s["calibration"]
         scheme = ("quantization from the model" if c["quantization_source"] == "model"
                   else f"{c['weights']} weights, {c['method']} calibration")
+        rows = f["agreement_rows"]
+        # a model with an output per position (token) agrees or not per position, not per sample
+        basis = "" if rows == f["samples"] else f"; {rows:,} output rows, {rows // f['samples']:,} per sample"
         lines += [
             f"int8 ({scheme}) vs FP32:",
-            f"  top-1 agreement {format_agreement(f['top1_agreement'], f['samples'])}, "
-            f"top-5 {format_agreement(f['top5_agreement'], f['samples'])}, cosine {f['cosine']:.4f}, "
+            f"  top-1 agreement {format_agreement(f['top1_agreement'], rows)}, "
+            f"top-5 {format_agreement(f['top5_agreement'], rows)}, cosine {f['cosine']:.4f}, "
             f"output SQNR {f['output_sqnr_db']:.1f} dB",
-            f"  on {f['evaluated_on']}",
+            f"  on {f['evaluated_on']}{basis}",
         ]
     return lines
