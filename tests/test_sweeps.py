@@ -472,8 +472,8 @@ def test_a_resumed_sweep_counts_only_the_points_it_computes(tmp_path, capsys):
 
 def test_a_quantized_point_in_this_process_shows_none_of_its_run_phases(tmp_path, capsys):
     tpusim.sweep(TPU_V1, "tiny_cnn", {"quant.calibration_samples": [2]}, quantize=True, jobs=1, plots=False)
-    assert _phase_lines(capsys.readouterr().err) == ["tpusim: sweeping (1 points) ...",
-                                                    "tpusim: sweeping: 1 points in T s"]
+    assert _phase_lines(capsys.readouterr().err) == ["tpusim: sweeping (1 point) ...",
+                                                    "tpusim: sweeping: 1 point in T s"]
 
 
 def test_on_a_terminal_the_points_are_one_bar_that_only_moves_forward(tmp_path):

@@ -53,9 +53,10 @@ if TYPE_CHECKING:
 
 POINTS_DIR = "points"
 CSV_NAME = "sweep.csv"
-POINT_FORMAT = 1  # bump when a point file's record changes meaning, so old files are not reused
+POINT_FORMAT = 2  # bump when a point file's record changes meaning, so old files are not reused
 BREAKDOWN_KEYS = ("active_cycles", "weight_stall_cycles", "weight_shift_cycles", "non_matrix_cycles",
-                  "raw_stall_cycles", "input_stall_cycles", "useful_mac_cycles", "unused_mac_cycles")
+                  "raw_stall_cycles", "input_stall_cycles", "useful_mac_cycles", "unused_mac_cycles",
+                  "ub_stall_cycles")
 ENERGY_KEYS = ("total_pj", "dynamic_pj", "static_pj", "total_tops_per_w", "dynamic_tops_per_w",
                "total_inferences_per_j", "dynamic_inferences_per_j")
 PLOTTED_METRICS = ("latency_s", "utilization", "total_tops_per_w")

@@ -68,3 +68,36 @@ def test_gru_macs_are_steps_batch_k_n():
     # every step's input projection, every step but the first (zero h) its recurrent product
     assert layer.macs == 18 * 16 * 192 + 5 * 3 * 64 * 192
     assert np.isclose(layer.macs, layer.gemm.macs - 3 * 64 * 192)
+
+
+@pytest.mark.parametrize("lbr", [1, 0])
+def test_each_pass_reads_only_the_gate_columns_it_uses(lbr):
+    """H = 128, B = 2, 5 steps; gates z, r, h in int16 (a gate's 128 columns of 2 rows: 512 bytes), h in int8
+    (256 bytes). The gate drains read their own columns of the input projection (W's column tiles of 256 and
+    128: 1024 and 512 bytes). lbr=1: the candidate reads r and R_h h_{t-1} (1024) and h's input part (512).
+    lbr=0: the reset pass reads r (512) and h_{t-1} (256), R_h's drain h's input part (512). The hidden pass
+    reads z (512), the candidate (512) and h_{t-1} (256; none at step 0)."""
+    code = [ins for ins in compile_program(_gru(lbr), CONFIG).instructions if ins.layer == 0]
+    functions = ("gru_gates", "gru_candidate", "gru_reset", "gru_hidden")
+    read = {name: [sum(r.nbytes for r in ins.sources) for ins in code
+                   if isinstance(ins, Activate) and ins.function == name] for name in functions}
+    hidden = [1024] + [1280] * 4
+    if lbr:
+        assert read == {"gru_gates": [1024, 512] * 5, "gru_candidate": [1536] * 5, "gru_reset": [], "gru_hidden": hidden}
+    else:
+        assert read == {"gru_gates": [1024] * 5, "gru_candidate": [512] * 5, "gru_reset": [768] * 4,
+                        "gru_hidden": hidden}
+
+
+def test_a_gate_drain_that_cuts_a_w_tile_reads_its_columns_row_by_row():
+    """H = 64, lbr=0: W's one column tile holds z, r, h (192 columns); R_zr's drain reads z and r, the first
+    128 columns of each of the 2 rows (256 bytes at row stride 384), R_h's drain the last 64 (128 bytes)."""
+    code = [ins for ins in compile_program(_gru(0, hidden=64), CONFIG).instructions if ins.layer == 0]
+    base = next(ins.dst.addr for ins in code if isinstance(ins, Activate) and ins.function == "requant")
+    block = 5 * 2 * 192 * 2    # the 5 steps' input projection, one W tile: rows of 384 bytes
+    assert next(ins.dst.nbytes for ins in code if isinstance(ins, Activate) and ins.function == "requant") == block
+    for name, offset, nbytes in (("gru_gates", 0, 256), ("gru_candidate", 256, 128)):
+        drains = [ins for ins in code if isinstance(ins, Activate) and ins.function == name]
+        for s, ins in enumerate(drains):
+            rows = (2 * s, 2 * s + 1)
+            assert [(r.addr, r.nbytes) for r in ins.sources] == [(base + row * 384 + offset, nbytes) for row in rows]

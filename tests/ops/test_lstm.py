@@ -12,7 +12,7 @@ from op_checks import CONFIG, check_all_stages, check_reference
 
 from tpusim.errors import ModelError
 from tpusim.frontend import lower_model
-from tpusim.mapping.isa import MatrixMultiply, ReadWeights, ReadWeightsFromUb
+from tpusim.mapping.isa import Activate, MatrixMultiply, ReadWeights, ReadWeightsFromUb
 from tpusim.ops import _recurrent as rec
 from tpusim.quant.calibrate import collect_statistics, synthetic_inputs
 from tpusim.quant.execute import run_integer
@@ -26,6 +26,9 @@ MIN_SQNR_DB = 32.0
 MAX_OFF_FRACTION = 0.15
 FAST = {"weight_memory.bandwidth_gb_s": 1e6, "weight_memory.latency_cycles": 0,
         "host.bandwidth_gb_s": 1e6, "host.latency_cycles": 0}
+# Unified-buffer ports that never make an access wait: what remains between steps is the RAW dependence.
+UNLIMITED_PORTS = {"unified_buffer.read_ports": 64, "unified_buffer.write_ports": 64,
+                   "unified_buffer.port_bytes_per_cycle": 1e9}
 
 
 def pytorch_lstm(steps=12, features=16, hidden=32, direction="forward", batch=None, seed=0, lens=None,
@@ -106,6 +109,32 @@ def _lstm_graph(hidden=128, steps=6, batch=3, direction="forward", features=16):
 
 def _instructions(program, layer_index=0):
     return [ins for ins in program.instructions if ins.layer == layer_index]
+
+
+def test_each_gate_drain_reads_its_own_columns_of_the_input_projection():
+    """H = 128, B = 3, 6 steps: 4H = 512 gate columns in two 256-wide tiles; the hoisted input GEMM's two
+    drains write tile n's 6 x 3 rows of 256 int16 (9216 bytes) contiguously. Step s's drain of tile n reads
+    its 3 rows there, 3 x 256 x 2 = 1536 bytes at offset 1536 s: a step's two drains read its 3 x 512 x 2
+    = 3072 bytes of input projection once."""
+    steps, batch, tile_bytes = 6, 3, 3 * 256 * 2
+    code = _instructions(compile_program(_lstm_graph(hidden=128, steps=steps, batch=batch), CONFIG))
+    written = [ins.dst for ins in code if isinstance(ins, Activate) and ins.function == "requant"]
+    assert [r.nbytes for r in written] == [steps * tile_bytes] * 2
+    gate_drains = [ins for ins in code if isinstance(ins, Activate) and ins.function == "lstm_gates"]
+    assert len(gate_drains) == steps * 2
+    for s in range(steps):
+        for n in range(2):
+            sources = gate_drains[2 * s + n].sources
+            assert [(r.addr, r.nbytes) for r in sources] == [(written[n].addr + s * tile_bytes, tile_bytes)]
+
+
+def test_cell_and_hidden_passes_read_only_the_gates_they_use():
+    """H = 128, B = 3, gates i, o, f, c in int16: the cell pass reads i, f, c (3 x 384 x 2 = 2304 bytes) and
+    the cell state (3 x 128 x 2 = 768, none at step 0), the hidden pass o (768) and the cell state (768)."""
+    code = _instructions(compile_program(_lstm_graph(hidden=128, steps=6, batch=3), CONFIG))
+    read = {name: [sum(r.nbytes for r in ins.sources) for ins in code
+                   if isinstance(ins, Activate) and ins.function == name] for name in ("lstm_cell", "lstm_hidden")}
+    assert read == {"lstm_cell": [2304] + [2304 + 768] * 5, "lstm_hidden": [768 + 768] * 6}
 
 
 @pytest.mark.parametrize("hoisted", [True, False])
@@ -197,8 +226,8 @@ def test_step_dependence_is_a_raw_stall_worked_out_by_hand():
     """Fast weights: step t+1's first recurrent multiply waits for step t's h. From the config: the last
     tile's first accumulator row is final R + C - 1 cycles after it starts; its drain takes B passes, then
     the cell and hidden passes ceil(B H / lanes) each, each result written 16 cycles (the activation
-    pipeline) before the next pass may read it."""
-    cfg = CONFIG.replace(**FAST)
+    pipeline) before the next pass may read it. Ports never wait, so that no port contention adds to it."""
+    cfg = CONFIG.replace(**FAST, **UNLIMITED_PORTS)
     hidden, batch = 128, 3
     sim = simulate(_lstm_graph(hidden=hidden, batch=batch), cfg)
     rows, cols, lanes = cfg.array.rows, cfg.array.cols, cfg.activation_unit.lanes

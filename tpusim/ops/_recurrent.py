@@ -631,6 +631,7 @@ class _Emitter:
                            and compiler.cfg.activation_unit.per_channel_requant == "extra_pass")
         rows, cols, eb = compiler.rows, compiler.cols, compiler.eb
         self.w_tiles = column_tiles(dims.inputs, dims.gh, 1, rows, cols, eb, False)[0]
+        self.w_col_starts = [sum(t.n_cols for t in self.w_tiles[:n]) for n in range(len(self.w_tiles))]
         self.r_tiles = [column_tiles(dims.hidden, n, 1, rows, cols, eb, False)[0]
                         for n in op.recurrent_gemms(layer, dims)]
         self.inp = compiler.tensors[compiler.resolve(layer.inputs[0])]
@@ -753,11 +754,38 @@ class _Emitter:
             return UbRegion(self.inp.ub_addr, self.inp.nbytes)
         return UbRegion(self.inp.ub_addr + t0 * dims.batch * row_bytes, count * dims.batch * row_bytes)
 
-    def gx_region(self, d: int, s: int):
+    def gx_share(self, d: int, s: int, first_col: int, n_cols: int) -> tuple:
+        """The regions of step ``s``'s input projection (direction d) holding gate columns
+        ``[first_col, first_col + n_cols)``. The buffer is laid out by column tile of W, each tile's rows
+        contiguous, so that an input-GEMM drain writes, and a gate drain of the same columns reads, one
+        region; a column range that cuts a W tile reads it row by row."""
         from tpusim.mapping.isa import UbRegion
 
-        step = self.batch * self.dims.gh * self.ib
-        return UbRegion(self.gx[d].addr + (s % self.block) * step, step)
+        block_rows = self.gx[d].nbytes // (self.dims.gh * self.ib)
+        row0 = (s % self.block) * self.batch
+        end = first_col + n_cols
+        regions = []
+        for start, tile in zip(self.w_col_starts, self.w_tiles):
+            width = tile.n_cols
+            lo, hi = max(first_col, start), min(end, start + width)
+            if lo >= hi:
+                continue
+            tile_base = self.gx[d].addr + start * block_rows * self.ib
+            if (lo, hi) == (start, start + width):
+                regions.append(UbRegion(tile_base + row0 * width * self.ib, self.batch * width * self.ib))
+            else:
+                regions.extend(UbRegion(tile_base + ((row0 + b) * width + lo - start) * self.ib, (hi - lo) * self.ib)
+                               for b in range(self.batch))
+        return tuple(regions)
+
+    def gate_columns(self, gates, spans: tuple) -> tuple:
+        """The regions of the (batch x gates H) ``gates`` buffer holding column ``spans`` [lo, hi): one per
+        batch row and span, so that a pass reads only the gates it uses."""
+        from tpusim.mapping.isa import UbRegion
+
+        row_bytes = self.dims.gh * self.ib
+        return tuple(UbRegion(gates.addr + b * row_bytes + lo * self.ib, (hi - lo) * self.ib)
+                     for b in range(self.batch) for lo, hi in spans)
 
     # -- instructions ---------------------------------------------------------------------------
     def scale_bytes(self, n_cols: int) -> int:
@@ -950,30 +978,37 @@ class _Emitter:
         dims = self.dims
         times = [self.time(d, j) for j in range(s, s + count)]
         src = self.x_region(min(times), count)
-        row_bytes = dims.gh * self.ib
-        base = self.gx[d].addr
+        block_rows = self.gx[d].nbytes // (dims.gh * self.ib)
 
-        def drain(n, tile, m0, rows, acc):
-            dst = UbRegion(base + m0 * row_bytes, rows * row_bytes)
-            self.drain(acc, rows, tile.n_cols, (), dst, rows * tile.n_cols * self.ib, "requant", 0)
+        def drain(n, tile, m0, rows, acc):   # tile n's rows are contiguous (see gx_share)
+            tile_base = self.gx[d].addr + self.w_col_starts[n] * block_rows * self.ib
+            dst = UbRegion(tile_base + m0 * tile.n_cols * self.ib, rows * tile.n_cols * self.ib)
+            self.drain(acc, rows, tile.n_cols, (), dst, dst.nbytes, "requant", 0)
 
         self.gemm("W", d, self.w_tiles, self.w_addr[d], src, count * self.batch, drain)
 
-    def recurrent_gemm(self, d: int, which: int, src, gate_fn: str, first_col: int, extra_sources: tuple, dst) -> None:
-        """Recurrent GEMM ``which`` of direction d on ``src`` (h_{t-1}, or r*h for GRU's R_h) and its drains."""
+    def r_col_starts(self, which: int, first_col: int) -> list[int]:
+        tiles = self.r_tiles[which]
+        return [first_col + sum(t.n_cols for t in tiles[:n]) for n in range(len(tiles))]
+
+    def recurrent_gemm(self, d: int, s: int, which: int, src, gate_fn: str, first_col: int, dst) -> None:
+        """Recurrent GEMM ``which`` of direction d on ``src`` (h_{t-1}, or r*h for GRU's R_h) and its drains,
+        each adding its own columns of step ``s``'s input projection."""
         dims = self.dims
         addr = self.r_addr[d] + first_col * dims.hidden * self.eb
+        starts = self.r_col_starts(which, first_col)
 
         def drain(n, tile, m0, rows, acc):
-            self.drain(acc, rows, tile.n_cols, extra_sources, dst, rows * tile.n_cols * self.ib, gate_fn, 2)
+            self.drain(acc, rows, tile.n_cols, self.gx_share(d, s, starts[n], tile.n_cols), dst,
+                       rows * tile.n_cols * self.ib, gate_fn, 2)
 
         self.gemm(f"R{which}", d, self.r_tiles[which], addr, src, self.batch, drain)
 
-    def gates_without_gemm(self, d: int, which: int, gate_fn: str, extra_sources: tuple, dst) -> None:
+    def gates_without_gemm(self, d: int, s: int, which: int, gate_fn: str, first_col: int, dst) -> None:
         """Step 0 with a zero initial state: no recurrent multiply, the drains read the input part only."""
-        for tile in self.r_tiles[which]:
-            self.vector(gate_fn, extra_sources, dst, self.batch * tile.n_cols * self.ib, self.batch * tile.n_cols, 2,
-                        False)
+        for start, tile in zip(self.r_col_starts(which, first_col), self.r_tiles[which]):
+            self.vector(gate_fn, self.gx_share(d, s, start, tile.n_cols), dst, self.batch * tile.n_cols * self.ib,
+                        self.batch * tile.n_cols, 2, False)
 
 
 # ----------------------------------------------------------------------------------- the rewrite

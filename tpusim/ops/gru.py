@@ -89,20 +89,24 @@ class GRU(RecurrentOp):
     def emit_tail(self, e, d, s, h_prev, y_region):
         dims = e.dims
         elements = e.batch * dims.hidden
-        gx = e.gx_region(d, s)
         gates = e.gates[d]
         first = s == 0 and h_prev is None
         candidate, reset_h = e.scratch[d]
         if first:
-            e.gates_without_gemm(d, 0, "gru_gates", (gx,), gates)
+            e.gates_without_gemm(d, s, 0, "gru_gates", 0, gates)
         else:
-            e.recurrent_gemm(d, 0, h_prev, "gru_gates", 0, (gx,), gates)
+            e.recurrent_gemm(d, s, 0, h_prev, "gru_gates", 0, gates)
+        h = dims.hidden   # gate order z, r, h: each pass reads only the gate columns it uses
+        n_part = 2 * h
         if _lbr(e.layer):
-            e.vector("gru_candidate", (gates, gx), candidate, elements * e.ib, elements, 3, False)
+            e.vector("gru_candidate", (*e.gate_columns(gates, ((h, 3 * h),)), *e.gx_share(d, s, n_part, h)),
+                     candidate, elements * e.ib, elements, 3, False)
         elif first:
-            e.gates_without_gemm(d, 1, "gru_candidate", (gx,), candidate)
+            e.gates_without_gemm(d, s, 1, "gru_candidate", n_part, candidate)
         else:
-            e.vector("gru_reset", (gates, h_prev), reset_h, elements * e.eb, elements, 1, True)
-            e.recurrent_gemm(d, 1, reset_h, "gru_candidate", 2 * dims.hidden, (gx,), candidate)
-        sources = (gates, candidate) if first else (gates, candidate, h_prev)
+            e.vector("gru_reset", (*e.gate_columns(gates, ((h, 2 * h),)), h_prev), reset_h, elements * e.eb,
+                     elements, 1, True)
+            e.recurrent_gemm(d, s, 1, reset_h, "gru_candidate", n_part, candidate)
+        z = e.gate_columns(gates, ((0, h),))
+        sources = (*z, candidate) if first else (*z, candidate, h_prev)
         e.vector("gru_hidden", sources, y_region, elements * e.eb, elements, 4, True)

@@ -64,13 +64,15 @@ class LSTM(RecurrentOp):
     def emit_tail(self, e, d, s, h_prev, y_region):
         dims = e.dims
         elements = e.batch * dims.hidden
-        gx = e.gx_region(d, s)
         gates = e.gates[d]
         if s == 0 and h_prev is None:
-            e.gates_without_gemm(d, 0, "lstm_gates", (gx,), gates)
+            e.gates_without_gemm(d, s, 0, "lstm_gates", 0, gates)
         else:
-            e.recurrent_gemm(d, 0, h_prev, "lstm_gates", 0, (gx,), gates)
+            e.recurrent_gemm(d, s, 0, h_prev, "lstm_gates", 0, gates)
         cell = e.cell[d]
-        sources = (gates, cell) if s > 0 or e.cell_loaded[d] else (gates,)
+        h = dims.hidden   # gate order i, o, f, c: the cell pass reads i, f and c, the hidden pass o
+        cell_gates = e.gate_columns(gates, ((0, h), (2 * h, 4 * h)))
+        sources = (*cell_gates, cell) if s > 0 or e.cell_loaded[d] else cell_gates
         e.vector("lstm_cell", sources, cell, elements * e.ib, elements, 3, False)
-        e.vector("lstm_hidden", (gates, cell), y_region, elements * e.eb, elements, 2, True)
+        e.vector("lstm_hidden", (*e.gate_columns(gates, ((h, 2 * h),)), cell), y_region, elements * e.eb, elements,
+                 2, True)
