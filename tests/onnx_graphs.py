@@ -1,6 +1,8 @@
 """Small ONNX graphs built with onnx.helper for the tests, and an ONNX Runtime runner."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -77,3 +79,12 @@ def run_onnxruntime(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def save_small_classifier(path: Path) -> Path:
+    """A conv, ReLU, global pool and Gemm on 1x3x8x8 inputs: the smallest model every stage has work in."""
+    b = GraphBuilder((1, 3, 8, 8))
+    y = b.node("Relu", [b.conv("input", 3, 4, pads=[1, 1, 1, 1])])
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
+    onnx.save(b.model(b.node("Gemm", [y, b.weight((5, 4))], transB=1)), path)
+    return path

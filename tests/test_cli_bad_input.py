@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from onnx_graphs import GraphBuilder
+from onnx_graphs import save_small_classifier
 
 from tpusim.cli import main
 from tpusim.workloads import workload_file
@@ -37,17 +37,9 @@ USES = {  # which placeholders each command has
 }
 
 
-def _small_model(path: Path) -> Path:
-    b = GraphBuilder((1, 3, 8, 8))
-    y = b.node("Relu", [b.conv("input", 3, 4, pads=[1, 1, 1, 1])])
-    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
-    onnx.save(b.model(b.node("Gemm", [y, b.weight((5, 4))], transB=1)), path)
-    return path
-
-
 def _case(kind: str, tmp: Path) -> tuple[dict[str, str], list[str], str]:
     """(placeholder replacements, extra arguments, expected message) for one class of bad input."""
-    model = _small_model(tmp / "small.onnx")
+    model = save_small_classifier(tmp / "small.onnx")
     good = {"CONFIG": TPU_V1, "MODEL": str(model), "OUTDIR": str(tmp / "out"), "OUTFILE": str(tmp / "out.onnx")}
     extra: list[str] = []
     if kind == "missing config":
@@ -166,7 +158,7 @@ def test_version(capsys):
 def test_a_copied_config_uses_the_shipped_energy_table(tmp_path, capsys):
     mine = tmp_path / "my.yaml"
     shutil.copy(TPU_V1, mine)
-    assert main(["run", str(mine), "--model", str(_small_model(tmp_path / "m.onnx")), "--out", str(tmp_path / "out"),
+    assert main(["run", str(mine), "--model", str(save_small_classifier(tmp_path / "m.onnx")), "--out", str(tmp_path / "out"),
                  "--no-quantize", "--no-progress"]) == 0
     assert "horowitz45.yaml" in (tmp_path / "out" / "config.yaml").read_text()
 
@@ -174,7 +166,7 @@ def test_a_copied_config_uses_the_shipped_energy_table(tmp_path, capsys):
 def test_outputs_honour_the_umask(tmp_path, capsys):
     previous = os.umask(0o022)
     try:
-        assert main(["run", TPU_V1, "--model", str(_small_model(tmp_path / "m.onnx")), "--out", str(tmp_path / "out"),
+        assert main(["run", TPU_V1, "--model", str(save_small_classifier(tmp_path / "m.onnx")), "--out", str(tmp_path / "out"),
                      "--no-quantize", "--no-progress"]) == 0
         assert main(["workloads", "build", "tiny_cnn", "-o", str(tmp_path / "t.onnx")]) == 0
         os.umask(0o077)

@@ -10,8 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-import onnx
-from onnx_graphs import GraphBuilder
+from onnx_graphs import save_small_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -45,9 +44,7 @@ def test_a_built_package_runs_from_another_folder(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    b = GraphBuilder((1, 3, 8, 8))
-    y = b.node("Flatten", [b.node("GlobalAveragePool", [b.node("Relu", [b.conv("input", 3, 4, pads=[1, 1, 1, 1])])])])
-    onnx.save(b.model(b.node("Gemm", [y, b.weight((5, 4))], transB=1)), elsewhere / "m.onnx")
+    save_small_classifier(elsewhere / "m.onnx")
     env = {**os.environ, "PYTHONPATH": str(built), "TPUSIM_WORKLOAD_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", "import tpusim, sys; print(tpusim.__file__); "
                              "from tpusim.__main__ import main; sys.exit(main())", "run",

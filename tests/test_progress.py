@@ -3,23 +3,17 @@ forward on a terminal; a run's phases in order, the integer-execution count over
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import os
-import pty
 import re
-import select
-import struct
 import subprocess
 import sys
-import termios
 import threading
-import time
 from pathlib import Path
 
-import onnx
 import pytest
-from onnx_graphs import GraphBuilder
+from onnx_graphs import save_small_classifier
+from terminal import run_on_a_terminal
 
 from tpusim.progress import Progress, current
 
@@ -119,16 +113,8 @@ def test_on_a_terminal_a_bar_only_moves_forward_and_is_erased():
     assert text.endswith("\r")  # the bar erases itself (leave=False): nothing is left on the line
 
 
-def _small_model(path: Path) -> Path:
-    b = GraphBuilder((1, 3, 8, 8))
-    y = b.node("Relu", [b.conv("input", 3, 4, pads=[1, 1, 1, 1])])
-    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
-    onnx.save(b.model(b.node("Gemm", [y, b.weight((5, 4))], transB=1)), path)
-    return path
-
-
 def _run_argv(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "tpusim", "run", TPU_V1, "--model", str(_small_model(tmp_path / "m.onnx")),
+    return [sys.executable, "-m", "tpusim", "run", TPU_V1, "--model", str(save_small_classifier(tmp_path / "m.onnx")),
             "--out", str(tmp_path / "out"), "--eval-samples", "3", *extra]
 
 
@@ -156,35 +142,9 @@ def test_no_progress_prints_no_phase_lines(tmp_path):
     assert not [line for line in result.stderr.splitlines() if not line.startswith("tpusim: warning: ")]
 
 
-def _read_pty(master: int, process: subprocess.Popen, timeout_s: float) -> bytes:
-    chunks, deadline = [], time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.5)
-        if ready:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # the child closed its end
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif process.poll() is not None:
-            break
-    return b"".join(chunks)
-
-
 def test_on_a_terminal_the_integer_execution_bar_never_restarts(tmp_path):
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws nothing at 0 columns
-    process = subprocess.Popen(_run_argv(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=slave, env=_env())
-    os.close(slave)
-    try:
-        text = _read_pty(master, process, timeout_s=300).decode("utf-8", "replace")
-    finally:
-        os.close(master)
-        process.wait(timeout=60)
-    assert process.returncode == 0, text
+    returncode, text = run_on_a_terminal(_run_argv(tmp_path), _env(), timeout_s=300)
+    assert returncode == 0, text
     counts = [(int(done), int(total)) for done, total in re.findall(r"integer execution:.*?(\d+)/(\d+) ", text)]
     layers = len(list(csv.DictReader((tmp_path / "out" / "layers.csv").open())))
     assert counts and {total for _, total in counts} == {3 * layers}  # one bar for all 3 evaluation batches

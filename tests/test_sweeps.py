@@ -477,44 +477,13 @@ def test_a_quantized_point_in_this_process_shows_none_of_its_run_phases(tmp_path
 
 
 def test_on_a_terminal_the_points_are_one_bar_that_only_moves_forward(tmp_path):
-    import fcntl
-    import pty
-    import select
-    import struct
-    import termios
-    import time
+    from terminal import run_on_a_terminal
 
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws nothing at 0 columns
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen([sys.executable, "-m", "tpusim", "sweep", TPU_V1, "--model", "tiny_cnn", "--set",
-                                "array.rows=16,32,64,128", "--jobs", "1", "--out", str(tmp_path / "sw")],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env=env)
-    os.close(slave)
-    chunks, deadline = [], time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if not ready:
-                if process.poll() is not None:
-                    break
-                continue
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # the child closed its end
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(master)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    text = b"".join(chunks).decode("utf-8", "replace")
-    assert process.returncode == 0, text
+    returncode, text = run_on_a_terminal([sys.executable, "-m", "tpusim", "sweep", TPU_V1, "--model", "tiny_cnn",
+                                          "--set", "array.rows=16,32,64,128", "--jobs", "1",
+                                          "--out", str(tmp_path / "sw")], env, timeout_s=120)
+    assert returncode == 0, text
     counts = [int(done) for done in re.findall(r"sweeping:.*?(\d+)/4 ", text)]
     assert counts and counts == sorted(counts)
     assert "tpusim: sweeping" not in text  # no plain lines on a terminal: a bar, then a status line
