@@ -14,8 +14,10 @@ from tpusim.cli import main
 from tpusim.config import load_config
 from tpusim.errors import CalibrationDataWarning, DataError, ModelError
 from tpusim.frontend import lower_model
+from tpusim.frontend.lowering import index_rows
+from tpusim.frontend.reference import run_reference
 from tpusim.quant import calibrate
-from tpusim.quant.calibrate import load_calibration_set, synthetic_inputs
+from tpusim.quant.calibrate import graph_tensors, load_calibration_set, synthetic_ids, synthetic_inputs
 from tpusim.workloads import build_model
 
 TPU_V1 = str(Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml")
@@ -189,3 +191,28 @@ def test_synthetic_inputs_are_the_generators_whole_draw(samples):
     whole = np.random.default_rng(3).standard_normal((samples, *SHAPE)).astype(np.float32)
     drawn = synthetic_inputs(SHAPE, samples, 3).inputs
     assert drawn.dtype == np.float32 and np.array_equal(drawn.view(np.int32), whole.view(np.int32))
+
+
+@pytest.mark.parametrize("workload", ["tiny_cnn", "bert_tiny"])
+def test_float_model_reference_is_every_graph_tensor_as_our_evaluator_computes_it(workload):
+    # bert_tiny has an embedding layer without inputs (a constant): evaluated once, not asked of ONNX Runtime
+    model = build_model(workload)
+    graph = lower_model(model, workload, batch=1)
+    rows = index_rows(graph)
+    x = (synthetic_ids(graph.input_shape[1:], 1, 0, rows) if rows else synthetic_inputs(graph.input_shape[1:], 1, 0)).inputs
+    float_model = calibrate.FloatModel(model, graph)
+    assert float_model.covers_graph and (len(float_model.constants) > 0) == (workload == "bert_tiny")
+    ours, theirs = run_reference(graph, x, keep_all=True), float_model.reference(x)
+    for name in graph_tensors(graph):
+        assert theirs[name].shape == ours[name].shape, name
+        np.testing.assert_allclose(theirs[name], ours[name], rtol=1e-4, atol=1e-5 * float(np.ptp(ours[name])), err_msg=name)
+    partial = calibrate.FloatModel(model, graph, graph_tensors(graph)[:3])
+    assert not partial.covers_graph and set(partial.reference(x)) >= set(graph_tensors(graph)[:3])
+
+
+def test_statistics_through_a_given_float_model_are_those_of_a_new_session():
+    model = build_model("tiny_cnn")
+    graph = lower_model(model, "tiny_cnn")
+    data = synthetic_inputs(graph.input_shape[1:], 10, 0)
+    shared = calibrate.collect_statistics(model, graph, data, 2048, float_model=calibrate.FloatModel(model, graph))
+    assert _same_statistics(shared, calibrate.collect_statistics(model, graph, data, 2048))

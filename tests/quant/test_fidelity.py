@@ -5,8 +5,9 @@ import pytest
 
 from tpusim.config import load_config
 from tpusim.frontend import lower_model
-from tpusim.quant.calibrate import collect_statistics, synthetic_inputs
-from tpusim.quant.fidelity import fidelity, output_agreement
+from tpusim.quant.arithmetic import QParams
+from tpusim.quant.calibrate import FloatModel, collect_statistics, synthetic_inputs
+from tpusim.quant.fidelity import fidelity, output_agreement, signal_and_noise, signal_and_noise_reference
 from tpusim.quant.quantize import quantize_graph
 from tpusim.workloads import build_model
 
@@ -62,3 +63,40 @@ def test_agreement_is_counted_over_output_rows_one_per_position():
     qgraph = quantize_graph(graph, collect_statistics(model, graph, data, 2048), QUANT)
     report = fidelity(graph, qgraph, data.inputs[:2])
     assert (report.samples, report.agreement_rows) == (2, 6)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.int32])
+def test_signal_and_noise_is_exact_on_values_whose_sums_are_exact(dtype):
+    # quarters times small integers: every product and sum is exact in float64, whatever the order
+    rng = np.random.default_rng(0)
+    q = rng.integers(0 if dtype == np.uint8 else -100, 100, size=(2, 3, 5), dtype=dtype)
+    reference = (rng.integers(-400, 400, size=q.shape) / 8).astype(np.float32)
+    for qp in (QParams(np.array(0.25), np.array(3), -128, 255),
+               QParams(np.array([0.25, 0.5, 2.0]), np.array([0, 1, -2]), -128, 255, axis=1),
+               QParams(np.array([0.25, 0.5, 1.0, 2.0, 4.0]), np.array([0, 1, 2, 3, 4]), -128, 255, axis=-1)):
+        assert signal_and_noise(reference, q, qp) == signal_and_noise_reference(reference, q, qp)
+
+
+def test_signal_and_noise_agrees_with_its_oracle_on_random_floats():
+    rng = np.random.default_rng(1)
+    q = rng.integers(-128, 128, size=(4, 8, 3, 3), dtype=np.int8)
+    reference = rng.standard_normal(q.shape).astype(np.float32)
+    qp = QParams(np.float32(rng.uniform(0.01, 0.1, 8)).astype(np.float64), np.zeros(8, np.int32), -128, 127, axis=1)
+    assert signal_and_noise(reference, q, qp) == pytest.approx(signal_and_noise_reference(reference, q, qp), rel=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        signal_and_noise(reference[:2], q, qp)
+
+
+def test_fidelity_measures_against_the_reference_it_is_given():
+    model = build_model("tiny_cnn")
+    graph = lower_model(model, "tiny_cnn")
+    data = synthetic_inputs(graph.input_shape[1:], 3, seed=0)
+    float_model = FloatModel(model, graph)
+    qgraph = quantize_graph(graph, collect_statistics(model, graph, data, 2048, float_model=float_model), QUANT)
+    ours, theirs = fidelity(graph, qgraph, data.inputs[:2]), fidelity(graph, qgraph, data.inputs[:2],
+                                                                       reference=float_model.reference)
+    assert theirs.layer_sqnr_db.keys() == ours.layer_sqnr_db.keys()
+    assert all(theirs.layer_sqnr_db[n] == pytest.approx(ours.layer_sqnr_db[n], abs=1e-3) for n in ours.layer_sqnr_db)
+    shifted = fidelity(graph, qgraph, data.inputs[:2],
+                       reference=lambda x: {k: v + np.float32(1.0) for k, v in float_model.reference(x).items()})
+    assert all(shifted.layer_sqnr_db[n] < ours.layer_sqnr_db[n] - 3.0 for n in ours.layer_sqnr_db)

@@ -7,7 +7,9 @@ pure function of them (``tpusim.quant.ranges``).
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -214,6 +216,10 @@ def _session_exposing(model: onnx.ModelProto, tensors: list[str]) -> ort.Inferen
         del outputs[len(outputs) - len(added):]
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Between runs tpusim computes (histograms, integer layers): ONNX Runtime's threads must not spin on the
+    # cores meanwhile, and its arena would keep the buffers of every exposed tensor for the whole run.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = False
     return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
 
@@ -250,51 +256,91 @@ def _samples_per_run(graph: Graph, tensors: list[str], batch_size: int) -> int:
     return max(1, min(batch_size, _RUN_BYTES // max(per_sample, 1)))
 
 
+class FloatModel:
+    """The FP32 model as ONNX Runtime runs it, with graph tensors exposed as outputs: what calibration
+    observes, and the reference that fidelity measures the integer run against.
+
+    ``tensors`` (default: every graph tensor, :func:`graph_tensors`) must include the graph input. A
+    layer without inputs computes a constant (a materialised embedding); the tensor may not exist in
+    ``model``, so it is evaluated once here instead."""
+
+    def __init__(self, model: onnx.ModelProto, graph: Graph, tensors: list[str] | None = None):
+        tensors = graph_tensors(graph) if tensors is None else tensors
+        self.graph = graph
+        self.constants = {layer.output: layer for layer in graph.layers if not layer.inputs and layer.output in tensors}
+        self.tensors = [name for name in tensors if name not in self.constants]
+        self.session = _session_exposing(model, self.tensors)
+        self.fixed_batch = _fixed_batch(model)
+        self._input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._constant_values: dict[str, np.ndarray] | None = None
+
+    @property
+    def covers_graph(self) -> bool:
+        """Every graph tensor is exposed (or constant): the model can stand in for the FP32 reference."""
+        return set(self.tensors) | set(self.constants) >= set(graph_tensors(self.graph))
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The exposed tensors (and the model's outputs) of one run on ``batch``, with the graph input."""
+        results = dict(zip(self.output_names, self.session.run(None, {self._input_name: batch})))
+        results[self.graph.input_name] = batch
+        return results
+
+    def constant_values(self) -> dict[str, np.ndarray]:
+        if self._constant_values is None:
+            from tpusim.frontend.reference import run_layer
+
+            self._constant_values = {name: run_layer(layer, []) for name, layer in self.constants.items()}
+        return self._constant_values
+
+    def reference(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every graph tensor on ``batch``, as :func:`tpusim.frontend.reference.run_reference` with
+        ``keep_all`` gives it, computed by ONNX Runtime."""
+        return {**self.run(batch), **self.constant_values()}
+
+
 def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSet, bins: int,
                        batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
-                       tensors: list[str] | None = None) -> dict[str, TensorStats]:
+                       tensors: list[str] | None = None, float_model: FloatModel | None = None) -> dict[str, TensorStats]:
     """Run the FP32 model over the calibration set and return merged statistics per graph tensor
     (or only per tensor of ``tensors``, which must include the graph input).
 
     The data run through ONNX Runtime in batches of ``batch_size`` samples (the model's fixed batch if it
     has one; fewer for a large model, see :func:`_samples_per_run`); each tensor of a batch is observed,
-    merged and dropped, so memory does not grow with the number of samples.
+    merged and dropped, so memory does not grow with the number of samples. ``float_model``: a session of
+    ``model`` exposing ``tensors`` already made (the caller reuses it as the fidelity reference).
     ``progress(samples done, samples total)`` is called after every batch."""
     _check_finite_parameters(graph)
-    tensors = graph_tensors(graph) if tensors is None else tensors
-    # A layer without inputs computes a constant (a materialised embedding): its values are its statistics,
-    # and the tensor may not exist in ``model``.
-    constants = {layer.output: layer for layer in graph.layers if not layer.inputs and layer.output in tensors}
-    tensors = [name for name in tensors if name not in constants]
-    session = _session_exposing(model, tensors)
-    input_name = session.get_inputs()[0].name
-    step = _fixed_batch(model) or _samples_per_run(graph, tensors, batch_size)
-    output_names = [o.name for o in session.get_outputs()]
-    wanted = [name for name in output_names if name in set(tensors)]
+    float_model = FloatModel(model, graph, tensors) if float_model is None else float_model
+    tensors = float_model.tensors
+    step = float_model.fixed_batch or _samples_per_run(graph, tensors, batch_size)
+    exposed = set(tensors)
+    wanted = [name for name in float_model.output_names if name in exposed]
     in_order = [graph.input_name] + [name for name in tensors[1:] if name in set(wanted)]
     stats: dict[str, TensorStats | None] = dict.fromkeys([graph.input_name] + wanted)
-    for start in range(0, len(data.inputs), step):
-        batch = data.inputs[start : start + step]
-        if len(batch) < step and _fixed_batch(model):
-            break
-        results = dict(zip(output_names, session.run(None, {input_name: batch})))
-        results[graph.input_name] = batch
-        for name in in_order:
-            try:
-                observed = observe(results.pop(name), bins, name=name)
-            except NonFiniteError:
-                raise ModelError(f"model {graph.name!r}: tensor {name!r} is NaN or inf when the FP32 model runs on "
-                                 f"the calibration data ({data.source}): weights or values beyond float32's "
-                                 "range?") from None
-            stats[name] = observed if stats[name] is None else merge(stats[name], observed)
-        del results  # the model outputs that are not calibrated, freed before the next run
-        if progress is not None:
-            progress(min(start + step, len(data.inputs)), len(data.inputs))
+    # The histogram kernels release the GIL: a run's tensors are observed on every core at once.
+    with ThreadPoolExecutor(os.cpu_count() or 1) as observers:
+        for start in range(0, len(data.inputs), step):
+            batch = data.inputs[start : start + step]
+            if len(batch) < step and float_model.fixed_batch:
+                break
+            results = float_model.run(batch)
+            observing = [observers.submit(observe, results[name], bins, name=name) for name in in_order]
+            for name, future in zip(in_order, observing):
+                try:
+                    observed = future.result()
+                except NonFiniteError:
+                    raise ModelError(f"model {graph.name!r}: tensor {name!r} is NaN or inf when the FP32 model runs "
+                                     f"on the calibration data ({data.source}): weights or values beyond float32's "
+                                     "range?") from None
+                stats[name] = observed if stats[name] is None else merge(stats[name], observed)
+            del results, observing  # this run's tensors, freed before the next run
+            if progress is not None:
+                progress(min(start + step, len(data.inputs)), len(data.inputs))
     if stats.get(graph.input_name) is not None:
-        from tpusim.frontend.reference import run_layer
-
-        for name, layer in constants.items():
-            stats[name] = observe(run_layer(layer, []), bins, name=name)
+        for name, values in float_model.constant_values().items():
+            stats[name] = observe(values, bins, name=name)
+    tensors = tensors + list(float_model.constants)
     missing = [name for name in tensors if stats.get(name) is None]
     if missing:
         raise DataError(f"calibration produced no statistics for {missing[:3]} (is the set smaller than the "

@@ -7,13 +7,16 @@ axis (the classes).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from tpusim.frontend.reference import run_reference
 from tpusim.ir import Graph
-from tpusim.quant.arithmetic import dequantize
+from tpusim.quant.arithmetic import QParams, dequantize
 from tpusim.quant.execute import GemmEngine, ProgressCallback, run_integer
 from tpusim.quant.qlayer import QuantizedGraph
 
@@ -46,12 +49,68 @@ def output_agreement(reference: np.ndarray, approx: np.ndarray) -> tuple[float, 
     return top1, top5, cosine, float(np.max(np.abs(out - ref)))
 
 
+@njit(cache=True, fastmath={"reassoc"})  # the sums may be reordered (vectorised); each term is exact as written
+def _signal_and_noise(reference, integers, scale, zero_point, inner):
+    """(sum of reference**2, sum of (dequantized - reference)**2) in float64, in one pass without
+    temporaries. The tensor is blocks of ``len(scale)`` channels of ``inner`` elements each, dequantized
+    per channel as :func:`tpusim.quant.arithmetic.dequantize` does: float32 ``(q - zero_point) * scale``."""
+    signal = 0.0
+    noise = 0.0
+    channels = scale.size
+    for block in range(reference.size // (channels * inner)):
+        for c in range(channels):
+            s = scale[c]
+            z = zero_point[c]
+            start = (block * channels + c) * inner
+            for i in range(start, start + inner):
+                r = np.float64(reference[i])
+                d = np.float64(np.float32(np.int32(integers[i]) - z) * s) - r
+                signal += r * r
+                noise += d * d
+    return signal, noise
+
+
+def signal_and_noise(reference: np.ndarray, integers: np.ndarray, qp: QParams) -> tuple[float, float]:
+    """``sum(reference**2)`` and ``sum((dequantize(integers, qp) - reference)**2)`` of one tensor."""
+    shape = integers.shape
+    if reference.shape != shape:
+        raise ValueError(f"reference of shape {reference.shape} against an integer tensor of shape {shape}")
+    if qp.axis is None:
+        inner = max(integers.size, 1)
+    else:
+        axis = qp.axis % len(shape)
+        if shape[axis] != qp.scale.shape[0]:
+            raise ValueError(f"{qp.scale.shape[0]} channel parameters do not fit axis {qp.axis} of shape {shape}")
+        inner = math.prod(shape[axis + 1:])
+    signal, noise = _signal_and_noise(np.ascontiguousarray(reference, np.float32).reshape(-1),
+                                      np.ascontiguousarray(integers).reshape(-1),
+                                      np.atleast_1d(qp.scale.astype(np.float32)),
+                                      np.atleast_1d(qp.zero_point.astype(np.int32)), inner)
+    return float(signal), float(noise)
+
+
+def signal_and_noise_reference(reference: np.ndarray, integers: np.ndarray, qp: QParams) -> tuple[float, float]:
+    """Numpy oracle of :func:`signal_and_noise`."""
+    r = np.asarray(reference, np.float32).astype(np.float64)
+    q = dequantize(integers, qp).astype(np.float64)
+    return float(np.sum(r * r)), float(np.sum((q - r) ** 2))
+
+
+Reference = Callable[[np.ndarray], Mapping[str, np.ndarray]]  # one input batch -> every graph tensor in FP32
+
+
 def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray, engine: GemmEngine = "int8-gemm",
-             progress: ProgressCallback | None = None, acc_bits: int = 32) -> FidelityReport:
+             progress: ProgressCallback | None = None, acc_bits: int = 32,
+             reference: Reference | None = None) -> FidelityReport:
     """Run FP32 and integer execution on ``inputs`` (samples along axis 0, one graph batch at a time).
 
     ``engine``, ``progress`` and the accumulator width ``acc_bits`` are passed to :func:`run_integer`
-    for every batch."""
+    for every batch. ``reference`` computes the FP32 tensors (default: tpusim's own numpy evaluator of
+    the lowered graph, :func:`run_reference`; the pipeline passes ONNX Runtime's run of the model,
+    :meth:`tpusim.quant.calibrate.FloatModel.reference`)."""
+    if reference is None:
+        def reference(x: np.ndarray) -> Mapping[str, np.ndarray]:
+            return run_reference(graph, x, keep_all=True)
     batch = graph.batch
     if len(inputs) < batch or len(inputs) % batch:
         raise ValueError(f"{len(inputs)} samples are not a whole number of batches of {batch}")
@@ -62,15 +121,14 @@ def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray, engine: G
     final = graph.outputs[-1]
     for start in range(0, len(inputs), batch):
         x = inputs[start : start + batch]
-        ref = run_reference(graph, x, keep_all=True)
+        ref = reference(x)
         run = run_integer(qgraph, x, keep_all=True, acc_bits=acc_bits, engine=engine, progress=progress)
         for name, count in run.wrapped.items():
             wrapped[name] = wrapped.get(name, 0) + count
         for layer in graph.layers:
-            r = ref[layer.output].astype(np.float64)
-            q = dequantize(run.tensors[layer.output], qgraph.tensor_qparams[layer.output]).astype(np.float64)
-            signal[layer.name] = signal.get(layer.name, 0.0) + float(np.sum(r * r))
-            noise[layer.name] = noise.get(layer.name, 0.0) + float(np.sum((q - r) ** 2))
+            s, n = signal_and_noise(ref[layer.output], run.tensors[layer.output], qgraph.tensor_qparams[layer.output])
+            signal[layer.name] = signal.get(layer.name, 0.0) + s
+            noise[layer.name] = noise.get(layer.name, 0.0) + n
         outputs_ref.append(ref[final])
         outputs_int.append(run.dequantized[final])
     layer_sqnr = {name: float("inf") if noise[name] == 0.0 else 10.0 * np.log10(max(signal[name], _TINY) / noise[name])

@@ -15,13 +15,14 @@ from tpusim.config import HardwareConfig
 from tpusim.ir import Graph
 from tpusim.kernels.systolic import pe_gemm
 from tpusim.frontend.lowering import index_rows
+from tpusim.frontend.reference import run_reference
 from tpusim.quant.arithmetic import QParams
-from tpusim.quant.calibrate import (CalibrationSet, collect_statistics, load_calibration_set, synthetic_ids,
-                                    synthetic_inputs)
+from tpusim.quant.calibrate import (CalibrationSet, FloatModel, collect_statistics, graph_tensors,
+                                    load_calibration_set, synthetic_ids, synthetic_inputs)
 from tpusim.quant.equalization import equalize
 from tpusim.quant.execute import GemmEngine
 from tpusim.quant.export import export_fp32
-from tpusim.quant.fidelity import FidelityReport, fidelity
+from tpusim.quant.fidelity import FidelityReport, Reference, fidelity
 from tpusim.quant.qlayer import QuantizedGraph
 from tpusim.quant.quantize import quantize_from_model, quantize_graph, unquantized_tensors
 
@@ -84,6 +85,7 @@ class Quantized:
     data: CalibrationSet           # everything the calibration source holds
     calibration: CalibrationSet    # the part of it that calibrated
     qgraph: QuantizedGraph
+    float_model: FloatModel | None = None  # the FP32 model in ONNX Runtime that calibrated, every tensor exposed
 
 
 def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto, config: HardwareConfig, calib_data,
@@ -109,10 +111,29 @@ def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto, config: Hardwar
     if quant.cross_layer_equalization:
         graph = equalize(graph)
         model = export_fp32(graph)
-    stats = collect_statistics(model, graph, calibration, quant.histogram_bins,
+    float_model = FloatModel(model, graph)
+    stats = collect_statistics(model, graph, calibration, quant.histogram_bins, float_model=float_model,
                                progress=None if progress is None else lambda d, t: progress("calibrate", d, t))
     qgraph = _ids_keep_their_integers(quantize_graph(graph, stats, quant), rows)
-    return Quantized(graph=graph, data=data, calibration=calibration, qgraph=qgraph)
+    return Quantized(graph=graph, data=data, calibration=calibration, qgraph=qgraph, float_model=float_model)
+
+
+def fp32_reference(quantized: Quantized, first_batch: np.ndarray) -> Reference | None:
+    """ONNX Runtime's run of the FP32 model that calibrated, as the reference of fidelity, where it computes
+    the same tensors as tpusim's own evaluator of the graph (:func:`run_reference`): every graph tensor, at
+    the graph's batch, of the same shape and, on ``first_batch``, equal within float32 rounding (a layer may
+    keep an ONNX tensor's name in another layout: an LSTM's Y, batch first). Else None: the evaluator is the
+    reference, as for a model that brings its own quantization (its FP32 form is the graph with dequantized
+    weights, not the model ONNX Runtime runs)."""
+    float_model, graph = quantized.float_model, quantized.graph
+    if float_model is None or not float_model.covers_graph or float_model.fixed_batch not in (None, graph.batch):
+        return None
+    ours, theirs = run_reference(graph, first_batch, keep_all=True), float_model.reference(first_batch)
+    for name in graph_tensors(graph):
+        a, b = ours[name], theirs[name]
+        if a.shape != b.shape or np.max(np.abs(a - b), initial=0.0) > 1e-3 * np.max(np.abs(a), initial=1e-30):
+            return None
+    return float_model.reference
 
 
 def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareConfig, calib_data,
@@ -161,6 +182,7 @@ def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareC
     elif progress is not None:
         def layer_progress(done: int, total: int, name: str) -> None:
             execute_progress(done, total)
-    report = fidelity(graph, qgraph, eval_x, engine=engine, progress=layer_progress, acc_bits=config.accumulators.bits)
+    report = fidelity(graph, qgraph, eval_x, engine=engine, progress=layer_progress, acc_bits=config.accumulators.bits,
+                      reference=fp32_reference(quantized, eval_x[: graph.batch]))
     return QuantOutcome(graph=graph, calibration=calibration, evaluation_source=eval_source, qgraph=qgraph,
                         fidelity=report, pe_array_cycles=pe_cycles, held_out=held_out)
