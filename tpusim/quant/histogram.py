@@ -142,7 +142,7 @@ _FLOAT_BITS = {
 }
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ordered_extremes(bits, sign, magnitude, exponent):
     """(all finite, lowest key, highest key) of float bit patterns (int32 or int64) in one pass.
 
@@ -172,7 +172,7 @@ def extremes_reference(x: np.ndarray) -> tuple[bool, float, float]:
     return True, lo, hi
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _first_zero(x):
     """Index of the first element equal to 0 (either sign); -1 if none."""
     for i in range(x.size):
@@ -202,7 +202,7 @@ _WAYS = 4  # interleaved copies of the counts: a run of values in one bin update
 _SPREAD = 8  # slots per copy that share the count of the bin of 0 (ReLU outputs put half their values there)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bin_counts(x, inv_width, first_bin, bins):
     """Counts of ``floor(x * inv_width) - first_bin`` over [0, bins), a value below 0 in bin -1 however
     small; ok=False (and the counts so far) if any value falls outside.
@@ -254,7 +254,7 @@ def bin_counts_reference(x: np.ndarray, level: int, first_bin: int, bins: int) -
     return np.bincount((g - first_bin).astype(np.int64), minlength=bins).astype(np.int64)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _coarsened(counts, first_bin, shift, new_first_bin):
     """``counts`` (global bins from ``first_bin``) moved to bins ``2**shift`` times wider starting at
     global bin ``new_first_bin``: ok=False if an occupied bin falls outside the window."""
