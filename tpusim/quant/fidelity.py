@@ -2,7 +2,8 @@
 
 SQNR of a tensor is ``10 log10(sum(x_fp32**2) / sum((x_int8 - x_fp32)**2))`` over all inputs, with
 ``x_int8`` the dequantized integer tensor of the whole-network integer run (so a layer's SQNR includes
-the error it inherits). Output metrics compare the last graph output, one row per sample, on the last
+the error it inherits) and ``x_fp32`` the reference's tensor (ONNX Runtime's, as the pipeline runs it, or
+tpusim's numpy evaluator of the graph). Output metrics compare the last graph output, one row per sample, on the last
 axis (the classes).
 """
 from __future__ import annotations
