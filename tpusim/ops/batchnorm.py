@@ -21,6 +21,18 @@ from tpusim.ops._binary import _fold, add_affine
 from tpusim.ops.base import Op
 
 
+def fold_scale(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``weight`` (output channels first) times a float64 factor per output channel, rounded to float32
+    once: ``(weight.astype(float64) * factor).astype(float32)``, bit for bit, without the two float64
+    copies of the weights (ResNet-50's 53 folds made 400 MB of them, half its load time; numpy computes
+    in float64 chunk by chunk and writes float32). A new array: the weight may be a model constant that
+    other nodes read."""
+    folded = np.empty(weight.shape, np.float32)
+    np.multiply(weight, factor.reshape((-1,) + (1,) * (weight.ndim - 1)), out=folded, dtype=np.float64,
+                casting="unsafe")
+    return folded
+
+
 @register
 class BatchNormFold(Op):
     name = ""
@@ -42,9 +54,7 @@ class BatchNormFold(Op):
             channel_axis = 1 if producer.op == "conv" else len(producer.output_shape) - 1
             if n_out == shape[1] and channel_axis == 1:
                 old_bias = np.zeros(n_out) if producer.bias is None else producer.bias.astype(np.float64)
-                per_row = factor.reshape((-1,) + (1,) * (producer.weight.ndim - 1))
-                folded_w = producer.weight.astype(np.float64) * per_row
-                producer.weight = folded_w.astype(np.float32)
+                producer.weight = fold_scale(producer.weight, factor)
                 producer.bias = ((old_bias - mean) * factor + beta).astype(np.float32)
                 ctx.rename_output(producer, node.output[0])
                 return
