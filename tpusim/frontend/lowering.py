@@ -83,29 +83,33 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
     if batch is not None and batch < 1:
         raise ModelError(f"{where}: batch must be >= 1, got {batch}")
     canonical = canonicalize(model, where, batch=batch, input_shape=input_shape)
+    del model  # only the canonical copy is read from here on: the source can go unless the caller keeps it
     stripped = strip_qdq(canonical.model, where)
     model = ops.rewrite(stripped.model)
     _raise_unsupported(model, where)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    graph = model.graph
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    inputs = [vi for vi in graph.input if vi.name not in constants]
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in constants]
     elem_type = inputs[0].type.tensor_type.elem_type
     if elem_type not in (onnx.TensorProto.FLOAT, *INDEX_INPUT_TYPES):
         raise ModelError(f"{where}: input {inputs[0].name!r} is {onnx.TensorProto.DataType.Name(elem_type)}; "
                          "tpusim reads FP32 models (or int64 token ids) and quantizes them itself")
-    shape = canonical.input_shape
+    shape, original_batch = canonical.input_shape, canonical.original_batch
+    activation_grids, weight_quants, quantized_model = stripped.activations, stripped.constants, stripped.format == "qdq"
+    # From here on the weights are the arrays in ``constants``: a graph of the nodes alone lets the model's
+    # tensor protos (ResNet-50: 100 MB, held by one protobuf arena) go before the layers' weights are made.
+    graph = _without_initializers(model.graph, inputs[0])
+    del canonical, stripped, model, inputs
     consumers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
     # Canonicalisation already retargeted hard-coded batch dims, so the run's batch is the one to keep.
     ctx = LowerContext(where=where, opset=opset, original_batch=shape[0], consumers=consumers,
-                       single_sample=canonical.original_batch == 1 and shape[0] == 1,
+                       single_sample=original_batch == 1 and shape[0] == 1,
                        graph_outputs={o.name for o in graph.output}, constants=constants,
-                       model_quantized=frozenset(stripped.activations))
-    ctx.shapes[inputs[0].name] = shape
-    quantized_model = stripped.format == "qdq"
+                       model_quantized=frozenset(activation_grids))
+    ctx.shapes[graph.input[0].name] = shape
     weight_attrs: dict[str, tuple] = {}
     for index, node in enumerate(graph.node):
         if not node.name:
@@ -120,7 +124,7 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
         if quantized_model and module.matrix:
             w, b = _matrix_sources(ctx, node)
             try:
-                weight_attrs[node.name] = _model_weight_attrs(node, stripped.constants.get(w), stripped.constants.get(b))
+                weight_attrs[node.name] = _model_weight_attrs(node, weight_quants.get(w), weight_quants.get(b))
             except ModelError as exc:
                 raise ModelError(f"{where}: {exc}") from None
         module.lower(ctx, node)
@@ -130,7 +134,7 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
             raise ModelError(f"{where}: graph output {name!r} is not computed from the input")
     grids = None
     if quantized_model:
-        grids = {name: grid.qparams() for name, grid in stripped.activations.items()}
+        grids = {name: grid.qparams() for name, grid in activation_grids.items()}
         _grids_back_through_grid_keeping_ops(ctx.records, grids, outputs)
     for record in ctx.records:
         record.attrs = record.attrs + weight_attrs.get(record.name, ())
@@ -138,9 +142,18 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
             _restore_folded_relu(record, grids)
     layers = _prune_dead(tuple(record.freeze() for record in ctx.records), outputs)
     if elem_type != onnx.TensorProto.FLOAT:
-        _check_index_input(where, inputs[0], layers)
-    return Graph(name=graph.name or Path(where).stem, input_name=inputs[0].name, input_shape=shape,
+        _check_index_input(where, graph.input[0], layers)
+    return Graph(name=graph.name or Path(where).stem, input_name=graph.input[0].name, input_shape=shape,
                  outputs=outputs, layers=layers, model_grids=grids)
+
+
+def _without_initializers(graph: onnx.GraphProto, data_input: onnx.ValueInfoProto) -> onnx.GraphProto:
+    """A copy of ``graph``'s name, nodes, outputs and one data input, in an arena of its own."""
+    light = onnx.GraphProto(name=graph.name)
+    light.node.extend(graph.node)
+    light.input.append(data_input)
+    light.output.extend(graph.output)
+    return light
 
 
 # Integer inputs tpusim reads: token ids, which only embedding lookups may read (``index_rows`` on the layer).
