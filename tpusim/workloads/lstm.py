@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
+from tpusim.workloads import GENERATOR_VERSION
 from tpusim.workloads.builder import GeneratedModel, GraphBuilder
-from tpusim.workloads.models import GENERATOR_VERSION, LOGIT_STD, _streams
+from tpusim.workloads.models import LOGIT_STD, _streams
 
 LAYERS = 6
 HIDDEN = 1024

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from tpusim.workloads import GENERATOR_VERSION
 from tpusim.workloads.builder import (
     DEPTHWISE_GAMMA_SIGMA,
     GAMMA_SIGMA,
@@ -17,9 +18,6 @@ from tpusim.workloads.builder import (
     GraphBuilder,
     synthetic_images,
 )
-
-# Bump whenever a generator's output changes, so cached files from an older generator are not reused.
-GENERATOR_VERSION = 2
 
 IMAGENET_CLASSES = 1000
 # Images used for BN statistics: enough pixels per channel even at ResNet's 7x7 last stage,
