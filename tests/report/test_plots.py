@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+from matplotlib.markers import TICKDOWN, TICKLEFT
 from PIL import Image
 
 from tpusim.config import load_config
@@ -178,7 +179,7 @@ def test_light_minor_ticks_sit_where_matplotlib_puts_its_own():
     ref.set_xscale("log")
     ref.set_xlim(ax.get_xlim())
     expected = [v for v in ref.xaxis.get_minorticklocs() if ax.get_xlim()[0] <= v <= ax.get_xlim()[1]]
-    marks = [line for line in ax.lines if line.get_marker() == plots.TICKDOWN]
+    marks = [line for line in ax.lines if line.get_marker() == TICKDOWN]
     assert len(marks) == 1 and len(expected) > 20
     np.testing.assert_allclose(marks[0].get_xdata(), expected)
     # An axis with one decade mark or none keeps matplotlib's minor ticks, which it labels there.
@@ -187,7 +188,7 @@ def test_light_minor_ticks_sit_where_matplotlib_puts_its_own():
         row["dram_bytes"] = row["macs"] // 1000  # 1000 MACs per byte, near the ridge: x spans 500..2700
     fig = plots.roofline_figure([("tpu_v1", cfg, rows)])
     ax = fig.axes[0]
-    assert not [line for line in ax.lines if line.get_marker() == plots.TICKDOWN]
+    assert not [line for line in ax.lines if line.get_marker() == TICKDOWN]
     fig.canvas.draw()
     assert [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text()]  # e.g. 600, 2,000
 
@@ -342,5 +343,18 @@ def test_side_by_side_rooflines_share_the_figure_evenly():
     assert left.width == pytest.approx(right.width) and left.width > 0.3  # of the figure's width, each
     assert 0 < left.x0 < left.x1 < right.x0 < right.x1 < 1
     for ax in fig.axes:  # the shared TOPS axis has its minor marks on both panels
-        marks = [line for line in ax.lines if line.get_marker() == plots.TICKLEFT]
+        marks = [line for line in ax.lines if line.get_marker() == TICKLEFT]
         assert len(marks) == 1 and len(marks[0].get_ydata()) > 10
+
+
+def test_matplotlib_is_imported_by_the_first_figure_not_by_importing_the_module(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tpusim.report import plots\nloaded = 'matplotlib' in sys.modules\n"
+            f"plots.plot_latency_breakdown([], {str(tmp_path / 'empty.png')!r})\n"
+            "print(loaded, 'matplotlib' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
+    assert (tmp_path / "empty.png").read_bytes().startswith(PNG_MAGIC)

@@ -16,28 +16,24 @@ millisecond per layer name here) and PNG compression (``benchmarks/bench_plots.p
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib as mpl
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.collections import PolyCollection
-from matplotlib.colors import to_rgba
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.markers import TICKDOWN, TICKLEFT, TICKRIGHT, TICKUP
-from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullLocator
-from matplotlib.transforms import ScaledTranslation
-from PIL import Image, PngImagePlugin
 
-from tpusim.config import HardwareConfig
 from tpusim.report.files import atomic_write_bytes
+
+# matplotlib (half a second to import) is imported by the functions that draw, on the first figure: a
+# command that draws none (compile, check, quantize, a sweep without plots) never loads it.
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from tpusim.config import HardwareConfig
 
 DPI = 120
 PNG_COMPRESS_LEVEL = 3  # zlib's default 6 takes 40% longer on a ResNet-50 breakdown for a 6% smaller file
@@ -85,6 +81,9 @@ Rows = Sequence[Mapping[str, Any]]
 def _png_bytes(fig: Figure) -> bytes:
     """The figure rendered once at :data:`DPI` and compressed as PNG: RGB when it is opaque (the usual
     case; a quarter less to compress, and a smaller file), RGBA when anything in it is transparent."""
+    import matplotlib as mpl
+    from PIL import Image, PngImagePlugin
+
     raw = io.BytesIO()
     fig.savefig(raw, format="rgba", dpi=DPI)
     width = int(fig.get_figwidth() * DPI)  # Agg's canvas size: the figure's inches at DPI, truncated
@@ -105,6 +104,8 @@ def _png_bytes(fig: Figure) -> bytes:
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Render ``fig`` as PNG in memory, then write it atomically. The figure lays itself out (a layout
     engine or :func:`_fit_row`), so it is rendered once, at its own size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
     return atomic_write_bytes(path, _png_bytes(fig))
@@ -117,6 +118,8 @@ def _fit_row(fig: Figure, axes: Sequence[Axes], passes: int = 1) -> None:
     What sticks out of an axes does not depend on its size, except for legends anchored at a fraction of
     it: one pass fits a legend to the side to within a hundredth of the axes, a second one a legend
     anchored below. Each pass measures each label once (a layout engine measures each several times)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     renderer = canvas.get_renderer()
     width, height = fig.get_size_inches()
@@ -150,19 +153,23 @@ def _plain_number(value: float) -> str:
     return power if mantissa == "1" else f"{mantissa}×{power}"
 
 
-class _PlainLogFormatter(LogFormatter):
-    """Matplotlib's choice of which log ticks to label, written without mathtext."""
+@functools.cache
+def _plain_log_formatter() -> type:
+    from matplotlib.ticker import LogFormatter
 
-    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
-        return _plain_number(x)
+    class PlainLogFormatter(LogFormatter):
+        """Matplotlib's choice of which log ticks to label, written without mathtext."""
+
+        def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+            return _plain_number(x)
+
+    return PlainLogFormatter
 
 
 def _plain_log_labels(axis: Any) -> None:
-    axis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=True))
-    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
-
-
-_MINOR_MARKERS = {("x", "out"): TICKDOWN, ("x", "in"): TICKUP, ("y", "out"): TICKLEFT, ("y", "in"): TICKRIGHT}
+    formatter = _plain_log_formatter()
+    axis.set_major_formatter(formatter(labelOnlyBase=True))
+    axis.set_minor_formatter(formatter(labelOnlyBase=False))
 
 
 def _light_minor_log_ticks(ax: Axes, grid_alpha: float | None) -> None:
@@ -173,10 +180,16 @@ def _light_minor_log_ticks(ax: Axes, grid_alpha: float | None) -> None:
     the figure looks the same. An axis of fewer decades, where it does label them, or with ticks styled
     otherwise than here, keeps matplotlib's own. Freezes the limits of an axis it draws on, so call it
     once the data is drawn."""
+    import matplotlib as mpl
+    from matplotlib.lines import Line2D
+    from matplotlib.markers import TICKDOWN, TICKLEFT, TICKRIGHT, TICKUP
+    from matplotlib.ticker import LogLocator, NullLocator
+
+    minor_markers = {("x", "out"): TICKDOWN, ("x", "in"): TICKUP, ("y", "out"): TICKLEFT, ("y", "in"): TICKRIGHT}
     rc = mpl.rcParams
     for name in ("x", "y"):
         axis = ax.xaxis if name == "x" else ax.yaxis
-        marker = _MINOR_MARKERS.get((name, rc[f"{name}tick.direction"]))
+        marker = minor_markers.get((name, rc[f"{name}tick.direction"]))
         if axis.get_scale() != "log" or marker is None or rc["xtick.top" if name == "x" else "ytick.right"]:
             continue
         limits = ax.get_xlim() if name == "x" else ax.get_ylim()
@@ -265,6 +278,9 @@ def sweep_figure(records: Rows, x: str, metrics: Sequence[str], *, params: Seque
     Parameters zipped with ``x`` are named with it on the x axis (``array.rows = array.cols``, or each
     tick ``32 / 64`` when their values differ). Points of a categorical ``x`` are markers, never joined:
     a line between categories would say there is something between them."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
+
     if not records:
         raise ValueError("no sweep records to plot")
     xs = _distinct([r[x] for r in records])
@@ -359,6 +375,9 @@ def above_roof(cfg: HardwareConfig, rows: Rows) -> list[bool]:
 
 
 def _draw_roofline(ax: Any, cfg: HardwareConfig, workloads: Mapping[str, Rows], title: str) -> None:
+    from matplotlib.colors import to_rgba
+    from matplotlib.lines import Line2D
+
     macs_per_s = cfg.array.rows * cfg.array.cols * cfg.array.clock_hz
     bytes_per_s = cfg.weight_memory.bandwidth_gb_s * 1e9
     peak_tops = OPS_PER_MAC * macs_per_s / 1e12
@@ -418,6 +437,8 @@ def _as_workloads(layer_rows: Rows | Mapping[str, Rows]) -> Mapping[str, Rows]:
 
 def roofline_figure(panels: Sequence[tuple[str, HardwareConfig, Rows | Mapping[str, Rows]]]) -> Figure:
     """Side-by-side rooflines; each panel is (title, chip config, layer rows or {workload: layer rows})."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(8.0 * len(panels), 4.6), dpi=DPI)
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, (title, cfg, rows) in zip(axes, panels):
@@ -448,6 +469,8 @@ def plot_rooflines(panels: Sequence[tuple[str, HardwareConfig, Rows | Mapping[st
 
 def _stacked_bars(ax: Axes, stacks: Sequence[tuple[str, Any, Sequence[float]]], rows: int) -> None:
     """Horizontal bars stacked left to right, one collection per stack: row ``i`` at ``y = i``."""
+    from matplotlib.collections import PolyCollection
+
     y = np.arange(rows, dtype=np.float64)
     low, high = y - BAR_HEIGHT / 2, y + BAR_HEIGHT / 2
     left = np.zeros(rows)
@@ -464,6 +487,11 @@ def _stacked_bars(ax: Axes, stacks: Sequence[tuple[str, Any, Sequence[float]]], 
 
 def _layer_labels(ax: Axes, layers: Sequence[str], fontsize: float) -> None:
     """Layer names where y tick labels go, one text each, and their tick marks as one line of markers."""
+    import matplotlib as mpl
+    from matplotlib.lines import Line2D
+    from matplotlib.markers import TICKLEFT
+    from matplotlib.transforms import ScaledTranslation
+
     rc = mpl.rcParams
     size, width, pad = rc["ytick.major.size"], rc["ytick.major.width"], rc["ytick.major.pad"]
     colour = rc["ytick.color"] if rc["ytick.labelcolor"] == "inherit" else rc["ytick.labelcolor"]
@@ -488,6 +516,9 @@ def layer_labels(fig: Figure) -> list[str]:
 def _layer_bar_figure(layers: Sequence[str], stacks: Sequence[tuple[str, Any, Sequence[float]]],
                       xlabel: str, title: str) -> Figure:
     """Horizontal stacked bars, first layer at the top: layer names stay readable for 70+ layers."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
     height = max(3.0, 0.17 * len(layers) + 1.6)
     fig = Figure(figsize=(10.5, height), dpi=DPI)  # measured at the dpi it is saved at: text metrics once
     ax = fig.subplots()
@@ -519,6 +550,8 @@ def plot_latency_breakdown(layer_rows: Rows, path: str | Path, *, title: str = "
 
 def energy_breakdown_figure(energy_rows: Mapping[str, Mapping[str, float]], *,
                             title: str = "dynamic energy per layer") -> Figure:
+    from matplotlib import colormaps
+
     layers = list(energy_rows)
     components = _distinct([c for parts in energy_rows.values() for c in parts if c != "total"])
     used = [c for c in components if any(energy_rows[layer].get(c, 0.0) > 0 for layer in layers)]

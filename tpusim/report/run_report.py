@@ -5,17 +5,19 @@ Column and key names are a contract that users' scripts rely on: add, never rena
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tpusim import ops
-from tpusim.config import HardwareConfig
 from tpusim.energy.model import LayerEnergy, RunEnergy
 from tpusim.ir import CycleBreakdown, Graph
-from tpusim.quant.stage import QuantOutcome
-from tpusim.rescale import LayerRescale
 from tpusim.report.tables import (format_agreement, format_duration, format_energy, format_percent, format_rate,
                                   format_table)
-from tpusim.sim import SimResult
+
+if TYPE_CHECKING:  # named in annotations only: a run without quantization never imports the quantizer
+    from tpusim.config import HardwareConfig
+    from tpusim.quant.stage import QuantOutcome
+    from tpusim.rescale import LayerRescale
+    from tpusim.sim import SimResult
 
 TIMING_COLUMNS = (
     "layer", "op", "M", "K", "N", "groups", "macs", "cycles", "utilization", "dram_bytes", "ub_bytes", "acc_bytes",
