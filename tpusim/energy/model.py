@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from tpusim.config import HardwareConfig
 from tpusim.energy.table import BITS_PER_BYTE, EnergyTable
-from tpusim.ir import LayerCounts
+from tpusim.ir import LayerCounts, field_values
 
 PJ_PER_J = 1e12
 PARTIAL_SUM_BYTES = 4  # partial sums travel down the array as 32-bit values (int32 or FP32)
@@ -54,13 +54,13 @@ class LayerEnergy:
 
     @property
     def total(self) -> float:
-        return math.fsum(dataclasses.astuple(self))
+        return math.fsum(field_values(self))
 
     def __add__(self, other: "LayerEnergy") -> "LayerEnergy":
-        return LayerEnergy(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return LayerEnergy(*(a + b for a, b in zip(field_values(self), field_values(other))))
 
     def as_dict(self) -> dict[str, float]:
-        return {**dataclasses.asdict(self), "total": self.total}
+        return {**dict(zip((f.name for f in dataclasses.fields(self)), field_values(self))), "total": self.total}
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ from fractions import Fraction
 import numpy as np
 
 from tpusim.config import HardwareConfig
-from tpusim.ir import CycleBreakdown, GemmShape, Graph, LayerCounts
+from tpusim.ir import CycleBreakdown, GemmShape, Graph, LayerCounts, field_values
 from tpusim.mapping.isa import (
     Activate,
     MatrixMultiply,
@@ -543,7 +543,7 @@ def simulate_program(program: Program, cfg: HardwareConfig, batch: int) -> SimRe
 
 
 def _sum_counts(counts: list[LayerCounts]) -> LayerCounts:
-    return LayerCounts(*(sum(values) for values in zip(*(dataclasses.astuple(c) for c in counts))))
+    return LayerCounts(*(sum(values) for values in zip(*(field_values(c) for c in counts))))
 
 
 def _merge_passes(per_pass: list[LayerTiming], n_layers: int, slots_per_cycle: int) -> list[LayerTiming]:
