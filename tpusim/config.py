@@ -274,15 +274,25 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def read_yaml_file(path: Path, what: str) -> Any:
     """Parse a YAML file strictly (duplicate keys refused); every failure is one ConfigError line."""
+    return parse_yaml(read_file_bytes(path, what), path, what)
+
+
+def read_file_bytes(path: Path, what: str) -> bytes:
+    """The bytes of the ``what`` at ``path``; a missing or unreadable file is one ConfigError line."""
     where = str(path)
     if path.is_dir():
         raise ConfigError(f"{where}: is a folder, not a {what}")
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such {what}") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+
+
+def parse_yaml(raw: bytes, path: Path, what: str) -> Any:
+    """YAML read from the file at ``path`` parsed strictly, as :func:`read_yaml_file` does."""
+    where = str(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -183,3 +183,24 @@ def test_unreadable_tables(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match=rf"^{scalar}: top level: expected a mapping"):
         load_energy_table(scalar)
+
+
+def test_a_table_is_parsed_once_per_content_and_afresh_once_edited(tmp_path, shipped_data, monkeypatch):
+    import tpusim.energy.table as table_module
+
+    parses = []
+    real_parse = table_module.parse_yaml
+    monkeypatch.setattr(table_module, "parse_yaml", lambda *args: parses.append(args[1]) or real_parse(*args))
+    path = write_table(tmp_path, shipped_data)
+    first = load_energy_table(path)
+    assert load_energy_table(str(path)) is first and len(parses) == 1
+    edited = copy.deepcopy(shipped_data)
+    edited["sram"]["write_to_read_ratio"]["value"] = 1.5
+    write_table(tmp_path, edited)
+    assert load_energy_table(path).sram_write_to_read_ratio == 1.5 and len(parses) == 2
+    write_table(tmp_path, shipped_data)  # the first bytes again: their table, not a parse
+    assert load_energy_table(path) is first and len(parses) == 2
+    path.write_text("arithmetic: [1, 2\n")  # a broken file is refused however often it is read
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=rf"^{path}: line \d+: invalid YAML"):
+            load_energy_table(path)

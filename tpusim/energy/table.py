@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from tpusim.config import read_yaml_file
+from tpusim.config import parse_yaml, read_file_bytes
 from tpusim.errors import ConfigError
 
 ARITHMETIC_OPS = (
@@ -135,12 +135,25 @@ class EnergyTable:
         return per_bit[technology] * BITS_PER_BYTE
 
 
+# (file, its bytes) -> the table built from them. A run reads its table four times (the config check, the
+# run, the per-tensor twin run, the rescale prices), a YAML parse each time; the bytes are read every time,
+# so an edited file is read afresh. Tables are frozen: one object can serve every caller.
+_BUILT: dict[tuple[str, bytes], EnergyTable] = {}
+_BUILT_KEPT = 8
+
+
 def load_energy_table(path: str | Path) -> EnergyTable:
     """Read, validate and build the table named by a config's ``energy.table``."""
     path = Path(path)
     where = str(path)
-    data = read_yaml_file(path, "energy table file")
-    return _build_table(data, where)
+    raw = read_file_bytes(path, "energy table file")
+    table = _BUILT.get((where, raw))
+    if table is None:
+        table = _build_table(parse_yaml(raw, path, "energy table file"), where)
+        if len(_BUILT) >= _BUILT_KEPT:
+            del _BUILT[next(iter(_BUILT))]
+        _BUILT[(where, raw)] = table
+    return table
 
 
 class _Reader:
