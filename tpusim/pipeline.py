@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import onnx
+from typing import TYPE_CHECKING, Any
 
 from tpusim import workloads
 from tpusim.config import HardwareConfig, load_config
@@ -17,12 +15,14 @@ from tpusim.frontend import load_onnx
 from tpusim.ir import Graph, Shape
 from tpusim.mapping import Program, compile_program
 from tpusim.progress import Progress, current
-from tpusim.quant.stage import QuantOutcome, quantize_and_measure
 from tpusim.rescale import LayerRescale, per_tensor_twin, rescale_report
 from tpusim.report import run_report
 from tpusim.report.plots import plot_energy_breakdown, plot_latency_breakdown, plot_roofline
 from tpusim.report.files import atomic_write_csv, atomic_write_json, atomic_write_text, file_set
 from tpusim.sim import SimResult, simulate_program
+
+if TYPE_CHECKING:  # the quantization stage (ONNX Runtime, Numba kernels) is imported only by a run that quantizes
+    from tpusim.quant.stage import QuantOutcome
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,10 @@ def measure_rescale(graph: Graph, config: HardwareConfig, program: Program, sim:
 
 def quantize(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> QuantOutcome:
     """Quantize and run in integers; values do not depend on the batch, so this uses a batch-1 lowering."""
+    import onnx
+
+    from tpusim.quant.stage import quantize_and_measure
+
     current().phase("quantizing")
     single = graph if graph.batch == 1 else load_onnx(model_path, batch=1, input_shape=options.input_shape)
     names = {"calibrate": ("quantizing", "calibration samples"), "execute": ("integer execution", "layer runs")}

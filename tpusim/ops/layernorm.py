@@ -228,6 +228,8 @@ def fuse_decomposed_layernorm(model: onnx.ModelProto) -> onnx.ModelProto:
     bias as new initializers, and the opset raised to 17 where it was 13-16. Constants and
     initializers only the chain read are dropped. ``model`` itself when nothing matched (or the opset is below 13).
     """
+    if not any(node.op_type == "ReduceMean" for node in model.graph.node):
+        return model  # (before _Graph, which reads every initializer into numpy)
     g = _Graph(model)
     if g.opset < _FUSE_FROM_OPSET:
         return model
