@@ -133,8 +133,6 @@ def measure_rescale(graph: Graph, config: HardwareConfig, program: Program, sim:
 
 def quantize(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> QuantOutcome:
     """Quantize and run in integers; values do not depend on the batch, so this uses a batch-1 lowering."""
-    import onnx
-
     from tpusim.quant.stage import quantize_and_measure
 
     current().phase("quantizing")
@@ -146,7 +144,7 @@ def quantize(config: HardwareConfig, graph: Graph, model_path: Path, options: Ru
         current().phase(name, total, unit)
         current().update(done)
 
-    return quantize_and_measure(single, onnx.load(str(model_path)), config, options.calib_data,
+    return quantize_and_measure(single, model_path, config, options.calib_data,
                                 options.eval_samples, options.fidelity,
                                 progress=progress if current().enabled else None)
 

@@ -217,9 +217,10 @@ def _session_exposing(model: onnx.ModelProto, tensors: list[str]) -> ort.Inferen
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Between runs tpusim computes (histograms, integer layers): ONNX Runtime's threads must not spin on the
-    # cores meanwhile, and its arena would keep the buffers of every exposed tensor for the whole run.
+    # cores meanwhile. Its memory pattern (a planned block for a run's tensors) would be kept beside the
+    # arena that serves the same tensors (ResNet-50: 66 MB more, and no faster).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
 

@@ -1,10 +1,11 @@
 """The quantization stage as the pipeline runs it: calibrate, (equalize), quantize, execute in integers,
-measure fidelity. Input: a batch-1 lowered graph, its ONNX model and the config; output: a
+measure fidelity. Input: a batch-1 lowered graph, its ONNX file and the config; output: a
 :class:`QuantOutcome`. Values do not depend on the timing batch, so this stage always runs batch 1."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -15,16 +16,17 @@ from tpusim.config import HardwareConfig
 from tpusim.ir import Graph
 from tpusim.kernels.systolic import pe_gemm
 from tpusim.frontend.lowering import index_rows
-from tpusim.frontend.reference import run_reference
+from tpusim.frontend.reference import run_layer
 from tpusim.quant.arithmetic import QParams
-from tpusim.quant.calibrate import (CalibrationSet, FloatModel, collect_statistics, graph_tensors,
-                                    load_calibration_set, synthetic_ids, synthetic_inputs)
+from tpusim.quant.calibrate import (CalibrationSet, FloatModel, collect_statistics, load_calibration_set,
+                                    synthetic_ids, synthetic_inputs)
 from tpusim.quant.equalization import equalize
 from tpusim.quant.execute import GemmEngine
 from tpusim.quant.export import export_fp32
 from tpusim.quant.fidelity import FidelityReport, Reference, fidelity
 from tpusim.quant.qlayer import QuantizedGraph
 from tpusim.quant.quantize import quantize_from_model, quantize_graph, unquantized_tensors
+from tpusim.walk import walk
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -120,27 +122,36 @@ def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto, config: Hardwar
 
 def fp32_reference(quantized: Quantized, first_batch: np.ndarray) -> Reference | None:
     """ONNX Runtime's run of the FP32 model that calibrated, as the reference of fidelity, where it computes
-    the same tensors as tpusim's own evaluator of the graph (:func:`run_reference`): every graph tensor, at
-    the graph's batch, of the same shape and, on ``first_batch``, equal within float32 rounding (a layer may
-    keep an ONNX tensor's name in another layout: an LSTM's Y, batch first). Else None: the evaluator is the
-    reference, as for a model that brings its own quantization (its FP32 form is the graph with dequantized
-    weights, not the model ONNX Runtime runs)."""
+    the same tensors as tpusim's own evaluator of the graph (:func:`tpusim.frontend.reference.run_reference`):
+    every graph tensor, at the graph's batch, of the same shape and, on ``first_batch``, within 1e-3 of the
+    tensor's largest magnitude (a layer may keep an ONNX tensor's name in another layout: an LSTM's Y, batch
+    first). Else None: the evaluator is the reference, as for a model that brings its own quantization (its
+    FP32 form is the graph with dequantized weights, not the model ONNX Runtime runs)."""
     float_model, graph = quantized.float_model, quantized.graph
     if float_model is None or not float_model.covers_graph or float_model.fixed_batch not in (None, graph.batch):
         return None
-    ours, theirs = run_reference(graph, first_batch, keep_all=True), float_model.reference(first_batch)
-    for name in graph_tensors(graph):
-        a, b = ours[name], theirs[name]
-        if a.shape != b.shape or np.max(np.abs(a - b), initial=0.0) > 1e-3 * np.max(np.abs(a), initial=1e-30):
-            return None
-    return float_model.reference
+    theirs = float_model.reference(first_batch)
+    agree = True
+
+    def compared(_: int, layer, inputs: list[np.ndarray]) -> np.ndarray:
+        nonlocal agree
+        ours, other = run_layer(layer, inputs), theirs[layer.output]
+        agree = agree and ours.shape == other.shape and bool(
+            np.max(np.abs(ours - other), initial=0.0) <= 1e-3 * np.max(np.abs(ours), initial=1e-30))
+        return ours
+
+    # layer by layer, each of our tensors freed after its last reader: one set of the run's tensors is held
+    walk(graph, {graph.input_name: np.asarray(first_batch, np.float32)}, compared)
+    return float_model.reference if agree else None
 
 
-def quantize_and_measure(graph: Graph, model: onnx.ModelProto, config: HardwareConfig, calib_data,
+def quantize_and_measure(graph: Graph, model_path: Path, config: HardwareConfig, calib_data,
                          eval_samples: int, fidelity_mode: str = "kernel",
                          progress: Progress | None = None) -> QuantOutcome:
     quant = config.quant
+    model = onnx.load(str(model_path))
     quantized = calibrate_and_quantize(graph, model, config, calib_data, progress)
+    del model  # ONNX Runtime has its own copy: the proto's weights (ResNet-50: 100 MB) need not stay for fidelity
     graph, data, calibration, qgraph = quantized.graph, quantized.data, quantized.calibration, quantized.qgraph
     available = len(data.inputs)
     held_out = True
