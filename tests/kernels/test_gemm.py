@@ -1,13 +1,19 @@
+import threading
+
 import numba
 import numpy as np
 import pytest
+from numba import njit
 
 from tpusim.kernels.gemm import (
     HAS_VNNI,
+    claim_task,
+    finish_task,
     grouped_int8_gemm,
     int8_gemm,
     int8_gemm_reference,
     requantized_int8_gemm,
+    run_tasks,
     vnni_depth,
     wrap_reference,
     wrap_to_bits,
@@ -307,3 +313,77 @@ def test_requantized_kernel_rejects_wide_accumulators_and_bad_multipliers():
 def test_vnni_depth_is_the_padded_k_only_where_the_vnni_kernel_runs(k, n, acc_bits, depth):
     assert vnni_depth(k, n, acc_bits, use_vnni=True) == depth
     assert vnni_depth(k, n, acc_bits, use_vnni=False) == k
+
+
+@njit(nogil=True)
+def _count_runs(runs, counters):
+    task = claim_task(counters)
+    while task < runs.size:
+        runs[task] += 1
+        finish_task(counters)
+        task = claim_task(counters)
+
+
+@pytest.mark.parametrize("tasks", [0, 1, 7, 1000])
+def test_every_task_runs_exactly_once(tasks):
+    previous = numba.get_num_threads()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            for _ in range(20):  # helpers waking late, early or not at all
+                runs = np.zeros(tasks, np.int64)
+                run_tasks(_count_runs, tasks, runs)
+                np.testing.assert_array_equal(runs, np.ones(tasks, np.int64))
+    finally:
+        numba.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("use_vnni", KERNELS)
+def test_broadcast_tasks_split_both_rows_and_weight_panels(use_vnni):
+    # K = 4608 holds four 16-channel vectors per L2 panel, so 192 channels are three panels; on two or
+    # more threads the 150 rows are cut into chunks too. Every (panel, chunk) task must land in place.
+    rng = np.random.default_rng(13)
+    x = rng.integers(0, 256, (1, 150, 4608)).astype(np.uint8)
+    w = rng.integers(-128, 128, (1, 192, 4608)).astype(np.int8)
+    bias = rng.integers(-2**20, 2**20, 192).astype(np.int32)
+    m0, shift = quantize_multiplier(2.0 ** rng.uniform(-16, -10, 192))
+    want, wrapped = requantized_reference(x, w, bias, 32, m0, shift, 5, 0, 255)
+    previous = numba.get_num_threads()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            got, got_wrapped = requantized_int8_gemm(x, w, bias, 32, m0, shift, 5, 0, 255, np.uint8, use_vnni=use_vnni)
+            np.testing.assert_array_equal(got, want)
+            assert got_wrapped == wrapped
+    finally:
+        numba.set_num_threads(previous)
+    assert np.count_nonzero(want == 0) and np.count_nonzero(want == 255) and np.count_nonzero((want > 0) & (want < 255))
+
+
+@njit(nogil=True)
+def _fail_on_task(bad, runs, counters):
+    task = claim_task(counters)
+    while task < runs.size:
+        if task == bad:
+            raise ValueError("task failed")
+        runs[task] += 1
+        finish_task(counters)
+        task = claim_task(counters)
+
+
+@pytest.mark.parametrize("bad", [0, 1, 5])
+def test_a_task_that_raises_on_any_thread_raises_in_the_caller_instead_of_hanging(bad):
+    raised = []
+
+    def attempts():
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))  # (this thread's own setting)
+        for _ in range(20):  # on either thread: whichever claims the bad task
+            try:
+                run_tasks(_fail_on_task, 8, bad, np.zeros(8, np.int64))
+            except ValueError as exc:
+                raised.append(str(exc))
+
+    caller = threading.Thread(target=attempts, daemon=True)  # a caller left waiting must fail the test, not hang it
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive() and raised == ["task failed"] * 20

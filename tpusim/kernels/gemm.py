@@ -13,13 +13,16 @@ instruction) through small LLVM intrinsics (int8 activations are shifted to uint
 bias absorbing the shift): for the fused kernel, 6 pixels x 64 channels per tile with each
 pixel's four activation bytes broadcast against packed weights, so no sum is reduced across
 lanes; otherwise 4 x 4 tiles of K-contiguous dot products. Elsewhere, and for shapes that do not
-fill the tiles, a portable loop that LLVM vectorises. All are exact. Rows are split into tasks
-that the cores take one at a time (``numba.get_num_threads()`` threads); each output is computed
-by one task, so the integers do not depend on the thread count.
+fill the tiles, a portable loop that LLVM vectorises. All are exact. Rows (and for the fused
+kernel, L2-sized panels of weights) are split into tasks that the ``numba.get_num_threads()``
+threads claim one at a time (:func:`run_tasks`); each output is computed by one task, so the
+integers do not depend on the thread count.
 """
 from __future__ import annotations
 
 import os
+import threading
+import time
 import warnings
 import weakref
 from typing import NamedTuple
@@ -28,14 +31,9 @@ import llvmlite.binding
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-
-# The kernels' threads wait for work asleep, not spinning: a spinning OpenMP thread takes a core from
-# the single-threaded work between two GEMMs, which on a busy machine costs more than the GEMMs gain.
-# (libgomp reads this when Numba loads it, at the first parallel kernel call.)
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 # |uint8 x int8| <= 255 * 128, so this many products always fit an int32 partial sum.
 _INT32_SAFE_TERMS = (2**31 - 1) // (255 * 128)
@@ -289,33 +287,123 @@ def _panel_rows(k_total: int, n_total: int) -> int:
 
 
 @njit(cache=True)
-def _rows_range(task, chunks, m_total):
-    """[m_lo, m_hi) of task's share of the rows: whole tiles, the tiles split as evenly as the chunks allow."""
-    tiles = -(-m_total // _TILE)
+def _rows_range(task, chunks, m_total, unit=_TILE):
+    """[m_lo, m_hi) of task's share of the rows: whole units (tiles or strips), split as evenly as the chunks allow."""
+    units = -(-m_total // unit)
     chunk = task % chunks
-    tile_lo = chunk * tiles // chunks
-    tile_hi = (chunk + 1) * tiles // chunks
-    return tile_lo * _TILE, min(tile_hi * _TILE, m_total)
+    unit_lo = chunk * units // chunks
+    unit_hi = (chunk + 1) * units // chunks
+    return unit_lo * unit, min(unit_hi * unit, m_total)
 
 
-@njit(cache=True, parallel=True)
-def _grouped_gemm_kernel(x, w, bias64, acc_bits, out, panel, chunks):
-    """out[g] = wrap(x[g] @ w[g].T + bias64[g]).T for every group g; returns the number of wrapped outputs.
+def _count_intrinsic(slot: int):
+    """An intrinsic adding 1 to counters[slot] atomically and returning the value before."""
+
+    def count(typingctx, counters):
+        sig = types.int64(counters)
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            return builder.atomic_rmw("add", builder.gep(data, [ir.Constant(ir.IntType(64), slot)]),
+                                      ir.Constant(ir.IntType(64), 1), "seq_cst")
+
+        return sig, codegen
+
+    return intrinsic(count)
+
+
+# counters[0]: tasks claimed so far (the next task is the value a claim returns); counters[1]: tasks finished.
+claim_task = _count_intrinsic(0)
+finish_task = _count_intrinsic(1)
+
+
+class _Helpers:
+    """``numba.get_num_threads() - 1`` threads that join the caller's task loops (:func:`run_tasks`).
+
+    The caller works through the tasks itself and waits only for tasks a helper has claimed and
+    not yet finished, never for a helper to start: on a busy machine a helper that the OS has not
+    scheduled yet finds the tasks gone, where an OpenMP loop (a fixed share per thread, then a
+    barrier) waited for it every time. Helpers sleep between jobs, each on a lock that the caller
+    releases to wake it.
+    """
+
+    def __init__(self):
+        self._gates: list[threading.Lock] = []
+        self._job = None
+        self.error: BaseException | None = None
+        os.register_at_fork(after_in_child=self._gates.clear)  # a forked child has none of the threads
+
+    def start(self, work, args, count: int) -> None:
+        while len(self._gates) < count:
+            gate = threading.Lock()
+            gate.acquire()
+            threading.Thread(target=self._serve, args=(gate,), name="tpusim-gemm-helper", daemon=True).start()
+            self._gates.append(gate)
+        self._job = (work, args)
+        self.error = None
+        for gate in self._gates[:count]:
+            try:
+                gate.release()
+            except RuntimeError:  # already open: the helper has not come back for the last job yet
+                pass
+
+    def stop(self) -> None:
+        self._job = None  # a helper waking late finds nothing (and keeps no array alive)
+
+    def _serve(self, gate: threading.Lock) -> None:
+        while True:
+            gate.acquire()
+            job = self._job
+            if job is not None:
+                try:
+                    job[0](*job[1])
+                except BaseException as exc:  # a task it claimed will never finish: the caller raises this instead
+                    self.error = exc
+
+
+_helpers = _Helpers()
+
+
+def run_tasks(work, tasks: int, *args) -> None:
+    """work(*args, counters) on this thread and up to ``numba.get_num_threads() - 1`` helpers at once.
+
+    ``work`` is a ``nogil`` kernel that takes task numbers with :func:`claim_task` until they reach
+    ``tasks`` and calls :func:`finish_task` after each; every output belongs to one task, so no value
+    depends on which thread ran it, or on how many did.
+    """
+    counters = np.zeros(2, np.int64)
+    helpers = min(numba.get_num_threads(), tasks) - 1
+    if helpers > 0:
+        _helpers.start(work, (*args, counters), helpers)
+    try:
+        work(*args, counters)
+        while counters[1] < tasks:  # only tasks a helper claimed are left: wait for them, yielding the core
+            if _helpers.error is not None:
+                raise _helpers.error
+            time.sleep(0)
+    finally:
+        if helpers > 0:
+            _helpers.stop()
+
+
+@njit(cache=True, nogil=True)
+def _grouped_gemm_kernel(x, w, bias64, acc_bits, out, panel, chunks, wrapped, counters):
+    """out[g] = wrap(x[g] @ w[g].T + bias64[g]).T for every group g; wrapped[task] = that task's wrapped outputs.
 
     x is (G, M, K) and w is (G, N, K), both contiguous along K; out is channel-major (G, N, M),
-    which for a batch-1 conv is already NCHW. Each (group, chunk of M) is a task of its own (the
-    tasks share no output, so threads cannot change any sum). Weight rows are taken a panel at a
-    time; every 4-row block of x sweeps the panel in 4 x 4 tiles, edge tiles fall back to single
-    dot products.
+    which for a batch-1 conv is already NCHW. Each (group, chunk of M) is a task of its own, claimed
+    from counters (:func:`run_tasks`; the tasks share no output, so threads cannot change any sum).
+    Weight rows are taken a panel at a time; every 4-row block of x sweeps the panel in 4 x 4 tiles,
+    edge tiles fall back to single dot products.
     """
     groups, m_total, _ = x.shape
     n_total = w.shape[1]
-    wrapped = 0
-    for task in prange(groups * chunks):
+    sums = np.empty((_TILE, _TILE), np.int64)
+    task = claim_task(counters)
+    while task < groups * chunks:
         g = task // chunks
         m_lo, m_hi = _rows_range(task, chunks, m_total)
         xg, wg, bias_g, out_g = x[g], w[g], bias64[g], out[g]
-        sums = np.empty((_TILE, _TILE), np.int64)
         task_wrapped = 0
         if n_total < _TILE:  # e.g. depthwise: no full tile anywhere, so skip the tile bookkeeping
             for n in range(n_total):
@@ -336,12 +424,13 @@ def _grouped_gemm_kernel(x, w, bias64, acc_bits, out, panel, chunks):
                         else:
                             _edge_sums(xg, wg, m0, n0, rows_here, cols_here, sums)
                         task_wrapped += _store_tile(sums, rows_here, cols_here, bias_g, acc_bits, out_g, m0, n0)
-        wrapped += task_wrapped
-    return wrapped
+        wrapped[task] = task_wrapped
+        finish_task(counters)
+        task = claim_task(counters)
 
 
-@njit(cache=True, parallel=True)
-def _grouped_gemm_vnni_kernel(x, w, bias64, acc_bits, out, panel, chunks):
+@njit(cache=True, nogil=True)
+def _grouped_gemm_vnni_kernel(x, w, bias64, acc_bits, out, panel, chunks, wrapped, counters):
     """_grouped_gemm_kernel for uint8 x and an int32 out on an AVX-512 VNNI CPU: full tiles through vpdpbusd.
 
     K must be a multiple of 64 (the caller zero-pads it: zero products change no sum) and at
@@ -352,8 +441,8 @@ def _grouped_gemm_vnni_kernel(x, w, bias64, acc_bits, out, panel, chunks):
     blocks = k_total // _VNNI_BLOCK
     half = np.int64(1) << (acc_bits - 1)
     mask = (np.int64(1) << acc_bits) - 1
-    wrapped = 0
-    for task in prange(groups * chunks):
+    task = claim_task(counters)
+    while task < groups * chunks:
         g = task // chunks
         m_lo, m_hi = _rows_range(task, chunks, m_total)
         xg, wg, bias_g, out_g = x[g], w[g], bias64[g], out[g]
@@ -373,8 +462,9 @@ def _grouped_gemm_vnni_kernel(x, w, bias64, acc_bits, out, panel, chunks):
                             stored = wrap_to_bits(exact, acc_bits)
                             task_wrapped += stored != exact
                             out_g[n0 + j, m0 + i] = stored
-        wrapped += task_wrapped
-    return wrapped
+        wrapped[task] = task_wrapped
+        finish_task(counters)
+        task = claim_task(counters)
 
 
 @njit(cache=True)
@@ -394,19 +484,19 @@ def _requantize_strip(acc, rows, width, multiplier, right, half, zero_point, qmi
             dst[j] = min(max(rounded + zero_point, qmin), qmax)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _requantized_gemm_kernel(x, w, bias64, acc_bits, multiplier, right, half_r, zero_point, qmin, qmax, out, panel,
-                             chunks):
+                             chunks, wrapped, counters):
     """_grouped_gemm_kernel's sums, requantized a strip of four rows at a time into out (M, G*N)."""
     groups, m_total, _ = x.shape
     n_g = w.shape[1]
-    wrapped = 0
-    for task in prange(groups * chunks):
+    sums = np.empty((_TILE, _TILE), np.int64)
+    acc = np.empty((_TILE, panel), np.int32)
+    task = claim_task(counters)
+    while task < groups * chunks:
         g = task // chunks
         m_lo, m_hi = _rows_range(task, chunks, m_total)
         xg, wg, bias_g = x[g], w[g], bias64[g]
-        sums = np.empty((_TILE, _TILE), np.int64)
-        acc = np.empty((_TILE, panel), np.int32)
         task_wrapped = 0
         for p0 in range(0, n_g, panel):
             p1 = min(p0 + panel, n_g)
@@ -424,27 +514,28 @@ def _requantized_gemm_kernel(x, w, bias64, acc_bits, multiplier, right, half_r, 
                             stored = wrap_to_bits(exact, acc_bits)
                             task_wrapped += stored != exact
                             acc[i, n0 - p0 + j] = stored
-                _requantize_strip(acc, rows_here, p1 - p0, multiplier, right, half_r, zero_point, qmin, qmax, out, m0,
-                                  g * n_g + p0)
-        wrapped += task_wrapped
-    return wrapped
+                _requantize_strip(acc, rows_here, p1 - p0, multiplier, right, half_r, zero_point, qmin, qmax,
+                                  out, m0, g * n_g + p0)
+        wrapped[task] = task_wrapped
+        finish_task(counters)
+        task = claim_task(counters)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _requantized_gemm_vnni_kernel(x, w, bias64, acc_bits, multiplier, right, half_r, zero_point, qmin, qmax, out,
-                                  panel, chunks):
+                                  panel, chunks, wrapped, counters):
     """_grouped_gemm_vnni_kernel's sums, requantized a strip of four rows at a time into out (M, G*N)."""
     groups, m_total, k_total = x.shape
     n_g = w.shape[1]
     blocks = k_total // _VNNI_BLOCK
     half = np.int64(1) << (acc_bits - 1)
     mask = (np.int64(1) << acc_bits) - 1
-    wrapped = 0
-    for task in prange(groups * chunks):
+    acc = np.empty((_TILE, panel), np.int32)
+    task = claim_task(counters)
+    while task < groups * chunks:
         g = task // chunks
         m_lo, m_hi = _rows_range(task, chunks, m_total)
         xg, wg, bias_g = x[g], w[g], bias64[g]
-        acc = np.empty((_TILE, panel), np.int32)
         task_wrapped = 0
         for p0 in range(0, n_g, panel):
             p1 = min(p0 + panel, n_g)
@@ -461,10 +552,11 @@ def _requantized_gemm_vnni_kernel(x, w, bias64, acc_bits, multiplier, right, hal
                             stored = wrap_to_bits(exact, acc_bits)
                             task_wrapped += stored != exact
                             acc[i, n0 - p0 + j] = stored
-                _requantize_strip(acc, rows_here, p1 - p0, multiplier, right, half_r, zero_point, qmin, qmax, out, m0,
-                                  g * n_g + p0)
-        wrapped += task_wrapped
-    return wrapped
+                _requantize_strip(acc, rows_here, p1 - p0, multiplier, right, half_r, zero_point, qmin, qmax,
+                                  out, m0, g * n_g + p0)
+        wrapped[task] = task_wrapped
+        finish_task(counters)
+        task = claim_task(counters)
 
 
 _ROWS = 6  # pixels per broadcast tile: 6 x 4 accumulators, 4 weight vectors and a broadcast fill 29 of 32 zmm
@@ -550,36 +642,38 @@ def _finish_strip(acc, rows, width, bias, acc_bits, multiplier, right, half, zer
     return wrapped
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _requantized_broadcast_kernel(x, packed, bias64, acc_bits, multiplier, right, half_r, zero_point, qmin, qmax, out,
-                                  panel_vectors, chunks):
+                                  panel_vectors, chunks, wrapped, counters):
     """The fused GEMM through _broadcast_tile: x (G, M, K) uint8 with K a multiple of 64, packed
-    (G, vectors, K / 4, 64) with vectors a multiple of 4; a panel of panel_vectors weight vectors stays
-    in L2 while every 6-pixel strip of the task's rows sweeps it."""
+    (G, vectors, K / 4, 64) with vectors a multiple of 4. A task is one group's panel of panel_vectors
+    weight vectors (it stays in L2) swept by every 6-pixel strip of one chunk of the rows, claimed
+    from counters (:func:`run_tasks`)."""
     groups, m_total, k_total = x.shape
     n_g = bias64.shape[1]
     quads = k_total // 4
     vectors = packed.shape[1]
-    wrapped = 0
-    for task in prange(groups * chunks):
-        g = task // chunks
-        m_lo, m_hi = _rows_range(task, chunks, m_total)
+    panels = -(-vectors // panel_vectors)
+    tasks = groups * panels * chunks
+    acc = np.empty((_ROWS, panel_vectors * _LANES), np.int32)
+    task = claim_task(counters)
+    while task < tasks:
+        g, p, chunk = task // (panels * chunks), task // chunks % panels, task % chunks
+        m_lo, m_hi = _rows_range(chunk, chunks, m_total, _ROWS)
         xg, packed_g, bias_g = x[g], packed[g].reshape(vectors, quads * _VNNI_BLOCK), bias64[g]
-        acc = np.empty((_ROWS, panel_vectors * _LANES), np.int32)
+        v_lo = p * panel_vectors
+        v_hi = min(v_lo + panel_vectors, vectors)
+        c_lo, c_hi = v_lo * _LANES, min(v_hi * _LANES, n_g)
         task_wrapped = 0
-        for v_lo in range(0, vectors, panel_vectors):
-            v_hi = min(v_lo + panel_vectors, vectors)
-            c_lo, c_hi = v_lo * _LANES, min(v_hi * _LANES, n_g)
-            if c_lo >= c_hi:
-                continue
-            for m0 in range(m_lo, m_hi, _ROWS):
-                for v0 in range(v_lo, v_hi, _VECTORS):
-                    _broadcast_tile(xg, packed_g, m0, m_hi - 1, v0, quads, acc, (v0 - v_lo) * _LANES)
-                task_wrapped += _finish_strip(acc, min(_ROWS, m_hi - m0), c_hi - c_lo, bias_g[c_lo:], acc_bits,
-                                              multiplier, right, half_r, zero_point, qmin, qmax, out, m0,
-                                              g * n_g + c_lo)
-        wrapped += task_wrapped
-    return wrapped
+        for m0 in range(m_lo, m_hi, _ROWS):
+            for v0 in range(v_lo, v_hi, _VECTORS):
+                _broadcast_tile(xg, packed_g, m0, m_hi - 1, v0, quads, acc, (v0 - v_lo) * _LANES)
+            task_wrapped += _finish_strip(acc, min(_ROWS, m_hi - m0), c_hi - c_lo, bias_g[c_lo:], acc_bits,
+                                          multiplier, right, half_r, zero_point, qmin, qmax, out, m0,
+                                          g * n_g + c_lo)
+        wrapped[task] = task_wrapped
+        finish_task(counters)
+        task = claim_task(counters)
 
 
 def _pack_broadcast_weights(w_nk: np.ndarray) -> np.ndarray:
@@ -604,7 +698,7 @@ def derived_from(array: np.ndarray, tag: object, make):
     if entry is not None and entry[0]() is array:
         return entry[1]
     value = make()
-    _derived[key] = (weakref.ref(array, lambda _, key=key: _derived.pop(key, None)), value)
+    _derived[key] = (weakref.ref(array, lambda _, key=key, table=_derived: table.pop(key, None)), value)
     return value
 
 
@@ -613,20 +707,12 @@ def _broadcast_fits(n_g: int, m_total: int) -> bool:
     return 4 * -(-n_g // _TILE_CHANNELS) * _TILE_CHANNELS <= 5 * n_g and m_total >= _ROWS
 
 
-def _row_chunks(m_total: int) -> int:
-    """Tasks per group: four per thread, taken one at a time (see :func:`one_task_at_a_time`), so a thread
-    the OS deschedules on a busy machine leaves its share to the others; none thinner than a few tiles."""
-    return max(1, min(4 * numba.get_num_threads(), m_total // (6 * _TILE)))
-
-
-class one_task_at_a_time:
-    """Threads of the next parallel loops take one iteration at a time instead of an equal share each."""
-
-    def __enter__(self):
-        self.previous = numba.set_parallel_chunksize(1)
-
-    def __exit__(self, *exc):
-        numba.set_parallel_chunksize(self.previous)
+def _row_chunks(m_total: int, other_tasks: int = 1) -> int:
+    """Chunks the rows are cut into for each of other_tasks (groups, weight panels): one on one thread, else
+    enough for four tasks per thread (claimed one at a time, see :func:`run_tasks`), none thinner than a few tiles."""
+    threads = numba.get_num_threads()
+    wanted = 1 if threads == 1 else -(-4 * threads // other_tasks)
+    return max(1, min(wanted, m_total // (6 * _TILE)))
 
 
 def check_grouped_operands(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int) -> None:
@@ -679,20 +765,21 @@ def _vnni_operands(x: np.ndarray, w_nk: np.ndarray, bias64: np.ndarray, acc_bits
 
 def _run_kernels(vnni_kernel, portable_kernel, x, w_nk, bias64, acc_bits, use_vnni, *args) -> int:
     """The vpdpbusd kernel where it applies and compiles, else the portable one; returns the wrapped count."""
-    chunks = _row_chunks(x.shape[1])
+    chunks = _row_chunks(x.shape[1], x.shape[0])
+    wrapped = np.zeros(x.shape[0] * chunks, np.int64)
     operands = _vnni_operands(x, w_nk, bias64, acc_bits, use_vnni)
     if operands is not None:
         try:
-            with one_task_at_a_time():
-                return int(vnni_kernel(*operands, acc_bits, *args, _panel_rows(operands[1].shape[2], w_nk.shape[1]),
-                                       chunks))
+            run_tasks(vnni_kernel, wrapped.size, *operands, acc_bits, *args,
+                      _panel_rows(operands[1].shape[2], w_nk.shape[1]), chunks, wrapped)
+            return int(wrapped.sum())
         except (numba.core.errors.NumbaError, RuntimeError) as exc:
             # The intrinsic's signature follows the LLVM inside llvmlite; another LLVM may refuse it.
             _vnni_compiles[0] = False
             warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
-    with one_task_at_a_time():
-        return int(portable_kernel(np.ascontiguousarray(x), np.ascontiguousarray(w_nk), bias64, acc_bits, *args,
-                                   _panel_rows(w_nk.shape[2], w_nk.shape[1]), chunks))
+    run_tasks(portable_kernel, wrapped.size, np.ascontiguousarray(x), np.ascontiguousarray(w_nk), bias64, acc_bits,
+              *args, _panel_rows(w_nk.shape[2], w_nk.shape[1]), chunks, wrapped)
+    return int(wrapped.sum())
 
 
 def _bias64(bias: np.ndarray | None, groups: int, n_g: int) -> np.ndarray:
@@ -715,6 +802,21 @@ def grouped_int8_gemm(x: np.ndarray, w_nk: np.ndarray, acc_bits: int = 32, bias:
     return GemmResult(out.transpose(0, 2, 1), wrapped)
 
 
+@njit(cache=True)
+def _requant_constants(m0, shift, n_total):
+    """Per output channel: the multiplier, the right shift 31 + shift and half its weight (the rounding
+    term), from one (m0, shift) pair for all channels or one per channel."""
+    multiplier = np.empty(n_total, np.int64)
+    right = np.empty(n_total, np.int64)
+    half = np.empty(n_total, np.int64)
+    for c in range(n_total):
+        k = c if m0.size > 1 else 0
+        multiplier[c] = m0[k]
+        right[c] = 31 + shift[k]
+        half[c] = (np.int64(1) << right[c]) >> 1
+    return multiplier, right, half
+
+
 def requantized_int8_gemm(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int, m0: np.ndarray,
                           shift: np.ndarray, zero_point: int, qmin: int, qmax: int, out_dtype: np.dtype,
                           use_vnni: bool = HAS_VNNI) -> tuple[np.ndarray, int]:
@@ -735,11 +837,9 @@ def requantized_int8_gemm(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | No
     shift = np.asarray(shift).reshape(-1)
     if m0.shape != shift.shape or m0.size not in (1, n_total):
         raise ValueError(f"m0 {m0.shape} and shift {shift.shape} must have 1 or {n_total} entries")
-    multiplier = np.ascontiguousarray(np.broadcast_to(m0.astype(np.int64), (n_total,)))
-    right = np.ascontiguousarray(np.broadcast_to(31 + shift.astype(np.int64), (n_total,)))
     out = np.empty((x.shape[1], n_total), out_dtype)
-    half = (np.int64(1) << right) >> 1
-    requant = (multiplier, right, half, np.int64(zero_point), np.int64(qmin), np.int64(qmax), out)
+    requant = (*_requant_constants(m0.astype(np.int64, copy=False), shift.astype(np.int64, copy=False), n_total),
+               np.int64(zero_point), np.int64(qmin), np.int64(qmax), out)
     bias64 = _bias64(bias, groups, n_g)
     if _vnni_runs(w_nk.shape[2], n_g, acc_bits, use_vnni) and _broadcast_fits(n_g, x.shape[1]):
         k_padded = vnni_depth(w_nk.shape[2], n_g, acc_bits, use_vnni)
@@ -751,10 +851,13 @@ def requantized_int8_gemm(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | No
         if k_padded != w_nk.shape[2]:
             xb = np.concatenate([xb, np.zeros((*x.shape[:2], k_padded - w_nk.shape[2]), np.uint8)], axis=2)
         panel = max(_VECTORS, _BROADCAST_PANEL_BYTES // (k_padded * _LANES) // _VECTORS * _VECTORS)
+        other_tasks = groups * -(-packed.shape[1] // panel)
+        chunks = _row_chunks(x.shape[1], other_tasks)
+        wrapped = np.zeros(other_tasks * chunks, np.int64)
         try:
-            with one_task_at_a_time():
-                return out, int(_requantized_broadcast_kernel(np.ascontiguousarray(xb), packed, bias64, acc_bits,
-                                                              *requant, panel, _row_chunks(x.shape[1])))
+            run_tasks(_requantized_broadcast_kernel, wrapped.size, np.ascontiguousarray(xb), packed, bias64, acc_bits,
+                      *requant, panel, chunks, wrapped)
+            return out, int(wrapped.sum())
         except (numba.core.errors.NumbaError, RuntimeError) as exc:
             _vnni_compiles[0] = False
             warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
