@@ -18,6 +18,7 @@ def channels_last_memory(x):
     ((2, 32, 15, 13), (3, 3), (2, 1), (1, 0, 2, 1), (1, 1), 4),
     ((2, 6, 9, 9), (3, 2), (1, 2), (2, 1, 2, 0), (2, 3), 3),
     ((1, 8, 6, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8),     # depthwise
+    ((1, 3, 224, 224), (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1),  # megabytes of columns: several tasks per thread
 ])
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])

@@ -14,9 +14,9 @@ read once and held), and every input element is requantized once.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from tpusim.kernels.gemm import one_task_at_a_time
+from tpusim.kernels.gemm import claim_task, finish_task, run_tasks
 from tpusim.ops import register
 from tpusim.ops._binary import binary_passes, lower_binary
 from tpusim.ops.base import Op, VectorCost
@@ -98,16 +98,20 @@ def _add_block(a, b, z_a, z_b, m_a, m_b, m_y, s_a, s_b, s_y, sign_a, sign_b, zer
         out[i] = _rescale(total, m_y, s_y, zero_point, qmin, qmax)
 
 
-@njit(cache=True, parallel=True)
-def _add_kernel(a, b, zero_points, m0s, shifts, signs, zero_point, qmin, qmax, out):
+@njit(cache=True, nogil=True)
+def _add_kernel(a, b, zero_points, m0s, shifts, signs, zero_point, qmin, qmax, out, counters):
     """out = requant(sign_a rescale(a) + sign_b rescale(b)) element by element, the int32 sum wrapping as numpy's.
 
-    Blocks of elements are independent tasks (slices indexed from 0, which LLVM vectorises), so the
-    thread count changes no value."""
-    for block in prange((a.size + _ADD_BLOCK - 1) // _ADD_BLOCK):
+    Blocks of elements are independent tasks (slices indexed from 0, which LLVM vectorises) that the
+    threads claim one at a time (:func:`tpusim.kernels.gemm.run_tasks`), so the thread count changes no value."""
+    blocks = (a.size + _ADD_BLOCK - 1) // _ADD_BLOCK
+    block = claim_task(counters)
+    while block < blocks:
         lo, hi = block * _ADD_BLOCK, min((block + 1) * _ADD_BLOCK, a.size)
         _add_block(a[lo:hi], b[lo:hi], zero_points[0], zero_points[1], m0s[0], m0s[1], m0s[2], shifts[0], shifts[1],
                    shifts[2], signs[0], signs[1], zero_point, qmin, qmax, out[lo:hi])
+        finish_task(counters)
+        block = claim_task(counters)
 
 
 def _fused_add(ql, inputs: list[np.ndarray], signs: tuple[int, int]) -> np.ndarray:
@@ -125,8 +129,7 @@ def _fused_add(ql, inputs: list[np.ndarray], signs: tuple[int, int]) -> np.ndarr
     out = np.empty(a.shape, storage_dtype(ql.out_qmin, ql.out_qmax))
     m0s = np.array([r_a.m0[0], r_b.m0[0], ql.requant.m0[0]], np.int64)
     shifts = np.array([r_a.shift[0], r_b.shift[0], ql.requant.shift[0]], np.int64)
-    with one_task_at_a_time():
-        _add_kernel(a.reshape(-1), b.reshape(-1), np.array([int(a_qp.zero_point), int(b_qp.zero_point)], np.int64),
-                    m0s, shifts, np.array(signs, np.int64), np.int64(ql.output_qparams.zero_point),
-                    np.int64(ql.out_qmin), np.int64(ql.out_qmax), out.reshape(-1))
+    run_tasks(_add_kernel, -(-a.size // _ADD_BLOCK), a.reshape(-1), b.reshape(-1),
+              np.array([int(a_qp.zero_point), int(b_qp.zero_point)], np.int64), m0s, shifts, np.array(signs, np.int64),
+              np.int64(ql.output_qparams.zero_point), np.int64(ql.out_qmin), np.int64(ql.out_qmax), out.reshape(-1))
     return out.transpose(np.argsort(order))
