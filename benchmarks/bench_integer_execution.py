@@ -99,7 +99,7 @@ def main(name: str = "resnet50", repeats: int = 7) -> None:
     print(f"  CPU                       : {llvmlite.binding.get_host_cpu_name()}, "
           + " ".join(f"{f}={'yes' if features.get(f) else 'no'}" for f in _FEATURES)
           + f"; int8 kernel: {'AVX-512 VNNI (vpdpbusd)' if HAS_VNNI else 'portable'}, "
-          f"{numba.get_num_threads()} Numba threads ({numba.threading_layer()})")
+          f"{numba.get_num_threads()} threads (the caller and helpers claiming tasks, tpusim.kernels.gemm.run_tasks)")
     print(f"  tpusim run_integer        : {best_ours * 1e3:8.1f} ms (engine int8-gemm, the default)")
     print(f"  ONNX Runtime QDQ int8     : {best_theirs * 1e3:8.1f} ms (intra-op threads: default)")
     print(f"  ratio                     : {best_ours / best_theirs:8.2f}x (target <= 2x)")
