@@ -170,15 +170,23 @@ def test_the_title_names_the_batch_that_ran(tmp_path, capsys):
     assert [r["batch"] for r in csv.DictReader((tmp_path / "compare.csv").open())] == ["1"]
 
 
-def _tpusim(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "tpusim", *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+def _tpusim_in_process(capsys, monkeypatch, cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``tpusim ARGV`` run by ``main`` in this process from ``cwd`` (no 1.5-2.5 s of imports a call; the
+    warning test above runs the console script itself), as a finished process."""
+    monkeypatch.chdir(cwd)
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # argparse's errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["tpusim", *argv], code, out, err)
 
 
 @pytest.mark.parametrize("baseline, reason", [("fp16", "no such file"), (".", "a folder")])
-def test_a_bad_baseline_is_one_line_listing_the_choices_before_any_run(tmp_path, baseline, reason):
-    done = _tpusim(tmp_path, "compare", str(TPU_V1), "--model", "tiny_cnn", "--baseline", baseline, "--out", "out")
+def test_a_bad_baseline_is_one_line_listing_the_choices_before_any_run(tmp_path, capsys, monkeypatch, baseline,
+                                                                        reason):
+    done = _tpusim_in_process(capsys, monkeypatch, tmp_path, "compare", str(TPU_V1), "--model", "tiny_cnn",
+                              "--baseline", baseline, "--out", "out")
     # progress is on: no phase line may come before the error
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == f"tpusim: error: --baseline {baseline}: expected fp32, none or a config file ({reason})\n"
@@ -192,9 +200,10 @@ def test_a_baseline_config_is_checked_before_any_run(tmp_path):
         compare(CompareRequest(config=TPU_V1, model="not_a_workload", baseline=str(broken), progress=False))
 
 
-def test_progress_is_one_counted_phase_of_runs_in_plain_lines(tmp_path):
-    done = _tpusim(tmp_path, "compare", str(TPU_V1), "--model", "tiny_cnn", "--weights", "per-tensor,per-channel",
-                   "--calibration", "minmax", "--eval-samples", "1", "--out", "out")
+def test_progress_is_one_counted_phase_of_runs_in_plain_lines(tmp_path, capsys, monkeypatch):
+    done = _tpusim_in_process(capsys, monkeypatch, tmp_path, "compare", str(TPU_V1), "--model", "tiny_cnn",
+                              "--weights", "per-tensor,per-channel", "--calibration", "minmax", "--eval-samples", "1",
+                              "--out", "out")
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "\x1b" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if not line.startswith("tpusim: warning: ")]
@@ -202,9 +211,10 @@ def test_progress_is_one_counted_phase_of_runs_in_plain_lines(tmp_path):
     assert re.fullmatch(r"tpusim: comparing: 3 runs in \d+\.\d\d s", lines[1]), lines
 
 
-def test_no_progress_prints_no_phase_lines(tmp_path):
-    done = _tpusim(tmp_path, "compare", str(TPU_V1), "--model", "tiny_cnn", "--weights", "per-tensor",
-                   "--calibration", "minmax", "--baseline", "none", "--eval-samples", "1", "--no-progress", "--out", "out")
+def test_no_progress_prints_no_phase_lines(tmp_path, capsys, monkeypatch):
+    done = _tpusim_in_process(capsys, monkeypatch, tmp_path, "compare", str(TPU_V1), "--model", "tiny_cnn",
+                              "--weights", "per-tensor", "--calibration", "minmax", "--baseline", "none",
+                              "--eval-samples", "1", "--no-progress", "--out", "out")
     assert done.returncode == 0, done.stderr
     assert [line for line in done.stderr.splitlines() if not line.startswith("tpusim: warning: ")] == []
 
