@@ -11,6 +11,7 @@ runs the default command on all of them.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -37,17 +38,30 @@ def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``saved(name)``: the path of corpus model ``name`` filled and laid out as its exporter writes it
+    (external data for dynamo), filled and written once for every test of this module that reads it."""
+    paths: dict[str, Path] = {}
+
+    def path_of(name: str) -> Path:
+        if name not in paths:
+            path = tmp_path_factory.mktemp(name) / f"{name}.onnx"
+            model = corpus.load_model(name)
+            if corpus.entry(name).external_data:
+                corpus.save_with_external_data(model, path)
+            else:
+                onnx.save(model, str(path))
+            paths[name] = path
+        return paths[name]
+
+    return path_of
+
+
 @pytest.fixture(scope="module", params=[e.name for e in corpus.CORPUS])
-def exported(request, tmp_path_factory):
+def exported(request, saved):
     """(entry, path of the filled model as the exporter lays it out: external data for dynamo)."""
-    entry = corpus.entry(request.param)
-    model = corpus.load_model(entry.name)
-    path = tmp_path_factory.mktemp(entry.name) / f"{entry.name}.onnx"
-    if entry.external_data:
-        corpus.save_with_external_data(model, path)
-    else:
-        onnx.save(model, str(path))
-    return entry, path
+    return corpus.entry(request.param), saved(request.param)
 
 
 def test_fp32_reference_matches_onnxruntime(exported):
@@ -71,10 +85,8 @@ def test_fp32_reference_matches_onnxruntime(exported):
 # The stages after the front end see the same layer ops whichever exporter wrote a file (the FP32 test
 # above lowers every file); one export per architecture keeps the suite within its time budget.
 @pytest.mark.parametrize("name", [e.name for e in corpus.CORPUS if e.exporter == "torchscript" and e.opset == 17])
-def test_whole_pipeline_runs(name, tmp_path):
-    path = tmp_path / f"{name}.onnx"
-    onnx.save(corpus.load_model(name), str(path))
-    result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(path), out_dir=tmp_path / "out",
+def test_whole_pipeline_runs(name, saved, tmp_path):
+    result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(saved(name)), out_dir=tmp_path / "out",
                                               overrides=FAST, eval_samples=1))
     s = result.summary
     assert s["macs"] > 0 and s["total_cycles"] > 0 and s["energy"]["dynamic_pj"] > 0
@@ -85,27 +97,24 @@ def test_whole_pipeline_runs(name, tmp_path):
 @pytest.mark.parametrize("name", ["resnet50_dynamo18", "lstm2_dynamo18", "lstm_bidir_ts17", "gru_ts17",
                                   "lstm2_ts17", "lstm_bidir_dynamo18", "gru_dynamo18",
                                   "bert_dynamo18", "vit_b_16_dynamo18"])
-def test_default_command(name, tmp_path):
-    model = corpus.load_model(name)
-    path = tmp_path / f"{name}.onnx"
-    if corpus.entry(name).external_data:
-        corpus.save_with_external_data(model, path)
-    else:
-        onnx.save(model, str(path))
-    # ViT-B/16 is 17.6 GMAC a sample through our FP32 reference: the default 16 evaluation samples would take
-    # most of a minute, and how many there are changes no code path, so it evaluates 2
-    evaluation = ["--eval-samples", "2"] if name.startswith("vit") else []
-    assert main(["run", TPU_V1, "--model", str(path), "--out", str(tmp_path / "out"), "--no-progress",
-                 *evaluation]) == 0
+def test_default_command(name, saved, tmp_path):
+    # ViT-B/16 is 17.6 GMAC a sample: the default 16 evaluation samples through our FP32 reference would take
+    # most of a minute, and calibrating on the default 32 (ONNX Runtime with every tensor exposed, one sample a
+    # run, then the histograms) was half of the 40 s left. How many there are changes no code path (2 still merge
+    # histograms across runs) and the other models here run the default counts, so it takes 2 of each.
+    vit = name.startswith("vit")
+    counts = ["--eval-samples", "2", "--set", "quant.calibration_samples=2"] if vit else []
+    assert main(["run", TPU_V1, "--model", str(saved(name)), "--out", str(tmp_path / "out"), "--no-progress",
+                 *counts]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["calibration"]["samples"] == 32 and summary["fidelity"]["samples"] == (2 if evaluation else 16)
+    assert (summary["calibration"]["samples"], summary["fidelity"]["samples"]) == ((2, 2) if vit else (32, 16))
 
 
 @pytest.mark.parametrize("name,per_channel,activations",
                          [("resnet18_ts17", True, "uint8"), ("mobilenet_v2_ts17", False, "uint8"),
                           ("squeezenet1_0_dynamo18", True, "int8")])
-def test_onnxruntime_quantized_copy_runs_on_its_own_integers(name, per_channel, activations, tmp_path):
-    path = corpus.ort_qdq_copy(corpus.load_model(name), tmp_path / "qdq.onnx", per_channel=per_channel,
+def test_onnxruntime_quantized_copy_runs_on_its_own_integers(name, per_channel, activations, saved, tmp_path):
+    path = corpus.ort_qdq_copy(onnx.load(str(saved(name))), tmp_path / "qdq.onnx", per_channel=per_channel,
                                activation_type=activations, symmetric_activations=activations == "int8")
     result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(path), out_dir=tmp_path / "out",
                                               eval_samples=1))
