@@ -12,6 +12,7 @@ from tpusim.quant.arithmetic import (
     dequantize,
     integer_range,
     quantize,
+    quantize_reference,
     weight_qparams,
 )
 
@@ -162,3 +163,30 @@ def test_per_channel_quantize_matches_onnx_runtime():
     expected = _run_onnx([node], {"x": w}, {"s": qp.scale.astype(np.float32), "z": qp.zero_point.astype(np.int8)},
                          TensorProto.INT8, w.shape)
     np.testing.assert_array_equal(quantize(w, qp), expected)
+
+
+@pytest.mark.parametrize("qp", [
+    QParams(np.array(0.5), np.array(0), -128, 127),
+    QParams(np.array(0.0625), np.array(128), 0, 255),
+    QParams(np.array(3.0), np.array(-7), -32768, 32767),
+    QParams(np.array([0.5, 0.25, 2.0]), np.array([0, 10, -3]), -128, 127, axis=1),
+    QParams(np.array([0.5, 0.25, 2.0, 1.0]), np.array([0, 1, 2, 3]), 0, 255, axis=-1),
+], ids=["int8", "uint8", "int16", "per-channel axis 1", "per-channel last axis"])
+def test_quantize_equals_its_numpy_oracle_bit_for_bit(qp):
+    rng = np.random.default_rng(3)
+    shape = (2, 3, 5, 4)
+    x = (rng.standard_normal(shape) * 200).astype(np.float32)
+    x.flat[:40] = np.arange(40, dtype=np.float32) * 0.25 - 5.0  # ties (k + 0.5) * scale, which round to even
+    x.flat[40:43] = (np.inf, -np.inf, 1e30)
+    got, want = quantize(x, qp), quantize_reference(x, qp)
+    assert got.dtype == want.dtype == qp.storage_dtype and got.shape == want.shape == shape
+    np.testing.assert_array_equal(got, want)
+    assert quantize(x.astype(np.float64), qp).tobytes() == quantize_reference(x.astype(np.float64), qp).tobytes()
+
+
+def test_quantize_of_a_scalar_and_an_empty_tensor():
+    qp = QParams(np.array(0.5), np.array(0), -128, 127)
+    assert quantize(np.float32(1.25), qp).shape == () and int(quantize(np.float32(1.25), qp)) == 2
+    assert quantize(np.zeros((0, 3), np.float32), qp).shape == (0, 3)
+    with pytest.raises(ValueError, match="channel parameters"):
+        quantize(np.zeros((2, 4), np.float32), QParams(np.array([1.0, 2.0, 3.0]), np.zeros(3), -128, 127, axis=1))
