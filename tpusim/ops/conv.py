@@ -46,7 +46,7 @@ class Conv(Op):
     def lower(self, ctx: LowerContext, node) -> None:
         x, shape = ctx.activation_input(node)
         require_4d(ctx, node, shape)
-        weight = ctx.constant(node, 1, "weight").astype(np.float32)
+        weight = ctx.constant(node, 1, "weight").astype(np.float32, copy=False)  # (no layer writes into a weight)
         bias = ctx.optional_constant(node, 2, "bias")
         attrs = node_attrs(node)
         if weight.ndim != 4:

@@ -35,9 +35,10 @@ class Gemm(Op):
             raise ctx.fail(node, "transA=1 is not supported")
         if len(shape) != 2:
             raise ctx.fail(node, f"expected a 2-D input, got shape {shape}")
-        b = ctx.constant(node, 1, "weight").astype(np.float32)
+        b = ctx.constant(node, 1, "weight").astype(np.float32, copy=False)  # (no layer writes into a weight)
         weight = b if int(attrs.get("transB", 0)) else b.T
-        weight = np.ascontiguousarray(weight * np.float32(attrs.get("alpha", 1.0)))
+        alpha = np.float32(attrs.get("alpha", 1.0))
+        weight = np.ascontiguousarray(weight if alpha == 1 else weight * alpha)
         n, k = weight.shape
         if shape[1] != k:
             raise ctx.fail(node, f"weight {b.shape} does not fit input {shape}")
@@ -65,7 +66,7 @@ class Gemm(Op):
         if shape[-1] != k:
             raise ctx.fail(node, f"weight {b.shape} does not fit input {shape}")
         ctx.add_simple(node, self.name, [(x, shape)], tuple(shape[:-1]) + (n,),
-                       weight=np.ascontiguousarray(b.astype(np.float32).T))
+                       weight=np.ascontiguousarray(b.astype(np.float32, copy=False).T))
 
     def reference(self, layer: Layer, inputs):
         k = layer.weight.shape[1]
