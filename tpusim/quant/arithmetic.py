@@ -16,6 +16,7 @@ offset by the zero point and saturated; dequantization is ``(q - z) * scale`` in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -101,6 +102,15 @@ class QParams:
         target = [1] * len(shape)
         target[self.axis] = values.shape[0]
         return values.reshape(target)
+
+    def channel_block(self, shape: tuple[int, ...]) -> int:
+        """Elements that share one scale in a row-major tensor of ``shape``: all of them per tensor, else the
+        product of the dims after ``axis`` (the tensor is then blocks of ``len(scale)`` such runs), which is
+        what the compiled per-element kernels walk."""
+        if self.axis is None:
+            return max(math.prod(shape), 1)
+        self.broadcast(self.scale, shape)  # (checks the axis and the channel count)
+        return math.prod(shape[self.axis % len(shape) + 1:])
 
 
 def _as_float32_scale(scale: np.ndarray) -> np.ndarray:
@@ -195,13 +205,7 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     """``clamp(round_half_even(x / scale) + zero_point, qmin, qmax)`` in float32, as ONNX QuantizeLinear
     (:func:`quantize_reference`, in one compiled pass without its four temporaries)."""
     x = np.asarray(x, dtype=np.float32, order="C")
-    if qp.axis is None:
-        inner = max(x.size, 1)
-    else:
-        axis = qp.axis % x.ndim
-        if x.shape[axis] != qp.scale.shape[0]:
-            raise ValueError(f"{qp.scale.shape[0]} channel parameters do not fit axis {qp.axis} of shape {x.shape}")
-        inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    inner = qp.channel_block(x.shape)
     out = np.empty(x.shape, qp.storage_dtype)
     if x.size:
         _quantize_kernel(x.reshape(-1), np.atleast_1d(qp.scale.astype(np.float32)),

@@ -317,7 +317,8 @@ def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSe
     step = float_model.fixed_batch or _samples_per_run(graph, tensors, batch_size)
     exposed = set(tensors)
     wanted = [name for name in float_model.output_names if name in exposed]
-    in_order = [graph.input_name] + [name for name in tensors[1:] if name in set(wanted)]
+    returned = set(wanted)
+    in_order = [graph.input_name] + [name for name in tensors[1:] if name in returned]
     stats: dict[str, TensorStats | None] = dict.fromkeys([graph.input_name] + wanted)
     # The histogram kernels release the GIL: a run's tensors are observed on every core at once.
     with ThreadPoolExecutor(os.cpu_count() or 1) as observers:

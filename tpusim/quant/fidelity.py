@@ -8,7 +8,6 @@ axis (the classes).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -76,13 +75,7 @@ def signal_and_noise(reference: np.ndarray, integers: np.ndarray, qp: QParams) -
     shape = integers.shape
     if reference.shape != shape:
         raise ValueError(f"reference of shape {reference.shape} against an integer tensor of shape {shape}")
-    if qp.axis is None:
-        inner = max(integers.size, 1)
-    else:
-        axis = qp.axis % len(shape)
-        if shape[axis] != qp.scale.shape[0]:
-            raise ValueError(f"{qp.scale.shape[0]} channel parameters do not fit axis {qp.axis} of shape {shape}")
-        inner = math.prod(shape[axis + 1:])
+    inner = qp.channel_block(shape)
     signal, noise = _signal_and_noise(np.ascontiguousarray(reference, np.float32).reshape(-1),
                                       np.ascontiguousarray(integers).reshape(-1),
                                       np.atleast_1d(qp.scale.astype(np.float32)),
