@@ -80,7 +80,7 @@ def main() -> None:
     tensors = graph_tensors(graph)
     session = _session_exposing(onnx.load(str(path)), tensors)
     input_name = session.get_inputs()[0].name
-    data = synthetic_inputs(graph.input_shape[1:], args.batch * args.batches, args.seed).inputs
+    data = np.asarray(synthetic_inputs(graph.input_shape[1:], args.batch * args.batches, args.seed).inputs)
 
     observe_s = {name: 0.0 for name in modules}
     merge_s = {name: 0.0 for name in modules}

@@ -24,6 +24,7 @@ import time
 
 import llvmlite.binding
 import numba
+import numpy as np
 import onnxruntime as ort
 
 from tpusim.config import load_config
@@ -48,7 +49,7 @@ def _quantized(name: str):
     calibration = synthetic_inputs(graph.input_shape[1:], 2, seed=0)
     stats = collect_statistics(model, graph, calibration, config.quant.histogram_bins)
     qgraph = quantize_graph(graph, stats, config.quant)
-    return config, graph, qgraph, synthetic_inputs(graph.input_shape[1:], 1, seed=1).inputs
+    return config, graph, qgraph, np.asarray(synthetic_inputs(graph.input_shape[1:], 1, seed=1).inputs)
 
 
 def _timed(fn, clock=time.perf_counter) -> float:

@@ -34,7 +34,7 @@ def test_gru_sequence_lens_and_initial_state():
     # Up to 3 LSB here, on 2 of 2304 elements: where the FP32 h_{t-1} lay below Y's calibrated grid
     # (percentile ranges clip the extremes), the chip carries the clipped integer into step t and
     # ONNX Runtime its float h_{t-1}; a GRU adds z h_{t-1} straight into h_t, so the difference shows.
-    x = synthetic_inputs((12, 16), 3, 5).inputs
+    x = np.asarray(synthetic_inputs((12, 16), 3, 5).inputs)
     check_all_stages(pytorch_gru(batch=3, lens=[4, 12, 7], initial=True, linear_before_reset=1), (3, 12, 16), {"gru"},
                      min_sqnr_db=MIN_SQNR_DB, max_off_fraction=GRU_OFF_FRACTION, max_lsb=3, x=x)
 

@@ -72,7 +72,7 @@ def test_pytorch_style_lstm_through_every_stage(direction):
 
 def test_sequence_lens_and_initial_states_through_every_stage():
     model = pytorch_lstm(direction="bidirectional", batch=3, lens=[12, 5, 9], initial=True)
-    x = synthetic_inputs((12, 16), 3, 7).inputs
+    x = np.asarray(synthetic_inputs((12, 16), 3, 7).inputs)
     graph = check_all_stages(model, (3, 12, 16), {"lstm"}, min_sqnr_db=MIN_SQNR_DB, max_off_fraction=MAX_OFF_FRACTION,
                              x=x)
     layer = graph.layers[0]
@@ -202,7 +202,7 @@ def test_recurrent_step_equals_the_pe_level_array_on_the_same_tiles():
     mine = np.flatnonzero(trace.mxu_layer == 0)
     # Hoisted input GEMM (one fold x two column tiles), then steps 1..3 with two R tiles each.
     assert len(mine) == 2 + 3 * 2
-    x = synthetic_inputs((4, 16), 1, 3).inputs
+    x = np.asarray(synthetic_inputs((4, 16), 1, 3).inputs)
     data = synthetic_inputs((4, 16), 8, 0)
     model = pytorch_lstm(steps=4, features=16, hidden=128, batch=3)
     stats = collect_statistics(model, graph, data, 2048)
@@ -304,7 +304,7 @@ def test_cli_refuses_a_time_major_input_in_one_line(tmp_path, capsys):
 
 def test_reference_matches_onnxruntime_at_another_batch():
     model = pytorch_lstm(direction="bidirectional")
-    x = synthetic_inputs((12, 16), 4, 11).inputs
+    x = np.asarray(synthetic_inputs((12, 16), 4, 11).inputs)
     graph = check_reference(model, x)
     assert graph.batch == 4 and graph.layers[0].input_shapes[0] == (4, 12, 16)
 

@@ -186,11 +186,87 @@ def test_a_tensor_beyond_float32_is_named():
         calibrate.collect_statistics(model, graph, huge, 2048)
 
 
+def _bits(values: np.ndarray) -> np.ndarray:
+    assert values.dtype == np.float32
+    return values.view(np.int32)
+
+
 @pytest.mark.parametrize("samples", [1, 8, 20])
 def test_synthetic_inputs_are_the_generators_whole_draw(samples):
     whole = np.random.default_rng(3).standard_normal((samples, *SHAPE)).astype(np.float32)
     drawn = synthetic_inputs(SHAPE, samples, 3).inputs
-    assert drawn.dtype == np.float32 and np.array_equal(drawn.view(np.int32), whole.view(np.int32))
+    assert drawn.dtype == np.float32 and drawn.shape == whole.shape
+    assert np.array_equal(_bits(np.asarray(drawn)), _bits(whole))
+
+
+def test_synthetic_samples_read_in_any_order_are_those_of_the_whole_draw():
+    whole = np.random.default_rng(5).standard_normal((20, *SHAPE)).astype(np.float32)
+    drawn = synthetic_inputs(SHAPE, 20, 5).inputs
+    for start, stop in ((3, 11), (11, 20), (0, 1), (19, 20), (2, 18), (0, 20)):  # on, back, and on again
+        assert np.array_equal(_bits(drawn[start:stop]), _bits(whole[start:stop]))
+    part = drawn.part(4, 30)
+    assert len(part) == 16 and np.array_equal(_bits(part[2:5]), _bits(whole[6:9]))
+    assert np.array_equal(_bits(drawn[-1]), _bits(whole[-1])) and len(drawn.part(25, 30)) == 0
+    with pytest.raises(IndexError):
+        drawn[20]
+
+
+def _counting_reads(data, reads: list[tuple[int, int]]):
+    inner = data.inputs._read
+    data.inputs._read = lambda start, stop: reads.append((start, stop)) or inner(start, stop)
+    return data
+
+
+def test_calibration_reads_its_samples_one_run_at_a_time(monkeypatch):
+    model, graph = _tiny_cnn()
+    reads: list[tuple[int, int]] = []
+    one = _per_sample_bytes(graph)
+    monkeypatch.setattr(calibrate, "_RUN_BYTES", 3 * one)
+    data = _counting_reads(synthetic_inputs(graph.input_shape[1:], 10, 0), reads)
+    stats = calibrate.collect_statistics(model, graph, data, 2048)
+    assert reads == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert _same_statistics(stats, calibrate.collect_statistics(
+        model, graph, calibrate.CalibrationSet(np.asarray(data.inputs), "held whole", True), 2048))
+
+
+def test_an_npy_file_is_read_a_slice_at_a_time_with_its_own_values(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((12, *SHAPE))
+    np.save(tmp_path / "x64.npy", values)  # float64 on disk: each read converts as a whole load would
+    np.save(tmp_path / "one.npy", values[0].astype(np.float32))  # a single sample without its axis
+    monkeypatch.setattr(calibrate, "_SCAN_BYTES", 5 * 8 * int(np.prod(SHAPE)))  # the NaN scan: 5 samples a read
+    data = _load(tmp_path / "x64.npy")
+    assert isinstance(data.inputs, calibrate.Samples) and data.inputs.shape == (12, *SHAPE)
+    assert np.array_equal(_bits(data.inputs[4:9]), _bits(values[4:9].astype(np.float32)))
+    assert np.array_equal(_bits(data.part(10, 40).inputs[0:2]), _bits(values[10:12].astype(np.float32)))
+    assert np.array_equal(_bits(np.asarray(_load(tmp_path / "one.npy").inputs)), _bits(values[:1].astype(np.float32)))
+    values[11, 0, 0, 0] = np.inf  # in the last read of the scan
+    np.save(tmp_path / "inf.npy", values)
+    with pytest.raises(DataError, match=r"inf\.npy: contains NaN or inf"):
+        load_calibration_set(tmp_path / "inf.npy", SHAPE, 32, 0, PREP)
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(values[:4].astype(np.float32)))  # loaded whole
+    assert np.array_equal(_bits(_load(tmp_path / "fortran.npy").inputs[1:3]), _bits(values[1:3].astype(np.float32)))
+
+
+def test_a_truncated_npy_file_is_one_line(tmp_path):
+    path = _npy(tmp_path, 4)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"x\.npy: not a readable \.npy/\.npz file"):
+        load_calibration_set(path, SHAPE, 32, 0, PREP)
+
+
+def test_images_are_decoded_when_read_as_a_whole_load_would(tmp_path):
+    folder = _images(tmp_path / "digits", 5, (28, 28), "L")
+    data = _load(folder)
+    assert isinstance(data.inputs, calibrate.Samples) and data.inputs.shape == (5, *SHAPE)
+    with Image.open(folder / "03.png") as image:
+        pixels = np.asarray(image.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float32)
+    mean, std = np.asarray(PREP.mean, np.float32), np.asarray(PREP.std, np.float32)
+    expected = (pixels.transpose(2, 0, 1) / np.float32(PREP.pixel_scale) - mean.reshape(-1, 1, 1)) / std.reshape(-1, 1, 1)
+    assert np.array_equal(_bits(data.inputs[3]), _bits(expected.astype(np.float32)))
+    (folder / "04.png").write_bytes((folder / "04.png").read_bytes()[:60])  # its header stays, its pixels go
+    with pytest.raises(DataError, match=r"04\.png: not a readable image"):
+        np.asarray(data.inputs)
 
 
 @pytest.mark.parametrize("workload", ["tiny_cnn", "bert_tiny"])
@@ -199,7 +275,7 @@ def test_float_model_reference_is_every_graph_tensor_as_our_evaluator_computes_i
     model = build_model(workload)
     graph = lower_model(model, workload, batch=1)
     rows = index_rows(graph)
-    x = (synthetic_ids(graph.input_shape[1:], 1, 0, rows) if rows else synthetic_inputs(graph.input_shape[1:], 1, 0)).inputs
+    x = np.asarray((synthetic_ids(graph.input_shape[1:], 1, 0, rows) if rows else synthetic_inputs(graph.input_shape[1:], 1, 0)).inputs)
     float_model = calibrate.FloatModel(model, graph)
     assert float_model.covers_graph and (len(float_model.constants) > 0) == (workload == "bert_tiny")
     ours, theirs = run_reference(graph, x, keep_all=True), float_model.reference(x)

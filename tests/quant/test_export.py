@@ -124,7 +124,7 @@ def assert_few_one_lsb(by_op, fraction):
 def test_tiny_cnn_matches_onnxruntime(tiny, acts, weights):
     graph, stats, data = tiny
     qgraph = quantize_graph(graph, stats, dataclasses.replace(QUANT, activations=acts, weights=weights))
-    x = synthetic_inputs(graph.input_shape[1:], 1, seed=7).inputs
+    x = np.asarray(synthetic_inputs(graph.input_shape[1:], 1, seed=7).inputs)
     ours = run_integer(qgraph, x, keep_all=True).tensors
 
     qdq = export_qdq(qgraph, graph, expose=tensors_of(graph))
@@ -159,7 +159,7 @@ def test_fp32_export_runs_like_the_reference(tiny):
 def test_mobilenet_v2_layers_match_onnxruntime_quantize_static(mobilenet, acts, weights):
     graph, stats, data = mobilenet
     qgraph = quantize_graph(graph, stats, dataclasses.replace(QUANT, activations=acts, weights=weights))
-    x = synthetic_inputs(graph.input_shape[1:], 1, seed=7).inputs
+    x = np.asarray(synthetic_inputs(graph.input_shape[1:], 1, seed=7).inputs)
     _, ort_static = ort_static_tensors(qgraph, data, x)
     ours = run_integer(qgraph, x, keep_all=True).tensors[graph.input_name].astype(np.int64)
     theirs = ort_static[graph.input_name].astype(np.int64)

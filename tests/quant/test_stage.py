@@ -19,7 +19,7 @@ CONFIG = load_config("configs/tpu_v1.yaml")
 def _quantized(model, name):
     graph = lower_model(model, name, batch=1)
     return calibrate_and_quantize(graph, model, dataclasses.replace(CONFIG, quant=dataclasses.replace(
-        CONFIG.quant, calibration_samples=4)), None), synthetic_inputs(graph.input_shape[1:], 1, 9).inputs
+        CONFIG.quant, calibration_samples=4)), None), np.asarray(synthetic_inputs(graph.input_shape[1:], 1, 9).inputs)
 
 
 def test_onnx_runtime_is_the_reference_where_it_computes_the_graphs_tensors():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,27 +27,103 @@ from tpusim.quant.histogram import NonFiniteError, TensorStats, merge, observe
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
 
 
+class Samples:
+    """Model inputs that are read (or drawn) a slice at a time, when a calibration or evaluation run reaches
+    them: a set of any size is never held whole, so memory does not grow with the number of samples.
+
+    It reads like a float32 array of ``shape`` (``len``, ``shape``, ``dtype``, ``np.asarray``): indexing
+    with a slice returns those samples as a new array. :meth:`part` is a subset that is itself read
+    lazily. ``read(start, stop)`` returns samples ``start .. stop - 1`` as a float32 array."""
+
+    def __init__(self, count: int, sample_shape: Shape, read: Callable[[int, int], np.ndarray]):
+        self._count, self.sample_shape, self._read = count, tuple(sample_shape), read
+        self.dtype = np.dtype(np.float32)
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "Samples":
+        array = np.asarray(array, np.float32)
+        return cls(len(array), array.shape[1:], lambda start, stop: array[start:stop])
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self._count, *self.sample_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.sample_shape)
+
+    def __getitem__(self, index: slice | int) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._count)
+            if step != 1:
+                raise IndexError("samples are read in contiguous slices")
+            return self._read(start, max(start, stop))
+        position = index + self._count if index < 0 else index
+        if not 0 <= position < self._count:
+            raise IndexError(f"sample {index} of {self._count}")
+        return self._read(position, position + 1)[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self._read(0, self._count)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def part(self, start: int, stop: int) -> "Samples":
+        """Samples ``start .. stop - 1`` (clipped to the set), read when they are used."""
+        start, stop, _ = slice(start, stop).indices(self._count)
+        stop = max(start, stop)
+        return Samples(stop - start, self.sample_shape, lambda a, b: self._read(start + a, start + b))
+
+
 @dataclass(frozen=True, eq=False)
 class CalibrationSet:
-    inputs: np.ndarray  # (samples, *input_shape[1:]) float32 (int64 for a model that takes token ids)
+    inputs: Samples | np.ndarray  # (samples, *input_shape[1:]): float32 Samples, or int64 token ids held whole
     source: str
     synthetic: bool
     warnings: tuple[str, ...] = ()  # what weakens this data (few samples, converted images), one line each
+
+    def part(self, start: int, stop: int) -> "CalibrationSet":
+        """The same set restricted to samples ``start .. stop - 1``."""
+        inputs = self.inputs.part(start, stop) if isinstance(self.inputs, Samples) else self.inputs[start:stop]
+        return CalibrationSet(inputs, self.source, self.synthetic, self.warnings)
 
 
 _DRAW_SAMPLES = 8  # synthetic samples drawn at a time: the float64 draws of a whole set would be twice its size
 
 
+class _NormalDraws:
+    """Reads of the seeded generator's standard-normal stream as float32 samples. The stream does not depend
+    on how it is cut, so a read continues from where the last one stopped, or draws again from the seed."""
+
+    def __init__(self, seed: int, sample_shape: Shape):
+        self.seed, self.sample_shape = seed, tuple(sample_shape)
+        self._rng, self._next = np.random.default_rng(seed), 0
+        self._lock = threading.Lock()
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, *self.sample_shape), np.float32)
+        with self._lock:
+            if start < self._next:
+                self._rng, self._next = np.random.default_rng(self.seed), 0
+            while self._next < start:  # samples before ``start`` are drawn and dropped
+                skipped = min(_DRAW_SAMPLES, start - self._next)
+                self._rng.standard_normal((skipped, *self.sample_shape))
+                self._next += skipped
+            for first in range(0, len(out), _DRAW_SAMPLES):
+                chunk = out[first : first + _DRAW_SAMPLES]
+                chunk[...] = self._rng.standard_normal(chunk.shape)
+            self._next = stop
+        return out
+
+
 def synthetic_inputs(sample_shape: Shape, samples: int, seed: int) -> CalibrationSet:
     """Seeded standard-normal inputs, i.e. images already normalised per channel: the generator's
     ``standard_normal((samples, *sample_shape))`` in float32, drawn ``_DRAW_SAMPLES`` samples at a time
-    (the generator's stream does not depend on how it is cut)."""
-    rng = np.random.default_rng(seed)
-    data = np.empty((samples, *sample_shape), np.float32)
-    for start in range(0, samples, _DRAW_SAMPLES):
-        chunk = data[start : start + _DRAW_SAMPLES]
-        chunk[...] = rng.standard_normal(chunk.shape)
-    return CalibrationSet(data, f"synthetic N(0,1), seed {seed}, {samples} samples", synthetic=True)
+    as they are read."""
+    return CalibrationSet(Samples(samples, sample_shape, _NormalDraws(seed, sample_shape)),
+                          f"synthetic N(0,1), seed {seed}, {samples} samples", synthetic=True)
 
 
 def synthetic_ids(sample_shape: Shape, samples: int, seed: int, rows: int) -> CalibrationSet:
@@ -93,26 +170,103 @@ def _check_array(data: np.ndarray, where: str, sample_shape: Shape, index_rows: 
     return data
 
 
-def _load_array_file(path: Path, sample_shape: Shape, index_rows: int | None = None) -> np.ndarray:
+_SCAN_BYTES = 32 * 2**20  # what checking an array file for NaN and inf reads at a time
+
+
+class _NpyReads:
+    """Samples of a .npy file's C-ordered array, read from the file when they are used (not memory-mapped:
+    mapped pages that were read count as the process's memory until the map closes)."""
+
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, sample_shape: Shape):
+        self.path, self.offset, self.file_dtype, self.sample_shape = path, offset, dtype, tuple(sample_shape)
+        self.values_per_sample = math.prod(self.sample_shape)
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        count = (stop - start) * self.values_per_sample
+        with open(self.path, "rb") as file:
+            file.seek(self.offset + start * self.values_per_sample * self.file_dtype.itemsize)
+            values = np.fromfile(file, dtype=self.file_dtype, count=count)
+        if values.size != count:
+            raise DataError(f"{self.path}: the file ends before its last sample (truncated?)")
+        return values.reshape(stop - start, *self.sample_shape).astype(np.float32, copy=False)
+
+
+def _npy_samples(path: Path, mapped: np.memmap, sample_shape: Shape) -> Samples:
+    """A float .npy as Samples, checked as :func:`_check_array` checks an array, a slice at a time."""
+    where = str(path)
+    if mapped.dtype.kind not in "fiu":
+        raise DataError(f"{where}: expected a numeric array, got dtype {mapped.dtype}")
+    if mapped.dtype.kind in "iu":
+        raise DataError(f"{where}: dtype {mapped.dtype}: expected float inputs, preprocessed as the model takes "
+                        "them (for raw 8-bit pixels use a folder of images, which input_preprocessing scales and "
+                        "normalises)")
+    shape = (1, *mapped.shape) if mapped.shape == tuple(sample_shape) else mapped.shape
+    if shape[1:] != tuple(sample_shape):
+        raise DataError(f"{where}: expected samples of shape {tuple(sample_shape)} (array of shape "
+                        f"(N, {', '.join(map(str, sample_shape))})), got {mapped.shape}")
+    if shape[0] == 0:
+        raise DataError(f"{where}: no samples")
+    reads = _NpyReads(path, mapped.offset, mapped.dtype, sample_shape)
+    step = max(1, _SCAN_BYTES // (reads.values_per_sample * max(mapped.dtype.itemsize, 4)))
+    for first in range(0, shape[0], step):
+        if not np.all(np.isfinite(reads(first, min(first + step, shape[0])))):
+            raise DataError(f"{where}: contains NaN or inf")
+    return Samples(shape[0], sample_shape, reads)
+
+
+def _load_array_file(path: Path, sample_shape: Shape, index_rows: int | None = None) -> Samples | np.ndarray:
+    """A .npy of float inputs is read a slice at a time (:class:`Samples`); token ids, a Fortran-ordered
+    array and an .npz archive (its members are compressed whole) are loaded."""
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npy/.npz file ({type(exc).__name__})") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             if not loaded.files:
                 raise DataError(f"{path}: the .npz archive holds no arrays")
-            arrays = [loaded[name] for name in loaded.files]
-        return np.concatenate([_check_array(a, f"{path}", sample_shape, index_rows) for a in arrays])
-    return _check_array(loaded, str(path), sample_shape, index_rows)
+            arrays = np.concatenate([_check_array(loaded[name], f"{path}", sample_shape, index_rows)
+                                     for name in loaded.files])
+        return arrays if index_rows is not None else Samples.of(arrays)
+    if index_rows is None and loaded.flags.c_contiguous:
+        return _npy_samples(path, loaded, sample_shape)
+    checked = _check_array(np.array(loaded), str(path), sample_shape, index_rows)
+    return checked if index_rows is not None else Samples.of(checked)
 
 
 _CHANNEL_MODES = {1: "L", 3: "RGB"}
 
 
+class _ImageReads:
+    """A folder's images as model inputs, decoded and normalised when they are used."""
+
+    def __init__(self, files: list[Path], sample_shape: Shape, prep: InputPreprocessingConfig):
+        self.files, (self.channels, self.height, self.width) = files, sample_shape
+        self.pixel_scale = np.float32(prep.pixel_scale)
+        self.mean = np.asarray(prep.mean, np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(prep.std, np.float32).reshape(-1, 1, 1)
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        out = np.empty((stop - start, self.channels, self.height, self.width), np.float32)
+        for row, file in enumerate(self.files[start:stop]):
+            try:
+                with Image.open(file) as image:
+                    image = image.convert(_CHANNEL_MODES[self.channels]).resize((self.width, self.height),
+                                                                                Image.BILINEAR)
+                    pixels = np.asarray(image, dtype=np.float32)
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+                raise DataError(f"{file}: not a readable image ({type(exc).__name__})") from None
+            pixels = pixels.reshape(self.height, self.width, self.channels).transpose(2, 0, 1) / self.pixel_scale
+            out[row] = (pixels - self.mean) / self.std
+        return out
+
+
 def _load_image_folder(folder: Path, sample_shape: Shape,
-                       prep: InputPreprocessingConfig) -> tuple[np.ndarray, list[str]]:
-    """The images as model inputs, and a line for each way they had to be changed to fit the model."""
+                       prep: InputPreprocessingConfig) -> tuple[Samples, list[str]]:
+    """The images as model inputs (decoded when used; their headers are read now), and a line for each way
+    they had to be changed to fit the model."""
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -123,13 +277,11 @@ def _load_image_folder(folder: Path, sample_shape: Shape,
     channels, height, width = sample_shape
     if channels not in _CHANNEL_MODES:
         raise DataError(f"{folder}: images give 1 or 3 channels, but the model wants {channels}")
-    mean, std = np.asarray(prep.mean, np.float32), np.asarray(prep.std, np.float32)
-    if len(mean) not in (1, channels) or len(std) not in (1, channels):
+    if len(prep.mean) not in (1, channels) or len(prep.std) not in (1, channels):
         raise DataError(f"input_preprocessing: mean/std need 1 or {channels} values")
     target = _CHANNEL_MODES[channels]
     converted: dict[str, int] = {}
     resized: dict[tuple[int, int], int] = {}
-    samples = []
     for file in files:
         try:
             with Image.open(file) as image:
@@ -137,12 +289,8 @@ def _load_image_folder(folder: Path, sample_shape: Shape,
                     converted[image.mode] = converted.get(image.mode, 0) + 1
                 if image.size != (width, height):
                     resized[image.size] = resized.get(image.size, 0) + 1
-                image = image.convert(target).resize((width, height), Image.BILINEAR)
-                pixels = np.asarray(image, dtype=np.float32)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
             raise DataError(f"{file}: not a readable image ({type(exc).__name__})") from None
-        pixels = pixels.reshape(height, width, channels).transpose(2, 0, 1) / np.float32(prep.pixel_scale)
-        samples.append((pixels - mean.reshape(-1, 1, 1)) / std.reshape(-1, 1, 1))
     notes = []
     if converted:
         modes = ", ".join(f"{count} {mode}" for mode, count in sorted(converted.items()))
@@ -152,7 +300,7 @@ def _load_image_folder(folder: Path, sample_shape: Shape,
         sizes = ", ".join(f"{count} of {w}x{h}" for (w, h), count in sorted(resized.items()))
         notes.append(f"{folder}: {sum(resized.values())} of {len(files)} images resized to the model's {width}x{height} "
                      f"({sizes})")
-    return np.stack(samples).astype(np.float32), notes
+    return Samples(len(files), sample_shape, _ImageReads(files, sample_shape, prep)), notes
 
 
 def load_calibration_set(path: str | Path | None, sample_shape: Shape, samples: int, seed: int,

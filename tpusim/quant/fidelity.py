@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numba import njit
@@ -19,6 +20,9 @@ from tpusim.ir import Graph
 from tpusim.quant.arithmetic import QParams, dequantize
 from tpusim.quant.execute import GemmEngine, ProgressCallback, run_integer
 from tpusim.quant.qlayer import QuantizedGraph
+
+if TYPE_CHECKING:
+    from tpusim.quant.calibrate import Samples
 
 _TINY = 1e-30
 
@@ -93,10 +97,11 @@ def signal_and_noise_reference(reference: np.ndarray, integers: np.ndarray, qp: 
 Reference = Callable[[np.ndarray], Mapping[str, np.ndarray]]  # one input batch -> every graph tensor in FP32
 
 
-def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray, engine: GemmEngine = "int8-gemm",
+def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray | Samples, engine: GemmEngine = "int8-gemm",
              progress: ProgressCallback | None = None, acc_bits: int = 32,
              reference: Reference | None = None) -> FidelityReport:
-    """Run FP32 and integer execution on ``inputs`` (samples along axis 0, one graph batch at a time).
+    """Run FP32 and integer execution on ``inputs`` (samples along axis 0, one graph batch at a time, so
+    that :class:`~tpusim.quant.calibrate.Samples` are read a batch at a time).
 
     ``engine``, ``progress`` and the accumulator width ``acc_bits`` are passed to :func:`run_integer`
     for every batch. ``reference`` computes the FP32 tensors (default: tpusim's own numpy evaluator of

@@ -18,7 +18,7 @@ from tpusim.kernels.systolic import pe_gemm
 from tpusim.frontend.lowering import index_rows
 from tpusim.frontend.reference import run_layer
 from tpusim.quant.arithmetic import QParams
-from tpusim.quant.calibrate import (CalibrationSet, FloatModel, collect_statistics, load_calibration_set,
+from tpusim.quant.calibrate import (CalibrationSet, FloatModel, Samples, collect_statistics, load_calibration_set,
                                     synthetic_ids, synthetic_inputs)
 from tpusim.quant.equalization import equalize
 from tpusim.quant.execute import GemmEngine
@@ -56,7 +56,7 @@ class _PeArrayUnit:
         return result.result, result.wrapped_count
 
 
-def evaluation_inputs(calibration: CalibrationSet, graph: Graph, samples: int, seed: int) -> tuple[np.ndarray, str]:
+def evaluation_inputs(calibration: CalibrationSet, graph: Graph, samples: int, seed: int) -> tuple[Samples | np.ndarray, str]:
     """Inputs for fidelity, disjoint from the calibration samples whenever the data allow it."""
     if calibration.synthetic:
         rows = index_rows(graph)
@@ -65,7 +65,7 @@ def evaluation_inputs(calibration: CalibrationSet, graph: Graph, samples: int, s
             return held_out.inputs, f"{held_out.source} (held out)"
         held_out = synthetic_inputs(graph.input_shape[1:], samples, seed + 1)
         return held_out.inputs, f"synthetic N(0,1), seed {seed + 1}, {samples} samples (held out)"
-    return calibration.inputs[:samples], f"the first {min(samples, len(calibration.inputs))} calibration samples"
+    return calibration.part(0, samples).inputs, f"the first {min(samples, len(calibration.inputs))} calibration samples"
 
 
 def _ids_keep_their_integers(qgraph: QuantizedGraph, rows: int | None) -> QuantizedGraph:
@@ -96,14 +96,14 @@ def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto, config: Hardwar
     rows = index_rows(graph)
     data = load_calibration_set(calib_data, graph.input_shape[1:], quant.calibration_samples, quant.seed,
                                 config.input_preprocessing, hold_out=graph.model_grids is None, index_rows=rows)
-    calibration = dataclasses.replace(data, inputs=data.inputs[: quant.calibration_samples])
+    calibration = data.part(0, quant.calibration_samples)
     if graph.model_grids is not None:
         # A QDQ model brings its own scales, zero points, integer weights and biases; only tensors it
         # left in float are calibrated (on the model itself, as ONNX Runtime runs it).
         missing = unquantized_tensors(graph)
         if not missing:
-            unused = CalibrationSet(data.inputs[:0], "none: the quantization came from the model", synthetic=False,
-                                    warnings=data.warnings)
+            unused = CalibrationSet(data.part(0, 0).inputs, "none: the quantization came from the model",
+                                    synthetic=False, warnings=data.warnings)
             return Quantized(graph=graph, data=data, calibration=unused, qgraph=quantize_from_model(graph, quant))
         stats = collect_statistics(model, graph, calibration, quant.histogram_bins, tensors=[graph.input_name] + missing,
                                    progress=None if progress is None else lambda d, t: progress("calibrate", d, t))
@@ -160,10 +160,10 @@ def quantize_and_measure(graph: Graph, model_path: Path, config: HardwareConfig,
         if data.synthetic:
             eval_x, eval_source = evaluation_inputs(data, graph, eval_samples, quant.seed)
         else:
-            eval_x = data.inputs[:eval_samples]
+            eval_x = data.part(0, eval_samples).inputs
             eval_source = f"{len(eval_x)} samples of {data.source}"
     elif not calibration.synthetic and available > quant.calibration_samples:
-        eval_x = data.inputs[quant.calibration_samples : quant.calibration_samples + eval_samples]
+        eval_x = data.part(quant.calibration_samples, quant.calibration_samples + eval_samples).inputs
         eval_source = f"{len(eval_x)} held-out samples of {data.source}"
     else:
         held_out = calibration.synthetic
