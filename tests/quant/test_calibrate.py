@@ -7,6 +7,7 @@ import weakref
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -292,3 +293,29 @@ def test_statistics_through_a_given_float_model_are_those_of_a_new_session():
     data = synthetic_inputs(graph.input_shape[1:], 10, 0)
     shared = calibrate.collect_statistics(model, graph, data, 2048, float_model=calibrate.FloatModel(model, graph))
     assert _same_statistics(shared, calibrate.collect_statistics(model, graph, data, 2048))
+
+
+def test_a_model_file_runs_from_its_bytes_with_the_outputs_of_its_parsed_model(tmp_path):
+    model, graph = _tiny_cnn()
+    path = tmp_path / "tiny.onnx"
+    onnx.save(model, path)
+    served = calibrate.model_for_onnxruntime(path)
+    assert isinstance(served, bytes)
+    from_bytes, from_proto = calibrate.FloatModel(served, graph), calibrate.FloatModel(model, graph)
+    assert from_bytes.output_names == from_proto.output_names and from_bytes.fixed_batch == from_proto.fixed_batch
+    data = synthetic_inputs(graph.input_shape[1:], 10, 0)
+    assert _same_statistics(calibrate.collect_statistics(served, graph, data, 2048, float_model=from_bytes),
+                            calibrate.collect_statistics(model, graph, data, 2048, float_model=from_proto))
+
+
+def test_a_model_with_external_data_is_loaded_with_it(tmp_path):
+    model, graph = _tiny_cnn()
+    path = tmp_path / "tiny.onnx"
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="tiny.onnx.data",
+              size_threshold=0)
+    served = calibrate.model_for_onnxruntime(path)
+    assert isinstance(served, onnx.ModelProto)
+    x = np.asarray(synthetic_inputs(graph.input_shape[1:], 1, 0).inputs)
+    ours = run_reference(graph, x, keep_all=True)
+    theirs = calibrate.FloatModel(served, graph).reference(x)
+    assert all(np.allclose(theirs[name], ours[name], rtol=1e-4, atol=1e-5) for name in graph_tensors(graph))

@@ -351,17 +351,31 @@ def graph_tensors(graph: Graph) -> list[str]:
     return [graph.input_name] + [layer.output for layer in graph.layers]
 
 
-def _session_exposing(model: onnx.ModelProto, tensors: list[str]) -> ort.InferenceSession:
-    """A session of ``model`` with ``tensors`` as extra outputs. The outputs are added to ``model`` only
-    while it is serialised: a copy of the model (its weights) would double what calibration holds."""
-    outputs = model.graph.output
-    present = {o.name for o in outputs} | {i.name for i in model.graph.input}
-    added = [name for name in tensors if name not in present]
-    outputs.extend(onnx.helper.make_empty_tensor_value_info(name) for name in added)
-    try:
-        serialized = model.SerializeToString()
-    finally:
-        del outputs[len(outputs) - len(added):]
+def _session_exposing(model: onnx.ModelProto | bytes, tensors: list[str],
+                      present: set[str] | None = None) -> ort.InferenceSession:
+    """A session of ``model`` with ``tensors`` as extra outputs (but those in ``present``: the model's inputs
+    and outputs; read from a ModelProto when not given).
+
+    A ModelProto gets the outputs only while it is serialised: a copy of the model (its weights) would
+    double what calibration holds. A serialised model (the file's bytes) gets them appended as a second
+    ``graph`` field: a protobuf parser merges repeated occurrences of a message field, appending their
+    repeated fields, so ONNX Runtime reads one graph with the extra outputs and no copy is parsed here."""
+    if present is None:
+        if not isinstance(model, onnx.ModelProto):
+            raise TypeError("a serialised model needs the names of its inputs and outputs (present)")
+        present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    added = [onnx.helper.make_empty_tensor_value_info(name) for name in tensors if name not in present]
+    if isinstance(model, onnx.ModelProto):
+        outputs = model.graph.output
+        outputs.extend(added)
+        try:
+            serialized = model.SerializeToString()
+        finally:
+            del outputs[len(outputs) - len(added):]
+    else:
+        appended = onnx.ModelProto()
+        appended.graph.output.extend(added)
+        serialized = model + appended.SerializeToString()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Between runs tpusim computes (histograms, integer layers): ONNX Runtime's threads must not spin on the
@@ -372,9 +386,18 @@ def _session_exposing(model: onnx.ModelProto, tensors: list[str]) -> ort.Inferen
     return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
 
-def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+def _external_data(serialized: bytes) -> bool:
+    """Whether a serialised ONNX model may keep tensors in external files: each such tensor has an
+    ``external_data`` entry with the key "location" (field 1, 8 bytes). A stray match only costs the
+    slower path that loads the files."""
+    return b"\n\x08location" in serialized
+
+
+def model_for_onnxruntime(path: str | Path) -> onnx.ModelProto | bytes:
+    """The model at ``path`` as :class:`FloatModel` takes it: the file's bytes, unless its weights are in
+    external data files (then loaded with them, as a ModelProto)."""
+    serialized = Path(path).read_bytes()
+    return onnx.load(str(path)) if _external_data(serialized) else serialized
 
 
 def _check_finite_parameters(graph: Graph) -> None:
@@ -413,13 +436,17 @@ class FloatModel:
     layer without inputs computes a constant (a materialised embedding); the tensor may not exist in
     ``model``, so it is evaluated once here instead."""
 
-    def __init__(self, model: onnx.ModelProto, graph: Graph, tensors: list[str] | None = None):
+    def __init__(self, model: onnx.ModelProto | bytes, graph: Graph, tensors: list[str] | None = None):
         tensors = graph_tensors(graph) if tensors is None else tensors
         self.graph = graph
         self.constants = {layer.output: layer for layer in graph.layers if not layer.inputs and layer.output in tensors}
         self.tensors = [name for name in tensors if name not in self.constants]
-        self.session = _session_exposing(model, self.tensors)
-        self.fixed_batch = _fixed_batch(model)
+        # A serialised model is not parsed here: the graph's input and outputs keep their ONNX names. Should
+        # the model have another output among the tensors, ONNX Runtime returns it twice, the same values.
+        present = None if isinstance(model, onnx.ModelProto) else {graph.input_name, *graph.outputs}
+        self.session = _session_exposing(model, self.tensors, present)
+        shape = self.session.get_inputs()[0].shape
+        self.fixed_batch = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
         self._input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._constant_values: dict[str, np.ndarray] | None = None
@@ -448,7 +475,7 @@ class FloatModel:
         return {**self.run(batch), **self.constant_values()}
 
 
-def collect_statistics(model: onnx.ModelProto, graph: Graph, data: CalibrationSet, bins: int,
+def collect_statistics(model: onnx.ModelProto | bytes, graph: Graph, data: CalibrationSet, bins: int,
                        batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
                        tensors: list[str] | None = None, float_model: FloatModel | None = None) -> dict[str, TensorStats]:
     """Run the FP32 model over the calibration set and return merged statistics per graph tensor

@@ -19,7 +19,7 @@ from tpusim.frontend.lowering import index_rows
 from tpusim.frontend.reference import run_layer
 from tpusim.quant.arithmetic import QParams
 from tpusim.quant.calibrate import (CalibrationSet, FloatModel, Samples, collect_statistics, load_calibration_set,
-                                    synthetic_ids, synthetic_inputs)
+                                    model_for_onnxruntime, synthetic_ids, synthetic_inputs)
 from tpusim.quant.equalization import equalize
 from tpusim.quant.execute import GemmEngine
 from tpusim.quant.export import export_fp32
@@ -90,7 +90,7 @@ class Quantized:
     float_model: FloatModel | None = None  # the FP32 model in ONNX Runtime that calibrated, every tensor exposed
 
 
-def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto, config: HardwareConfig, calib_data,
+def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto | bytes, config: HardwareConfig, calib_data,
                            progress: Progress | None = None) -> Quantized:
     quant = config.quant
     rows = index_rows(graph)
@@ -149,9 +149,9 @@ def quantize_and_measure(graph: Graph, model_path: Path, config: HardwareConfig,
                          eval_samples: int, fidelity_mode: str = "kernel",
                          progress: Progress | None = None) -> QuantOutcome:
     quant = config.quant
-    model = onnx.load(str(model_path))
+    model = model_for_onnxruntime(model_path)
     quantized = calibrate_and_quantize(graph, model, config, calib_data, progress)
-    del model  # ONNX Runtime has its own copy: the proto's weights (ResNet-50: 100 MB) need not stay for fidelity
+    del model  # ONNX Runtime has its own copy: the model's weights (ResNet-50: 100 MB) need not stay for fidelity
     graph, data, calibration, qgraph = quantized.graph, quantized.data, quantized.calibration, quantized.qgraph
     available = len(data.inputs)
     held_out = True
