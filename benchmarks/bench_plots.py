@@ -1,6 +1,7 @@
 """Time of the three plots of a run: latency_breakdown.png, energy_breakdown.png, roofline.png.
 
-    python3 benchmarks/bench_plots.py [--model resnet50] [--repeat 5] [--out DIR] [--plots-module FILE]
+    python3 benchmarks/bench_plots.py [--model resnet50[,bert_base,...]] [--repeat 5] [--out DIR]
+                                      [--plots-module FILE]
 
 Builds a run's layer rows and per-layer energies without quantizing (lower + compile + simulate +
 energy, as ``tpusim run --no-quantize`` does; the plots draw nothing the quantizer adds), then times
@@ -9,7 +10,10 @@ figure built, rendered to PNG and written. Imports are warm and one throwaway fi
 (matplotlib's font cache and text machinery loaded), so the figures measure the plots themselves.
 Each figure's time is the best of ``--repeat``; the total is the sum of the three bests. The PNGs
 stay in ``--out`` (default: a temporary directory) for looking at. Times are wall and CPU time of
-this process: on a machine other jobs load, the CPU time is the steadier figure.
+this process: on a machine other jobs load, the CPU time is the steadier figure. Several models
+(``--model resnet50,bert_base``: 73 and 270 layers) are timed one after the other in one process, each
+with its figures in a folder of its own under ``--out``, and a last line gives each model's three plots
+(best CPU time) per layer.
 
 ``--plots-module FILE`` times another copy of the module instead, for a before/after comparison:
 
@@ -47,7 +51,7 @@ def _times(repeat: int, work) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--model", default="resnet50", help="a model, or several separated by commas")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
@@ -59,14 +63,24 @@ def main() -> None:
         plots = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(plots)
 
-    options = pipeline.RunOptions(config=args.config, model=args.model, quantize=False)
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench_plots_"))
+    per_layer = []
+    for model in args.model.split(","):
+        layers, total_cpu = _bench_model(model, args.config, args.repeat, out / model if "," in args.model else out)
+        per_layer.append(f"{model} {total_cpu / layers * 1000:.2f} ms")
+    if len(per_layer) > 1:
+        print("three plots per layer (best CPU): " + ", ".join(per_layer))
+
+
+def _bench_model(model: str, config_path: Path, repeat: int, out: Path) -> tuple[int, float]:
+    """Time the three figures of ``model``; its layer count and the three plots' best CPU time."""
+    options = pipeline.RunOptions(config=config_path, model=model, quantize=False)
     config, graph, _ = pipeline.prepare(options)
     _, sim, energy = pipeline.time_and_energy(graph, config)
     rows = run_report.layer_rows(sim, energy, None)
     energies = {name: e.as_dict() for name, e in energy.layers}
     title = f"{sim.graph_name} on {config.name}, batch {sim.batch}"
 
-    out = args.out or Path(tempfile.mkdtemp(prefix="bench_plots_"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     plots.plot_latency_breakdown(rows[:3], out / "warmup.png")  # fonts, text layout, Agg: loaded once per process
@@ -80,19 +94,19 @@ def main() -> None:
             energies, out / "energy_breakdown.png", title=f"dynamic energy per layer: {title}"),
         "roofline.png": lambda: plots.plot_roofline(config, rows, out / "roofline.png", title=f"roofline: {title}"),
     }
-    print(f"{args.model}: {len(rows)} layers on {config.name}; best of {args.repeat}; "
+    print(f"{model}: {len(rows)} layers on {config.name}; best of {repeat}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"  a 3-layer figure first (fonts and text machinery, once per process): {warmup * 1000:.0f} ms")
     totals = [0.0, 0.0, 0.0]
     print(f"  {'':24s} {'first':>10s} {'best wall':>10s} {'best CPU':>10s}")
     for name, work in figures.items():
-        times = _times(args.repeat, work)
+        times = _times(repeat, work)
         totals = [a + b for a, b in zip(totals, times)]
         print(f"  {name:24s}" + "".join(f" {t * 1000:7.0f} ms" for t in times)
               + f"  {(out / name).stat().st_size / 1024:5.0f} KiB")
     print(f"  {'three plots':24s}" + "".join(f" {t * 1000:7.0f} ms" for t in totals))
     print(f"PNGs in {out}")
-
+    return len(rows), totals[2]
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
-from matplotlib.markers import TICKDOWN, TICKLEFT
+from matplotlib.markers import TICKDOWN, TICKLEFT, TICKRIGHT
 from PIL import Image
 
 from tpusim.config import load_config
@@ -191,6 +191,80 @@ def test_light_minor_ticks_sit_where_matplotlib_puts_its_own():
     assert not [line for line in ax.lines if line.get_marker() == TICKDOWN]
     fig.canvas.draw()
     assert [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text()]  # e.g. 600, 2,000
+
+
+BERT_BLOCK = ("attention.query.matmul", "attention.scores", "attention.probs", "output.dense.matmul")
+
+
+def _bert_like_names(blocks: int) -> list[str]:
+    """Two embedding layers, ``blocks`` encoder blocks of the same four layers, a classifier."""
+    return (["embeddings.word", "embeddings.LayerNorm"]
+            + [f"encoder.layer.{b}.{tail}" for b in range(blocks) for tail in BERT_BLOCK] + ["classifier"])
+
+
+def test_up_to_named_rows_max_layers_every_row_is_named():
+    names = _bert_like_names((plots.NAMED_ROWS_MAX - 3) // 4)
+    assert len(names) <= plots.NAMED_ROWS_MAX
+    assert plots.layer_rows_plan(names) == (names, [])
+
+
+def test_beyond_named_rows_max_a_repeated_block_is_named_once():
+    names = _bert_like_names(30)  # 123 layers
+    shown, blocks = plots.layer_rows_plan(names)
+    # The embeddings, the first encoder block and the classifier keep their names; blocks 1-29 repeat block 0.
+    assert shown == names[:6] + [None] * (29 * 4) + ["classifier"]
+    assert blocks == [plots.RepeatedBlock(2 + 4 * b, 6 + 4 * b,
+                                          f"encoder.layer.{b} (4 layers, named as in encoder.layer.0)")
+                      for b in range(1, 30)]
+
+
+def test_only_blocks_with_the_same_names_in_the_same_order_repeat():
+    names = [f"stage.{b}.conv{i}" for b in range(30) for i in range(3)]  # 90 layers in blocks of three
+    names[3:6] = ["stage.1.conv0", "stage.1.conv2", "stage.1.conv1"]  # the same names in another order
+    names[6:9] = ["stage.2.conv0", "stage.2.conv1", "add_8"]  # a block cut short by a layer of no block
+    names += [f"head.{i}.fc" for i in range(11)] + ["head.11.fc", "head.11.act"]  # blocks of one, then two
+    shown, blocks = plots.layer_rows_plan(names)
+    assert [b.first for b in blocks] == [9 + 3 * b for b in range(27)]  # stage.3 to stage.29 repeat stage.0
+    assert blocks[0].label == "stage.3 (3 layers, named as in stage.0)"
+    assert shown[:9] == names[:9] and shown[90:] == names[90:]
+    # stage.1 is a block of its own (its order differs), stage.2's two layers are the first of their kind
+    assert [n for n in shown if n is not None] == names[:9] + names[90:]
+
+
+def test_a_large_model_without_repeated_blocks_names_every_layer():
+    names = [f"conv{i}" for i in range(plots.NAMED_ROWS_MAX + 20)]
+    assert plots.layer_rows_plan(names) == (names, [])
+    fig = plots.latency_breakdown_figure([{**row, "layer": name} for row, name in zip(_layer_rows(len(names)), names)])
+    assert plots.layer_labels(fig) == names
+    assert fig.get_size_inches()[1] == pytest.approx(plots.ROW_IN * len(names) + 1.6)
+
+
+def test_breakdown_of_a_model_of_repeated_blocks(tmp_path):
+    names = _bert_like_names(30)
+    rows = [{**row, "layer": name} for row, name in zip(_layer_rows(len(names)), names)]
+    fig = plots.latency_breakdown_figure(rows)
+    ax = fig.axes[0]
+    # Every layer keeps its bar in every stack and its tick mark.
+    stacks = [c for c in ax.collections if c.get_label() in [label for _, label, _ in plots.LATENCY_CATEGORIES]]
+    assert [len(c.get_paths()) for c in stacks] == [len(rows)] * 4
+    ticks = [line for line in ax.lines if line.get_marker() == TICKLEFT]
+    assert len(ticks) == 1 and list(ticks[0].get_ydata()) == list(range(len(rows)))
+    # Named rows at their places; each repeated block's label at its middle, its bracket over its bars.
+    texts = {t.get_text(): t for t in ax.texts}
+    assert plots.layer_labels(fig) == names[:6] + ["classifier"]
+    assert all(texts[name].get_position()[1] == names.index(name) for name in plots.layer_labels(fig))
+    _, blocks = plots.layer_rows_plan(names)
+    assert plots.layer_labels(fig, plots.BLOCK_LABEL_GID) == [b.label for b in blocks]
+    assert [texts[b.label].get_position()[1] for b in blocks] == [(b.first + b.stop - 1) / 2 for b in blocks]
+    brackets = [line for line in ax.lines if line.get_marker() == TICKRIGHT]
+    assert [tuple(line.get_ydata()) for line in brackets] == [
+        (b.first - plots.BAR_HEIGHT / 2, b.stop - 1 + plots.BAR_HEIGHT / 2) for b in blocks]
+    assert fig.get_size_inches()[1] == pytest.approx(plots.DENSE_ROW_IN * len(rows) + 1.6)
+    contents = ax.get_tightbbox(fig.canvas.get_renderer())  # the block labels fit too
+    assert contents.x0 >= 0 and contents.x0 < 0.2 * fig.dpi and contents.x1 <= fig.bbox.x1
+    energy = {name: LayerEnergy(mac=100.0 * i, weight_dram=50.0).as_dict() for i, name in enumerate(names)}
+    assert plots.layer_labels(plots.energy_breakdown_figure(energy), plots.BLOCK_LABEL_GID) == [b.label for b in blocks]
+    assert _is_png(plots.plot_latency_breakdown(rows, tmp_path / "latency.png"))
 
 
 def test_energy_breakdown_draws_only_used_components(tmp_path):

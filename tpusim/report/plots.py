@@ -13,9 +13,19 @@ a tick object (three lines and two texts); log axes are labelled in plain text (
 ``10⁻⁵``) instead of mathtext, which has to be parsed; unlabelled minor log ticks are one line of
 markers per axis. What is left is mostly matplotlib laying out and rasterising each text (about a
 millisecond per layer name here) and PNG compression (``benchmarks/bench_plots.py`` times it).
+
+Beyond :data:`NAMED_ROWS_MAX` layers a per-layer figure names each layer of a repeated block once:
+matplotlib renders text glyph by glyph in Python, so BERT-base's 270 names (10,600 characters) took
+three quarters of the time of its two breakdown figures, about 1 s each, for twelve encoder blocks
+whose 22 names differ only in the block's number. Every layer keeps its bar and tick mark; a block whose names (past
+its number) repeat an earlier block's is one bracketed label over its rows (``encoder.layer.3 (22
+layers, named as in encoder.layer.0)``) and the first such block is named in full, so each row can be
+read off by its place in the block. Up to :data:`NAMED_ROWS_MAX` layers (ResNet-50's 73) every name is
+drawn, as are the names of a large model with no repeated block (see :func:`layer_rows_plan`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import math
@@ -70,6 +80,11 @@ LINE_STYLES = ("-", "--", ":", "-.")
 GRID_ALPHA = 0.3
 BAR_HEIGHT = 0.8  # of a layer's row
 LAYER_LABEL_GID = "layer-name"
+BLOCK_LABEL_GID = "layer-block"
+NAMED_ROWS_MAX = 100  # layers a per-layer figure names one by one whatever repeats (ResNet-50 has 73)
+ROW_IN = 0.17  # a layer's row, inches: a 7-point name with room to spare
+DENSE_ROW_IN = 0.12  # the same beyond NAMED_ROWS_MAX, where most rows carry no name of their own
+BRACKET_SERIF_PT = 3.0  # the short ends of a repeated block's bracket
 FIT_PAD_IN = 0.08  # margin around a figure's contents, inches
 _SUPERSCRIPTS = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
 
@@ -485,11 +500,57 @@ def _stacked_bars(ax: Axes, stacks: Sequence[tuple[str, Any, Sequence[float]]], 
     ax.autoscale_view()
 
 
-def _layer_labels(ax: Axes, layers: Sequence[str], fontsize: float) -> None:
-    """Layer names where y tick labels go, one text each, and their tick marks as one line of markers."""
+@dataclasses.dataclass(frozen=True)
+class RepeatedBlock:
+    """Rows ``first`` to ``stop - 1`` of a per-layer figure: a block named once, by ``label``."""
+
+    first: int
+    stop: int
+    label: str
+
+
+def _block_prefix(name: str) -> str | None:
+    """A layer's block: its name up to its first number between dots (``encoder.layer.3`` of
+    ``encoder.layer.3.attention.self.query.matmul``, ``layer2.1`` of ``layer2.1.conv1``); None without one."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def layer_rows_plan(layers: Sequence[str]) -> tuple[list[str | None], list[RepeatedBlock]]:
+    """Each row's own name (None in a repeated block) and the repeated blocks, in row order.
+
+    Up to :data:`NAMED_ROWS_MAX` layers every row is named. Beyond, a run of two or more consecutive
+    layers of one block whose names past the block's prefix are those of an earlier block, in order,
+    is named once, as a repeat of the earliest such block, which keeps its names."""
+    names: list[str | None] = list(layers)
+    if len(names) <= NAMED_ROWS_MAX:
+        return names, []
+    blocks: list[RepeatedBlock] = []
+    first_with: dict[tuple[str, ...], str] = {}  # a block's names past its prefix -> the first block with them
+    start = 0
+    while start < len(layers):
+        prefix = _block_prefix(layers[start])
+        stop = start + 1
+        while prefix is not None and stop < len(layers) and _block_prefix(layers[stop]) == prefix:
+            stop += 1
+        if prefix is not None and stop - start > 1:
+            earlier = first_with.setdefault(tuple(name[len(prefix):] for name in layers[start:stop]), prefix)
+            if earlier != prefix:
+                names[start:stop] = [None] * (stop - start)
+                blocks.append(RepeatedBlock(start, stop, f"{prefix} ({stop - start} layers, named as in {earlier})"))
+        start = stop
+    return names, blocks
+
+
+def _layer_labels(ax: Axes, names: Sequence[str | None], blocks: Sequence[RepeatedBlock], fontsize: float) -> None:
+    """Layer names where y tick labels go, one text each, their tick marks as one line of markers (one on
+    every row), and each repeated block's label beside a bracket over its rows."""
     import matplotlib as mpl
     from matplotlib.lines import Line2D
-    from matplotlib.markers import TICKLEFT
+    from matplotlib.markers import TICKLEFT, TICKRIGHT
     from matplotlib.transforms import ScaledTranslation
 
     rc = mpl.rcParams
@@ -497,19 +558,29 @@ def _layer_labels(ax: Axes, layers: Sequence[str], fontsize: float) -> None:
     colour = rc["ytick.color"] if rc["ytick.labelcolor"] == "inherit" else rc["ytick.labelcolor"]
     ax.set_yticks([])
     marks = ax.get_yaxis_transform()  # x in axes fractions, y in rows
-    ax.add_line(Line2D(np.zeros(len(layers)), np.arange(len(layers)), linestyle="none", marker=TICKLEFT,
+    ax.add_line(Line2D(np.zeros(len(names)), np.arange(len(names)), linestyle="none", marker=TICKLEFT,
                        markersize=size, markeredgewidth=width, color=rc["ytick.color"], transform=marks,
                        clip_on=False))
-    names = marks + ScaledTranslation(-(size + pad) / 72, 0.0, ax.figure.dpi_scale_trans)
-    for i, name in enumerate(layers):
-        # A layer's name is a name, never mathtext: a "$" in it is a "$".
-        ax.text(0.0, i, name, transform=names, ha="right", va="center_baseline", fontsize=fontsize,
-                color=colour, parse_math=False, clip_on=False, gid=LAYER_LABEL_GID)
+    inches = ax.figure.dpi_scale_trans
+    beside = marks + ScaledTranslation(-(size + pad) / 72, 0.0, inches)
+    for i, name in enumerate(names):
+        if name is not None:  # A layer's name is a name, never mathtext: a "$" in it is a "$".
+            ax.text(0.0, i, name, transform=beside, ha="right", va="center_baseline", fontsize=fontsize,
+                    color=colour, parse_math=False, clip_on=False, gid=LAYER_LABEL_GID)
+    block_label = marks + ScaledTranslation(-(size + 2 * pad) / 72, 0.0, inches)
+    for block in blocks:
+        # "[" from the middle of its first bar to the middle of its last, the serifs toward the tick marks
+        ax.add_line(Line2D([0.0, 0.0], [block.first - BAR_HEIGHT / 2, block.stop - 1 + BAR_HEIGHT / 2],
+                           marker=TICKRIGHT, markersize=BRACKET_SERIF_PT, markeredgewidth=width, linewidth=width,
+                           color=rc["ytick.color"], transform=beside, clip_on=False))
+        ax.text(0.0, (block.first + block.stop - 1) / 2, block.label, transform=block_label, ha="right",
+                va="center", fontsize=fontsize, color=colour, parse_math=False, clip_on=False, gid=BLOCK_LABEL_GID)
 
 
-def layer_labels(fig: Figure) -> list[str]:
-    """The layer names down a per-layer figure's axis, first layer first."""
-    texts = [t for t in fig.axes[0].texts if t.get_gid() == LAYER_LABEL_GID]
+def layer_labels(fig: Figure, gid: str = LAYER_LABEL_GID) -> list[str]:
+    """The layer names down a per-layer figure's axis, first layer first (with ``gid=BLOCK_LABEL_GID``:
+    the labels of its repeated blocks)."""
+    texts = [t for t in fig.axes[0].texts if t.get_gid() == gid]
     return [t.get_text() for t in sorted(texts, key=lambda t: t.get_position()[1])]
 
 
@@ -519,11 +590,12 @@ def _layer_bar_figure(layers: Sequence[str], stacks: Sequence[tuple[str, Any, Se
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    height = max(3.0, 0.17 * len(layers) + 1.6)
+    names, blocks = layer_rows_plan(layers)
+    height = max(3.0, (DENSE_ROW_IN if blocks else ROW_IN) * len(layers) + 1.6)
     fig = Figure(figsize=(10.5, height), dpi=DPI)  # measured at the dpi it is saved at: text metrics once
     ax = fig.subplots()
     _stacked_bars(ax, stacks, len(layers))
-    _layer_labels(ax, layers, fontsize=7 if len(layers) > 30 else 9)
+    _layer_labels(ax, names, blocks, fontsize=7 if len(layers) > 30 else 9)
     ax.set_ylim(len(layers) - 0.5, -0.5)
     ax.set_xlabel(xlabel)
     # Placed, not searched for: matplotlib would measure every label at each draw to find room for a y
