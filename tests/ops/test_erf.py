@@ -4,7 +4,7 @@ import numpy as np
 
 from onnx_graphs import GraphBuilder
 from op_checks import check_all_stages
-from tpusim.ops.erf import erf
+from tpusim.ops.erf import erf, erf_reference
 
 SHAPE = (1, 4, 8, 8)
 
@@ -22,3 +22,13 @@ def test_erf_matches_math_erf_to_double_precision():
     x32 = np.linspace(-5, 5, 10001, dtype=np.float32)
     np.testing.assert_array_equal(erf(x32), np.array([math.erf(v) for v in x32.astype(np.float64)], np.float32))
     assert erf(x32).dtype == np.float32 and np.isnan(erf(np.array([np.nan])))[0]
+
+
+def test_the_compiled_erf_equals_its_series_oracle():
+    rng = np.random.default_rng(0)
+    x32 = np.concatenate([np.linspace(-7, 7, 200_001, dtype=np.float32), 2 * rng.standard_normal(100_000, np.float32),
+                          np.array([0.0, -0.0, 6.0, -6.0, np.inf, -np.inf], np.float32)])
+    assert np.array_equal(erf(x32), erf_reference(x32))  # float32: the same value, bit for bit
+    x64 = x32[:300_000].astype(np.float64).reshape(3, -1)
+    assert erf(x64).shape == x64.shape
+    np.testing.assert_allclose(erf(x64), erf_reference(x64), rtol=0, atol=4e-15)
