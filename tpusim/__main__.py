@@ -1,5 +1,6 @@
 """``python -m tpusim`` and the ``tpusim`` console script. Ctrl-C at any moment, even while Python is still
 importing, ends with ``tpusim: interrupted`` and exit code 130, never a traceback or a crash."""
+import gc
 import importlib.machinery
 import os
 import signal
@@ -88,6 +89,10 @@ def main() -> int:
     if code == EXIT_INTERRUPTED:
         _exit_interrupted()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: a late Ctrl-C must not kill the exit
+    # What is still alive (modules, caches, the result) lives until the process ends; frozen, it is left out
+    # of the garbage collections of the interpreter's shutdown, which would otherwise traverse all of it
+    # (a ResNet-50 run: 0.3 s of its 5 s, after its last line).
+    gc.freeze()
     return code
 
 
