@@ -11,6 +11,8 @@ model users bring:
 - ``fill_model(model, seed)``: the same for any model with stripped tensors;
 - ``save_with_external_data(model, path)``: the dynamo exporter's layout, ``path`` plus
   ``path.name + ".data"``;
+- ``saved_model(name, seed)``: the path of ``load_model(name, seed)`` in that layout, written once per
+  machine (a cache in the temporary folder, keyed by what the fill reads);
 - ``mlperf_tiny_onnx(name, out_dir)``: an MLPerf Tiny ``.tflite`` model with real weights, converted
   by tflite2onnx;
 - ``ort_qdq_copy(model, ...)``: ONNX Runtime's ``quantize_static`` QDQ model of a float model.
@@ -20,10 +22,14 @@ Tests import it as ``import corpus`` (``tests/`` is on pytest's pythonpath).
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
 import re
+import shutil
 import sys
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -766,10 +772,10 @@ def calibrate(model: onnx.ModelProto, values: dict, drawn: list, scaled: set, se
         return seen
 
     factors = {w: 1.0 for w, _ in layers}
+    # rescaled only when a factor changes: multiplying every weight on every run was most of a VGG's fill
+    feeds = {data_input.name: x, **{w: values[w] for w in names}}
     done_upto = 0
     for _ in range(_MAX_CALIBRATION_RUNS):
-        feeds = {data_input.name: x}
-        feeds.update({w: values[w] if factors[w] == 1.0 else values[w] * np.float32(factors[w]) for w in names})
         results = dict(zip(fetch, session.run(fetch, feeds)))
         stale: set[str] = set()
         changed = False
@@ -786,6 +792,7 @@ def calibrate(model: onnx.ModelProto, values: dict, drawn: list, scaled: set, se
                     done_upto = i + 1
                 continue
             factors[w] = _quantized_factor(factors[w] * math.sqrt(target / s2))
+            feeds[w] = values[w] if factors[w] == 1.0 else values[w] * np.float32(factors[w])
             stale |= downstream(out)
             changed = True
         if not changed:
@@ -921,6 +928,62 @@ def save_with_external_data(model: onnx.ModelProto, path) -> Path:
     onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name,
                     size_threshold=sys.getsizeof(b"") + 257)   # onnx compares getsizeof(raw_data)
+    return path
+
+
+# Filled corpus files, kept between test sessions: filling VGG-11 (133 M seeded draws, then ONNX Runtime
+# checks) takes seconds, reading the file back a fraction of one.
+SAVED_DIR = Path(tempfile.gettempdir()) / "tpusim-test-corpus"
+_UNUSED_KEY_LIFETIME_S = 24 * 3600   # another checkout's (or a just-edited filler's) files live this long unused
+
+
+def _fill_key(name: str, seed: int) -> str:
+    """Hash of everything a fill reads: the stripped file, this module's code, the libraries it draws and
+    calibrates with, the seed."""
+    import onnxruntime
+
+    digest = hashlib.sha256()
+    for part in (_stripped_bytes(name), Path(__file__).read_bytes(), np.__version__.encode(),
+                 onnx.__version__.encode(), onnxruntime.__version__.encode(), str(seed).encode()):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:20]
+
+
+def saved_model(name: str, seed: int = 0) -> Path:
+    """The path of ``load_model(name, seed)`` saved as its exporter lays it out (external data for dynamo),
+    filled and written once per machine: ``SAVED_DIR/<name>/<key>/``, ``<key>`` hashing what the fill
+    reads (``_fill_key``), so an edit to the filler or a new library fills again. Read it, never write
+    beside it. Folders of other keys unused for a day are removed."""
+    e = entry(name)
+    folder = SAVED_DIR / name
+    key = _fill_key(name, seed)
+    path = folder / key / e.file
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+        try:
+            model = load_model(name, seed)
+            if e.external_data:
+                save_with_external_data(model, staging / e.file)
+            else:
+                onnx.save(model, str(staging / e.file))
+            del model
+            try:
+                staging.rename(folder / key)        # whole or not at all, for a concurrent session
+            except OSError:
+                if not path.is_file():             # not another session's rename that came first
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    now = time.time()
+    os.utime(folder / key, (now, now))
+    for other in folder.iterdir():
+        try:
+            unused_s = now - other.stat().st_mtime
+        except FileNotFoundError:                   # another session removed it
+            continue
+        if other.name != key and unused_s > _UNUSED_KEY_LIFETIME_S:
+            shutil.rmtree(other, ignore_errors=True)
     return path
 
 

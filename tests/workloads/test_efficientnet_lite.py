@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from tpusim.errors import ModelError
-from tpusim.workloads import WORKLOADS, efficientnet_lite
+from tpusim.workloads import efficientnet_lite
 from tpusim.workloads.efficientnet_lite import same_upper_pads
 
 # ImageNet classes a person in a naval uniform with a bow tie is sensibly called.
@@ -19,9 +19,9 @@ LITE0_PARAMETERS = 4_652_008
 
 
 @pytest.fixture(scope="module")
-def built():
+def built(generated_workload):
     try:
-        return WORKLOADS["efficientnet_lite0"].build(0)
+        return generated_workload("efficientnet_lite0")
     except ModelError as exc:
         pytest.skip(str(exc))
 

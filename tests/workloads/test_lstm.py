@@ -17,8 +17,8 @@ CONFIG = load_config("configs/tpu_v1.yaml")
 
 
 @pytest.fixture(scope="module")
-def generated():
-    return WORKLOADS["lstm"].build(0)
+def generated(generated_workload):
+    return generated_workload("lstm")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 agrees with the generator's own numpy pass, trained-net-like weight statistics, and the cache."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +28,17 @@ CONV_FC_MACS = {"resnet50": 4_089_184_256, "resnet18": 1_814_073_344, "mobilenet
 
 
 class Built:
-    """One generated model per workload per test session, saved to a temporary folder."""
+    """One generated model per workload per test session (the one other modules read), saved to a temporary
+    folder."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, generated_workload: Callable[[str], GeneratedModel]) -> None:
         self._folder = folder
+        self._generated = generated_workload
         self._cache: dict[str, tuple[GeneratedModel, Path, ort.InferenceSession]] = {}
 
     def get(self, name: str) -> tuple[GeneratedModel, Path, ort.InferenceSession]:
         if name not in self._cache:
-            generated = WORKLOADS[name].build(0)
+            generated = self._generated(name)
             path = save_model(generated.model, self._folder / f"{name}.onnx")
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             self._cache[name] = (generated, path, session)
@@ -43,8 +46,8 @@ class Built:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return Built(tmp_path_factory.mktemp("workloads"))
+def built(tmp_path_factory: pytest.TempPathFactory, generated_workload: Callable[[str], GeneratedModel]) -> Built:
+    return Built(tmp_path_factory.mktemp("workloads"), generated_workload)
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
