@@ -13,6 +13,7 @@ from tpusim.quant.arithmetic import (
     integer_range,
     quantize,
     quantize_reference,
+    symmetric_scale,
     weight_qparams,
 )
 
@@ -190,3 +191,23 @@ def test_quantize_of_a_scalar_and_an_empty_tensor():
     assert quantize(np.zeros((0, 3), np.float32), qp).shape == (0, 3)
     with pytest.raises(ValueError, match="channel parameters"):
         quantize(np.zeros((2, 4), np.float32), QParams(np.array([1.0, 2.0, 3.0]), np.zeros(3), -128, 127, axis=1))
+
+
+@pytest.mark.parametrize("granularity", ["per-tensor", "per-channel"])
+def test_weight_scales_are_those_of_the_largest_magnitude_per_channel(granularity):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    w[1] = -np.abs(w[1]) * 5  # a channel whose largest magnitude is its minimum
+    w[2] = 0.0
+    w[3] = -0.0
+    for axis in (0, 1, -1):
+        got = weight_qparams(w, granularity, axis=axis)
+        rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        amax = np.max(np.abs(w)) if granularity == "per-tensor" else np.max(np.abs(rows), axis=1)
+        assert np.array_equal(got.scale, symmetric_scale(amax, 127))
+        assert got.axis == (None if granularity == "per-tensor" else axis % w.ndim)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = w.copy()
+        broken[4, 1, 2, 0] = bad
+        with pytest.raises(ModelError, match="conv1 weight: weight tensor contains NaN or inf"):
+            weight_qparams(broken, granularity, name="conv1 weight")

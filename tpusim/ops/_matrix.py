@@ -78,7 +78,7 @@ def quantize_matrix_layer(layer: Layer, x_qp: QParams, y_qp: QParams, quant: Qua
     bias = np.zeros(n_out, np.float32) if layer.bias is None else layer.bias
     model_bias = layer.attr("bias_int32")
     bias_q = bias_to_int32(bias, s_w, s_x) if model_bias is None else np.asarray(model_bias, np.int32)
-    acc_bias = bias_q.astype(np.int64) - z_x * weight_q.reshape(n_out, -1).astype(np.int64).sum(axis=1)
+    acc_bias = bias_q.astype(np.int64) - z_x * weight_q.reshape(n_out, -1).sum(axis=1, dtype=np.int64)
     if acc_bias.min() < INT32_MIN or acc_bias.max() > INT32_MAX:
         raise ModelError(f"{layer.name}: bias with the folded zero-point term does not fit an int32 accumulator")
     requant = Requant.of(s_x * w_qp.scale / scalar(y_qp.scale))
