@@ -51,3 +51,14 @@ def test_depth_below_the_window_is_rejected():
     attrs = ConvAttrs(kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1), groups=1)
     with pytest.raises(ValueError, match="depth"):
         tensor_ops.im2col_channels_last(np.zeros((1, 2, 4, 4), np.uint8), attrs, 0, 17)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 15, 4, 3), (1, 64, 3, 5)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.float32])
+def test_channels_last_is_the_transpose_and_a_view_of_channels_last_memory(shape, dtype):
+    x = np.random.default_rng(sum(shape)).integers(-100, 100, shape).astype(dtype)
+    got = tensor_ops.channels_last(x)  # few integer channels: the compiled copy; else numpy's
+    assert got.flags.c_contiguous and got.dtype == x.dtype
+    np.testing.assert_array_equal(got, x.transpose(0, 2, 3, 1))
+    stored = channels_last_memory(x)
+    assert np.shares_memory(tensor_ops.channels_last(stored), stored)

@@ -7,7 +7,10 @@ from numba import njit
 
 from tpusim.kernels.gemm import (
     HAS_VNNI,
+    RequantizedGemm,
+    _derived,
     claim_task,
+    derived_from,
     finish_task,
     grouped_int8_gemm,
     int8_gemm,
@@ -297,6 +300,50 @@ def test_threads_change_no_integer(use_vnni):
     np.testing.assert_array_equal(plain_1.result, plain_n.result)
     np.testing.assert_array_equal(fused_1[0], fused_n[0])
     assert plain_1.wrapped_count == plain_n.wrapped_count == fused_1[1] == fused_n[1] > 0
+
+
+@pytest.mark.parametrize("use_vnni", KERNELS)
+@pytest.mark.parametrize("unsigned", [True, False])
+def test_a_prepared_gemm_equals_the_reference_on_activations_of_any_row_count(use_vnni, unsigned):
+    # Built once, run on several x: M = 3 is below a broadcast strip (the 4 x 4 tile kernel takes it), the rest not.
+    rng = np.random.default_rng(5 + unsigned)
+    w = rng.integers(-128, 128, (1, 64, 192)).astype(np.int8)
+    bias = rng.integers(-2**20, 2**20, 64).astype(np.int32)
+    m0, shift = quantize_multiplier(2.0 ** rng.uniform(-16, -8, 64))
+    x_dtype = np.uint8 if unsigned else np.int8
+    gemm = RequantizedGemm(w, bias, 32, m0, shift, 4, 0, 255, np.uint8, x_dtype, use_vnni=use_vnni)
+    for m in (3, 6, 301, 3):
+        x = rng.integers(0, 256, (1, m, 192)).astype(np.uint8) if unsigned else \
+            rng.integers(-128, 128, (1, m, 192)).astype(np.int8)
+        want, wrapped = requantized_reference(x, w, bias, 32, m0, shift, 4, 0, 255)
+        got, got_wrapped = gemm(x)
+        np.testing.assert_array_equal(got, want)
+        assert got_wrapped == wrapped
+        assert np.count_nonzero(got == 0) and np.count_nonzero(got == 255) and np.count_nonzero((got > 0) & (got < 255))
+
+
+def test_a_prepared_gemm_rejects_activations_it_was_not_built_for():
+    gemm = RequantizedGemm(np.zeros((1, 8, 64), np.int8), None, 32, np.array([2**30]), np.array([0]), 0, 0, 255,
+                           np.uint8, np.uint8)
+    for x in (np.zeros((1, 6, 64), np.int8), np.zeros((1, 6, 65), np.uint8), np.zeros((2, 6, 64), np.uint8)):
+        with pytest.raises(ValueError, match="w_nk"):
+            gemm(x)
+
+
+def test_derived_values_are_made_once_per_owner_and_tag_and_go_with_the_owner():
+    class Owner:
+        pass
+
+    owner, made = Owner(), []
+
+    def make():
+        made.append(1)
+        return len(made)
+
+    assert [derived_from(owner, "a", make), derived_from(owner, "a", make), derived_from(owner, "b", make)] == [1, 1, 2]
+    entries = len(_derived)
+    del owner
+    assert len(_derived) == entries - 2
 
 
 def test_requantized_kernel_rejects_wide_accumulators_and_bad_multipliers():

@@ -96,3 +96,49 @@ def test_one_pass_kernel_equals_the_general_path(name, grids, layouts):
     assert np.count_nonzero(got == ql.out_qmin)
     if layouts[0] == layouts[1] == "channels-last":
         assert got.transpose(0, 2, 3, 1).flags.c_contiguous  # the output keeps its inputs' memory order
+
+
+@pytest.mark.parametrize("name", ["add", "sub"])
+def test_one_pass_kernel_on_every_pair_of_values_with_ties_at_both_signs(name):
+    # Inputs on one grid and an output step four times theirs: the output is (q_a -+ q_b - 2 z) / 4 exactly,
+    # so every residue mod 4 occurs and the halves round away from zero on both sides of zero.
+    a, b = (np.repeat(np.arange(256, dtype=np.uint8), 256), np.tile(np.arange(256, dtype=np.uint8), 256))
+    shape = (1, 256, 16, 16)
+    layer = Layer(name="a", op=name, inputs=("a", "b"), output="y", input_shapes=(shape, shape), output_shape=shape)
+    module = ops.op(name)
+    grid = QParams(np.array(0.5), np.array(128), 0, 255)
+    ql = module.quantize(layer, (grid, grid), QParams(np.array(2.0), np.array(128), 0, 255), CONFIG.quant, None)
+    inputs = [a.reshape(shape), b.reshape(shape)]
+    got, _ = module.execute(ql, inputs, None)
+    np.testing.assert_array_equal(got, _general_path(module, ql, inputs))
+    signed = -1 if name == "sub" else 1
+    total = (a.astype(int) - 128) + signed * (b.astype(int) - 128)
+    np.testing.assert_array_equal(got.reshape(-1), np.clip(np.sign(total) * ((np.abs(total) + 2) // 4) + 128, 0, 255))
+
+
+def test_rescales_that_could_leave_int32_take_the_general_path():
+    # A hand-made layer whose input rescale multiplies by 8: terms reach 255 * 2**23, past int32, where the
+    # general path clamps them; the one-pass kernel's shortcuts do not hold and it must not run.
+    import dataclasses
+
+    from tpusim.quant.qlayer import Requant
+
+    shape = (1, 4, 3, 3)
+    layer = Layer(name="a", op="add", inputs=("a", "b"), output="y", input_shapes=(shape, shape), output_shape=shape)
+    grid = QParams(np.array(0.5), np.array(0), 0, 255)
+    ql = ops.op("add").quantize(layer, (grid, grid), grid, CONFIG.quant, None)
+    ql = dataclasses.replace(ql, input_rescales=(Requant.of(8.0), Requant.of(8.0)))
+    a = np.full(shape, 255, np.uint8)
+    got, _ = ops.op("add").execute(ql, [a, a], None)
+    want = _general_path(ops.op("add"), ql, [a, a])
+    np.testing.assert_array_equal(got, want)
+    # Both terms clamp to 2**31 - 1 and their int32 sum wraps to -2: the lowest output, where unclamped
+    # arithmetic gives the highest.
+    assert not want.any()
+    from tpusim.ops.add import _add_block
+
+    unclamped = np.empty(a.size, np.uint8)
+    _add_block(a.reshape(-1), a.reshape(-1), 0, 0, int(ql.input_rescales[0].m0[0]), int(ql.input_rescales[1].m0[0]),
+               int(ql.requant.m0[0]), int(ql.input_rescales[0].shift[0]), int(ql.input_rescales[1].shift[0]),
+               int(ql.requant.shift[0]), False, 0, 0, 255, unclamped)
+    assert (unclamped == 255).all()

@@ -47,3 +47,27 @@ def test_rank3_integers_are_the_matrix_units_sums_requantized():
     expected = np.clip(exact + int(y_qp.zero_point), ql.out_qmin, ql.out_qmax).reshape(1, 7, 24)
     assert wrapped == 0 and out.shape == (1, 7, 24)
     assert np.max(np.abs(out - expected)) <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("shape, n", [((1, 2048), 1000), ((1, 9, 192), 128), ((2, 5), 3)])
+def test_the_prepared_int8_path_equals_exact_blas_on_every_call(shape, n):
+    # M = 1 (a classifier) and M = 9 with whole 64-channel tiles (the broadcast kernel), and a tiny layer.
+    from tpusim.ir import Activation, Layer
+    from tpusim.quant.arithmetic import QParams
+
+    rng = np.random.default_rng(n)
+    k = shape[-1]
+    layer = Layer(name="g", op="gemm", inputs=("x",), output="y", input_shapes=(shape,),
+                  output_shape=(*shape[:-1], n), activation=Activation("relu", 0.0, float("inf")),
+                  weight=rng.normal(0, 1 / np.sqrt(k), (n, k)).astype(np.float32),
+                  bias=rng.normal(0, 0.5, n).astype(np.float32))
+    x_qp, y_qp = QParams(np.array(0.046875), np.array(7), 0, 255), QParams(np.array(0.0703125), np.array(3), 0, 255)
+    ql = op("gemm").quantize(layer, (x_qp,), y_qp, CONFIG.quant, None)
+    x = rng.integers(0, 256, shape).astype(np.uint8)
+    want, want_wrapped = op("gemm").execute(ql, [x], ExecOptions(32, "exact-blas"))
+    for _ in range(2):
+        got, wrapped = op("gemm").execute(ql, [x], ExecOptions(32, "int8-gemm"))
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+        assert wrapped == want_wrapped
+    assert np.count_nonzero(want == ql.out_qmin) and np.count_nonzero(want > ql.out_qmin)

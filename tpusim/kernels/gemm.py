@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import warnings
 import weakref
 from typing import NamedTuple
@@ -380,7 +379,7 @@ def run_tasks(work, tasks: int, *args) -> None:
         while counters[1] < tasks:  # only tasks a helper claimed are left: wait for them, yielding the core
             if _helpers.error is not None:
                 raise _helpers.error
-            time.sleep(0)
+            os.sched_yield()  # (time.sleep(0) sleeps out the timer slack: 50-70 us here)
     finally:
         if helpers > 0:
             _helpers.stop()
@@ -637,7 +636,8 @@ def _finish_strip(acc, rows, width, bias, acc_bits, multiplier, right, half, zer
             stored = wrap_to_bits(exact, acc_bits)
             wrapped += stored != exact
             product = stored * scale[j]
-            rounded = (product + rounding[j]) >> bits[j] if product >= 0 else -((rounding[j] - product) >> bits[j])
+            # Half away from zero without a branch: for p < 0, -floor((|p| + h) / n) = floor((p + h - 1) / n).
+            rounded = (product + rounding[j] + (product >> 63)) >> bits[j]
             dst[j] = min(max(rounded + zero_point, qmin), qmax)
     return wrapped
 
@@ -686,19 +686,21 @@ def _pack_broadcast_weights(w_nk: np.ndarray) -> np.ndarray:
                                 .reshape(groups, vectors, k_total // 4, _VNNI_BLOCK))
 
 
-# Values derived from a weight array (packed layouts, bias shifts), per array and tag: a model's
-# weights are packed once, not once per run. Entries go when their array does.
+# Values derived from a weight array or a layer (packed layouts, bias shifts, prepared kernels), per
+# owner and tag: a model's weights are packed once, not once per run. Entries go when their owner
+# does, so a value must not refer to its owner.
 _derived: dict[tuple[int, object], tuple[weakref.ref, object]] = {}
 
 
-def derived_from(array: np.ndarray, tag: object, make):
-    """make(), computed once per live ``array`` and hashable ``tag`` (which must say everything make depends on)."""
-    key = (id(array), tag)
+def derived_from(owner: object, tag: object, make):
+    """make(), computed once per live ``owner`` (an array, or any object that takes weak references) and hashable
+    ``tag`` (which must say everything make depends on besides the owner)."""
+    key = (id(owner), tag)
     entry = _derived.get(key)
-    if entry is not None and entry[0]() is array:
+    if entry is not None and entry[0]() is owner:
         return entry[1]
     value = make()
-    _derived[key] = (weakref.ref(array, lambda _, key=key, table=_derived: table.pop(key, None)), value)
+    _derived[key] = (weakref.ref(owner, lambda _, key=key, table=_derived: table.pop(key, None)), value)
     return value
 
 
@@ -825,45 +827,69 @@ def requantized_int8_gemm(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | No
     Row m of the result holds all G*N output channels of pixel m (channels-last, group-major), each
     ``requantize(wrap(x[g, m] . w_nk[g, n] + bias), m0, shift, zero_point, qmin, qmax)`` exactly as
     :func:`tpusim.quant.fixed_point.requantize` computes it (m0, shift: one entry or one per channel).
-    Each strip of four rows is requantized while its int32 sums are still in L1, so no int32 tensor is
-    written. acc_bits must be at most 32 (the activation unit reads int32).
+    Each strip of rows is requantized while its int32 sums are still in L1, so no int32 tensor is
+    written. acc_bits must be at most 32 (the activation unit reads int32). A caller that runs the
+    same weights again builds a :class:`RequantizedGemm` once instead.
     """
     check_grouped_operands(x, w_nk, bias, acc_bits)
-    if acc_bits > 32:
-        raise ValueError(f"the fused requantization reads int32 accumulators; acc_bits={acc_bits}")
-    groups, n_g, _ = w_nk.shape
-    n_total = groups * n_g
-    m0 = np.asarray(m0).reshape(-1)
-    shift = np.asarray(shift).reshape(-1)
-    if m0.shape != shift.shape or m0.size not in (1, n_total):
-        raise ValueError(f"m0 {m0.shape} and shift {shift.shape} must have 1 or {n_total} entries")
-    out = np.empty((x.shape[1], n_total), out_dtype)
-    requant = (*_requant_constants(m0.astype(np.int64, copy=False), shift.astype(np.int64, copy=False), n_total),
-               np.int64(zero_point), np.int64(qmin), np.int64(qmax), out)
-    bias64 = _bias64(bias, groups, n_g)
-    if _vnni_runs(w_nk.shape[2], n_g, acc_bits, use_vnni) and _broadcast_fits(n_g, x.shape[1]):
-        k_padded = vnni_depth(w_nk.shape[2], n_g, acc_bits, use_vnni)
-        packed, shift_bias = derived_from(w_nk, ("broadcast", w_nk.shape, k_padded),
-                                          lambda: _broadcast_operands(w_nk, k_padded))
-        xb = x
-        if x.dtype == np.int8:
-            xb, bias64 = x.view(np.uint8) ^ np.uint8(0x80), bias64 + shift_bias
-        if k_padded != w_nk.shape[2]:
-            xb = np.concatenate([xb, np.zeros((*x.shape[:2], k_padded - w_nk.shape[2]), np.uint8)], axis=2)
-        panel = max(_VECTORS, _BROADCAST_PANEL_BYTES // (k_padded * _LANES) // _VECTORS * _VECTORS)
-        other_tasks = groups * -(-packed.shape[1] // panel)
-        chunks = _row_chunks(x.shape[1], other_tasks)
-        wrapped = np.zeros(other_tasks * chunks, np.int64)
-        try:
-            run_tasks(_requantized_broadcast_kernel, wrapped.size, np.ascontiguousarray(xb), packed, bias64, acc_bits,
-                      *requant, panel, chunks, wrapped)
-            return out, int(wrapped.sum())
-        except (numba.core.errors.NumbaError, RuntimeError) as exc:
-            _vnni_compiles[0] = False
-            warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
-    wrapped = _run_kernels(_requantized_gemm_vnni_kernel, _requantized_gemm_kernel, x, w_nk, bias64, acc_bits, use_vnni,
-                           *requant)
-    return out, wrapped
+    return RequantizedGemm(w_nk, bias, acc_bits, m0, shift, zero_point, qmin, qmax, out_dtype, x.dtype, use_vnni)(x)
+
+
+class RequantizedGemm:
+    """:func:`requantized_int8_gemm` for one weight array, bias, requantization and activation dtype,
+    prepared once (checks, per-channel constants, packed weights, the bias as the kernel takes it):
+    a call on activations x (G, M, K) then only allocates the output and runs the kernel."""
+
+    def __init__(self, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int, m0: np.ndarray, shift: np.ndarray,
+                 zero_point: int, qmin: int, qmax: int, out_dtype: np.dtype, x_dtype: np.dtype,
+                 use_vnni: bool = HAS_VNNI):
+        check_grouped_operands(np.empty((w_nk.shape[0], 0, w_nk.shape[2]), x_dtype), w_nk, bias, acc_bits)
+        if acc_bits > 32:
+            raise ValueError(f"the fused requantization reads int32 accumulators; acc_bits={acc_bits}")
+        groups, n_g, k_total = w_nk.shape
+        n_total = groups * n_g
+        m0 = np.asarray(m0).reshape(-1)
+        shift = np.asarray(shift).reshape(-1)
+        if m0.shape != shift.shape or m0.size not in (1, n_total):
+            raise ValueError(f"m0 {m0.shape} and shift {shift.shape} must have 1 or {n_total} entries")
+        self._w_nk, self._acc_bits, self._use_vnni = w_nk, acc_bits, use_vnni
+        self._x_dtype, self._out_dtype = np.dtype(x_dtype), np.dtype(out_dtype)
+        self._requant = (*_requant_constants(m0.astype(np.int64, copy=False), shift.astype(np.int64, copy=False),
+                                             n_total), np.int64(zero_point), np.int64(qmin), np.int64(qmax))
+        self._bias64 = _bias64(bias, groups, n_g)
+        self._broadcast = None  # (packed weights, bias for uint8 activations, K padded, panel, tasks per row chunk)
+        if _vnni_runs(k_total, n_g, acc_bits, use_vnni):
+            k_padded = vnni_depth(k_total, n_g, acc_bits, use_vnni)
+            packed, shift_bias = derived_from(w_nk, ("broadcast", w_nk.shape, k_padded),
+                                              lambda: _broadcast_operands(w_nk, k_padded))
+            bias_u8 = self._bias64 + shift_bias if self._x_dtype == np.int8 else self._bias64
+            panel = max(_VECTORS, _BROADCAST_PANEL_BYTES // (k_padded * _LANES) // _VECTORS * _VECTORS)
+            self._broadcast = (packed, bias_u8, k_padded, panel, groups * -(-packed.shape[1] // panel))
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """(M, G*N) output integers and the wrapped count for x (G, M, K) of the dtype given at construction."""
+        w_nk = self._w_nk
+        if x.dtype != self._x_dtype or x.ndim != 3 or x.shape[0] != w_nk.shape[0] or x.shape[2] != w_nk.shape[2]:
+            raise ValueError(f"x must be {self._x_dtype} (G, M, K) like w_nk {w_nk.shape}, got {x.dtype} {x.shape}")
+        m_total = x.shape[1]
+        out = np.empty((m_total, w_nk.shape[0] * w_nk.shape[1]), self._out_dtype)
+        if self._broadcast is not None and _vnni_compiles[0] and _broadcast_fits(w_nk.shape[1], m_total):
+            packed, bias_u8, k_padded, panel, other_tasks = self._broadcast
+            xb = x.view(np.uint8) ^ np.uint8(0x80) if x.dtype == np.int8 else x
+            if k_padded != w_nk.shape[2]:
+                xb = np.concatenate([xb, np.zeros((*x.shape[:2], k_padded - w_nk.shape[2]), np.uint8)], axis=2)
+            chunks = _row_chunks(m_total, other_tasks)
+            wrapped = np.zeros(other_tasks * chunks, np.int64)
+            try:
+                run_tasks(_requantized_broadcast_kernel, wrapped.size, np.ascontiguousarray(xb), packed, bias_u8,
+                          self._acc_bits, *self._requant, out, panel, chunks, wrapped)
+                return out, int(wrapped.sum())
+            except (numba.core.errors.NumbaError, RuntimeError) as exc:
+                _vnni_compiles[0] = False
+                warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
+        wrapped = _run_kernels(_requantized_gemm_vnni_kernel, _requantized_gemm_kernel, x, w_nk, self._bias64,
+                               self._acc_bits, self._use_vnni, *self._requant, out)
+        return out, wrapped
 
 
 def _broadcast_operands(w_nk: np.ndarray, k_padded: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from tpusim.kernels.gemm import claim_task, finish_task, run_tasks
+from tpusim.kernels.gemm import claim_task, derived_from, finish_task, run_tasks
 from tpusim.ops import register
 from tpusim.ops._binary import binary_passes, lower_binary
 from tpusim.ops.base import Op, VectorCost
@@ -53,7 +53,9 @@ class Add(Op):
 
     def execute(self, ql, inputs, options):
         if all(q.shape == ql.layer.output_shape for q in inputs):
-            return _fused_add(ql, inputs, self.signs), 0
+            constants = derived_from(ql, ("add", self.signs), lambda: _add_constants(ql, self.signs))
+            if constants is not None:
+                return _fused_add(ql, inputs, constants), 0
         total = np.zeros(ql.layer.output_shape, np.int32)
         for q, qp, r, sign in zip(inputs, ql.input_qparams, ql.input_rescales, self.signs):
             shifted = centered(q, qp.zero_point) << ADD_LEFT_SHIFT
@@ -75,32 +77,29 @@ class Add(Op):
 
 
 
-@njit(cache=True)
-def _rescale(value, m0, shift, zero_point, qmin, qmax):
-    """One value of :func:`tpusim.quant.fixed_point.requantize`: round half away from zero, then clamp."""
-    product = np.int64(value) * m0
-    right = 31 + shift
-    half = np.int64(1) << (right - 1)
-    rounded = (product + half) >> right if product >= 0 else -((half - product) >> right)
-    return min(max(rounded + zero_point, qmin), qmax)
-
-
 _ADD_BLOCK = 16384  # elements per parallel task of the add kernel
 
 
 @njit(cache=True)
-def _add_block(a, b, z_a, z_b, m_a, m_b, m_y, s_a, s_b, s_y, sign_a, sign_b, zero_point, qmin, qmax, out):
-    low, high = np.int64(INT32_MIN), np.int64(INT32_MAX)
+def _add_block(a, b, z_a, z_b, m_a, m_b, m_y, s_a, s_b, s_y, negate_b, zero_point, qmin, qmax, out):
+    """The requantizations of :func:`tpusim.quant.fixed_point.requantize`, rounding half away from zero
+    branch-free: round(p / 2**r) = (p + 2**(r - 1) - [p < 0]) >> r, the shift rounding down (for p < 0,
+    -floor((|p| + h) / n) = floor((p + h - 1) / n) with n = 2**r, h = n / 2). The caller has checked that
+    neither term can reach half the int32 range, so the general path's clamps and int32 wrap never act."""
+    r_a, r_b, r_y = 31 + s_a, 31 + s_b, 31 + s_y
+    h_a, h_b, h_y = np.int64(1) << (r_a - 1), np.int64(1) << (r_b - 1), np.int64(1) << (r_y - 1)
     for i in range(a.size):
-        term_a = _rescale((np.int64(a[i]) - z_a) << ADD_LEFT_SHIFT, m_a, s_a, 0, low, high)
-        term_b = _rescale((np.int64(b[i]) - z_b) << ADD_LEFT_SHIFT, m_b, s_b, 0, low, high)
-        total = np.int32(sign_a * term_a + sign_b * term_b)
-        out[i] = _rescale(total, m_y, s_y, zero_point, qmin, qmax)
+        p_a = ((np.int64(a[i]) - z_a) << ADD_LEFT_SHIFT) * m_a
+        p_b = ((np.int64(b[i]) - z_b) << ADD_LEFT_SHIFT) * m_b
+        term_a = (p_a + h_a + (p_a >> 63)) >> r_a
+        term_b = (p_b + h_b + (p_b >> 63)) >> r_b
+        p = (term_a - term_b if negate_b else term_a + term_b) * m_y
+        out[i] = min(max(((p + h_y + (p >> 63)) >> r_y) + zero_point, qmin), qmax)
 
 
 @njit(cache=True, nogil=True)
-def _add_kernel(a, b, zero_points, m0s, shifts, signs, zero_point, qmin, qmax, out, counters):
-    """out = requant(sign_a rescale(a) + sign_b rescale(b)) element by element, the int32 sum wrapping as numpy's.
+def _add_kernel(a, b, zero_points, m0s, shifts, negate_b, zero_point, qmin, qmax, out, counters):
+    """out = requant(rescale(a) +- rescale(b)) element by element.
 
     Blocks of elements are independent tasks (slices indexed from 0, which LLVM vectorises) that the
     threads claim one at a time (:func:`tpusim.kernels.gemm.run_tasks`), so the thread count changes no value."""
@@ -109,27 +108,43 @@ def _add_kernel(a, b, zero_points, m0s, shifts, signs, zero_point, qmin, qmax, o
     while block < blocks:
         lo, hi = block * _ADD_BLOCK, min((block + 1) * _ADD_BLOCK, a.size)
         _add_block(a[lo:hi], b[lo:hi], zero_points[0], zero_points[1], m0s[0], m0s[1], m0s[2], shifts[0], shifts[1],
-                   shifts[2], signs[0], signs[1], zero_point, qmin, qmax, out[lo:hi])
+                   shifts[2], negate_b, zero_point, qmin, qmax, out[lo:hi])
         finish_task(counters)
         block = claim_task(counters)
 
 
-def _fused_add(ql, inputs: list[np.ndarray], signs: tuple[int, int]) -> np.ndarray:
+def _add_constants(ql, signs: tuple[int, int]) -> tuple | None:
+    """The add kernel's constant arguments after the two inputs, or None where its shortcuts would not hold:
+    a first input subtracted, or a rescaled input that could reach half the int32 range (``quantize``'s
+    s_i / (2 max(s_a, s_b)) <= 1/2 keeps every term below 2**28)."""
+    (a_qp, b_qp), (r_a, r_b) = ql.input_qparams, ql.input_rescales
+    for qp, r in ((a_qp, r_a), (b_qp, r_b)):
+        largest = max(abs(qp.qmin - int(qp.zero_point)), abs(qp.qmax - int(qp.zero_point))) << ADD_LEFT_SHIFT
+        if (largest * int(r.m0[0]) >> (31 + int(r.shift[0]))) + 1 >= 2**30:
+            return None
+    if signs[0] != 1:
+        return None
+    return (np.array([int(a_qp.zero_point), int(b_qp.zero_point)], np.int64),
+            np.array([r_a.m0[0], r_b.m0[0], ql.requant.m0[0]], np.int64),
+            np.array([r_a.shift[0], r_b.shift[0], ql.requant.shift[0]], np.int64), signs[1] < 0,
+            np.int64(ql.output_qparams.zero_point), np.int64(ql.out_qmin), np.int64(ql.out_qmax))
+
+
+def _fused_add(ql, inputs: list[np.ndarray], constants: tuple) -> np.ndarray:
     """Add/Sub of two same-shape tensors in one pass; the general path above (rescale, sum, requantize) is its oracle.
 
     It runs over memory in the inputs' own order (the integer conv returns channels-last memory
     behind an NCHW shape), and its output keeps that order.
     """
-    (a_qp, b_qp), (r_a, r_b) = ql.input_qparams, ql.input_rescales
-    order = np.argsort([-stride for stride in inputs[0].strides], kind="stable")
+    a, b = inputs
+    if a.ndim == 4 and a.strides[1] == a.itemsize and b.strides == a.strides and a.strides[2] > a.strides[3]:
+        order = (0, 2, 3, 1)  # both channels-last memory, as the integer conv leaves its outputs
+    else:
+        order = np.argsort([-stride for stride in a.strides], kind="stable")
     a, b = (q.transpose(order) for q in inputs)
     if not (a.flags.c_contiguous and b.flags.c_contiguous):
         order = np.arange(inputs[0].ndim)
         a, b = (np.ascontiguousarray(q) for q in inputs)
     out = np.empty(a.shape, storage_dtype(ql.out_qmin, ql.out_qmax))
-    m0s = np.array([r_a.m0[0], r_b.m0[0], ql.requant.m0[0]], np.int64)
-    shifts = np.array([r_a.shift[0], r_b.shift[0], ql.requant.shift[0]], np.int64)
-    run_tasks(_add_kernel, -(-a.size // _ADD_BLOCK), a.reshape(-1), b.reshape(-1),
-              np.array([int(a_qp.zero_point), int(b_qp.zero_point)], np.int64), m0s, shifts, np.array(signs, np.int64),
-              np.int64(ql.output_qparams.zero_point), np.int64(ql.out_qmin), np.int64(ql.out_qmax), out.reshape(-1))
+    run_tasks(_add_kernel, -(-a.size // _ADD_BLOCK), a.reshape(-1), b.reshape(-1), *constants, out.reshape(-1))
     return out.transpose(np.argsort(order))

@@ -14,7 +14,7 @@ import numpy as np
 from tpusim import tensor_ops
 from tpusim.frontend.context import LowerContext, node_attrs, require_4d, spatial_pads
 from tpusim.ir import ConvAttrs, Layer
-from tpusim.kernels.gemm import derived_from, requantized_int8_gemm, vnni_depth
+from tpusim.kernels.gemm import RequantizedGemm, derived_from, vnni_depth
 from tpusim.ops import register
 from tpusim.ops._matrix import accumulate, quantize_matrix_layer
 from tpusim.ops.base import ExecOptions, Op
@@ -33,6 +33,27 @@ def _channels_last_weight(weight_q: np.ndarray, groups: int, depth: int) -> np.n
         return packed
 
     return derived_from(weight_q, ("ohwi", groups, depth), build)
+
+
+class _ChannelsLastConv:
+    """One conv layer's int8-kernel path, prepared once per layer, activation dtype and accumulator width
+    (depth, weights in column order, the kernel's constants); it holds no reference to the QLayer."""
+
+    def __init__(self, ql: QLayer, x_dtype: np.dtype, acc_bits: int):
+        layer = ql.layer
+        self._conv, self._output_shape = layer.conv, layer.output_shape
+        groups, n_out = layer.conv.groups, layer.output_shape[1]
+        self._depth = vnni_depth(ql.weight_q[0].size, n_out // groups, acc_bits)
+        self._pad_value = int(ql.input_qparams[0].zero_point)
+        weight = _channels_last_weight(ql.weight_q, groups, self._depth)
+        self._gemm = RequantizedGemm(weight, ql.acc_bias, acc_bits, ql.requant.m0, ql.requant.shift,
+                                     int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax,
+                                     storage_dtype(ql.out_qmin, ql.out_qmax), x_dtype)
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        batch, n_out, h_out, w_out = self._output_shape
+        y, wrapped = self._gemm(tensor_ops.im2col_channels_last(x, self._conv, self._pad_value, self._depth))
+        return y.reshape(batch, h_out, w_out, n_out).transpose(0, 3, 1, 2), wrapped
 
 
 @register
@@ -89,17 +110,9 @@ class Conv(Op):
     def _execute_channels_last(self, ql: QLayer, x: np.ndarray, acc_bits: int):
         """The int8 kernel's path: channels-last columns, requantization fused into the GEMM, and an
         NCHW-shaped view of channels-last memory out, which the next conv reads with no transpose."""
-        layer = ql.layer
-        batch, n_out, h_out, w_out = layer.output_shape
-        groups = layer.conv.groups
-        k = ql.weight_q[0].size
-        depth = vnni_depth(k, n_out // groups, acc_bits)
-        cols = tensor_ops.im2col_channels_last(x, layer.conv, int(ql.input_qparams[0].zero_point), depth)
-        weight = _channels_last_weight(ql.weight_q, groups, depth)
-        y, wrapped = requantized_int8_gemm(cols, weight, ql.acc_bias, acc_bits, ql.requant.m0, ql.requant.shift,
-                                           int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax,
-                                           storage_dtype(ql.out_qmin, ql.out_qmax))
-        return y.reshape(batch, h_out, w_out, n_out).transpose(0, 3, 1, 2), wrapped
+        plan = derived_from(ql, ("channels-last", acc_bits, x.dtype.str),
+                            lambda: _ChannelsLastConv(ql, x.dtype, acc_bits))
+        return plan(x)
 
     def export(self, b, layer, inputs, weight, bias, y):
         c = layer.conv

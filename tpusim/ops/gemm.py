@@ -11,9 +11,11 @@ import numpy as np
 
 from tpusim.frontend.context import LowerContext, node_attrs
 from tpusim.ir import Layer
+from tpusim.kernels.gemm import RequantizedGemm, derived_from
 from tpusim.ops import register
 from tpusim.ops._matrix import accumulate, quantize_matrix_layer
 from tpusim.ops.base import ExecOptions, Op
+from tpusim.quant.arithmetic import storage_dtype
 from tpusim.quant.qlayer import QLayer, rescale_output
 
 
@@ -80,8 +82,16 @@ class Gemm(Op):
 
     def execute(self, ql: QLayer, inputs, options: ExecOptions):
         k = ql.weight_q.shape[1]
-        acc, wrapped = accumulate(inputs[0].reshape(1, -1, k), ql.weight_q[None], ql.acc_bias, options.acc_bits,
-                                  options.engine)
+        x = inputs[0].reshape(1, -1, k)
+        if options.engine == "int8-gemm" and options.acc_bits <= 32:
+            # The int8 kernel with the requantization fused in, prepared once per layer.
+            gemm = derived_from(ql, ("requantized", options.acc_bits, x.dtype.str), lambda: RequantizedGemm(
+                ql.weight_q[None], ql.acc_bias, options.acc_bits, ql.requant.m0, ql.requant.shift,
+                int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax, storage_dtype(ql.out_qmin, ql.out_qmax),
+                x.dtype))
+            y, wrapped = gemm(x)
+            return y.reshape(ql.layer.output_shape), wrapped
+        acc, wrapped = accumulate(x, ql.weight_q[None], ql.acc_bias, options.acc_bits, options.engine)
         return rescale_output(ql, acc[0].reshape(ql.layer.output_shape), -1), wrapped
 
     def export(self, b, layer, inputs, weight, bias, y):

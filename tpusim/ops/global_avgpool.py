@@ -5,12 +5,37 @@ Integers: the centred input summed per channel in int32, then one dyadic rescale
 """
 from __future__ import annotations
 
+import numpy as np
+from numba import njit
+
 from tpusim.frontend.context import require_4d
 from tpusim.ops import register
 from tpusim.ops.base import Op, VectorCost, vectors
 from tpusim.quant.qlayer import Requant, centered, plain_qlayer, rescale_output, scalar
 
-import numpy as np
+
+@njit(cache=True)
+def _channels_last_sums(xt, zero_point, sums):
+    """sums[b, c] = sum over (h, w) of xt[b, h, w, c] - zero_point, modulo 2**32 like numpy's int32 sum."""
+    for b in range(xt.shape[0]):
+        total = sums[b]
+        total[:] = 0
+        for h in range(xt.shape[1]):
+            for w in range(xt.shape[2]):
+                pixel = xt[b, h, w]
+                for c in range(pixel.size):
+                    total[c] += np.int32(pixel[c]) - zero_point
+
+
+def channel_sums(x: np.ndarray, zero_point: int) -> np.ndarray:
+    """(B, C, 1, 1) int32 sums of x - zero_point over H x W. Channels-last memory (what the integer conv
+    returns behind its NCHW shape) is summed in one compiled pass; else numpy's, the oracle."""
+    xt = x.transpose(0, 2, 3, 1)
+    if not xt.flags.c_contiguous:
+        return centered(x, zero_point).sum(axis=(2, 3), keepdims=True, dtype=np.int32)
+    sums = np.empty((x.shape[0], x.shape[1]), np.int32)
+    _channels_last_sums(xt, np.int32(zero_point), sums)
+    return sums.reshape(*sums.shape, 1, 1)
 
 
 @register
@@ -32,8 +57,7 @@ class GlobalAveragePool(Op):
         return plain_qlayer(layer, in_qps, y_qp, requant=Requant.of(scalar(in_qps[0].scale) / (scalar(y_qp.scale) * h * w)))
 
     def execute(self, ql, inputs, options):
-        sums = centered(inputs[0], ql.input_qparams[0].zero_point).sum(axis=(2, 3), keepdims=True, dtype=np.int32)
-        return rescale_output(ql, sums), 0
+        return rescale_output(ql, channel_sums(inputs[0], int(ql.input_qparams[0].zero_point))), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
         return VectorCost(layer.activation.label, "global_avg", vectors(in_elements[0], lanes),

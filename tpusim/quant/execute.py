@@ -39,7 +39,11 @@ class IntegerRun:
 def run_layer(ql: QLayer, inputs: list[np.ndarray], acc_bits: int = 32,
               engine: GemmEngine = "int8-gemm") -> tuple[np.ndarray, int]:
     """One layer on integer inputs: (integer output, wrapped accumulations)."""
-    y, wrapped = ops.op(ql.layer.op).execute(ql, inputs, ExecOptions(acc_bits, engine))
+    return _run_layer(ops.op(ql.layer.op), ql, inputs, ExecOptions(acc_bits, engine))
+
+
+def _run_layer(module: ops.Op, ql: QLayer, inputs: list[np.ndarray], options: ExecOptions) -> tuple[np.ndarray, int]:
+    y, wrapped = module.execute(ql, inputs, options)
     # A fused activation may tighten a signed grid to non-negative values; storage follows the tensor's grid.
     return y.astype(ql.output_qparams.storage_dtype, copy=False), wrapped
 
@@ -65,11 +69,13 @@ def run_integer(
     graph = qgraph.graph
     wrapped: dict[str, int] = {}
     total = len(qgraph.layers)
+    options = ExecOptions(acc_bits, engine)
 
     def step(index: int, layer, inputs: list[np.ndarray]) -> np.ndarray:
         ql = qgraph.layers[index]
-        y, count = run_layer(ql, inputs, acc_bits, engine)
-        if ops.op(layer.op).accumulates:
+        module = ops.op(layer.op)
+        y, count = _run_layer(module, ql, inputs, options)
+        if module.accumulates:
             wrapped[ql.name] = count
         if progress is not None:
             progress(index + 1, total, ql.name)
