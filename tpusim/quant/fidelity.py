@@ -8,7 +8,9 @@ axis (the classes).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,7 +55,7 @@ def output_agreement(reference: np.ndarray, approx: np.ndarray) -> tuple[float, 
     return top1, top5, cosine, float(np.max(np.abs(out - ref)))
 
 
-@njit(cache=True, fastmath={"reassoc"})  # the sums may be reordered (vectorised); each term is exact as written
+@njit(cache=True, nogil=True, fastmath={"reassoc"})  # the sums may be reordered (vectorised); each term is exact as written
 def _signal_and_noise(reference, integers, scale, zero_point, inner):
     """(sum of reference**2, sum of (dequantized - reference)**2) in float64, in one pass without
     temporaries. The tensor is blocks of ``len(scale)`` channels of ``inner`` elements each, dequantized
@@ -118,18 +120,22 @@ def fidelity(graph: Graph, qgraph: QuantizedGraph, inputs: np.ndarray | Samples,
     outputs_ref, outputs_int = [], []
     wrapped: dict[str, int] = {}
     final = graph.outputs[-1]
-    for start in range(0, len(inputs), batch):
-        x = inputs[start : start + batch]
-        ref = reference(x)
-        run = run_integer(qgraph, x, keep_all=True, acc_bits=acc_bits, engine=engine, progress=progress)
-        for name, count in run.wrapped.items():
-            wrapped[name] = wrapped.get(name, 0) + count
-        for layer in graph.layers:
-            s, n = signal_and_noise(ref[layer.output], run.tensors[layer.output], qgraph.tensor_qparams[layer.output])
-            signal[layer.name] = signal.get(layer.name, 0.0) + s
-            noise[layer.name] = noise.get(layer.name, 0.0) + n
-        outputs_ref.append(ref[final])
-        outputs_int.append(run.dequantized[final])
+    # The sums release the GIL: a batch's layers are summed on every core at once, and added up in layer order.
+    with ThreadPoolExecutor(os.cpu_count() or 1) as summers:
+        for start in range(0, len(inputs), batch):
+            x = inputs[start : start + batch]
+            ref = reference(x)
+            run = run_integer(qgraph, x, keep_all=True, acc_bits=acc_bits, engine=engine, progress=progress)
+            for name, count in run.wrapped.items():
+                wrapped[name] = wrapped.get(name, 0) + count
+            sums = [summers.submit(signal_and_noise, ref[layer.output], run.tensors[layer.output],
+                                   qgraph.tensor_qparams[layer.output]) for layer in graph.layers]
+            for layer, summed in zip(graph.layers, sums):
+                s, n = summed.result()
+                signal[layer.name] = signal.get(layer.name, 0.0) + s
+                noise[layer.name] = noise.get(layer.name, 0.0) + n
+            outputs_ref.append(ref[final])
+            outputs_int.append(run.dequantized[final])
     layer_sqnr = {name: float("inf") if noise[name] == 0.0 else 10.0 * np.log10(max(signal[name], _TINY) / noise[name])
                   for name in signal}
     reference, integer = np.concatenate(outputs_ref), np.concatenate(outputs_int)
