@@ -340,3 +340,15 @@ def test_coarsening_kernel_matches_its_oracle():
         np.testing.assert_array_equal(got, rebin_reference(counts.astype(np.int64), first_bin, shift, new_first))
     assert not _coarsened(np.array([0, 0, 1], dtype=np.int64), 0, 0, 3)[0]  # an occupied bin outside
     assert _coarsened(np.array([0, 0, 0], dtype=np.int64), 0, 0, 3)[0]  # empty bins may fall anywhere
+
+
+def test_a_merge_is_the_statistics_its_checked_constructor_gives():
+    rng = np.random.default_rng(8)
+    total = observe(rng.standard_normal(5000).astype(np.float32))
+    for scale in (1.0, 0.5, 3.0, 3.0, 1e-3):  # wider, narrower and equal windows
+        total = merge(total, observe(scale * rng.standard_normal(3000).astype(np.float32)))
+        checked = TensorStats(total.min, total.max, total.counts, total.lo, total.hi, total.count)
+        assert repr((total.min, total.max, total.lo, total.hi, total.count)) == \
+            repr((checked.min, checked.max, checked.lo, checked.hi, checked.count))
+        assert np.array_equal(total.counts, checked.counts) and total.counts.dtype == np.int64
+        assert not total.counts.flags.writeable

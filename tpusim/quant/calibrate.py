@@ -404,7 +404,8 @@ def _check_finite_parameters(graph: Graph) -> None:
     """NaN or inf in a layer's weights or bias (after batch norm folding) cannot be quantized: say which."""
     for layer in graph.layers:
         for what, values in (("weights", layer.weight), ("bias", layer.bias)):
-            if values is not None and not np.all(np.isfinite(values)):
+            # a NaN or inf reaches the extremes: two passes without a temporary (BERT-base: 110 M weights)
+            if values is not None and values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
                 raise ModelError(f"model {graph.name!r}: layer {layer.name!r}: NaN or inf in its {what} "
                                  "(after folding batch norm)")
 
