@@ -51,10 +51,6 @@ class Samples:
     def shape(self) -> tuple[int, ...]:
         return (self._count, *self.sample_shape)
 
-    @property
-    def ndim(self) -> int:
-        return 1 + len(self.sample_shape)
-
     def __getitem__(self, index: slice | int) -> np.ndarray:
         if isinstance(index, slice):
             start, stop, step = index.indices(self._count)
