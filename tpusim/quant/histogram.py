@@ -72,7 +72,7 @@ class TensorStats:
                    count: int) -> "TensorStats":
         """Statistics this module computed from valid ones (a merge): valid by construction, so made without
         ``__post_init__``'s checks and copy, which cost more than the merge itself (BERT-base's calibration
-        merges 8,640 pairs)."""
+        merges 8,339 pairs)."""
         counts.setflags(write=False)
         stats = object.__new__(cls)
         for name, value in (("min", float(data_min)), ("max", float(data_max)), ("counts", counts),
