@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from tpusim.quant.calibrate import collect_statistics, synthetic_inputs
 from tpusim.quant.execute import run_integer
 from tpusim.quant.quantize import quantize_graph
 from tpusim.quant.stage import _PeArrayUnit
+from tpusim.report.plots import render_png
 from tpusim.workloads import workload_file
 
 TPU_V1 = str(Path(__file__).resolve().parents[1] / "configs" / "tpu_v1.yaml")
@@ -39,6 +42,18 @@ def test_every_report_is_written(tiny_run):
                      "latency_breakdown.png", "energy_breakdown.png", "roofline.png"}
     for png in ("latency_breakdown.png", "energy_breakdown.png", "roofline.png"):
         assert (tiny_run / png).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_figures_of_the_command_line_are_the_bytes_drawn_in_process(tmp_path):
+    # A fresh process has no matplotlib: it draws in its worker (tpusim.report.figure_worker), this one here
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "tpusim", "run", TPU_V1, "--model", "tiny_cnn", "--no-quantize",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    config, graph, _ = pipeline.prepare(pipeline.RunOptions(config=Path(TPU_V1), model="tiny_cnn"))
+    _, sim, energy = pipeline.time_and_energy(graph, config)
+    for name, job in pipeline.run_figures(config, sim, energy).items():
+        assert (out / name).read_bytes() == render_png(job), name
 
 
 def test_energy_csv_sums_to_the_summary(tiny_run):

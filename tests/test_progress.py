@@ -20,7 +20,7 @@ from tpusim.progress import Progress, current
 
 REPO = Path(__file__).resolve().parents[1]
 TPU_V1 = str(REPO / "configs" / "tpu_v1.yaml")
-RUN_PHASES = ["loading and lowering the model", "quantizing", "integer execution", "timing and energy",
+RUN_PHASES = ["loading and lowering the model", "timing and energy", "quantizing", "integer execution",
               "writing reports and plots"]
 ELAPSED = re.compile(r" in \d+\.\d\d s$")
 

@@ -189,16 +189,20 @@ def _overrides(items: Sequence[str], args: argparse.Namespace | None = None) -> 
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from tpusim import pipeline
-    from tpusim.report.files import check_output_dir
+    from tpusim.report.figure_worker import FigureRenderer
+
+    with FigureRenderer() as figures:  # first: its worker imports matplotlib while this process imports the rest
+        from tpusim import pipeline
+        from tpusim.report.files import check_output_dir
+
+        check_output_dir(args.out if args.out is not None else Path("results"))
+        options = pipeline.RunOptions(config=args.config, model=args.model, out_dir=args.out, batch=args.batch,
+                                      overrides=_overrides(args.overrides, args), input_shape=args.input_shape,
+                                      calib_data=args.calib_data, quantize=args.quantize,
+                                      eval_samples=args.eval_samples, fidelity=args.fidelity, progress=args.progress)
+        result = pipeline.run(options, figures)
     from tpusim.report.run_report import terminal_summary, terminal_table
 
-    check_output_dir(args.out if args.out is not None else Path("results"))
-    options = pipeline.RunOptions(config=args.config, model=args.model, out_dir=args.out, batch=args.batch,
-                                  overrides=_overrides(args.overrides, args), input_shape=args.input_shape,
-                                  calib_data=args.calib_data, quantize=args.quantize, eval_samples=args.eval_samples,
-                                  fidelity=args.fidelity, progress=args.progress)
-    result = pipeline.run(options)
     for warning in result.evaluation.warnings:
         print(f"tpusim: warning: {warning}", file=sys.stderr)
     print(terminal_table(result.layer_rows))

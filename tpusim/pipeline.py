@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from tpusim import workloads
 from tpusim.config import HardwareConfig, load_config
@@ -17,8 +17,9 @@ from tpusim.mapping import Program, compile_program
 from tpusim.progress import Progress, current
 from tpusim.rescale import LayerRescale, per_tensor_twin, rescale_report
 from tpusim.report import run_report
-from tpusim.report.plots import plot_energy_breakdown, plot_latency_breakdown, plot_roofline
-from tpusim.report.files import atomic_write_csv, atomic_write_json, atomic_write_text, file_set
+from tpusim.report.figure_worker import FigureRenderer
+from tpusim.report.plots import FigureJob
+from tpusim.report.files import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, file_set
 from tpusim.sim import SimResult, simulate_program
 
 if TYPE_CHECKING:  # the quantization stage (ONNX Runtime, Numba kernels) is imported only by a run that quantizes
@@ -149,12 +150,17 @@ def quantize(config: HardwareConfig, graph: Graph, model_path: Path, options: Ru
                                 progress=progress if current().enabled else None)
 
 
-def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> Evaluation:
+def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions,
+             timed: Callable[[SimResult, RunEnergy], None] | None = None) -> Evaluation:
+    """Timing and energy, then quantization: the timing does not depend on the values, so it comes first
+    and ``timed`` gets it at once (a run hands it to the figures, drawn while quantization runs)."""
     program = compile_program(graph, config)  # first: a model the chip cannot hold fails before calibration runs
-    quant = quantize(config, graph, model_path, options) if options.quantize and config.array.datatype == "int8" else None
     current().phase("timing and energy")
     program, sim, energy = time_and_energy(graph, config, program=program)
     rescale = measure_rescale(graph, config, program, sim, energy)
+    if timed is not None:
+        timed(sim, energy)
+    quant = quantize(config, graph, model_path, options) if options.quantize and config.array.datatype == "int8" else None
     rows = run_report.layer_rows(sim, energy, quant)
     summary = run_report.summary(graph, sim, config, energy, quant, rescale)
     return Evaluation(program=program, sim=sim, energy=energy, quant=quant, rescale=rescale, layer_rows=rows,
@@ -162,7 +168,21 @@ def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: Ru
                       summary=summary)
 
 
-def write_reports(config: HardwareConfig, evaluation: Evaluation, out_dir: Path, plots: bool = True) -> tuple[Path, ...]:
+def run_figures(config: HardwareConfig, sim: SimResult, energy: RunEnergy) -> dict[str, FigureJob]:
+    """The run's figures by file name: they draw timing and energy only."""
+    title = f"{sim.graph_name} on {config.name}, batch {sim.batch}"
+    rows = run_report.layer_rows(sim, energy)
+    return {
+        "latency_breakdown.png": FigureJob("latency_breakdown", (rows,), {"title": f"cycles per layer: {title}"}),
+        "energy_breakdown.png": FigureJob("energy_breakdown", ({name: e.as_dict() for name, e in energy.layers},),
+                                          {"title": f"dynamic energy per layer: {title}"}),
+        "roofline.png": FigureJob("roofline", ([(f"roofline: {title}", config, rows)],)),
+    }
+
+
+def write_reports(config: HardwareConfig, evaluation: Evaluation, out_dir: Path,
+                  figures: Mapping[str, bytes]) -> tuple[Path, ...]:
+    """The run's tables, summary and config, and ``figures``: PNGs by file name (:func:`run_figures`)."""
     energy_rows = run_report.energy_rows(evaluation.energy)
     files = [
         atomic_write_csv(out_dir / "layers.csv", run_report.columns(evaluation.quant), evaluation.layer_rows),
@@ -171,25 +191,22 @@ def write_reports(config: HardwareConfig, evaluation: Evaluation, out_dir: Path,
         atomic_write_json(out_dir / "summary.json", evaluation.summary),
         atomic_write_text(out_dir / "config.yaml", config.to_yaml()),
     ]
-    if plots:
-        title = f"{evaluation.sim.graph_name} on {config.name}, batch {evaluation.sim.batch}"
-        files += [
-            plot_latency_breakdown(evaluation.layer_rows, out_dir / "latency_breakdown.png", title=f"cycles per layer: {title}"),
-            plot_energy_breakdown({name: e.as_dict() for name, e in evaluation.energy.layers},
-                                  out_dir / "energy_breakdown.png",
-                                  title=f"dynamic energy per layer: {title}"),
-            plot_roofline(config, evaluation.layer_rows, out_dir / "roofline.png", title=f"roofline: {title}"),
-        ]
+    files += [atomic_write_bytes(out_dir / name, png) for name, png in figures.items()]
     return tuple(files)
 
 
-def run(options: RunOptions) -> RunResult:
-    with Progress(options.progress) as progress:  # the stages report their phases to it (progress.current())
+def run(options: RunOptions, figures: FigureRenderer | None = None) -> RunResult:
+    """The whole run. ``figures``: where its figures are drawn (default: a :class:`FigureRenderer` of its own,
+    whose worker, if it starts one, imports matplotlib while the model is lowered and draws while the run
+    quantizes; the command line starts it before it imports the pipeline). It is closed when the run ends."""
+    with Progress(options.progress) as progress, figures or FigureRenderer() as figures:  # stages report to progress.current()
         progress.phase("loading and lowering the model")  # (a built-in one is generated on first use)
         config, graph, model_path = prepare(options)
-        evaluation = evaluate(config, graph, model_path, options)
+        evaluation = evaluate(config, graph, model_path, options,
+                              timed=lambda sim, energy: figures.submit(run_figures(config, sim, energy)))
         out_dir = options.out_dir or default_out_dir(options.model, config)
         progress.phase("writing reports and plots")
+        pngs = figures.pngs()
         with file_set(out_dir) as staging:
-            files = tuple(out_dir / path.name for path in write_reports(config, evaluation, staging))
+            files = tuple(out_dir / path.name for path in write_reports(config, evaluation, staging, pngs))
     return RunResult(config=config, graph=graph, evaluation=evaluation, out_dir=out_dir, files=files)

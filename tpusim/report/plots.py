@@ -116,14 +116,19 @@ def _png_bytes(fig: Figure) -> bytes:
     return png.getvalue()
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Render ``fig`` as PNG in memory, then write it atomically. The figure lays itself out (a layout
-    engine or :func:`_fit_row`), so it is rendered once, at its own size."""
+def figure_png(fig: Figure) -> bytes:
+    """``fig`` rendered as PNG, on an Agg canvas. The figure lays itself out (a layout engine or
+    :func:`_fit_row`), so it is rendered once, at its own size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
-    return atomic_write_bytes(path, _png_bytes(fig))
+    return _png_bytes(fig)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Render ``fig`` as PNG in memory, then write it atomically."""
+    return atomic_write_bytes(path, figure_png(fig))
 
 
 def _fit_row(fig: Figure, axes: Sequence[Axes], passes: int = 1) -> None:
@@ -639,3 +644,27 @@ def plot_energy_breakdown(energy_rows: Mapping[str, Mapping[str, float]], path: 
     """Stacked bars per layer, one colour per energy component; ``energy_rows`` maps a layer name to its
     ``LayerEnergy.as_dict()`` (pJ per component; the ``total`` entry is not drawn)."""
     return save_figure(energy_breakdown_figure(energy_rows, title=title), path)
+
+
+# ----------------------------------------------------------------------------------- figures as data
+
+@dataclasses.dataclass(frozen=True)
+class FigureJob:
+    """A figure to draw: the name of its builder in :data:`FIGURE_BUILDERS` and the builder's arguments,
+    all plain data, so that another process can draw it (:mod:`tpusim.report.figure_worker`)."""
+
+    builder: str
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+FIGURE_BUILDERS = {
+    "latency_breakdown": latency_breakdown_figure,
+    "energy_breakdown": energy_breakdown_figure,
+    "roofline": roofline_figure,
+}
+
+
+def render_png(job: FigureJob) -> bytes:
+    """The PNG of ``job``'s figure."""
+    return figure_png(FIGURE_BUILDERS[job.builder](*job.args, **job.kwargs))

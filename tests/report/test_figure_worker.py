@@ -1,0 +1,104 @@
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from tpusim.report import figure_worker, plots
+from tpusim.report.figure_worker import FigureRenderer
+from tpusim.report.plots import FigureJob, render_png
+
+
+def _rows(names):
+    return [{"layer": name, "active_cycles": 10 * (i + 1), "weight_stall_cycles": 5, "weight_shift_cycles": 2,
+             "non_matrix_cycles": i} for i, name in enumerate(names)]
+
+
+JOBS = {
+    "latency.png": FigureJob("latency_breakdown", (_rows(["conv1", "conv2", "fc"]),), {"title": "three layers"}),
+    "energy.png": FigureJob("energy_breakdown", ({"conv1": {"mac": 3e6, "total": 3e6}, "fc": {"mac": 1e6, "total": 1e6}},)),
+}
+
+
+def _not_here(monkeypatch):
+    """Drawing in this process fails: what a test gets was drawn by the worker."""
+    def drawn_here(job):
+        raise AssertionError("drawn in the test's process")
+    monkeypatch.setattr(plots, "render_png", drawn_here)
+
+
+def test_the_worker_draws_the_bytes_this_process_draws(monkeypatch):
+    expected = {name: render_png(job) for name, job in JOBS.items()}
+    _not_here(monkeypatch)
+    with FigureRenderer(background=True) as figures:
+        assert figures.in_background
+        figures.submit(JOBS)
+        pngs = figures.pngs()
+    assert pngs == expected
+
+
+def test_without_a_worker_the_figures_are_drawn_here(monkeypatch):
+    monkeypatch.setattr(FigureRenderer, "_launch", staticmethod(lambda: None))  # as when it cannot start
+    with FigureRenderer(background=True) as figures:
+        assert not figures.in_background
+        figures.submit(JOBS)
+        assert figures.pngs() == {name: render_png(job) for name, job in JOBS.items()}
+
+
+def test_a_worker_that_dies_leaves_the_figures_to_this_process():
+    with FigureRenderer(background=True) as figures:
+        figures._process.kill()
+        figures._process.wait()
+        figures.submit(JOBS)
+        assert figures.pngs() == {name: render_png(job) for name, job in JOBS.items()}
+
+
+def test_a_figure_that_fails_in_the_worker_fails_here_as_it_would_have():
+    broken = {"latency.png": FigureJob("latency_breakdown", ([{"layer": "conv1"}],))}  # no cycle columns
+    with FigureRenderer(background=True) as figures:
+        figures.submit(broken)
+        with pytest.raises(KeyError, match="active_cycles"):
+            figures.pngs()
+
+
+def test_warnings_of_the_worker_are_raised_in_the_run(monkeypatch):
+    # DejaVu Sans has no CJK glyphs: matplotlib warns, and a user must see it as if drawn in-process
+    job = {"latency.png": FigureJob("latency_breakdown", (_rows(["卷积"]),))}
+    _not_here(monkeypatch)
+    with FigureRenderer(background=True) as figures:
+        figures.submit(job)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            figures.pngs()
+    assert any("missing from font" in str(w.message) and w.category is UserWarning for w in caught)
+
+
+def test_a_process_that_has_matplotlib_draws_itself(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", sys.modules.get("matplotlib", object()))
+    with FigureRenderer() as figures:
+        assert not figures.in_background
+
+
+def test_figures_are_submitted_once_and_only_then_returned():
+    with FigureRenderer(background=False) as figures:
+        with pytest.raises(RuntimeError, match="no figures"):
+            figures.pngs()
+        figures.submit({})
+        with pytest.raises(RuntimeError, match="once"):
+            figures.submit({})
+        assert figures.pngs() == {}
+
+
+def test_leaving_on_an_error_ends_the_worker_at_once():
+    with pytest.raises(ValueError):
+        with FigureRenderer(background=True) as figures:
+            process = figures._process
+            raise ValueError
+    assert process.poll() is not None
+
+
+def test_the_worker_ends_when_its_input_closes_and_prints_nothing():
+    process = subprocess.Popen([sys.executable, "-c", figure_worker._WORKER_CODE], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out, err) == (0, b"", b"")

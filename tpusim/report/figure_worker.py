@@ -1,0 +1,179 @@
+"""Figures drawn in a second Python process while the first goes on with the run.
+
+A run's three figures cost a command-line ``tpusim run`` about 0.7 s on one core (ResNet-50): importing
+matplotlib (a quarter of a second) and drawing. Neither needs anything but the timing and energy, which
+exist long before quantization ends, and drawing is pure-Python work that holds the GIL, so a thread
+would only slow the run's own Python. :class:`FigureRenderer` therefore starts a worker process when the
+run starts: it imports matplotlib while the model is lowered, draws the figures as soon as they are
+submitted, on the other core, while calibration and integer execution run, and hands back PNG bytes,
+which the run writes with its other files (atomically, in its file set: the worker writes nothing).
+
+The worker draws with the same code (:func:`tpusim.report.plots.render_png`) and the same matplotlib,
+so its PNGs are the bytes the run would draw itself. Where the worker cannot start, dies or fails, the
+figures are drawn in this process, exactly as they would have been; a process that has imported
+matplotlib already (a notebook, the tests) draws them itself too, which then costs only the drawing.
+The worker ignores the terminal's Ctrl-C (its own session) and ends when the run closes its input, ends
+or is killed; what it prints goes nowhere, and warnings its figures raise (a glyph missing from the
+font) are raised again in the run.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # the plots' module (numpy) is loaded where figures are drawn: a run starts the worker first
+    from tpusim.report.plots import FigureJob
+
+_LENGTH = struct.Struct("<Q")  # a message: its pickle's length, then the pickle
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the tpusim package
+
+# What the worker runs: this package where the run found it, whatever the worker's own path would find.
+_WORKER_CODE = f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); from tpusim.report.figure_worker import serve; serve()"
+
+
+def _write_message(stream: IO[bytes], value: Any) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LENGTH.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _read_message(stream: IO[bytes]) -> Any:
+    """The next message, or None at the end of the stream."""
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack(header)
+    data = stream.read(length)
+    if len(data) < length:
+        return None
+    return pickle.loads(data)
+
+
+def serve() -> None:
+    """The worker: import matplotlib now, then answer each list of jobs with ``("pngs", pngs, warnings)``
+    or ``("error", text)`` until the input ends."""
+    channel = os.fdopen(os.dup(1), "wb")  # the replies; whatever else writes to stdout goes nowhere
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    sys.stdout = open(os.devnull, "w")
+    from matplotlib.backends import backend_agg  # noqa: F401  (what the figures will need, loaded while the run lowers)
+    from matplotlib import figure  # noqa: F401
+    from PIL import PngImagePlugin  # noqa: F401
+
+    from tpusim.report.plots import render_png
+
+    requests = sys.stdin.buffer
+    while (jobs := _read_message(requests)) is not None:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # the run's own filters decide what is shown
+                pngs = [render_png(job) for job in jobs]
+            reply: tuple = ("pngs", pngs, [(str(w.message), w.category) for w in caught])
+        except Exception as exc:  # the run draws them itself, and fails there as it would have
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        try:
+            _write_message(channel, reply)
+        except (BrokenPipeError, pickle.PicklingError):
+            break
+    os._exit(0)  # nothing to finalise: an interpreter shutdown would only collect matplotlib's objects
+
+
+class FigureRenderer:
+    """Figures submitted once, drawn by a worker process when one runs (see the module's docstring) and
+    returned by :meth:`pngs`. Use it as a context manager: leaving it ends the worker."""
+
+    def __init__(self, background: bool | None = None):
+        """``background``: draw in a worker process; None: when this process has not imported matplotlib."""
+        self._names: list[str] = []
+        self._jobs: list[FigureJob] | None = None
+        self._sender: threading.Thread | None = None
+        self._sent = False
+        if background is None:
+            background = "matplotlib" not in sys.modules
+        self._process = self._launch() if background else None
+
+    @staticmethod
+    def _launch() -> subprocess.Popen | None:
+        try:
+            return subprocess.Popen([sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError:
+            return None
+
+    @property
+    def in_background(self) -> bool:
+        """Whether a worker process is drawing (or will draw) the figures."""
+        return self._process is not None
+
+    def submit(self, jobs: Mapping[str, FigureJob]) -> None:
+        """Hand over the figures to draw, by name; returns at once (the worker may still be importing)."""
+        if self._jobs is not None:
+            raise RuntimeError("figures are submitted once")
+        self._names, self._jobs = list(jobs), list(jobs.values())
+        if self._process is not None:
+            self._sender = threading.Thread(target=self._send, name="tpusim-figures", daemon=True)
+            self._sender.start()
+
+    def _send(self) -> None:
+        try:
+            _write_message(self._process.stdin, self._jobs)
+            self._sent = True
+        except (OSError, ValueError):  # the worker is gone: pngs() draws them here
+            pass
+
+    def pngs(self) -> dict[str, bytes]:
+        """The submitted figures' PNGs by name: the worker's, or drawn here."""
+        if self._jobs is None:
+            raise RuntimeError("no figures were submitted")
+        reply = self._reply()
+        if reply is not None and reply[0] == "pngs" and len(reply[1]) == len(self._jobs):
+            for message, category in reply[2]:
+                warnings.warn(message, category, stacklevel=2)
+            return dict(zip(self._names, reply[1]))
+        from tpusim.report.plots import render_png
+
+        return {name: render_png(job) for name, job in zip(self._names, self._jobs)}
+
+    def _reply(self) -> tuple | None:
+        if self._process is None or self._sender is None:
+            return None
+        self._sender.join()
+        if not self._sent:
+            return None
+        try:
+            reply = _read_message(self._process.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+            return None
+        return reply if isinstance(reply, tuple) and reply else None
+
+    def close(self, kill: bool = False) -> None:
+        """End the worker: it ends by itself when its input closes; ``kill`` does not wait for that."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if kill:
+            process.kill()
+        for stream in (process.stdin, process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> "FigureRenderer":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(kill=exc_type is not None)
