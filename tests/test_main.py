@@ -1,6 +1,7 @@
 """The console script's entry point (``tpusim.__main__``): what it does around the command line."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,3 +16,17 @@ def test_a_finished_command_leaves_its_objects_out_of_the_shutdowns_garbage_coll
     frozen = int(result.stdout.split()[-1])
     assert result.returncode == 0 and (tmp_path / "out" / "summary.json").exists()
     assert frozen > 10_000  # numpy, onnx, numba and the run's result: everything alive at the end
+
+
+def test_blas_threads_sleep_at_once_unless_the_user_set_otherwise(tmp_path):
+    # OpenBLAS reads the setting when it loads: the entry point sets it before anything imports numpy
+    code = ("import os, sys; from tpusim.__main__ import main; assert 'numpy' not in sys.modules; code = main(); "
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT']); sys.exit(code)")
+    argv = ["run", TPU_V1, "--model", "tiny_cnn", "--no-quantize", "--out", str(tmp_path / "out")]
+    env = {name: value for name, value in os.environ.items() if name != "OPENBLAS_THREAD_TIMEOUT"}
+    for users, expected in ((None, "4"), ("20", "20")):
+        run_env = env if users is None else {**env, "OPENBLAS_THREAD_TIMEOUT": users}
+        result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                                env=run_env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split()[-1] == expected

@@ -74,7 +74,15 @@ def _exit_interrupted() -> None:
     os._exit(130)
 
 
+# OpenBLAS (numpy's, and scipy's, which Numba loads) keeps each idle thread spinning for 2**28 cycles, a tenth
+# of a second, when it starts and after every call. A run makes few, large BLAS calls, and that spinning took
+# a core from ONNX Runtime and the Numba kernels (0.3 s of CPU in a ResNet-50 run); at 2**4 cycles the threads
+# sleep at once. Read when the library loads, so set before numpy is imported; a value the user set is kept.
+BLAS_THREAD_TIMEOUT = "4"
+
+
 def main() -> int:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_THREAD_TIMEOUT)
     try:
         _hold_interrupts_in_extension_imports()
         sys.unraisablehook = _raise_lost_interrupts
