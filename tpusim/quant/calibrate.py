@@ -472,7 +472,7 @@ class FloatModel:
         return {**self.run(batch), **self.constant_values()}
 
 
-def collect_statistics(model: onnx.ModelProto | bytes, graph: Graph, data: CalibrationSet, bins: int,
+def collect_statistics(model: onnx.ModelProto | bytes | None, graph: Graph, data: CalibrationSet, bins: int,
                        batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
                        tensors: list[str] | None = None, float_model: FloatModel | None = None) -> dict[str, TensorStats]:
     """Run the FP32 model over the calibration set and return merged statistics per graph tensor
@@ -481,10 +481,12 @@ def collect_statistics(model: onnx.ModelProto | bytes, graph: Graph, data: Calib
     The data run through ONNX Runtime in batches of ``batch_size`` samples (the model's fixed batch if it
     has one; fewer for a large model, see :func:`_samples_per_run`); each tensor of a batch is observed,
     merged and dropped, so memory does not grow with the number of samples. ``float_model``: a session of
-    ``model`` exposing ``tensors`` already made (the caller reuses it as the fidelity reference).
+    ``model`` exposing ``tensors`` already made (the caller reuses it as the fidelity reference; ``model``
+    may then be None).
     ``progress(samples done, samples total)`` is called after every batch."""
     _check_finite_parameters(graph)
     float_model = FloatModel(model, graph, tensors) if float_model is None else float_model
+    del model  # ONNX Runtime has its own copy; a caller that passed the model without keeping it frees it now
     tensors = float_model.tensors
     step = float_model.fixed_batch or _samples_per_run(graph, tensors, batch_size)
     exposed = set(tensors)

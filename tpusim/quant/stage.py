@@ -114,7 +114,8 @@ def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto | bytes, config:
         graph = equalize(graph)
         model = export_fp32(graph)
     float_model = FloatModel(model, graph)
-    stats = collect_statistics(model, graph, calibration, quant.histogram_bins, float_model=float_model,
+    del model  # ONNX Runtime has its own copy: the model (ResNet-50: 100 MB) need not stay while calibration runs
+    stats = collect_statistics(None, graph, calibration, quant.histogram_bins, float_model=float_model,
                                progress=None if progress is None else lambda d, t: progress("calibrate", d, t))
     qgraph = _ids_keep_their_integers(quantize_graph(graph, stats, quant), rows)
     return Quantized(graph=graph, data=data, calibration=calibration, qgraph=qgraph, float_model=float_model)
@@ -149,9 +150,8 @@ def quantize_and_measure(graph: Graph, model_path: Path, config: HardwareConfig,
                          eval_samples: int, fidelity_mode: str = "kernel",
                          progress: Progress | None = None) -> QuantOutcome:
     quant = config.quant
-    model = model_for_onnxruntime(model_path)
-    quantized = calibrate_and_quantize(graph, model, config, calib_data, progress)
-    del model  # ONNX Runtime has its own copy: the model's weights (ResNet-50: 100 MB) need not stay for fidelity
+    # passed, not kept: calibration drops the model once ONNX Runtime has it
+    quantized = calibrate_and_quantize(graph, model_for_onnxruntime(model_path), config, calib_data, progress)
     graph, data, calibration, qgraph = quantized.graph, quantized.data, quantized.calibration, quantized.qgraph
     available = len(data.inputs)
     held_out = True
