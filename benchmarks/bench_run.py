@@ -4,7 +4,9 @@
                                     [--repeat 3] [--eval-samples N] [--samples-model resnet18] [--no-samples]
 
 Every run is its own ``python3 -m tpusim run`` process, so its peak RSS (``wait4``'s ``ru_maxrss``) is
-that run's alone, imports included, as a user pays them. Each model first runs once untimed (the
+that run's alone, imports included, as a user pays them. The run's figure worker (a second process that
+draws the plots, see ``tpusim.report.figure_worker``) is counted too: its peak (``VmHWM``, read every
+few milliseconds while it lives) is added to the run's, which is at least the peak of their sum. Each model first runs once untimed (the
 built-in ONNX file generated, the JIT cache warm); the figures are the best of ``--repeat`` runs. The
 table gives the default run (calibration, integer execution, fidelity, timing, energy, rescale twin,
 reports and plots) and ``--no-quantize``, with seconds per GMAC of the model (its MACs at batch 1,
@@ -24,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,20 +35,58 @@ CONFIG = ROOT / "configs" / "tpu_v1.yaml"
 MODELS = "bert_tiny,mobilenet_v2,resnet18,resnet50,bert_base"
 
 
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def _children_peaks(pid: int, peaks: dict[int, int], running: threading.Event) -> None:
+    """While ``running`` is set: the peak RSS (kB) of each child of ``pid``, as last read (every 5 ms; the
+    children are looked for every 50 ms, a scan of /proc being the costly part)."""
+    children: set[int] = set()
+    polls = 0
+    while running.is_set():
+        if polls % 10 == 0:
+            children |= _children(pid)
+        for child in children:
+            try:
+                status = Path(f"/proc/{child}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks[child] = max(peaks.get(child, 0), int(line.split()[1]))
+        polls += 1
+        time.sleep(0.005)
+
+
 def run_once(model: str, out: Path, extra: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one ``tpusim run`` process."""
+    """(wall seconds, peak RSS in MiB of the run plus its figure worker) of one ``tpusim run`` process."""
     command = [sys.executable, "-m", "tpusim", "run", str(CONFIG), "--model", model, "--out", str(out),
                "--no-progress", *extra]
     start = time.perf_counter()
     # cwd: ``-m`` then imports the tpusim of this checkout
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peaks: dict[int, int] = {}
+    running = threading.Event()
+    running.set()
+    watcher = threading.Thread(target=_children_peaks, args=(process.pid, peaks, running), daemon=True)
+    watcher.start()
     stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
+    running.clear()
+    watcher.join()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         sys.exit(f"bench_run: {' '.join(command)} failed ({process.returncode}):\n{stderr.decode()}")
-    return wall, usage.ru_maxrss / 1024  # kilobytes on Linux
+    return wall, (usage.ru_maxrss + sum(peaks.values())) / 1024  # kilobytes on Linux
 
 
 def best_of(repeat: int, model: str, out: Path, extra: list[str]) -> tuple[float, float]:
