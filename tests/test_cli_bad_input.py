@@ -25,7 +25,7 @@ UNWRITABLE = Path("/sys/tpusim-out")  # even root cannot create files in sysfs
 COMMANDS = {
     "run": ["run", "CONFIG", "--model", "MODEL", "--out", "OUTDIR", "--no-progress", "--eval-samples", "1"],
     "compile": ["compile", "CONFIG", "--model", "MODEL", "-o", "OUTFILE"],
-    "quantize": ["quantize", "CONFIG", "--model", "MODEL", "-o", "OUTFILE"],
+    "quantize": ["quantize", "CONFIG", "--model", "MODEL", "-o", "OUTFILE", "--no-progress"],
     "compare": ["compare", "CONFIG", "--model", "MODEL", "--out", "OUTDIR", "--no-progress", "--baseline", "none",
                 "--weights", "per-tensor", "--calibration", "minmax", "--eval-samples", "1"],
     "sweep": ["sweep", "CONFIG", "--model", "MODEL", "--out", "OUTDIR", "--jobs", "1"],

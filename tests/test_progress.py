@@ -136,6 +136,20 @@ def test_a_run_prints_each_phase_once_in_order_without_control_codes(tmp_path):
     assert f"tpusim: integer execution ({3 * layers} layer runs) ..." in result.stderr.splitlines()
 
 
+def test_quantize_prints_its_phases_and_no_progress_silences_them(tmp_path):
+    argv = [sys.executable, "-m", "tpusim", "quantize", TPU_V1, "--model", str(save_small_classifier(tmp_path / "m.onnx")),
+            "-o", str(tmp_path / "q.onnx")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in _lines(result.stderr) if not line.startswith("tpusim: warning: ")]
+    assert lines == ["tpusim: loading and lowering the model ...", "tpusim: loading and lowering the model: done in T s",
+                     "tpusim: quantizing ...", "tpusim: quantizing: 32 calibration samples in T s",
+                     "tpusim: writing the QDQ model ...", "tpusim: writing the QDQ model: done in T s"]
+    quiet = subprocess.run(argv + ["--no-progress"], capture_output=True, text=True, timeout=300, env=_env())
+    assert quiet.returncode == 0 and [line for line in quiet.stderr.splitlines()
+                                      if not line.startswith("tpusim: warning: ")] == [], quiet.stderr
+
+
 def test_no_progress_prints_no_phase_lines(tmp_path, capfd):
     # by main in this process (the test above runs the console script): file descriptor 2, not only sys.stderr
     assert main(_run_argv(tmp_path, "--no-progress")[3:]) == 0  # the arguments after "python -m tpusim"

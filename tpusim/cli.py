@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(quant)
     _add_quant_arguments(quant)
     quant.add_argument("-o", "--output", type=Path, required=True, help="QDQ ONNX file to write")
+    quant.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bars or phase lines on stderr")
     quant.set_defaults(handler=_cmd_quantize)
 
     check = commands.add_parser("check", help="list every node of a model and whether tpusim supports it",
@@ -248,6 +250,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     import onnx
 
     from tpusim import pipeline, workloads
+    from tpusim.progress import Progress
     from tpusim.quant.export import export_qdq
     from tpusim.quant.stage import calibrate_and_quantize
     from tpusim.report.files import check_output_file
@@ -255,12 +258,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     check_output_file(args.output)
     options = pipeline.RunOptions(config=args.config, model=args.model, batch=1, overrides=_overrides(args.overrides, args),
                                   input_shape=args.input_shape, calib_data=args.calib_data)
-    config, graph, model_path = pipeline.prepare(options)
-    if config.array.datatype != "int8":
-        raise TpusimError(f"{args.config}: array.datatype is {config.array.datatype}; quantize needs an int8 config")
-    source = onnx.load(str(model_path))
-    quantized = calibrate_and_quantize(graph, source, config, args.calib_data)
-    workloads.save_model(export_qdq(quantized.qgraph, quantized.graph, like=source), args.output)
+    with Progress(args.progress) as progress:
+        progress.phase("loading and lowering the model")
+        config, graph, model_path = pipeline.prepare(options)
+        if config.array.datatype != "int8":
+            raise TpusimError(f"{args.config}: array.datatype is {config.array.datatype}; quantize needs an int8 config")
+        source = onnx.load(str(model_path))
+        progress.phase("quantizing")
+
+        def calibrated(_: str, done: int, total: int) -> None:
+            progress.phase("quantizing", total, "calibration samples")
+            progress.update(done)
+
+        quantized = calibrate_and_quantize(graph, source, config, args.calib_data,
+                                           progress=calibrated if progress.enabled else None)
+        progress.phase("writing the QDQ model")
+        workloads.save_model(export_qdq(quantized.qgraph, quantized.graph, like=source), args.output)
     if quantized.calibration.synthetic:
         print(f"tpusim: warning: calibrated on SYNTHETIC data ({quantized.calibration.source})", file=sys.stderr)
     print(f"wrote {args.output} ({config.quant.weights} weights, {config.quant.calibration} calibration, "
