@@ -152,3 +152,22 @@ def test_unified_buffer_ports_are_tpu_v1s_paths():
     assert round(ub.port_bytes_per_cycle * load_config(TPU_V1).array.clock_hz / 2**30) == 167
     # the hypothetical FP32 chip's 4-byte elements: four times the bytes for one vector per cycle
     assert load_config(CONFIGS / "tpu_v1_fp32.yaml").unified_buffer.port_bytes_per_cycle == 4 * 256.0
+
+
+def test_numbers_with_an_exponent_are_numbers_in_a_file_and_on_the_command_line(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e9 and 3.4e1 as strings; a whole number of bytes may be written as 8e9
+    text = TPU_V1.read_text()
+    text = text.replace("bandwidth_gb_s: 34  #", "bandwidth_gb_s: 3.4e1  #", 1)
+    text = text.replace("capacity_bytes: 8589934592   #", "capacity_bytes: 8e9   #", 1)
+    path = tmp_path / "exponents.yaml"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.weight_memory.bandwidth_gb_s == 34.0
+    assert config.weight_memory.capacity_bytes == 8_000_000_000 and type(config.weight_memory.capacity_bytes) is int
+    assert parse_override("weight_memory.bandwidth_gb_s=1e2") == ("weight_memory.bandwidth_gb_s", 100.0)
+    assert parse_override("array.rows=128") == ("array.rows", 128)
+    assert parse_override("weight_memory.technology=HBM2") == ("weight_memory.technology", "HBM2")
+    assert load_config(TPU_V1, {"weight_memory.capacity_bytes": parse_override("x=4e9")[1]}).weight_memory.capacity_bytes \
+        == 4_000_000_000
+    with pytest.raises(ConfigError, match=r"array\.rows: expected an integer, got 0\.25"):
+        load_config(TPU_V1, {"array.rows": parse_override("array.rows=2.5e-1")[1]})

@@ -60,6 +60,7 @@ def test_set_values_are_read_as_yaml():
     assert parse_set("input_preprocessing.mean=[0.5,0.5,0.5],[0,0,0]") == (
         "input_preprocessing.mean", [[0.5, 0.5, 0.5], [0, 0, 0]])
     assert parse_values("1,8") == [1, 8]
+    assert parse_set("weight_memory.bandwidth_gb_s=1e1,3.4e1") == ("weight_memory.bandwidth_gb_s", [10.0, 34.0])
     with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
         parse_set("array.rows")
     with pytest.raises(ConfigError, match="comma-separated"):

@@ -7,6 +7,7 @@ reports the first problem as one line naming the file and the key path.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,22 @@ class HardwareConfig:
         return from_dict(data, "override")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _NumberLoader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, but for numbers with an exponent and no dot or sign in it (``1e9``, ``3.4e1``),
+    which PyYAML's YAML 1.1 takes for strings and YAML 1.2 (and every user) for numbers."""
+
+
+_NumberLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def yaml_value(text: str) -> Any:
+    """A value given on the command line (``--set``), read as YAML as a config file is."""
+    return yaml.load(text, Loader=_NumberLoader)
+
+
+class _UniqueKeyLoader(_NumberLoader):
     """PyYAML silently keeps the last of two equal keys; this loader refuses them."""
 
 
@@ -207,6 +223,8 @@ def _check_value(value: Any, tp: Any, meta: Any, where: str, path: str) -> Any:
             raise ConfigError(f"{where}: {path}: expected true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():  # 8e9 bytes: a whole number, written as a float
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: {path}: expected an integer, got {value!r}")
     elif tp is float:
@@ -266,7 +284,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = yaml_value(raw)
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -166,8 +166,10 @@ def parse_values(text: str) -> list[Any]:
     """``"32,64,128"`` -> [32, 64, 128]; each value is read as YAML, so ``[1,2],[3,4]`` is two lists."""
     import yaml
 
+    from tpusim.config import yaml_value
+
     try:
-        values = yaml.safe_load(f"[{text}]")
+        values = yaml_value(f"[{text}]")
     except yaml.YAMLError:
         raise ConfigError(f"{text!r}: cannot read as comma-separated values") from None
     if not values or any(value is None for value in values):
