@@ -22,9 +22,19 @@ def _quantized(model, name):
         CONFIG.quant, calibration_samples=4)), None), np.asarray(synthetic_inputs(graph.input_shape[1:], 1, 9).inputs)
 
 
-def test_onnx_runtime_is_the_reference_where_it_computes_the_graphs_tensors():
+def test_onnx_runtime_is_the_reference_where_it_computes_the_graphs_tensors(monkeypatch):
     quantized, x = _quantized(build_model("tiny_cnn"), "tiny_cnn")
-    assert fp32_reference(quantized, x) == quantized.float_model.reference
+    other = x[..., ::-1].copy()
+    expected = {batch.tobytes(): quantized.float_model.reference(batch) for batch in (x, other)}
+    reference = fp32_reference(quantized, x)
+    runs = []
+    monkeypatch.setattr(quantized.float_model, "run", lambda batch: runs.append(batch) or {})
+    first = reference(x)  # the checked batch: its tensors from the check, not from another run
+    assert runs == [] and first.keys() == expected[x.tobytes()].keys()
+    assert all(np.array_equal(first[name], values) for name, values in expected[x.tobytes()].items())
+    reference(other)
+    reference(x)  # handed over once: asked again, it is run
+    assert [batch.tobytes() for batch in runs] == [other.tobytes(), x.tobytes()]
 
 
 def test_a_tensor_kept_in_another_layout_leaves_the_reference_to_our_evaluator():

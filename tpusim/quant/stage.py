@@ -143,7 +143,23 @@ def fp32_reference(quantized: Quantized, first_batch: np.ndarray) -> Reference |
 
     # layer by layer, each of our tensors freed after its last reader: one set of the run's tensors is held
     walk(graph, {graph.input_name: np.asarray(first_batch, np.float32)}, compared)
-    return float_model.reference if agree else None
+    return _CheckedReference(float_model, first_batch, theirs) if agree else None
+
+
+class _CheckedReference:
+    """ONNX Runtime's tensors of a batch (:meth:`FloatModel.reference`); those of the batch that
+    :func:`fp32_reference` checked are handed to the first call that asks for that batch (fidelity's first)
+    instead of being computed again. Either way the first call lets go of them."""
+
+    def __init__(self, float_model: FloatModel, batch: np.ndarray, tensors: dict[str, np.ndarray]):
+        self.float_model = float_model
+        self._checked: tuple[np.ndarray, dict[str, np.ndarray]] | None = (batch, tensors)
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        checked, self._checked = self._checked, None
+        if checked is not None and np.array_equal(batch, checked[0]):
+            return checked[1]
+        return self.float_model.reference(batch)
 
 
 def quantize_and_measure(graph: Graph, model_path: Path, config: HardwareConfig, calib_data,
