@@ -94,7 +94,7 @@ def test_the_cli_prints_each_warning_as_one_line(tmp_path, capsys):
                  "--no-progress", "--eval-samples", "1", "--no-quantize"]) == 0
     assert capsys.readouterr().err == ""  # nothing calibrates without quantization
     assert main(["quantize", TPU_V1, "--model", "tiny_cnn", "--calib-data", str(folder), "-o",
-                 str(tmp_path / "q.onnx")]) == 0
+                 str(tmp_path / "q.onnx"), "--no-progress"]) == 0
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(": ")[2] for line in lines] == [str(folder)] * 3
     assert all(line.startswith("tpusim: warning: ") for line in lines)
