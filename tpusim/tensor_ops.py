@@ -9,29 +9,9 @@ from numba import njit, types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
+from tpusim.frontend.context import conv_output_hw, pool_output_hw
 from tpusim.ir import ConvAttrs, PoolAttrs
 from tpusim.kernels.gemm import claim_task, finish_task, run_tasks
-
-
-def conv_output_hw(h: int, w: int, attrs: ConvAttrs) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = attrs.kernel, attrs.strides, attrs.pads, attrs.dilations
-    h_out = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    w_out = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    return h_out, w_out
-
-
-def pool_output_hw(h: int, w: int, attrs: PoolAttrs) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (pt, pl, pb, pr) = attrs.kernel, attrs.strides, attrs.pads
-    rounding = np.ceil if attrs.ceil_mode else np.floor
-    h_out = int(rounding((h + pt + pb - kh) / sh)) + 1
-    w_out = int(rounding((w + pl + pr - kw) / sw)) + 1
-    if attrs.ceil_mode:
-        # ONNX: a window that starts inside the right/bottom padding is dropped.
-        if (h_out - 1) * sh >= h + pt:
-            h_out -= 1
-        if (w_out - 1) * sw >= w + pl:
-            w_out -= 1
-    return h_out, w_out
 
 
 # Channels per group from which im2col goes through a channels-last copy (few channels: tiny runs).

@@ -694,3 +694,73 @@ def test_arange_gather_and_reshape_chains_become_one_reshape():
     reshape = result.model.graph.node[-1]
     target = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}[reshape.input[1]]
     assert target.tolist() == [1, 6, 1, 1]
+
+
+def _noisy_model() -> onnx.ModelProto:
+    """A model whose canonical form drops an initializer, gains a folded one and a Constant, and keeps
+    the others: every case of where a canonical model's initializers come from."""
+    b = GraphBuilder((1, 3, 8, 8))
+    b.const(np.ones(5, np.float32), "unused")
+    y = b.node("Relu", [b.conv("input", 3, 4, pads=[1, 1, 1, 1])])
+    shift = b.node("Add", [b.const(np.full((1, 4, 1, 1), 0.25, np.float32)), b.node(
+        "Constant", [], value=_const("c", np.full((1, 4, 1, 1), 0.5, np.float32)))])
+    y = b.node("Add", [y, shift])
+    return b.model(b.node("Reshape", [y, b.node("Shape", [y])]))
+
+
+def test_a_consumed_model_is_canonicalised_in_place_into_the_same_model_a_copy_gives():
+    copied = canonicalize(_noisy_model(), WHERE, batch=2)
+    given = _noisy_model()
+    consumed = canonicalize(given, WHERE, batch=2, consume=True)
+    assert consumed.model is given  # its weights stayed where they were
+    assert consumed.model == copied.model
+    # The conv's weight and bias kept, "unused1" and the Constant's "c8" gone, the shift and the shape folded.
+    assert [t.name for t in consumed.model.graph.initializer] == ["w2", "b3", "add11", "shape15"]
+    assert [t.name for t in copied.model.graph.initializer] == ["w2", "b3", "add11", "shape15"]
+    untouched = _noisy_model()
+    canonicalize(untouched, WHERE, batch=2)
+    assert untouched == _noisy_model()
+
+
+def test_initializers_are_kept_in_place_only_when_their_order_survives():
+    source = _noisy_model().graph.initializer
+    model = _noisy_model()
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    first, second = model.graph.initializer[0], model.graph.initializer[1]
+    replaced = _const(first.name, np.zeros(3, np.float32))
+
+    class Work:  # only what _keep_initializers reads
+        inits = {first.name: replaced, second.name: second}  # the new first tensor would come after the second
+
+    assert not canonical._keep_initializers(model, Work())
+    assert model == before
+    Work.inits = {second.name: second, "new": _const("new", np.zeros(3, np.float32))}
+    assert canonical._keep_initializers(model, Work())
+    assert [t.name for t in model.graph.initializer] == [second.name, "new"]
+    assert model.graph.initializer[0] == source[1]
+
+
+def test_weights_the_checker_read_become_arrays_without_being_read_again(tmp_path):
+    b = GraphBuilder((1, 3, 8, 8))
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model(b.conv("input", 3, 64)), path)
+    model, raw = canonical.read_model(path)
+    weight, bias = model.graph.initializer
+    assert list(raw) == [weight.name]  # the bias, 64 floats, is small enough to be checked with the graph
+    got, want = canonical.tensor_array(weight, raw), numpy_helper.to_array(weight)
+    assert got.base.base is raw[weight.name][1]
+    assert got.dtype == want.dtype and got.shape == want.shape and got.flags.writeable == want.flags.writeable
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(canonical.tensor_array(bias, raw), numpy_helper.to_array(bias))
+    replaced = _const(weight.name, np.zeros((64, 3, 3, 3), np.float32))  # same name, not the tensor read
+    assert not canonical.tensor_array(replaced, raw).any()
+
+
+@pytest.mark.parametrize("name", ["m.onnx", "m.json"])
+def test_a_file_reads_as_onnx_reads_it_binary_or_text(tmp_path, name):
+    """Binary files are parsed from a memory map; the text formats onnx infers from the file name stay onnx's."""
+    b = GraphBuilder((1, 3, 8, 8))
+    path = tmp_path / name
+    onnx.save(b.model(b.conv("input", 3, 64)), path)
+    assert load_model(path) == onnx.load_model(str(path))

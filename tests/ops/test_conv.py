@@ -15,7 +15,7 @@ def _conv_qlayer(c_in, c_out, kernel, strides, pads, groups, seed):
     rng = np.random.default_rng(seed)
     x_shape = (1, c_in, 9, 8)
     attrs = ConvAttrs(kernel=kernel, strides=strides, pads=pads, dilations=(1, 1), groups=groups)
-    from tpusim.tensor_ops import conv_output_hw
+    from tpusim.frontend.context import conv_output_hw
 
     h_out, w_out = conv_output_hw(9, 8, attrs)
     layer = Layer(name="c", op="conv", inputs=("x",), output="y", input_shapes=(x_shape,),

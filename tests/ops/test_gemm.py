@@ -71,3 +71,13 @@ def test_the_prepared_int8_path_equals_exact_blas_on_every_call(shape, n):
         np.testing.assert_array_equal(got, want)
         assert wrapped == want_wrapped
     assert np.count_nonzero(want == ql.out_qmin) and np.count_nonzero(want > ql.out_qmin)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (16, 3), (17, 40), (768, 3072), (33, 1)])
+def test_a_weight_is_transposed_into_the_same_contiguous_matrix_numpy_gives(shape):
+    from tpusim.ops.gemm import transposed
+
+    matrix = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = transposed(matrix)
+    assert got.flags.c_contiguous and got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.ascontiguousarray(matrix.T))

@@ -1,8 +1,11 @@
 """Every op the front end accepts is handled by every stage: one module per op, registered."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 from tpusim import ops
@@ -52,3 +55,16 @@ def test_every_op_on_the_matrix_unit_counts_its_accumulator_wraps():
         if module.matrix:
             assert module.accumulates, name
     assert {"conv", "gemm", "matmul", "lstm", "gru"} <= {n for n in ops.layer_ops() if ops.op(n).accumulates}
+
+
+def test_lowering_a_float_model_imports_no_numba(tmp_path, generated_workload):
+    """A run without quantization (and ``tpusim check``) lowers every op but executes none: op modules
+    import the quantization stage, tensor_ops and their kernels, which all import Numba, where they run."""
+    path = tmp_path / "tiny_cnn.onnx"
+    onnx.save(generated_workload("tiny_cnn").model, path)
+    code = ("import sys\nimport tpusim.pipeline\nfrom tpusim import ops\nfrom tpusim.frontend import load_onnx\n"
+            f"ops.layer_ops()\nload_onnx({str(path)!r}, batch=2)\n"
+            "print(sorted(m for m in ('numba', 'tpusim.quant', 'tpusim.kernels', 'tpusim.tensor_ops') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -37,8 +37,10 @@ external-data settings above 2 GB. Speed: shape inference runs on a weight-free 
 (every initializer above :data:`SMALL_INITIALIZER` elements becomes a typed graph input), which
 takes milliseconds for ResNet-50; weights are never serialised, are converted to numpy only when a
 foldable node reads them, and are copied once, when the result is assembled (about 40 ms of the
-60 ms ResNet-50 takes). The version converter gets the model with its large raw weights detached
-(put back by name afterwards): 0.04 s instead of 0.3 s for an opset-9 ResNet-50.
+60 ms ResNet-50 takes), unless the caller hands the model over (``consume``, as
+:func:`tpusim.frontend.load_onnx` does): then the result is built in it, around the weights it holds.
+The version converter gets the model with its large raw weights detached (put back by name
+afterwards): 0.04 s instead of 0.3 s for an opset-9 ResNet-50.
 
 Converter limitation worked around: ``onnx.version_converter`` turns Upsample and opset-10 Resize
 into an opset-11 Resize without ``coordinate_transformation_mode``, whose default (half_pixel)
@@ -52,14 +54,18 @@ from __future__ import annotations
 
 import heapq
 import math
+import mmap
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from google.protobuf.message import DecodeError
+from onnx import helper, numpy_helper, serialization
 
 from tpusim.errors import ModelError
 
@@ -271,6 +277,17 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     Every read failure (missing file, folder, corrupt or truncated protobuf, missing or truncated
     ``.data`` file, checker failure) is one :class:`ModelError` line.
     """
+    return read_model(path)[0]
+
+
+class RawWeights(dict):
+    """The raw bytes of a model's large initializers as the checker fetched them, by name: (the tensor,
+    its ``raw_data``). Protobuf copies ``raw_data`` out on every read (BERT-base: 440 MB, 0.2 s), so
+    the lowering makes its arrays from these bytes instead of reading them again (:func:`tensor_array`)."""
+
+
+def read_model(path: str | Path) -> tuple[onnx.ModelProto, RawWeights]:
+    """:func:`load_model`, and the raw weights its check read."""
     path = Path(path)
     where = str(path)
     if path.is_dir():
@@ -278,13 +295,28 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelError(f"{where}: no such model file")
     try:
-        model = onnx.load_model(where, load_external_data=False)
+        model = _parse(path)
     except Exception as exc:  # protobuf raises several unrelated types for corrupt input
         raise ModelError(f"{where}: not a readable ONNX model (corrupt or truncated): {type(exc).__name__}") from None
     if not model.graph.node:
         raise ModelError(f"{where}: not a readable ONNX model (empty graph; corrupt or truncated?)")
     _load_external_data(model, path, where)
-    _check(model, where, path)
+    return model, _check(model, where, path)
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    """``onnx.load_model(path, load_external_data=False)``; a binary file is parsed from a memory map of
+    it rather than from the bytes Python's ``read`` copies it into, which takes half the time (ResNet-50:
+    0.06 s instead of 0.1-0.2 s)."""
+    binary = serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1]) in (None, "protobuf")
+    size = path.stat().st_size
+    if not binary or not size:  # (an empty file cannot be mapped; onnx reads it as an empty model)
+        return onnx.load_model(str(path), load_external_data=False)
+    model = onnx.ModelProto()
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        decoded = model.ParseFromString(memoryview(mapped))
+    if decoded is not None and decoded != size:  # what onnx checks
+        raise DecodeError(f"Protobuf decoding consumed too few bytes: {decoded} out of {size}")
     return model
 
 
@@ -349,8 +381,9 @@ def _raw_bytes_needed(tensor: onnx.TensorProto) -> int | None:
     return _numel(tensor) * itemsize
 
 
-def _check(model: onnx.ModelProto, where: str, path: Path) -> None:
-    """``onnx.checker.check_model`` on a copy whose large raw weights are typed graph inputs.
+def _check(model: onnx.ModelProto, where: str, path: Path) -> RawWeights:
+    """``onnx.checker.check_model`` on a copy whose large raw weights are typed graph inputs; returns
+    those weights' bytes, which it reads to see their size.
 
     Checking the full 100 MB ResNet-50 costs 0.7 s (0.3 s by path), almost all of it serialising and
     walking weight bytes; the graph, nodes, attributes, opsets and small tensors are what the checker
@@ -372,14 +405,17 @@ def _check(model: onnx.ModelProto, where: str, path: Path) -> None:
     graph.value_info.extend(source.value_info)
     graph.sparse_initializer.extend(source.sparse_initializer)
     declared = {vi.name for vi in source.input}
+    raw = RawWeights()
     for tensor in source.initializer:
-        if len(tensor.raw_data) <= _DETACH_BYTES or tensor.data_type == onnx.TensorProto.STRING:
+        data = tensor.raw_data
+        if len(data) <= _DETACH_BYTES or tensor.data_type == onnx.TensorProto.STRING:
             graph.initializer.append(tensor)
             continue
+        raw[tensor.name] = (tensor, data)
         need = _raw_bytes_needed(tensor)
-        if need is not None and len(tensor.raw_data) < need:  # what the checker says of a short tensor
+        if need is not None and len(data) < need:  # what the checker says of a short tensor
             raise ModelError(f"{where}: ONNX checker: TensorProto (tensor name: {tensor.name}) raw_data size "
-                             f"({len(tensor.raw_data)} bytes) is too small for the declared shape and type "
+                             f"({len(data)} bytes) is too small for the declared shape and type "
                              f"({need} bytes required).")
         if tensor.name not in declared:  # an old-style model lists its initializers as inputs already
             graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
@@ -390,6 +426,24 @@ def _check(model: onnx.ModelProto, where: str, path: Path) -> None:
             onnx.checker.check_model(light)
     except Exception as exc:  # ValidationError, and C++ errors for malformed protos
         raise ModelError(f"{where}: ONNX checker: {_first_line(exc)}") from None
+    return raw
+
+
+# Element types whose raw data numpy reads as it is (numpy_helper.to_array: np.frombuffer, reshaped).
+_PLAIN_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                          onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                          onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.UINT32,
+                          onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL})
+
+
+def tensor_array(tensor: onnx.TensorProto, raw: RawWeights) -> np.ndarray:
+    """``numpy_helper.to_array(tensor)``, from the bytes in ``raw`` when they were read from this very
+    tensor (initializer protos are never changed in place: rewrites add new ones)."""
+    fetched = raw.get(tensor.name)
+    if (fetched is not None and fetched[0] is tensor and tensor.data_type in _PLAIN_TYPES
+            and sys.byteorder == "little" and not tensor.HasField("segment")):
+        return np.frombuffer(fetched[1], dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tensor.dims)
+    return numpy_helper.to_array(tensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1030,14 +1084,17 @@ def _gather_elements(work: _Work, node: onnx.NodeProto) -> np.ndarray:
 
 
 def canonicalize(model: onnx.ModelProto, where: str, batch: int | None = None,
-                 input_shape: tuple[int, ...] | None = None) -> Canonical:
+                 input_shape: tuple[int, ...] | None = None, consume: bool = False) -> Canonical:
     """Turn an exported ONNX model into a clean, static-shaped one the lowering can read op by op.
 
     ``where`` names the file in error messages. ``input_shape`` (rank as declared) replaces the
-    declared input shape; ``batch`` then replaces its first dim. The input model is not modified.
+    declared input shape; ``batch`` then replaces its first dim. The input model is not modified,
+    unless ``consume``: then the caller hands it over (and must not read it again), and the canonical
+    model is built in it, keeping its weights where they are instead of copying them (ResNet-50:
+    100 MB, 50-60 ms).
     """
     try:
-        return _canonicalize(model, where, batch, input_shape)
+        return _canonicalize(model, where, batch, input_shape, consume)
     except ModelError:
         raise
     except Exception as exc:  # a library failure we did not foresee: still one line
@@ -1045,7 +1102,8 @@ def canonicalize(model: onnx.ModelProto, where: str, batch: int | None = None,
 
 
 def _canonicalize(model: onnx.ModelProto, where: str, batch: int | None,
-                  input_shape: tuple[int, ...] | None) -> Canonical:
+                  input_shape: tuple[int, ...] | None, consume: bool) -> Canonical:
+    given = model
     source_opset = _default_opset(model)
     newest = onnx.defs.onnx_opset_version()
     if source_opset is None:
@@ -1098,7 +1156,9 @@ def _canonicalize(model: onnx.ModelProto, where: str, batch: int | None,
             break
     work.infer(strict=True)
     _require_static(work)
-    return Canonical(model=_assemble(model, work), input_name=input_info.name, input_shape=shape,
+    # A model inlined or converted here is a copy of our own, as free to build in as a consumed one.
+    return Canonical(model=_assemble(model, work, reuse=consume or model is not given),
+                     input_name=input_info.name, input_shape=shape,
                      original_batch=original_batch, source_opset=source_opset)
 
 
@@ -1116,7 +1176,9 @@ def _require_static(work: _Work) -> None:
                                                 "(it depends on data, or on an op shape inference cannot follow)")
 
 
-def _assemble(source: onnx.ModelProto, work: _Work) -> onnx.ModelProto:
+def _assemble(source: onnx.ModelProto, work: _Work, reuse: bool) -> onnx.ModelProto:
+    """The canonical model: a new one, or with ``reuse`` (``source`` is ours to change) ``source`` itself
+    rebuilt around the initializers it already holds, which then are not copied."""
     model = onnx.ModelProto()
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         if source.HasField(field):
@@ -1142,11 +1204,35 @@ def _assemble(source: onnx.ModelProto, work: _Work) -> onnx.ModelProto:
             graph.output.append(helper.make_tensor_value_info(name, info.elem_type, info.shape))
         else:
             graph.output.append(helper.make_tensor_value_info(name, work.output_types.get(name, 0), None))
-    graph.initializer.extend(work.inits.values())
     outputs = set(work.output_names)
     for node in work.nodes:
         for name in node.output:
             info = work.types.get(name)
             if name and name not in outputs and info is not None and info.elem_type:
                 graph.value_info.append(helper.make_tensor_value_info(name, info.elem_type, info.shape))
+    if reuse and _keep_initializers(source, work):
+        for message, keep in ((source, "graph"), (source.graph, "initializer")):
+            for field, _ in message.ListFields():
+                if field.name != keep:
+                    message.ClearField(field.name)
+        source.MergeFrom(model)  # everything but the initializers, which ``source`` now holds in order
+        return source
+    graph.initializer.extend(work.inits.values())
     return model
+
+
+def _keep_initializers(source: onnx.ModelProto, work: _Work) -> bool:
+    """Make ``source``'s initializers those of ``work``, in its order, by deleting the pruned ones and
+    appending the new (folded) ones; False, changing nothing, when the tensors ``source`` keeps are not
+    the first of ``work``'s in the same order (a constant replaced under its old name)."""
+    initializers = source.graph.initializer
+    kept = [i for i, tensor in enumerate(initializers) if work.inits.get(tensor.name) is tensor]
+    ordered = list(work.inits.values())
+    if any(ordered[k] is not initializers[i] for k, i in enumerate(kept)):
+        return False
+    survivors = set(kept)
+    for i in reversed(range(len(initializers))):
+        if i not in survivors:
+            del initializers[i]
+    initializers.extend(ordered[len(kept):])
+    return True

@@ -153,6 +153,29 @@ def spatial_pads(ctx: LowerContext, node: onnx.NodeProto, attrs: dict, in_hw: tu
     return begin[0], begin[1], end[0], end[1]
 
 
+def conv_output_hw(h: int, w: int, attrs: ConvAttrs) -> tuple[int, int]:
+    """A convolution's output height and width (pads, strides and dilations applied)."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = attrs.kernel, attrs.strides, attrs.pads, attrs.dilations
+    h_out = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    return h_out, w_out
+
+
+def pool_output_hw(h: int, w: int, attrs: PoolAttrs) -> tuple[int, int]:
+    """A pooling's output height and width, in ``ceil_mode`` as ONNX defines it."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = attrs.kernel, attrs.strides, attrs.pads
+    rounding = np.ceil if attrs.ceil_mode else np.floor
+    h_out = int(rounding((h + pt + pb - kh) / sh)) + 1
+    w_out = int(rounding((w + pl + pr - kw) / sw)) + 1
+    if attrs.ceil_mode:
+        # ONNX: a window that starts inside the right/bottom padding is dropped.
+        if (h_out - 1) * sh >= h + pt:
+            h_out -= 1
+        if (w_out - 1) * sw >= w + pl:
+            w_out -= 1
+    return h_out, w_out
+
+
 def require_4d(ctx: LowerContext, node: onnx.NodeProto, shape: Shape) -> None:
     if len(shape) != 4:
         raise ctx.fail(node, f"expected a 4-D NCHW input, got shape {shape}")

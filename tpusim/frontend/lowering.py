@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from tpusim import ops
 from tpusim.errors import ModelError
-from tpusim.frontend.canonical import canonicalize, load_model
+from tpusim.frontend.canonical import RawWeights, canonicalize, read_model, tensor_array
 from tpusim.frontend.context import LowerContext
 from tpusim.frontend.qdq import WeightQuant, strip_qdq
 from tpusim.ir import Activation, Graph, Layer, Shape
@@ -78,17 +77,29 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
 
     ``input_shape`` replaces the declared input shape (its first dim is the batch), ``batch`` then
     replaces the batch. A QDQ model is lowered as its float graph and keeps its own quantization
-    (``Graph.model_grids`` and, on matrix layers, ``weight_scale``/``bias_int32`` attrs).
+    (``Graph.model_grids`` and, on matrix layers, ``weight_scale``/``bias_int32`` attrs). The model
+    is not modified.
     """
+    return _lower(model, where, batch, input_shape)
+
+
+def _lower(source: onnx.ModelProto | Path, where: str, batch: int | None, input_shape: Shape | None) -> Graph:
+    """:func:`lower_model` of a model the caller keeps (canonicalised as a copy), or of a file, read here
+    so that nothing else holds it: canonicalised in place, its weights go once the layers have theirs."""
+    if isinstance(source, onnx.ModelProto):
+        model, raw, consume = source, RawWeights(), False
+    else:
+        (model, raw), consume = read_model(source), True
+    del source
     if batch is not None and batch < 1:
         raise ModelError(f"{where}: batch must be >= 1, got {batch}")
-    canonical = canonicalize(model, where, batch=batch, input_shape=input_shape)
-    del model  # only the canonical copy is read from here on: the source can go unless the caller keeps it
+    canonical = canonicalize(model, where, batch=batch, input_shape=input_shape, consume=consume)
+    del model  # only the canonical model is read from here on: a copy lets the source go unless the caller keeps it
     stripped = strip_qdq(canonical.model, where)
     model = ops.rewrite(stripped.model)
     _raise_unsupported(model, where)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    constants = {init.name: tensor_array(init, raw) for init in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in constants]
     elem_type = inputs[0].type.tensor_type.elem_type
     if elem_type not in (onnx.TensorProto.FLOAT, *INDEX_INPUT_TYPES):
@@ -99,7 +110,7 @@ def lower_model(model: onnx.ModelProto, where: str, batch: int | None = None, in
     # From here on the weights are the arrays in ``constants``: a graph of the nodes alone lets the model's
     # tensor protos (ResNet-50: 100 MB, held by one protobuf arena) go before the layers' weights are made.
     graph = _without_initializers(model.graph, inputs[0])
-    del canonical, stripped, model, inputs
+    del canonical, stripped, model, inputs, raw
     consumers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
@@ -218,4 +229,4 @@ def _prune_dead(layers: tuple[Layer, ...], outputs: tuple[str, ...]) -> tuple[La
 def load_onnx(path: str | Path, batch: int | None = None, input_shape: Shape | None = None) -> Graph:
     """Read (with external data), check, canonicalise and lower an ONNX file; every failure is a
     one-line :class:`ModelError`."""
-    return lower_model(load_model(path), str(path), batch=batch, input_shape=input_shape)
+    return _lower(Path(path), str(path), batch, input_shape)

@@ -48,13 +48,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tpusim.errors import ModelError
-from tpusim.quant.arithmetic import QParams
+
+if TYPE_CHECKING:  # the quantization stage imports Numba, which lowering a float model does not need
+    from tpusim.quant.arithmetic import QParams
 
 QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 QOPERATOR_OPS = frozenset({
@@ -101,6 +104,7 @@ class TensorQuant:
 
     def qparams(self) -> QParams:
         """The same grid as tpusim's :class:`~tpusim.quant.arithmetic.QParams` (``qmin``/``qmax`` as above)."""
+        from tpusim.quant.arithmetic import QParams
         return QParams(np.array(self.scale), np.array(self.zero_point), self.qmin, self.qmax)
 
     def same_grid(self, other: "TensorQuant") -> bool:
@@ -141,6 +145,7 @@ class WeightQuant:
 
     def qparams(self) -> QParams:
         """The same parameters as tpusim's :class:`~tpusim.quant.arithmetic.QParams`."""
+        from tpusim.quant.arithmetic import QParams
         return QParams(self.scale.astype(np.float64), self.zero_point.astype(np.int64), self.qmin, self.qmax,
                        axis=self.axis)
 

@@ -10,17 +10,18 @@ input with ``z_x`` keeps the identity exact at the borders. A fused ReLU/ReLU6 i
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tpusim.config import QuantConfig
 from tpusim.errors import ModelError
 from tpusim.ir import Layer
-from tpusim.kernels.gemm import grouped_int8_gemm
 from tpusim.ops.base import GemmEngine
-from tpusim.quant.arithmetic import QParams, bias_to_int32, dequantize, quantize, weight_qparams
-from tpusim.quant.bias_correction import correct_bias
-from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, QLayer, Requant, activation_bounds, scalar
+
+if TYPE_CHECKING:  # annotations only
+    from tpusim.quant.arithmetic import QParams
+    from tpusim.quant.qlayer import QLayer
 
 
 def _bias_safe_weight_qparams(layer: Layer, w_qp: QParams, x_qp: QParams) -> QParams:
@@ -29,6 +30,8 @@ def _bias_safe_weight_qparams(layer: Layer, w_qp: QParams, x_qp: QParams) -> QPa
 
     Trained nets have dead channels (weights ~1e-9 with a real bias); their per-channel scale would
     make the integer bias overflow. ONNX Runtime's quantizer adjusts the weight scale the same way."""
+    from tpusim.quant.arithmetic import QParams
+    from tpusim.quant.qlayer import INT32_MAX, scalar
     if layer.bias is None:
         return w_qp
     n_out = layer.weight.shape[0]
@@ -48,6 +51,7 @@ def _bias_safe_weight_qparams(layer: Layer, w_qp: QParams, x_qp: QParams) -> QPa
 
 def _model_weights(layer: Layer) -> tuple[QParams, np.ndarray]:
     """A QDQ model's own weight grid and integers; its float weights are exactly ``scale * q``."""
+    from tpusim.quant.arithmetic import QParams, dequantize, quantize
     scale = np.asarray(layer.attr("weight_scale"), np.float64)
     n_out = layer.weight.shape[0]
     per_channel = scale.size > 1
@@ -64,6 +68,9 @@ def _model_weights(layer: Layer) -> tuple[QParams, np.ndarray]:
 
 def quantize_matrix_layer(layer: Layer, x_qp: QParams, y_qp: QParams, quant: QuantConfig,
                           input_mean: np.ndarray | None) -> QLayer:
+    from tpusim.quant.arithmetic import bias_to_int32, dequantize, quantize, weight_qparams
+    from tpusim.quant.bias_correction import correct_bias
+    from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, QLayer, Requant, activation_bounds, scalar
     if layer.attr("weight_scale") is not None:
         w_qp, weight_q = _model_weights(layer)
     else:
@@ -117,6 +124,8 @@ def _gemm_blas(cols: np.ndarray, weight_t: np.ndarray, bias: np.ndarray, acc_bit
 def accumulate(cols: np.ndarray, weight: np.ndarray, acc_bias: np.ndarray, acc_bits: int,
                engine: GemmEngine) -> tuple[np.ndarray, int]:
     """(groups, M, K) activations x (groups, N/g, K) weights + bias -> (groups, M, N/g) int32 accumulators."""
+    from tpusim.kernels.gemm import grouped_int8_gemm
+    from tpusim.quant.qlayer import INT32_MAX, INT32_MIN
     groups, m, _ = cols.shape
     n_g = weight.shape[1]
     if engine == "int8-gemm" and acc_bits <= 32:

@@ -65,7 +65,7 @@ import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx
@@ -77,9 +77,11 @@ from tpusim.ir import GemmShape, Layer
 from tpusim.frontend.canonical import static_shapes
 from tpusim.ops import register_rewrite
 from tpusim.ops.base import ExecOptions, Op, VectorCost, vectors
-from tpusim.quant.arithmetic import QParams, activation_qparams, bias_to_int32, quantize, weight_qparams
-from tpusim.quant.fixed_point import requantize
-from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, QLayer, Requant, plain_qlayer, scalar
+
+if TYPE_CHECKING:  # annotations only
+    from tpusim.quant.arithmetic import QParams
+    from tpusim.quant.qlayer import QLayer, Requant
+
 
 GATE_FRAC = 10            # gate pre-activations: int16 Q5.10
 UNIT_FRAC = 15            # gate outputs, tanh(c), GRU's h_{t-1}: int16 Q0.15
@@ -124,11 +126,13 @@ def lookup(q: np.ndarray, frac_bits: int, table: np.ndarray) -> np.ndarray:
 
 def requant16(acc: np.ndarray, r: Requant) -> np.ndarray:
     """int32 accumulators (rows, channels) -> int16-saturated Q5.10 (held in int64)."""
+    from tpusim.quant.fixed_point import requantize
     return requantize(acc, r.m0, r.shift, 0, INT16_MIN, INT16_MAX, channel_axis=-1).astype(np.int64)
 
 
 def requant_out(product: np.ndarray, r: Requant, qp: QParams) -> np.ndarray:
     """A Q0.30 product onto an 8-bit activation grid."""
+    from tpusim.quant.fixed_point import requantize
     return requantize(np.asarray(product, np.int64).astype(np.int32), r.m0, r.shift, int(qp.zero_point), qp.qmin,
                       qp.qmax).astype(np.int64)
 
@@ -251,10 +255,13 @@ class RecurrentInts:
 
 
 def _weight_qp(w: np.ndarray, granularity: str, name: str) -> QParams:
+    from tpusim.quant.arithmetic import weight_qparams
     return weight_qparams(w, granularity, axis=0, name=name)
 
 
 def _acc_bias(real: np.ndarray, w_q: np.ndarray, w_qp: QParams, s_in: float, z_in: int, name: str) -> np.ndarray:
+    from tpusim.quant.arithmetic import bias_to_int32
+    from tpusim.quant.qlayer import INT32_MAX, INT32_MIN
     s_w = np.broadcast_to(w_qp.scale, (w_q.shape[0],))
     b = bias_to_int32(real, s_w, s_in).astype(np.int64) - z_in * w_q.astype(np.int64).sum(axis=1)
     if b.min() < INT32_MIN or b.max() > INT32_MAX:
@@ -263,6 +270,7 @@ def _acc_bias(real: np.ndarray, w_q: np.ndarray, w_qp: QParams, s_in: float, z_i
 
 
 def _gate_requant(s_in: float, w_qp: QParams, channels: int) -> Requant:
+    from tpusim.quant.qlayer import Requant
     return Requant.of(s_in * np.broadcast_to(w_qp.scale, (channels,)) * (1 << GATE_FRAC))
 
 
@@ -419,6 +427,8 @@ class RecurrentOp(Op):
 
     # -- quantization --------------------------------------------------------------------------
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.arithmetic import activation_qparams, quantize
+        from tpusim.quant.qlayer import Requant, plain_qlayer, scalar
         dims = self.dims(layer)
         x_qp = in_qps[0]
         s_x, z_x = scalar(x_qp.scale), int(x_qp.zero_point)
@@ -574,6 +584,7 @@ class RecurrentOp(Op):
 
 
 def _rows(r: Requant, rows: slice) -> Requant:
+    from tpusim.quant.qlayer import Requant
     if r.channels == 1:
         return r
     return Requant(m0=r.m0[rows], shift=r.shift[rows], real=r.real[rows])
@@ -581,6 +592,7 @@ def _rows(r: Requant, rows: slice) -> Requant:
 
 def _dequantized(b, name: str, values: list[np.ndarray], qps: list[QParams]) -> str:
     """int8 (D, N, K) weights through one DequantizeLinear (per channel over the D*N rows), reshaped back."""
+    from tpusim.quant.qlayer import scalar
     stacked = np.stack(values)
     d, n, k = stacked.shape
     per_channel = qps[0].axis is not None
@@ -1037,7 +1049,7 @@ def _perm(node: onnx.NodeProto) -> tuple[int, ...] | None:
 
 
 def batch_first(model: onnx.ModelProto) -> onnx.ModelProto:
-    """PyTorch's time-major recurrent chains made batch-first (see the module docstring); the model itself
+    """PyTorch's time-major recurrent chains made batch-first (see the module docstring), in place; unchanged
     when there is nothing to do."""
     g = model.graph
     if not any(n.op_type in RECURRENT_TYPES and int(_attr(n, "layout", 0)) == 0 for n in g.node):
@@ -1142,16 +1154,13 @@ def batch_first(model: onnx.ModelProto) -> onnx.ModelProto:
     read = {i for m in out for i in m.input if i}
     kept = [m for m in out if not (m.op_type == "Transpose" and _perm(m) == (1, 0, 2) and m.output[0] not in read
                                    and m.output[0] not in graph_outputs)]
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(model)
-    del rewritten.graph.node[:]
-    rewritten.graph.node.extend(kept)
-    rewritten.graph.initializer.extend(new_inits)
-    stale = changed
-    keep_info = [vi for vi in rewritten.graph.value_info if vi.name not in stale]
-    del rewritten.graph.value_info[:]
-    rewritten.graph.value_info.extend(keep_info)
-    return rewritten
+    del g.node[:]
+    g.node.extend(kept)
+    g.initializer.extend(new_inits)
+    keep_info = [vi for vi in g.value_info if vi.name not in changed]
+    del g.value_info[:]
+    g.value_info.extend(keep_info)
+    return model
 
 
 register_rewrite(batch_first)

@@ -31,8 +31,6 @@ from tpusim import ops
 from tpusim.ir import NO_ACTIVATION
 from tpusim.ops._expr import X, emit, evaluate, substitute
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.arithmetic import dequantize, quantize
-from tpusim.quant.qlayer import plain_qlayer
 
 
 def table_range(x_qp) -> tuple[int, int]:
@@ -85,6 +83,8 @@ class TableOp(Op):
         return self.values(layer, inputs[0]).astype(np.float32, copy=False)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.arithmetic import dequantize, quantize
+        from tpusim.quant.qlayer import plain_qlayer
         lo, hi = table_range(in_qps[0])
         grid = dequantize(np.arange(lo, hi + 1), in_qps[0])
         y = layer.activation.apply(self.values(layer, grid).astype(np.float32))

@@ -19,7 +19,6 @@ from tpusim.frontend.context import node_attrs
 from tpusim.ir import Activation
 from tpusim.ops import register
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.qlayer import clamp_output, plain_qlayer
 
 
 def activation_node(b, activation: Activation, x: str, y: str, name: str) -> None:
@@ -86,9 +85,11 @@ class Clamp(Op):
         return inputs[0]
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.qlayer import clamp_output
         return clamp_output(ql, inputs[0]), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):

@@ -14,14 +14,11 @@ read once and held), and every input element is requantized once.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from tpusim.kernels.gemm import claim_task, derived_from, finish_task, run_tasks
+from tpusim import jit
 from tpusim.ops import register
 from tpusim.ops._binary import binary_passes, lower_binary
 from tpusim.ops.base import Op, VectorCost
-from tpusim.quant.arithmetic import storage_dtype
-from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, Requant, centered, plain_qlayer, rescale, rescale_output, scalar
 
 # Headroom bits of the add's common domain: |q - z| <= 255 shifted by 20 stays below 2**28, so the
 # two rescaled inputs and their sum (or difference) fit an int32, and 20 fractional bits make the
@@ -45,6 +42,7 @@ class Add(Op):
         return inputs[0] + inputs[1] if self.signs[1] > 0 else inputs[0] - inputs[1]
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import Requant, plain_qlayer, scalar
         scales = [scalar(qp.scale) for qp in in_qps]
         twice_max = 2.0 * max(scales)
         rescales = tuple(Requant.of(s / twice_max) for s in scales)
@@ -52,6 +50,8 @@ class Add(Op):
         return plain_qlayer(layer, in_qps, y_qp, requant=requant, input_rescales=rescales)
 
     def execute(self, ql, inputs, options):
+        from tpusim.kernels.gemm import derived_from
+        from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, centered, rescale, rescale_output
         if all(q.shape == ql.layer.output_shape for q in inputs):
             constants = derived_from(ql, ("add", self.signs), lambda: _add_constants(ql, self.signs))
             if constants is not None:
@@ -76,11 +76,10 @@ class Add(Op):
         b.node("Add" if self.signs[1] > 0 else "Sub", inputs, y, layer.name)
 
 
-
 _ADD_BLOCK = 16384  # elements per parallel task of the add kernel
 
 
-@njit(cache=True)
+@jit.kernel(cache=True)
 def _add_block(a, b, z_a, z_b, m_a, m_b, m_y, s_a, s_b, s_y, negate_b, zero_point, qmin, qmax, out):
     """The requantizations of :func:`tpusim.quant.fixed_point.requantize`, rounding half away from zero
     branch-free: round(p / 2**r) = (p + 2**(r - 1) - [p < 0]) >> r, the shift rounding down (for p < 0,
@@ -97,7 +96,7 @@ def _add_block(a, b, z_a, z_b, m_a, m_b, m_y, s_a, s_b, s_y, negate_b, zero_poin
         out[i] = min(max(((p + h_y + (p >> 63)) >> r_y) + zero_point, qmin), qmax)
 
 
-@njit(cache=True, nogil=True)
+@jit.kernel(cache=True, nogil=True, imports={"claim_task": "tpusim.kernels.gemm", "finish_task": "tpusim.kernels.gemm"})
 def _add_kernel(a, b, zero_points, m0s, shifts, negate_b, zero_point, qmin, qmax, out, counters):
     """out = requant(rescale(a) +- rescale(b)) element by element.
 
@@ -136,6 +135,8 @@ def _fused_add(ql, inputs: list[np.ndarray], constants: tuple) -> np.ndarray:
     It runs over memory in the inputs' own order (the integer conv returns channels-last memory
     behind an NCHW shape), and its output keeps that order.
     """
+    from tpusim.kernels.gemm import run_tasks
+    from tpusim.quant.arithmetic import storage_dtype
     a, b = inputs
     if a.ndim == 4 and a.strides[1] == a.itemsize and b.strides == a.strides and a.strides[2] > a.strides[3]:
         order = (0, 2, 3, 1)  # both channels-last memory, as the integer conv leaves its outputs

@@ -24,8 +24,6 @@ from tpusim.errors import ModelError
 from tpusim.ops import register
 from tpusim.ops._matrix import _bias_safe_weight_qparams
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.arithmetic import bias_to_int32, dequantize, quantize, weight_qparams
-from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, QLayer, Requant, activation_bounds, rescale_output, scalar
 
 
 def channel_shape(layer) -> tuple[int, ...]:
@@ -51,6 +49,8 @@ class Affine(Op):
         return inputs[0] * layer.weight.reshape(shape) + layer.bias.reshape(shape)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.arithmetic import bias_to_int32, dequantize, quantize, weight_qparams
+        from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, QLayer, Requant, activation_bounds, scalar
         x_qp = in_qps[0]
         a_qp = weight_qparams(layer.weight, quant.weights, axis=0, name=f"{layer.name} scale")
         a_qp = _bias_safe_weight_qparams(layer, a_qp, x_qp)
@@ -70,6 +70,7 @@ class Affine(Op):
                       requant=Requant.of(s_x * a_qp.scale / scalar(y_qp.scale)))
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, rescale_output
         shape = channel_shape(ql.layer)
         acc = inputs[0].astype(np.int64) * ql.weight_q.astype(np.int64).reshape(shape) + ql.acc_bias.reshape(shape)
         acc = np.clip(acc, INT32_MIN, INT32_MAX).astype(np.int32)

@@ -10,7 +10,6 @@ import numpy as np
 from tpusim.frontend.context import node_attrs
 from tpusim.ops import register
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.qlayer import on_output_grid, plain_qlayer, rescales_to
 
 
 @register
@@ -34,9 +33,11 @@ class Concat(Op):
         return np.concatenate(inputs, axis=layer.axis)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer, rescales_to
         return plain_qlayer(layer, in_qps, y_qp, input_rescales=rescales_to(in_qps, y_qp))
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.qlayer import on_output_grid
         return np.concatenate(on_output_grid(ql, inputs), axis=ql.layer.axis), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):

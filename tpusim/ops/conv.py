@@ -9,21 +9,24 @@ NCHW-shaped view of channels-last memory, so the next conv's columns need no tra
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from tpusim import tensor_ops
-from tpusim.frontend.context import LowerContext, node_attrs, require_4d, spatial_pads
+from tpusim.frontend.context import LowerContext, conv_output_hw, node_attrs, require_4d, spatial_pads
 from tpusim.ir import ConvAttrs, Layer
-from tpusim.kernels.gemm import RequantizedGemm, derived_from, vnni_depth
 from tpusim.ops import register
 from tpusim.ops._matrix import accumulate, quantize_matrix_layer
 from tpusim.ops.base import ExecOptions, Op
-from tpusim.quant.arithmetic import storage_dtype
-from tpusim.quant.qlayer import QLayer, rescale_output
+
+if TYPE_CHECKING:  # annotations only
+    from tpusim.quant.qlayer import QLayer
+
 
 def _channels_last_weight(weight_q: np.ndarray, groups: int, depth: int) -> np.ndarray:
     """OIHW int8 weights as (groups, N/groups, depth) rows in im2col_channels_last's (kh, kw, c) order,
     zero-padded to depth; built once per weight array (the kernel then caches its own packing of it)."""
+    from tpusim.kernels.gemm import derived_from
 
     def build() -> np.ndarray:
         n_out = weight_q.shape[0]
@@ -40,6 +43,8 @@ class _ChannelsLastConv:
     (depth, weights in column order, the kernel's constants); it holds no reference to the QLayer."""
 
     def __init__(self, ql: QLayer, x_dtype: np.dtype, acc_bits: int):
+        from tpusim.kernels.gemm import RequantizedGemm, vnni_depth
+        from tpusim.quant.arithmetic import storage_dtype
         layer = ql.layer
         self._conv, self._output_shape = layer.conv, layer.output_shape
         groups, n_out = layer.conv.groups, layer.output_shape[1]
@@ -51,6 +56,7 @@ class _ChannelsLastConv:
                                      storage_dtype(ql.out_qmin, ql.out_qmax), x_dtype)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        from tpusim import tensor_ops
         batch, n_out, h_out, w_out = self._output_shape
         y, wrapped = self._gemm(tensor_ops.im2col_channels_last(x, self._conv, self._pad_value, self._depth))
         return y.reshape(batch, h_out, w_out, n_out).transpose(0, 3, 1, 2), wrapped
@@ -83,19 +89,22 @@ class Conv(Op):
         dilations = tuple(int(d) for d in attrs.get("dilations", (1, 1)))
         pads = spatial_pads(ctx, node, attrs, (shape[2], shape[3]), kernel, strides, dilations)
         conv = ConvAttrs(kernel=kernel, strides=strides, pads=pads, dilations=dilations, groups=groups)
-        h_out, w_out = tensor_ops.conv_output_hw(shape[2], shape[3], conv)
+        h_out, w_out = conv_output_hw(shape[2], shape[3], conv)
         if h_out < 1 or w_out < 1:
             raise ctx.fail(node, f"output would be empty for input {shape}")
         ctx.add_simple(node, self.name, [(x, shape)], (shape[0], c_out, h_out, w_out), weight=weight,
                        bias=None if bias is None else bias.astype(np.float32).reshape(c_out), conv=conv)
 
     def reference(self, layer: Layer, inputs):
+        from tpusim import tensor_ops
         return tensor_ops.conv2d(inputs[0], layer.weight, layer.bias, layer.conv)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
         return quantize_matrix_layer(layer, in_qps[0], y_qp, quant, input_mean)
 
     def execute(self, ql: QLayer, inputs, options: ExecOptions):
+        from tpusim import tensor_ops
+        from tpusim.quant.qlayer import rescale_output
         if options.engine == "int8-gemm" and options.acc_bits <= 32:
             return self._execute_channels_last(ql, inputs[0], options.acc_bits)
         layer = ql.layer
@@ -110,6 +119,7 @@ class Conv(Op):
     def _execute_channels_last(self, ql: QLayer, x: np.ndarray, acc_bits: int):
         """The int8 kernel's path: channels-last columns, requantization fused into the GEMM, and an
         NCHW-shaped view of channels-last memory out, which the next conv reads with no transpose."""
+        from tpusim.kernels.gemm import derived_from
         plan = derived_from(ql, ("channels-last", acc_bits, x.dtype.str),
                             lambda: _ChannelsLastConv(ql, x.dtype, acc_bits))
         return plan(x)

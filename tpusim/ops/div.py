@@ -18,8 +18,6 @@ import numpy as np
 from tpusim.ops import register
 from tpusim.ops._binary import binary_passes, lower_binary
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.arithmetic import dequantize, quantize
-from tpusim.quant.qlayer import clamp_output, plain_qlayer
 
 
 @register
@@ -37,9 +35,12 @@ class Div(Op):
             return inputs[0] / inputs[1]
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.arithmetic import dequantize, quantize
+        from tpusim.quant.qlayer import clamp_output
         a, b = (dequantize(q, qp) for q, qp in zip(inputs, ql.input_qparams))
         with np.errstate(divide="ignore", invalid="ignore"):
             y = a / b

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
+from tpusim import jit
 from tpusim.ops import register
 from tpusim.ops._table import TableOp
 
@@ -36,7 +36,7 @@ def _series(a: np.ndarray) -> np.ndarray:
     return np.minimum(2.0 / math.sqrt(math.pi) * np.exp(-a2) * total, 1.0)
 
 
-@njit(cache=True, nogil=True)
+@jit.kernel(cache=True, nogil=True)
 def _erf_kernel(x, out):
     for i in range(x.size):
         out[i] = math.erf(np.float64(x[i]))

@@ -30,8 +30,6 @@ from tpusim.frontend.canonical import static_shapes
 from tpusim.ops import register, register_rewrite
 from tpusim.ops._layout import copy_cost, normalized_axes, require_batch_kept
 from tpusim.ops.base import Op
-from tpusim.quant.arithmetic import quantize
-from tpusim.quant.qlayer import plain_qlayer
 
 INDEX_ROWS = "index_rows"  # layer attr of a lookup: the graph input it reads holds ids below this
 
@@ -58,6 +56,8 @@ class Embedding(Op):
         return _take(layer.weight, np.rint(inputs[0]), 0)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.arithmetic import quantize
+        from tpusim.quant.qlayer import plain_qlayer
         # The host stores the table on the output's grid, so the lookup itself adds no rounding.
         return plain_qlayer(layer, in_qps, y_qp, weight_q=quantize(layer.weight, y_qp))
 
@@ -97,7 +97,7 @@ class Gather(Op):
             if ctx.is_constant(node, 1):  # a constant operand, materialised (see the module docstring)
                 indices = ctx.constant(node, 1, "indices")
                 _check_indices(ctx, node, indices, data.shape[axis])
-                values = _take(data.astype(np.float32), indices, axis)
+                values = _take(data.astype(np.float32, copy=False), indices, axis)
                 ctx.add_simple(node, "embedding", [], values.shape, weight=values)
                 return
             ids, shape = ctx.activation_input(node, 1)
@@ -106,7 +106,7 @@ class Gather(Op):
                                      "graph input (token ids)")
             if axis != 0:
                 raise ctx.fail(node, f"a lookup along axis {axis} of its table is not supported (only rows, axis 0)")
-            table = np.ascontiguousarray(data.astype(np.float32))
+            table = np.ascontiguousarray(data.astype(np.float32, copy=False))  # (no layer writes into a weight)
             ctx.add_simple(node, "embedding", [(ids, shape)], tuple(shape) + table.shape[1:], weight=table,
                            attrs=((INDEX_ROWS, int(table.shape[0])),))
             return
@@ -126,6 +126,7 @@ class Gather(Op):
         return _take(inputs[0], layer.attr("indices"), layer.axis)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
@@ -166,12 +167,12 @@ def _zero_addend(node: onnx.NodeProto, constants: dict, shapes: dict) -> str | N
 
 @register_rewrite
 def materialize_constant_operands(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` in which every constant operand that is neither a scalar nor a per-channel
+    """``model`` rewritten in place so that every constant operand that is neither a scalar nor a per-channel
     vector of an Add/Sub (and every constant input of a Concat that also reads an activation)
     is the output of a new ``Gather(constant, 0..n-1)`` node (an embedding lookup of constant rows),
     and in which an Add/Sub of an all-zero constant that does not broadcast its activation (the
     attention mask an all-ones ``attention_mask`` folds to) is gone, its readers reading the
-    activation. ``model`` itself when nothing matched."""
+    activation."""
     graph = model.graph
     constants = {t.name: t for t in graph.initializer}
     arrays: dict[str, np.ndarray] = {}
@@ -222,11 +223,8 @@ def materialize_constant_operands(model: onnx.ModelProto) -> onnx.ModelProto:
             node_copy.input[:] = inputs
             changed = True
         kept.append(node_copy if node_copy is not None else node)
-    if not changed:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    out.graph.initializer.extend(new_inits)
-    return out
+    if changed:
+        del graph.node[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(new_inits)
+    return model

@@ -6,15 +6,14 @@ Integers: the centred input summed per channel in int32, then one dyadic rescale
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from tpusim import jit
 from tpusim.frontend.context import require_4d
 from tpusim.ops import register
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.qlayer import Requant, centered, plain_qlayer, rescale_output, scalar
 
 
-@njit(cache=True)
+@jit.kernel(cache=True)
 def _channels_last_sums(xt, zero_point, sums):
     """sums[b, c] = sum over (h, w) of xt[b, h, w, c] - zero_point, modulo 2**32 like numpy's int32 sum."""
     for b in range(xt.shape[0]):
@@ -30,6 +29,7 @@ def _channels_last_sums(xt, zero_point, sums):
 def channel_sums(x: np.ndarray, zero_point: int) -> np.ndarray:
     """(B, C, 1, 1) int32 sums of x - zero_point over H x W. Channels-last memory (what the integer conv
     returns behind its NCHW shape) is summed in one compiled pass; else numpy's, the oracle."""
+    from tpusim.quant.qlayer import centered
     xt = x.transpose(0, 2, 3, 1)
     if not xt.flags.c_contiguous:
         return centered(x, zero_point).sum(axis=(2, 3), keepdims=True, dtype=np.int32)
@@ -53,10 +53,12 @@ class GlobalAveragePool(Op):
         return inputs[0].mean(axis=(2, 3), keepdims=True)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import Requant, plain_qlayer, scalar
         _, _, h, w = layer.input_shapes[0]
         return plain_qlayer(layer, in_qps, y_qp, requant=Requant.of(scalar(in_qps[0].scale) / (scalar(y_qp.scale) * h * w)))
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.qlayer import rescale_output
         return rescale_output(ql, channel_sums(inputs[0], int(ql.input_qparams[0].zero_point))), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):

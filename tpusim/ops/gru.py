@@ -17,7 +17,6 @@ import numpy as np
 from tpusim.ops import register
 from tpusim.ops._recurrent import (GATE_FRAC, ONE, SIGMOID_TABLE, TANH_TABLE, RecurrentOp, lookup, matmul_nk,
                                    requant_out, rounding_shift)
-from tpusim.quant.fixed_point import requantize
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -62,6 +61,7 @@ class GRU(RecurrentOp):
         return (np.float32(1) - z) * n + z * h, c
 
     def int_cell(self, layer, zx, prev, c, di, ints, y_qp, options):
+        from tpusim.quant.fixed_point import requantize
         hidden = prev.q.shape[1]
         lbr = _lbr(layer)
         zh, wrapped = self.recurrent_q510(prev.q, prev, di, slice(None) if lbr else slice(0, 2 * hidden), options)

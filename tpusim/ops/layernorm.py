@@ -22,8 +22,6 @@ from tpusim.frontend.context import node_attrs
 from tpusim.ops import register, register_rewrite
 from tpusim.ops._layout import normalized_axes
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.arithmetic import dequantize, quantize
-from tpusim.quant.qlayer import clamp_output, plain_qlayer
 
 LAYERNORM_PASSES = 3
 
@@ -70,9 +68,12 @@ class LayerNormalization(Op):
         return layer_norm(inputs[0], layer.attr("axis"), layer.attr("epsilon"), layer.attr("scale"), layer.attr("bias"))
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.arithmetic import dequantize, quantize
+        from tpusim.quant.qlayer import clamp_output
         y = self.reference(ql.layer, [dequantize(inputs[0], ql.input_qparams[0])])
         return clamp_output(ql, quantize(y, ql.output_qparams)), 0
 
@@ -223,10 +224,10 @@ _LAYERNORM_OPSET = 17
 
 @register_rewrite
 def fuse_decomposed_layernorm(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every decomposed LayerNorm chain replaced by one LayerNormalization
+    """``model`` rewritten in place with every decomposed LayerNorm chain replaced by one LayerNormalization
     node (named after the chain's first ReduceMean, writing the chain's output tensor), its scale and
     bias as new initializers, and the opset raised to 17 where it was 13-16. Constants and
-    initializers only the chain read are dropped. ``model`` itself when nothing matched (or the opset is below 13).
+    initializers only the chain read are dropped. Unchanged when nothing matched (or the opset is below 13).
     """
     if not any(node.op_type == "ReduceMean" for node in model.graph.node):
         return model  # (before _Graph, which reads every initializer into numpy)
@@ -254,21 +255,20 @@ def fuse_decomposed_layernorm(model: onnx.ModelProto) -> onnx.ModelProto:
         dropped.update(id(n) for n in nodes)
     if not replaced:
         return model
-    fused = onnx.ModelProto()
-    fused.CopyFrom(model)
+    graph = model.graph
     kept = [replaced.get(id(n), n) for n in g.nodes if id(n) in replaced or id(n) not in dropped]
-    read = {name for n in kept for name in n.input} | {o.name for o in model.graph.output}
+    read = {name for n in kept for name in n.input} | {o.name for o in graph.output}
     kept = [n for n in kept if n.op_type != "Constant" or any(o in read for o in n.output)]
     chain_read = {name for n in g.nodes if id(n) in dropped for name in n.input}
-    unused = [t for t in fused.graph.initializer if t.name in chain_read and t.name not in read]
-    for tensor in unused:
-        fused.graph.initializer.remove(tensor)
-    del fused.graph.node[:]
-    fused.graph.node.extend(kept)
-    fused.graph.initializer.extend(initializers)
+    unused = [i for i, t in enumerate(graph.initializer) if t.name in chain_read and t.name not in read]
+    for index in reversed(unused):
+        del graph.initializer[index]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(initializers)
     if g.opset < _LAYERNORM_OPSET:
-        for opset in fused.opset_import:
+        for opset in model.opset_import:
             if opset.domain in ("", "ai.onnx"):
                 opset.version = _LAYERNORM_OPSET
-        fused.ir_version = max(fused.ir_version, 8)
-    return fused
+        model.ir_version = max(model.ir_version, 8)
+    return model

@@ -52,7 +52,6 @@ from tpusim.ops import register, register_rewrite
 from tpusim.ops._binary import broadcast_shape
 from tpusim.ops._matrix import accumulate
 from tpusim.ops.base import Op, vectors
-from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, Requant, plain_qlayer, rescale_output, scalar
 
 REQUANT_SCALAR_BYTES = 5  # one multiplier + one shift: the output's single requantization
 
@@ -100,11 +99,13 @@ class MatMul(Op):
         return y if scale is None else y * np.float32(scale)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import Requant, plain_qlayer, scalar
         s_a, s_b = (scalar(qp.scale) for qp in in_qps)
         factor = float(np.float32(layer.attr("scale", 1.0)))
         return plain_qlayer(layer, in_qps, y_qp, requant=Requant.of(s_a * s_b * factor / scalar(y_qp.scale)))
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, rescale_output
         layer = ql.layer
         g = gemm_view(layer)
         qa, qb = _operands(layer, inputs[0], inputs[1])
@@ -247,9 +248,9 @@ def _emit(compiler, li: int, layer, out) -> None:
 
 @register_rewrite
 def drop_softmax_nan_guard(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without ``Where(IsNaN(p), 0, p)`` after a Softmax ``p`` (what torch's
+    """``model`` rewritten in place without ``Where(IsNaN(p), 0, p)`` after a Softmax ``p`` (what torch's
     scaled_dot_product_attention exports for rows that a mask blocks entirely): a softmax of finite
-    scores is never NaN, so the Where's readers read ``p``. ``model`` itself when nothing matched."""
+    scores is never NaN, so the Where's readers read ``p``."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -275,25 +276,21 @@ def drop_softmax_nan_guard(model: onnx.ModelProto) -> onnx.ModelProto:
     kept = [n for n in graph.node if not (n.op_type == "Where" and n.output[0] in rename)]
     read = {name for n in kept for name in n.input}
     kept = [n for n in kept if not (n.op_type == "IsNaN" and n.output[0] not in read)]
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
+    del graph.node[:]
     for n in kept:
-        copy = out.graph.node.add()
-        copy.CopyFrom(n)
-        copy.input[:] = [rename.get(name, name) for name in n.input]
-    return out
+        n.input[:] = [rename.get(name, name) for name in n.input]
+    graph.node.extend(kept)
+    return model
 
 
 # -- torch's batched transpose: Reshape to 3-D, Transpose, Reshape back ------------------------------
 
 @register_rewrite
 def fold_batched_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` in which ``Reshape(x: L + T -> [prod(L)] + T) -> Transpose(perm, perm[0] = 0)
+    """``model`` rewritten in place so that ``Reshape(x: L + T -> [prod(L)] + T) -> Transpose(perm, perm[0] = 0)
     -> Reshape(-> L + T permuted)`` (how torch's exporter transposes K for ``Q K^T``: it merges batch and
     heads, transposes, and splits them again) is one Transpose of ``x`` keeping the dims L, written to the
-    last Reshape's output (the chain must be only reader of its first two outputs). ``model`` itself
-    when nothing matched."""
+    last Reshape's output (the chain must be only reader of its first two outputs)."""
     from onnx import helper
 
     graph = model.graph
@@ -330,10 +327,8 @@ def fold_batched_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
         replaced[id(split)] = helper.make_node("Transpose", [x], [split.output[0]], name=split.name or transpose.name,
                                                perm=full)
         dropped.update((id(node), id(transpose)))
-    if not replaced:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(replaced.get(id(n), n) for n in graph.node if id(n) not in dropped)
-    return out
+    if replaced:
+        kept = [replaced.get(id(n), n) for n in graph.node if id(n) not in dropped]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return model

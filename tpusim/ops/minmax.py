@@ -18,7 +18,6 @@ import numpy as np
 from tpusim.ops import register
 from tpusim.ops._binary import binary_passes, lower_binary
 from tpusim.ops.base import Op, VectorCost
-from tpusim.quant.qlayer import clamp_output, on_output_grid, plain_qlayer, rescales_to
 
 
 class _Extremum(Op):
@@ -33,9 +32,11 @@ class _Extremum(Op):
         return self.pick(inputs[0], inputs[1])
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer, rescales_to
         return plain_qlayer(layer, in_qps, y_qp, input_rescales=rescales_to(in_qps, y_qp))
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.qlayer import clamp_output, on_output_grid
         a, b = (q.astype(np.int32) for q in on_output_grid(ql, inputs))
         return clamp_output(ql, self.pick(a, b)), 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 from tpusim.ops import register
 from tpusim.ops._binary import binary_passes, lower_binary
 from tpusim.ops.base import Op, VectorCost
-from tpusim.quant.qlayer import Requant, centered, plain_qlayer, rescale_output, scalar
 
 
 @register
@@ -32,10 +31,12 @@ class Mul(Op):
         return inputs[0] * inputs[1]
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import Requant, plain_qlayer, scalar
         a, b = (scalar(qp.scale) for qp in in_qps)
         return plain_qlayer(layer, in_qps, y_qp, requant=Requant.of(a * b / scalar(y_qp.scale)))
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.qlayer import centered, rescale_output
         qa, qb = ql.input_qparams
         product = centered(inputs[0], qa.zero_point) * centered(inputs[1], qb.zero_point)
         return rescale_output(ql, product), 0

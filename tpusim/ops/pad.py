@@ -19,8 +19,6 @@ from tpusim.ops import register
 from tpusim.ops._layout import axes_argument, copy_cost, normalized_axes, require_batch_kept
 from tpusim.ops.base import Op
 from tpusim.ops.reshape import add_reshape
-from tpusim.quant.arithmetic import quantize
-from tpusim.quant.qlayer import plain_qlayer
 
 # ONNX's modes are numpy's (reflect excludes the edge element, as numpy's does). Opset 19's "wrap" is
 # left out: the QDQ export that checks the integers is written at opset 17.
@@ -74,9 +72,11 @@ class Pad(Op):
         return _pad(inputs[0], layer, np.float32(layer.attr("value")))
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.arithmetic import quantize
         value_q = quantize(np.float32(ql.layer.attr("value")), ql.input_qparams[0])
         return _pad(inputs[0], ql.layer, value_q), 0
 

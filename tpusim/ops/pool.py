@@ -8,15 +8,18 @@ once), plus the average's requantization of every output element.
 """
 from __future__ import annotations
 
-import numpy as np
-from numba import njit
+from typing import TYPE_CHECKING
 
-from tpusim import tensor_ops
-from tpusim.frontend.context import LowerContext, node_attrs, require_4d, spatial_pads
+import numpy as np
+
+from tpusim import jit
+from tpusim.frontend.context import LowerContext, node_attrs, pool_output_hw, require_4d, spatial_pads
 from tpusim.ir import PoolAttrs
 from tpusim.ops import register
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.qlayer import QLayer, Requant, centered, plain_qlayer, rescale, scalar
+
+if TYPE_CHECKING:  # annotations only
+    from tpusim.quant.qlayer import QLayer
 
 
 def _lower_pool(ctx: LowerContext, node, op: str) -> None:
@@ -33,7 +36,7 @@ def _lower_pool(ctx: LowerContext, node, op: str) -> None:
     pads = spatial_pads(ctx, node, attrs, (shape[2], shape[3]), kernel, strides, dilations)
     pool = PoolAttrs(kernel=kernel, strides=strides, pads=pads, ceil_mode=bool(attrs.get("ceil_mode", 0)),
                      count_include_pad=bool(attrs.get("count_include_pad", 0)))
-    h_out, w_out = tensor_ops.pool_output_hw(shape[2], shape[3], pool)
+    h_out, w_out = pool_output_hw(shape[2], shape[3], pool)
     ctx.add_simple(node, op, [(x, shape)], (shape[0], shape[1], h_out, w_out), pool=pool)
 
 
@@ -63,9 +66,11 @@ class MaxPool(Op):
         _lower_pool(ctx, node, self.name)
 
     def reference(self, layer, inputs):
+        from tpusim import tensor_ops
         return tensor_ops.maxpool(inputs[0], layer.pool)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
@@ -78,7 +83,7 @@ class MaxPool(Op):
         b.node("MaxPool", inputs, y, layer.name, **_pool_export_attrs(layer))
 
 
-@njit(cache=True)
+@jit.kernel(cache=True)
 def _maxpool_kernel(x, kh, kw, sh, sw, top, left, qmin, qmax, out):
     """out[b, c, oh, ow] = clamp(max of the window's in-bounds elements, qmin, qmax).
 
@@ -107,7 +112,7 @@ def _maxpool_kernel(x, kh, kw, sh, sw, top, left, qmin, qmax, out):
                     best[ow] = min(best[ow], qmax)
 
 
-@njit(cache=True)
+@jit.kernel(cache=True)
 def _maxpool_channels_last_kernel(xt, kh, kw, sh, sw, top, left, qmin, qmax, out):
     """_maxpool_kernel on channels-last xt (B, H, W, C) into out (B, Hout, Wout, C): one pass over the
     channels per window element."""
@@ -134,7 +139,7 @@ def integer_maxpool(x: np.ndarray, pool: PoolAttrs, qmin: int, qmax: int) -> np.
     Channels-last memory (what the integer conv returns behind its NCHW shape) is pooled in place
     and the output keeps that layout.
     """
-    h_out, w_out = tensor_ops.pool_output_hw(x.shape[2], x.shape[3], pool)
+    h_out, w_out = pool_output_hw(x.shape[2], x.shape[3], pool)
     (kh, kw), (sh, sw), (top, left, _, _) = pool.kernel, pool.strides, pool.pads
     lo, hi = x.dtype.type(qmin), x.dtype.type(qmax)
     xt = x.transpose(0, 2, 3, 1)
@@ -172,9 +177,12 @@ class AveragePool(Op):
         _lower_pool(ctx, node, self.name)
 
     def reference(self, layer, inputs):
+        from tpusim import tensor_ops
         return tensor_ops.avgpool(inputs[0], layer.pool)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim import tensor_ops
+        from tpusim.quant.qlayer import Requant, plain_qlayer, scalar
         x_qp = in_qps[0]
         _, _, h, w = layer.input_shapes[0]
         counts = tensor_ops.pool_counts(h, w, layer.pool).astype(np.int64)
@@ -185,6 +193,7 @@ class AveragePool(Op):
         return plain_qlayer(layer, in_qps, y_qp, requant=requant, pool_counts=counts)
 
     def execute(self, ql: QLayer, inputs, options):
+        from tpusim.quant.qlayer import Requant, centered, rescale
         # Padding holds the zero point, so it adds nothing to the centred sums.
         sums = _window_sums(centered(inputs[0], ql.input_qparams[0].zero_point), ql.layer.pool, ql.pool_counts.shape)
         out = np.empty(sums.shape, ql.output_qparams.storage_dtype)

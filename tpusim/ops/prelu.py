@@ -21,7 +21,6 @@ from tpusim.ops._expr import X
 from tpusim.ops._table import apply_unary
 from tpusim.ops.affine import channel_shape
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.qlayer import Requant, centered, clamp_output, plain_qlayer, rescale, scalar
 
 
 @register
@@ -50,11 +49,13 @@ class PRelu(Op):
         return np.where(x >= 0, x, x * layer.weight.reshape(channel_shape(layer)))
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import Requant, plain_qlayer, scalar
         s_x, s_y = scalar(in_qps[0].scale), scalar(y_qp.scale)
         negative = Requant.of(s_x * np.abs(layer.weight.astype(np.float64)) / s_y)
         return plain_qlayer(layer, in_qps, y_qp, requant=negative, input_rescales=(Requant.of(s_x / s_y),))
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.qlayer import centered, clamp_output, rescale
         y_qp = ql.output_qparams
         z_y = int(y_qp.zero_point)
         c = centered(inputs[0], ql.input_qparams[0].zero_point)

@@ -20,7 +20,6 @@ from tpusim.frontend.context import node_attrs
 from tpusim.ops import register
 from tpusim.ops._layout import axes_argument, normalized_axes, require_batch_kept
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.qlayer import Requant, centered, clamp_output, plain_qlayer, rescale_output, scalar
 
 
 def _lower_reduce(ctx, node, op: str) -> None:
@@ -69,11 +68,13 @@ class ReduceMean(Op):
         return inputs[0].mean(axis=layer.attr("axes"), keepdims=layer.attr("keepdims"))
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import Requant, plain_qlayer, scalar
         count = math.prod(layer.input_shapes[0][a] for a in layer.attr("axes"))
         real = scalar(in_qps[0].scale) / (scalar(y_qp.scale) * count)
         return plain_qlayer(layer, in_qps, y_qp, requant=Requant.of(real))
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.qlayer import centered, rescale_output
         layer = ql.layer
         sums = centered(inputs[0], ql.input_qparams[0].zero_point).sum(axis=layer.attr("axes"),
                                                                        keepdims=layer.attr("keepdims"), dtype=np.int32)
@@ -100,9 +101,11 @@ class ReduceMax(Op):
         return inputs[0].max(axis=layer.attr("axes"), keepdims=layer.attr("keepdims"))
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.qlayer import clamp_output
         layer = ql.layer
         return clamp_output(ql, inputs[0].max(axis=layer.attr("axes"), keepdims=layer.attr("keepdims"))), 0
 

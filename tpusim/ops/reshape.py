@@ -14,7 +14,6 @@ from tpusim.frontend.context import node_attrs
 from tpusim.ops import register
 from tpusim.ops._layout import batch_of_one
 from tpusim.ops.base import Op
-from tpusim.quant.qlayer import plain_qlayer
 
 
 def add_reshape(ctx, node, x: str, shape, out) -> None:
@@ -80,6 +79,7 @@ class Reshape(Op):
         return inputs[0].reshape(layer.output_shape)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):

@@ -31,8 +31,6 @@ from tpusim.ops import register
 from tpusim.ops._layout import copy_cost, normalized_axes
 from tpusim.ops.base import Op, VectorCost, vectors
 from tpusim.ops.reshape import add_reshape
-from tpusim.quant.arithmetic import dequantize, quantize
-from tpusim.quant.qlayer import clamp_output, plain_qlayer
 
 # tf_half_pixel_for_nearest (deprecated) and tf_crop_and_resize are left out: ONNX Runtime, which the
 # integer model is checked against, does not run the first, and the second crops by an roi.
@@ -164,9 +162,12 @@ class Resize(Op):
         return _resize(inputs[0], layer)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
+        from tpusim.quant.arithmetic import dequantize, quantize
+        from tpusim.quant.qlayer import clamp_output
         if ql.layer.attr("mode") == "nearest":
             return _resize(inputs[0], ql.layer), 0
         y = _resize(dequantize(inputs[0], ql.input_qparams[0]), ql.layer)

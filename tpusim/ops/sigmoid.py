@@ -1,7 +1,6 @@
 """Sigmoid, as a 256-entry table (:mod:`tpusim.ops._table`)."""
 from __future__ import annotations
 
-from tpusim import tensor_ops
 from tpusim.ops import register
 from tpusim.ops._table import TableOp
 
@@ -12,6 +11,7 @@ class Sigmoid(TableOp):
     onnx_types = ("Sigmoid",)
 
     def function(self, layer, x):
+        from tpusim import tensor_ops
         return tensor_ops.sigmoid(x)
 
     def export(self, b, layer, inputs, weight, bias, y):

@@ -21,7 +21,6 @@ from tpusim.ops import register
 from tpusim.ops._layout import axes_argument, copy_cost, normalized_axes, require_batch_kept
 from tpusim.ops.base import Op
 from tpusim.ops.reshape import add_reshape
-from tpusim.quant.qlayer import plain_qlayer
 
 
 def _bounds(dim: int, start: int, end: int, step: int) -> tuple[int, int, int]:
@@ -136,6 +135,7 @@ class Slice(Op):
         return np.ascontiguousarray(inputs[0][_index(layer)])
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):

@@ -5,12 +5,9 @@ would: three passes over each vector (max, exp-and-sum, normalise).
 """
 from __future__ import annotations
 
-from tpusim import tensor_ops
 from tpusim.frontend.context import node_attrs
 from tpusim.ops import register
 from tpusim.ops.base import Op, VectorCost, vectors
-from tpusim.quant.arithmetic import dequantize, quantize
-from tpusim.quant.qlayer import clamp_output, plain_qlayer
 
 SOFTMAX_PASSES = 3
 
@@ -29,12 +26,17 @@ class Softmax(Op):
         ctx.add_simple(node, self.name, [(x, shape)], shape, axis=axis)
 
     def reference(self, layer, inputs):
+        from tpusim import tensor_ops
         return tensor_ops.softmax(inputs[0], layer.axis)
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
+        from tpusim import tensor_ops
+        from tpusim.quant.arithmetic import dequantize, quantize
+        from tpusim.quant.qlayer import clamp_output
         y = tensor_ops.softmax(dequantize(inputs[0], ql.input_qparams[0]), ql.layer.axis)
         return clamp_output(ql, quantize(ql.layer.activation.apply(y), ql.output_qparams)), 0
 

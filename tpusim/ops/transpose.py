@@ -20,7 +20,6 @@ from tpusim.ops import register
 from tpusim.ops._layout import batch_of_one, copy_cost
 from tpusim.ops.base import Op
 from tpusim.ops.reshape import add_reshape
-from tpusim.quant.qlayer import plain_qlayer
 
 
 @register
@@ -49,6 +48,7 @@ class Transpose(Op):
         return np.ascontiguousarray(inputs[0].transpose(layer.attr("perm")))
 
     def quantize(self, layer, in_qps, y_qp, quant, input_mean):
+        from tpusim.quant.qlayer import plain_qlayer
         return plain_qlayer(layer, in_qps, y_qp)
 
     def execute(self, ql, inputs, options):
