@@ -134,9 +134,9 @@ def measure_rescale(graph: Graph, config: HardwareConfig, program: Program, sim:
 
 def quantize(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions) -> QuantOutcome:
     """Quantize and run in integers; values do not depend on the batch, so this uses a batch-1 lowering."""
+    current().phase("quantizing")  # (importing the quantizer, ONNX Runtime and Numba, is part of it)
     from tpusim.quant.stage import quantize_and_measure
 
-    current().phase("quantizing")
     single = graph if graph.batch == 1 else load_onnx(model_path, batch=1, input_shape=options.input_shape)
     names = {"calibrate": ("quantizing", "calibration samples"), "execute": ("integer execution", "layer runs")}
 
