@@ -45,6 +45,12 @@ def test_without_a_worker_the_figures_are_drawn_here(monkeypatch):
         assert figures.pngs() == {name: render_png(job) for name, job in JOBS.items()}
 
 
+def test_an_interpreter_that_cannot_say_where_it_is_draws_itself(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "")
+    with FigureRenderer(background=True) as figures:
+        assert not figures.in_background
+
+
 def test_a_worker_that_dies_leaves_the_figures_to_this_process():
     with FigureRenderer(background=True) as figures:
         figures._process.kill()

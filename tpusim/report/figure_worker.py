@@ -101,6 +101,8 @@ class FigureRenderer:
 
     @staticmethod
     def _launch() -> subprocess.Popen | None:
+        if not sys.executable:  # an embedded interpreter that cannot say where it is
+            return None
         try:
             return subprocess.Popen([sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
