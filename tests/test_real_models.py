@@ -23,6 +23,7 @@ from tpusim import pipeline
 from tpusim.cli import main
 from tpusim.frontend import lower_model, run_reference
 from tpusim.frontend.canonical import load_model
+from tpusim.report import figure_worker
 
 from op_checks import assert_layers_match, ort_qdq_integers
 
@@ -38,6 +39,21 @@ def _ort(path: Path, x: np.ndarray) -> np.ndarray:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+class _WorkerFigures(figure_worker.FigureRenderer):
+    def __init__(self, background: bool = True):
+        super().__init__(background)
+
+
+def _figures_as_the_command_draws_them(monkeypatch, name: str) -> None:
+    """A run of a network of hundreds of nodes draws its figures (a bar or point per layer: seconds) in a worker
+    process, on the other core while it quantizes, as a command-line run does (it starts without matplotlib);
+    the test session has imported matplotlib for other tests, so the run would draw them itself, after the
+    rest. A smaller network's figures take less time than a worker takes to start."""
+    if len(onnx.load(str(corpus.entry(name).path), load_external_data=False).graph.node) >= 200:  # weights stripped
+        monkeypatch.setattr(figure_worker, "FigureRenderer", _WorkerFigures)  # the command line's
+        monkeypatch.setattr(pipeline, "FigureRenderer", _WorkerFigures)       # pipeline.run's own
 
 
 @pytest.fixture(scope="module", params=[e.name for e in corpus.CORPUS])
@@ -68,7 +84,8 @@ def test_fp32_reference_matches_onnxruntime(exported):
 # The stages after the front end see the same layer ops whichever exporter wrote a file (the FP32 test
 # above lowers every file); one export per architecture keeps the suite within its time budget.
 @pytest.mark.parametrize("name", [e.name for e in corpus.CORPUS if e.exporter == "torchscript" and e.opset == 17])
-def test_whole_pipeline_runs(name, tmp_path):
+def test_whole_pipeline_runs(name, tmp_path, monkeypatch):
+    _figures_as_the_command_draws_them(monkeypatch, name)
     path = corpus.saved_model(name)
     result = pipeline.run(pipeline.RunOptions(config=TPU_V1, model=str(path), out_dir=tmp_path / "out",
                                               overrides=FAST, eval_samples=1))
@@ -81,7 +98,8 @@ def test_whole_pipeline_runs(name, tmp_path):
 @pytest.mark.parametrize("name", ["resnet50_dynamo18", "lstm2_dynamo18", "lstm_bidir_ts17", "gru_ts17",
                                   "lstm2_ts17", "lstm_bidir_dynamo18", "gru_dynamo18",
                                   "bert_dynamo18", "vit_b_16_dynamo18"])
-def test_default_command(name, tmp_path):
+def test_default_command(name, tmp_path, monkeypatch):
+    _figures_as_the_command_draws_them(monkeypatch, name)
     # ViT-B/16 is 17.6 GMAC a sample: the default 16 evaluation samples through our FP32 reference would take
     # most of a minute, and calibrating on the default 32 (ONNX Runtime with every tensor exposed, one sample a
     # run, then the histograms) was half of the 40 s left. How many there are changes no code path (2 still merge

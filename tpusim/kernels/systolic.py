@@ -80,14 +80,10 @@ def stream_starts(m_rows: Sequence[int], rows: int, cols: int | None = None, *,
     """
     if not weight_double_buffering and cols is None:
         raise ValueError("without weight double buffering the schedule depends on the array's cols")
-    starts = np.empty(len(m_rows), np.int64)
-    start = rows
-    for i, m in enumerate(m_rows):
-        starts[i] = start
-        if weight_double_buffering:
-            start = start + max(int(m), rows)
-        else:
-            start = start + int(m) + 2 * rows + cols - 2
+    m = np.asarray(m_rows, np.int64)
+    steps = np.maximum(m, rows) if weight_double_buffering else m + (2 * rows + cols - 2)
+    starts = np.full(m.size, rows, np.int64)
+    starts[1:] += np.cumsum(steps[:-1])
     return starts
 
 
@@ -261,9 +257,10 @@ def pe_array_run(x_tiles: Sequence[np.ndarray], w_tiles: Sequence[np.ndarray], r
     tile_m = np.array([x.shape[0] for x in x_tiles], np.int64)
     row0 = np.concatenate(([0], np.cumsum(tile_m)[:-1])).astype(np.int64)
     x_src = np.zeros((int(tile_m.sum()), rows), np.int16)
-    for x, r0 in zip(x_tiles, row0):
+    w_src = np.zeros((len(w_tiles) * rows, cols), np.int8)  # tile i's block zero-padded to rows x cols
+    for x, w, r0, w0 in zip(x_tiles, w_tiles, row0.tolist(), range(0, w_src.shape[0], rows)):
         x_src[r0 : r0 + x.shape[0], : x.shape[1]] = x
-    w_src = np.concatenate([_padded(w, (rows, cols), np.int8) for w in w_tiles])
+        w_src[w0 : w0 + w.shape[0], : w.shape[1]] = w
     zeros = np.zeros(len(x_tiles), np.int64)
     starts = stream_starts(tile_m, rows, cols, weight_double_buffering=weight_double_buffering)
     acc = np.zeros((x_src.shape[0], cols), np.int64)
