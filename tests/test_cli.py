@@ -300,6 +300,12 @@ def _gone(pid: int, timeout_s: float) -> bool:
     return False
 
 
+def _interruptible() -> None:
+    """In the child before it runs: Ctrl-C as a terminal's foreground command gets it. A test run started as a
+    background job (``cmd &`` in a script) ignores SIGINT, and its children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see what the process imports")
 # Interrupted while these initialise, onnx segfaulted, matplotlib aborted, onnxruntime raised ImportError, or the
 # interrupt was lost (the run went on to exit 0); the others are the import's start (numpy) and its middle (numba).
@@ -310,7 +316,7 @@ def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path, library):
     # a quantizing run: --no-quantize no longer imports ONNX Runtime
     process = subprocess.Popen([sys.executable, "-m", "tpusim", "run", TPU_V1, "--model", "tiny_cnn", "--eval-samples",
                                 "1", "--no-progress", "--out", str(tmp_path / "out")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
     try:
         importer = process.pid if library != "ft2font" else _figure_worker(process.pid, timeout_s=60)
         assert importer is not None, "no figure worker was started"
@@ -328,7 +334,7 @@ def test_ctrl_c_at_a_random_moment_of_a_run_is_one_line_and_exit_130(tmp_path, s
     """Later than the imports too: inside Numba's compiler callbacks, integer execution, the plots."""
     process = subprocess.Popen([sys.executable, "-m", "tpusim", "run", TPU_V1, "--model", "tiny_cnn", "--out",
                                 str(tmp_path / "out"), "--eval-samples", "2"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
     try:
         assert _wait_for_library(process.pid, "_multiarray_umath", timeout_s=60)
         time.sleep(random.Random(seed).uniform(0.0, 3.0))
