@@ -78,8 +78,6 @@ def _bench_model(model: str, config_path: Path, repeat: int, out: Path) -> tuple
     config, graph, _ = pipeline.prepare(options)
     _, sim, energy = pipeline.time_and_energy(graph, config)
     rows = run_report.layer_rows(sim, energy, None)
-    energies = {name: e.as_dict() for name, e in energy.layers}
-    title = f"{sim.graph_name} on {config.name}, batch {sim.batch}"
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -87,13 +85,11 @@ def _bench_model(model: str, config_path: Path, repeat: int, out: Path) -> tuple
     warmup = time.perf_counter() - start
     (out / "warmup.png").unlink()
 
-    figures = {
-        "latency_breakdown.png": lambda: plots.plot_latency_breakdown(
-            rows, out / "latency_breakdown.png", title=f"cycles per layer: {title}"),
-        "energy_breakdown.png": lambda: plots.plot_energy_breakdown(
-            energies, out / "energy_breakdown.png", title=f"dynamic energy per layer: {title}"),
-        "roofline.png": lambda: plots.plot_roofline(config, rows, out / "roofline.png", title=f"roofline: {title}"),
-    }
+    # The run's own figures (pipeline.run_figures), drawn by the module under test: a job's builder is that
+    # module's ``<builder>_figure`` (a previous plots.py given by --plots-module has those too).
+    figures = {name: (lambda name=name, job=job: plots.save_figure(
+                   getattr(plots, f"{job.builder}_figure")(*job.args, **job.kwargs), out / name))
+               for name, job in pipeline.run_figures(config, sim, energy).items()}
     print(f"{model}: {len(rows)} layers on {config.name}; best of {repeat}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"  a 3-layer figure first (fonts and text machinery, once per process): {warmup * 1000:.0f} ms")

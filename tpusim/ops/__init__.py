@@ -6,7 +6,8 @@ on first use, so adding an op means adding one module (and its tests) here, noth
 Lowering imports every op module, so an op module imports at its top only what lowering needs: the
 quantization stage (:mod:`tpusim.quant`), :mod:`tpusim.kernels` and :mod:`tpusim.tensor_ops` all import
 Numba (0.1-0.2 s), and are imported inside the methods that quantize, execute or evaluate; an op's own
-Numba kernels live beside it in ``_<op>_kernel(s).py``. A run without quantization never imports Numba.
+Numba kernels stay in its module, declared with :func:`tpusim.jit.kernel` (compiled, and Numba imported,
+on their first call). A run without quantization never imports Numba.
 """
 from __future__ import annotations
 
