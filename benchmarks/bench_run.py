@@ -5,8 +5,10 @@
 
 Every run is its own ``python3 -m tpusim run`` process, so its peak RSS (``wait4``'s ``ru_maxrss``) is
 that run's alone, imports included, as a user pays them. The run's figure worker (a second process that
-draws the plots, see ``tpusim.report.figure_worker``) is counted too: its peak (``VmHWM``, read every
-few milliseconds while it lives) is added to the run's, which is at least the peak of their sum. Each model first runs once untimed (the
+draws the plots, see ``tpusim.report.figure_worker``) is counted too, and so is the copy of itself it forks
+to draw on both cores when the run does not quantize: their peaks (``VmHWM``, read every few milliseconds
+while they live) are added to the run's, which is at least the peak of their sum (more: the copy's pages
+are the worker's until either writes them). Each model first runs once untimed (the
 built-in ONNX file generated, the JIT cache warm); the figures are the best of ``--repeat`` runs. The
 table gives the default run (calibration, integer execution, fidelity, timing, energy, rescale twin,
 reports and plots) and ``--no-quantize``, with seconds per GMAC of the model (its MACs at batch 1,
@@ -35,26 +37,32 @@ CONFIG = ROOT / "configs" / "tpu_v1.yaml"
 MODELS = "bert_tiny,mobilenet_v2,resnet18,resnet50,bert_base"
 
 
-def _children(pid: int) -> set[int]:
-    found = set()
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid``: its children, theirs, and so on (the figure worker, and the copy of itself
+    it forks to draw on both cores)."""
+    parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(stat.parent.name))
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             pass
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
     return found
 
 
-def _children_peaks(pid: int, peaks: dict[int, int], running: threading.Event) -> None:
-    """While ``running`` is set: the peak RSS (kB) of each child of ``pid``, as last read (every 5 ms; the
-    children are looked for every 50 ms, a scan of /proc being the costly part)."""
-    children: set[int] = set()
+def _descendants_peaks(pid: int, peaks: dict[int, int], running: threading.Event) -> None:
+    """While ``running`` is set: the peak RSS (kB) of each process below ``pid``, as last read (every 5 ms; the
+    processes are looked for every 20 ms, a scan of /proc being the costly part)."""
+    descendants: set[int] = set()
     polls = 0
     while running.is_set():
-        if polls % 10 == 0:
-            children |= _children(pid)
-        for child in children:
+        if polls % 4 == 0:
+            descendants |= _descendants(pid)
+        for child in descendants:
             try:
                 status = Path(f"/proc/{child}/status").read_text()
             except OSError:
@@ -67,7 +75,8 @@ def _children_peaks(pid: int, peaks: dict[int, int], running: threading.Event) -
 
 
 def run_once(model: str, out: Path, extra: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB of the run plus its figure worker) of one ``tpusim run`` process."""
+    """(wall seconds, peak RSS in MiB of the run plus its figure worker and the worker's copy) of one ``tpusim
+    run`` process."""
     command = [sys.executable, "-m", "tpusim", "run", str(CONFIG), "--model", model, "--out", str(out),
                "--no-progress", *extra]
     start = time.perf_counter()
@@ -76,7 +85,7 @@ def run_once(model: str, out: Path, extra: list[str]) -> tuple[float, float]:
     peaks: dict[int, int] = {}
     running = threading.Event()
     running.set()
-    watcher = threading.Thread(target=_children_peaks, args=(process.pid, peaks, running), daemon=True)
+    watcher = threading.Thread(target=_descendants_peaks, args=(process.pid, peaks, running), daemon=True)
     watcher.start()
     stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)

@@ -150,6 +150,11 @@ def quantize(config: HardwareConfig, graph: Graph, model_path: Path, options: Ru
                                 progress=progress if current().enabled else None)
 
 
+def quantizes(options: RunOptions, config: HardwareConfig) -> bool:
+    """Whether a run quantizes the model: unless told not to, when the array computes in int8."""
+    return options.quantize and config.array.datatype == "int8"
+
+
 def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions,
              timed: Callable[[SimResult, RunEnergy], None] | None = None) -> Evaluation:
     """Timing and energy, then quantization: the timing does not depend on the values, so it comes first
@@ -160,7 +165,7 @@ def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: Ru
     rescale = measure_rescale(graph, config, program, sim, energy)
     if timed is not None:
         timed(sim, energy)
-    quant = quantize(config, graph, model_path, options) if options.quantize and config.array.datatype == "int8" else None
+    quant = quantize(config, graph, model_path, options) if quantizes(options, config) else None
     rows = run_report.layer_rows(sim, energy, quant)
     summary = run_report.summary(graph, sim, config, energy, quant, rescale)
     return Evaluation(program=program, sim=sim, energy=energy, quant=quant, rescale=rescale, layer_rows=rows,
@@ -202,8 +207,10 @@ def run(options: RunOptions, figures: FigureRenderer | None = None) -> RunResult
     with Progress(options.progress) as progress, figures or FigureRenderer() as figures:  # stages report to progress.current()
         progress.phase("loading and lowering the model")  # (a built-in one is generated on first use)
         config, graph, model_path = prepare(options)
+        # a run that does not quantize only waits for its figures: they are drawn on both cores
         evaluation = evaluate(config, graph, model_path, options,
-                              timed=lambda sim, energy: figures.submit(run_figures(config, sim, energy)))
+                              timed=lambda sim, energy: figures.submit(run_figures(config, sim, energy),
+                                                                       spread=not quantizes(options, config)))
         out_dir = options.out_dir or default_out_dir(options.model, config)
         progress.phase("writing reports and plots")
         pngs = figures.pngs()

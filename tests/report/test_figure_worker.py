@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import warnings
@@ -77,6 +78,53 @@ def test_warnings_of_the_worker_are_raised_in_the_run(monkeypatch):
             warnings.simplefilter("always")
             figures.pngs()
     assert any("missing from font" in str(w.message) and w.category is UserWarning for w in caught)
+
+
+THREE_JOBS = {**JOBS, "roofline.png": FigureJob("latency_breakdown", (_rows(["a", "b"]),), {"title": "third"})}
+
+
+def test_figures_spread_over_two_processes_are_the_bytes_this_process_draws(monkeypatch):
+    expected = {name: render_png(job) for name, job in THREE_JOBS.items()}
+    _not_here(monkeypatch)
+    with FigureRenderer(background=True) as figures:
+        figures.submit(THREE_JOBS, spread=True)
+        assert figures.pngs() == expected
+
+
+def test_a_figure_that_fails_in_the_workers_copy_fails_here_as_it_would_have():
+    broken = {**JOBS, "broken.png": FigureJob("latency_breakdown", ([{"layer": "conv1"}],))}
+    broken = {name: broken[name] for name in ("latency.png", "broken.png", "energy.png")}  # the copy draws the second
+    with FigureRenderer(background=True) as figures:
+        figures.submit(broken, spread=True)
+        with pytest.raises(KeyError, match="active_cycles"):
+            figures.pngs()
+
+
+def test_warnings_of_the_workers_copy_are_raised_in_the_run(monkeypatch):
+    jobs = {"latency.png": JOBS["latency.png"],
+            "cjk.png": FigureJob("latency_breakdown", (_rows(["卷积"]),))}  # the second: drawn by the copy
+    _not_here(monkeypatch)
+    with FigureRenderer(background=True) as figures:
+        figures.submit(jobs, spread=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            figures.pngs()
+    assert any("missing from font" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="spreading forks the worker")
+def test_a_copy_that_dies_leaves_its_figures_to_the_worker(monkeypatch):
+    parent = os.getpid()
+    drawn = figure_worker._drawn
+
+    def dies_in_the_copy(jobs):
+        if os.getpid() != parent:
+            os._exit(1)
+        return drawn(jobs)
+
+    monkeypatch.setattr(figure_worker, "_drawn", dies_in_the_copy)
+    pngs, caught = figure_worker._drawn_on_two_processes(list(THREE_JOBS.values()))
+    assert pngs == [render_png(job) for job in THREE_JOBS.values()] and caught == []
 
 
 def test_a_process_that_has_matplotlib_draws_itself(monkeypatch):

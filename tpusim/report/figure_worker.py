@@ -15,6 +15,12 @@ matplotlib already (a notebook, the tests) draws them itself too, which then cos
 The worker ignores the terminal's Ctrl-C (its own session) and ends when the run closes its input, ends
 or is killed; what it prints goes nowhere, and warnings its figures raise (a glyph missing from the
 font) are raised again in the run.
+
+Once its imports are done the worker draws one small figure and drops it: the first figure a process
+draws also loads the font and sets up the rasteriser and the PNG encoder (about 0.08 s), and the worker
+does that while the run is still lowering the model. A run that will wait for its figures at once (one
+that does not quantize) asks for them ``spread``: the worker forks, and the copy draws every second
+figure while the worker draws the others, on the core the run leaves idle.
 """
 from __future__ import annotations
 
@@ -57,8 +63,68 @@ def _read_message(stream: IO[bytes]) -> Any:
     return pickle.loads(data)
 
 
+def _warm_up() -> None:
+    """Draw a small figure with what the run's figures use (text, ticks on a log axis, bars, PNG encoding)
+    and drop it: what a first figure sets up is then ready for the run's."""
+    from matplotlib.figure import Figure
+
+    from tpusim.report.plots import figure_png
+
+    fig = Figure(figsize=(2, 1.5), dpi=40)
+    ax = fig.add_subplot()
+    ax.barh([0, 1], [1.0, 20.0])
+    ax.set_xscale("log")
+    ax.set_title("conv1, 0.5 pJ")
+    figure_png(fig)
+
+
+def _drawn(jobs: list[FigureJob]) -> tuple[list[bytes], list[tuple[str, type]]]:
+    """The jobs' PNGs and the warnings drawing them raised, as (message, category)."""
+    from tpusim.report.plots import render_png
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the run's own filters decide what is shown
+        pngs = [render_png(job) for job in jobs]
+    return pngs, [(str(w.message), w.category) for w in caught]
+
+
+def _drawn_on_two_processes(jobs: list[FigureJob]) -> tuple[list[bytes], list[tuple[str, type]]]:
+    """:func:`_drawn`, with every second job drawn at the same time by a forked copy of this process, which
+    sends back its PNGs (or what failed) through a pipe. A copy that dies before it answers leaves its jobs to
+    this process."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the copy: draw, answer, and end without running anything of the worker's
+        os.close(read_end)
+        try:
+            with os.fdopen(write_end, "wb") as answer:
+                try:
+                    reply: tuple = ("pngs", *_drawn(jobs[1::2]))
+                except Exception as exc:
+                    reply = ("error", f"{type(exc).__name__}: {exc}")
+                _write_message(answer, reply)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    answers = os.fdopen(read_end, "rb")
+    try:
+        own, own_warnings = _drawn(jobs[0::2])
+        reply = _read_message(answers)
+    finally:
+        answers.close()  # a copy still writing (this process failed) gets a broken pipe and ends
+        os.waitpid(pid, 0)
+    if reply is None:  # the copy died
+        theirs, their_warnings = _drawn(jobs[1::2])
+    elif reply[0] == "error":
+        raise RuntimeError(reply[1])
+    else:
+        theirs, their_warnings = reply[1], reply[2]
+    pngs = [own[i // 2] if i % 2 == 0 else theirs[i // 2] for i in range(len(jobs))]
+    return pngs, own_warnings + their_warnings
+
+
 def serve() -> None:
-    """The worker: import matplotlib now, then answer each list of jobs with ``("pngs", pngs, warnings)``
+    """The worker: import matplotlib now, then answer each ``(jobs, spread)`` with ``("pngs", pngs, warnings)``
     or ``("error", text)`` until the input ends."""
     channel = os.fdopen(os.dup(1), "wb")  # the replies; whatever else writes to stdout goes nowhere
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
@@ -67,15 +133,15 @@ def serve() -> None:
     from matplotlib import figure  # noqa: F401
     from PIL import PngImagePlugin  # noqa: F401
 
-    from tpusim.report.plots import render_png
-
+    _warm_up()
     requests = sys.stdin.buffer
-    while (jobs := _read_message(requests)) is not None:
+    while (request := _read_message(requests)) is not None:
+        jobs, spread = request
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")  # the run's own filters decide what is shown
-                pngs = [render_png(job) for job in jobs]
-            reply: tuple = ("pngs", pngs, [(str(w.message), w.category) for w in caught])
+            if spread and len(jobs) > 1 and hasattr(os, "fork"):
+                reply: tuple = ("pngs", *_drawn_on_two_processes(jobs))
+            else:
+                reply = ("pngs", *_drawn(jobs))
         except Exception as exc:  # the run draws them itself, and fails there as it would have
             reply = ("error", f"{type(exc).__name__}: {exc}")
         try:
@@ -95,6 +161,7 @@ class FigureRenderer:
         self._jobs: list[FigureJob] | None = None
         self._sender: threading.Thread | None = None
         self._sent = False
+        self._spread = False
         if background is None:
             background = "matplotlib" not in sys.modules
         self._process = self._launch() if background else None
@@ -115,18 +182,20 @@ class FigureRenderer:
         """Whether a worker process is drawing (or will draw) the figures."""
         return self._process is not None
 
-    def submit(self, jobs: Mapping[str, FigureJob]) -> None:
-        """Hand over the figures to draw, by name; returns at once (the worker may still be importing)."""
+    def submit(self, jobs: Mapping[str, FigureJob], spread: bool = False) -> None:
+        """Hand over the figures to draw, by name; returns at once (the worker may still be importing).
+        ``spread``: the caller will only wait for them, so the worker draws them on two processes."""
         if self._jobs is not None:
             raise RuntimeError("figures are submitted once")
         self._names, self._jobs = list(jobs), list(jobs.values())
+        self._spread = spread
         if self._process is not None:
             self._sender = threading.Thread(target=self._send, name="tpusim-figures", daemon=True)
             self._sender.start()
 
     def _send(self) -> None:
         try:
-            _write_message(self._process.stdin, self._jobs)
+            _write_message(self._process.stdin, (self._jobs, self._spread))
             self._sent = True
         except (OSError, ValueError):  # the worker is gone: pngs() draws them here
             pass
