@@ -1,6 +1,8 @@
 import os
+import pickle
 import subprocess
 import sys
+from pathlib import Path
 import warnings
 
 import pytest
@@ -112,19 +114,40 @@ def test_warnings_of_the_workers_copy_are_raised_in_the_run(monkeypatch):
     assert any("missing from font" in str(w.message) for w in caught)
 
 
+_COPY_DIES = """
+import os, pickle, sys
+sys.path.insert(0, sys.argv[1])
+from tpusim.report import figure_worker
+from tpusim.report.plots import render_png
+jobs = pickle.loads(bytes.fromhex(sys.argv[2]))
+parent, drawn = os.getpid(), figure_worker._drawn
+def dies_in_the_copy(jobs):
+    if os.getpid() != parent:
+        os._exit(1)
+    return drawn(jobs)
+figure_worker._drawn = dies_in_the_copy
+pngs, caught = figure_worker._drawn_on_two_processes(jobs)
+assert pngs == [render_png(job) for job in jobs] and caught == [], "the worker did not draw the copy's figures"
+"""
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="spreading forks the worker")
-def test_a_copy_that_dies_leaves_its_figures_to_the_worker(monkeypatch):
-    parent = os.getpid()
-    drawn = figure_worker._drawn
+def test_a_copy_that_dies_leaves_its_figures_to_the_worker():
+    # in a process of its own, single-threaded as the worker is (forking this test process would copy its threads)
+    jobs = pickle.dumps(list(THREE_JOBS.values())).hex()
+    result = subprocess.run([sys.executable, "-c", _COPY_DIES, figure_worker._PACKAGE_ROOT, jobs], capture_output=True,
+                            text=True, timeout=120, env=figure_worker.WORKER_ENVIRONMENT)
+    assert result.returncode == 0, result.stderr
 
-    def dies_in_the_copy(jobs):
-        if os.getpid() != parent:
-            os._exit(1)
-        return drawn(jobs)
 
-    monkeypatch.setattr(figure_worker, "_drawn", dies_in_the_copy)
-    pngs, caught = figure_worker._drawn_on_two_processes(list(THREE_JOBS.values()))
-    assert pngs == [render_png(job) for job in THREE_JOBS.values()] and caught == []
+def test_the_worker_has_one_thread_so_it_may_fork():
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); import tpusim.report.plots, matplotlib.figure, os; " \
+            "print(len(os.listdir('/proc/self/task')))"
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("no /proc to count threads in")
+    result = subprocess.run([sys.executable, "-c", probe, figure_worker._PACKAGE_ROOT], capture_output=True, text=True,
+                            timeout=120, env=figure_worker.WORKER_ENVIRONMENT)
+    assert result.stdout.strip() == "1", result.stderr
 
 
 def test_a_process_that_has_matplotlib_draws_itself(monkeypatch):

@@ -38,6 +38,10 @@ if TYPE_CHECKING:  # the plots' module (numpy) is loaded where figures are drawn
     from tpusim.report.plots import FigureJob
 
 _LENGTH = struct.Struct("<Q")  # a message: its pickle's length, then the pickle
+
+# Drawing needs no threads of numpy's BLAS, and a worker that forks (``spread``) must have no thread but its
+# own: a thread holding a lock at the fork would hold it in the copy for ever.
+WORKER_ENVIRONMENT = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the tpusim package
 
 # What the worker runs: this package where the run found it, whatever the worker's own path would find.
@@ -173,7 +177,7 @@ class FigureRenderer:
         try:
             return subprocess.Popen([sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True, env=WORKER_ENVIRONMENT)
         except OSError:
             return None
 
