@@ -200,8 +200,11 @@ def _quantize_kernel(x, scale, zero_point, inner, qmin, qmax, out):
             s = scale[c]
             z = zero_point[c]
             start = (block * channels + c) * inner
-            for i in range(start, start + inner):
-                out[i] = min(max(np.rint(x[i] / s) + z, qmin), qmax)
+            # over slices from 0, as in tpusim.quant.fidelity._signal_and_noise: the loop vectorises
+            values = x[start : start + inner]
+            quantized = out[start : start + inner]
+            for i in range(inner):
+                quantized[i] = min(max(np.rint(values[i] / s) + z, qmin), qmax)
 
 
 def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
