@@ -5,7 +5,10 @@ kw, N = Cout/g) with im2col done on the fly by the unified buffer's input path; 
 pads im2col with the input zero point (real zero) and requantizes the int32 accumulators. With the
 int8 kernel (the default engine) the columns are channels-last (K ordered kh, kw, c, the weights
 permuted to match: the same sums), the requantization runs inside the GEMM, and the output is an
-NCHW-shaped view of channels-last memory, so the next conv's columns need no transpose.
+NCHW-shaped view of channels-last memory, so the next conv's columns need no transpose. A depthwise conv
+(one input and one output channel per group: MobileNet's, EfficientNet's) has a direct kernel of its own,
+the same integers: as a GEMM it is a group per channel of one output and kh x kw products each, which
+the tiled GEMM kernels spend their tiles on (MobileNet-v2: 118 of its 131 ms of integer execution).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tpusim import jit
 from tpusim.frontend.context import LowerContext, conv_output_hw, node_attrs, require_4d, spatial_pads
 from tpusim.ir import ConvAttrs, Layer
 from tpusim.ops import register
@@ -60,6 +64,90 @@ class _ChannelsLastConv:
         batch, n_out, h_out, w_out = self._output_shape
         y, wrapped = self._gemm(tensor_ops.im2col_channels_last(x, self._conv, self._pad_value, self._depth))
         return y.reshape(batch, h_out, w_out, n_out).transpose(0, 3, 1, 2), wrapped
+
+
+_GEMM = "tpusim.kernels.gemm"
+
+
+@jit.kernel(cache=True, nogil=True, imports={"claim_task": _GEMM, "finish_task": _GEMM, "wrap_to_bits": _GEMM})
+def _depthwise_kernel(xt, w, bias, sh, sw, top, left, dh, dw, pad_value, acc_bits, multiplier, right, half,
+                      zero_point, qmin, qmax, out, wrapped, counters):
+    """A depthwise conv of channels-last xt (B, H, W, C) with w (kh, kw, C) int64 into out (B, Hout, Wout, C),
+    fused as the GEMM kernels fuse it: out[b, oh, ow, c] = requantize(wrap(sum over (i, j) of x[b, ih, iw, c] *
+    w[i, j, c] + bias[c])), x being ``pad_value`` (the input zero point) outside the input, the sums exact in
+    int64 and ``wrapped[task]`` counting those the acc_bits accumulator does not hold; the requantization is
+    :func:`tpusim.kernels.gemm._finish_strip`'s. A task is one output row (b, oh), claimed from counters.
+    Every loop over channels runs over whole rows from 0, which LLVM vectorises."""
+    batch, height, width, channels = xt.shape
+    kh, kw = w.shape[0], w.shape[1]
+    h_out, w_out = out.shape[1], out.shape[2]
+    exact = np.empty(channels, np.int64)
+    task = claim_task(counters)
+    while task < batch * h_out:
+        b, oh = task // h_out, task % h_out
+        task_wrapped = 0
+        for ow in range(w_out):
+            exact[:] = bias
+            for i in range(kh):
+                ih = oh * sh - top + i * dh
+                for j in range(kw):
+                    iw = ow * sw - left + j * dw
+                    taps = w[i, j]
+                    if 0 <= ih < height and 0 <= iw < width:
+                        pixel = xt[b, ih, iw]
+                        for c in range(channels):
+                            exact[c] += np.int64(pixel[c]) * taps[c]
+                    else:
+                        for c in range(channels):
+                            exact[c] += pad_value * taps[c]
+            dst = out[b, oh, ow]
+            for c in range(channels):
+                stored = wrap_to_bits(exact[c], acc_bits)
+                task_wrapped += stored != exact[c]
+                product = stored * multiplier[c]
+                rounded = (product + half[c] + (product >> 63)) >> right[c]
+                dst[c] = min(max(rounded + zero_point, qmin), qmax)
+        wrapped[task] = task_wrapped
+        finish_task(counters)
+        task = claim_task(counters)
+
+
+class _DepthwiseConv:
+    """One depthwise conv layer's int8-kernel path (:func:`_depthwise_kernel`), prepared once per layer and
+    accumulator width; like :class:`_ChannelsLastConv` it returns an NCHW-shaped view of channels-last memory."""
+
+    def __init__(self, ql: QLayer, acc_bits: int):
+        from tpusim.kernels.gemm import _requant_constants
+        from tpusim.quant.arithmetic import storage_dtype
+        layer = ql.layer
+        conv = layer.conv
+        self._output_shape = layer.output_shape
+        channels = layer.output_shape[1]
+        self._weight = np.ascontiguousarray(ql.weight_q[:, 0].transpose(1, 2, 0), dtype=np.int64)  # (kh, kw, C)
+        self._bias = np.zeros(channels, np.int64) if ql.acc_bias is None else ql.acc_bias.astype(np.int64)
+        m0 = np.asarray(ql.requant.m0).reshape(-1).astype(np.int64)
+        shift = np.asarray(ql.requant.shift).reshape(-1).astype(np.int64)
+        top, left = conv.pads[0], conv.pads[1]
+        self._constants = (conv.strides[0], conv.strides[1], top, left, conv.dilations[0], conv.dilations[1],
+                           np.int64(ql.input_qparams[0].zero_point), acc_bits,
+                           *_requant_constants(m0, shift, channels), np.int64(ql.output_qparams.zero_point),
+                           np.int64(ql.out_qmin), np.int64(ql.out_qmax))
+        self._out_dtype = storage_dtype(ql.out_qmin, ql.out_qmax)
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        from tpusim import tensor_ops
+        from tpusim.kernels.gemm import run_tasks
+        batch, channels, h_out, w_out = self._output_shape
+        out = np.empty((batch, h_out, w_out, channels), self._out_dtype)
+        wrapped = np.zeros(batch * h_out, np.int64)
+        run_tasks(_depthwise_kernel, wrapped.size, tensor_ops.channels_last(x), self._weight, self._bias,
+                  *self._constants, out, wrapped)
+        return out.transpose(0, 3, 1, 2), int(wrapped.sum())
+
+
+def _depthwise(layer: Layer) -> bool:
+    """One input and one output channel per group."""
+    return layer.conv.groups > 1 and layer.conv.groups == layer.input_shapes[0][1] == layer.output_shape[1]
 
 
 @register
@@ -120,6 +208,8 @@ class Conv(Op):
         """The int8 kernel's path: channels-last columns, requantization fused into the GEMM, and an
         NCHW-shaped view of channels-last memory out, which the next conv reads with no transpose."""
         from tpusim.kernels.gemm import derived_from
+        if _depthwise(ql.layer):
+            return derived_from(ql, ("depthwise", acc_bits), lambda: _DepthwiseConv(ql, acc_bits))(x)
         plan = derived_from(ql, ("channels-last", acc_bits, x.dtype.str),
                             lambda: _ChannelsLastConv(ql, x.dtype, acc_bits))
         return plan(x)
