@@ -60,27 +60,34 @@ def multiplier_value(m0: np.ndarray, shift: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
-def _requantize_kernel(acc, m0, shift, zero_point, qmin, qmax, out):
-    """acc, out: (outer, channels, inner); m0, shift: (channels,) or (1,)."""
-    per_channel = m0.size > 1
-    for c in range(acc.shape[1]):
-        k = c if per_channel else 0
-        multiplier = np.int64(m0[k])
-        right = np.int64(31 + shift[k])
-        half = np.int64(1) << (right - 1)
-        for o in range(acc.shape[0]):
-            for i in range(acc.shape[2]):
-                product = np.int64(acc[o, c, i]) * multiplier
-                if product >= 0:
-                    rounded = (product + half) >> right
-                else:
-                    rounded = -((half - product) >> right)
-                value = rounded + zero_point
-                if value < qmin:
-                    value = qmin
-                elif value > qmax:
-                    value = qmax
-                out[o, c, i] = value
+def _requantize_value(value, multiplier, right, half, zero_point, qmin, qmax):
+    """One accumulator requantized: round(value * multiplier / 2**right), half away from zero without a branch
+    (for p < 0, -floor((|p| + h) / n) = floor((p + h - 1) / n) with n = 2**right, h = n / 2), plus the zero
+    point, clamped."""
+    product = np.int64(value) * multiplier
+    rounded = (product + half + (product >> 63)) >> right
+    return min(max(rounded + zero_point, qmin), qmax)
+
+
+@njit(cache=True)
+def _requantize_kernel(acc, multiplier, right, half, zero_point, qmin, qmax, out):
+    """acc, out: (outer, channels, inner) C-contiguous; multiplier, right, half: one entry per channel.
+    Every inner loop runs from 0 over a contiguous row, which LLVM vectorises: along the channels when
+    they are the last axis (inner == 1, a GEMM's output), else along each channel's run."""
+    outer, channels, inner = acc.shape
+    if inner == 1:
+        rows, targets = acc.reshape(outer, channels), out.reshape(outer, channels)
+        for o in range(outer):
+            src, dst = rows[o], targets[o]
+            for c in range(channels):
+                dst[c] = _requantize_value(src[c], multiplier[c], right[c], half[c], zero_point, qmin, qmax)
+        return
+    for o in range(outer):
+        for c in range(channels):
+            src, dst = acc[o, c], out[o, c]
+            m, r, h = multiplier[c], right[c], half[c]
+            for i in range(inner):
+                dst[i] = _requantize_value(src[i], m, r, h, zero_point, qmin, qmax)
 
 
 def _validated(acc, m0, shift, zero_point, qmin, qmax, channel_axis):
@@ -122,7 +129,12 @@ def requantize(
     """
     blocks, m0, shift = _validated(acc, m0, shift, zero_point, qmin, qmax, channel_axis)
     out = np.empty(blocks.shape, dtype=storage_dtype(qmin, qmax))
-    _requantize_kernel(blocks, m0, shift, np.int64(zero_point), np.int64(qmin), np.int64(qmax), out)
+    channels = blocks.shape[1]
+    per_channel = np.broadcast_to(m0.astype(np.int64), channels), np.broadcast_to(shift.astype(np.int64), channels)
+    multiplier = np.ascontiguousarray(per_channel[0])
+    right = np.ascontiguousarray(31 + per_channel[1])
+    _requantize_kernel(np.ascontiguousarray(blocks), multiplier, right, np.int64(1) << (right - 1),
+                       np.int64(zero_point), np.int64(qmin), np.int64(qmax), out)
     return out.reshape(np.shape(acc))
 
 
