@@ -30,3 +30,24 @@ def test_blas_threads_sleep_at_once_unless_the_user_set_otherwise(tmp_path):
                                 env=run_env)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split()[-1] == expected
+
+
+def test_a_ctrl_c_lost_in_a_callback_from_c_arrives_after_it():
+    # A KeyboardInterrupt raised where Python cannot propagate it (here a __del__; in a run, llvmlite's object
+    # cache called back while Numba compiles) reaches the unraisable hook, which sends it again: it must then
+    # interrupt the main thread's next Python work, not be printed as an exception the hook itself ignored.
+    code = """
+import sys, time
+from tpusim import __main__ as entry
+sys.unraisablehook = entry._raise_lost_interrupts
+class Interrupted:
+    def __del__(self):
+        raise KeyboardInterrupt
+Interrupted()
+try:
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (result.stdout.strip(), result.stderr) == ("interrupted", "")

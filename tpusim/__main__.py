@@ -1,5 +1,6 @@
 """``python -m tpusim`` and the ``tpusim`` console script. Ctrl-C at any moment, even while Python is still
 importing, ends with ``tpusim: interrupted`` and exit code 130, never a traceback or a crash."""
+import _thread
 import gc
 import importlib.machinery
 import os
@@ -55,9 +56,11 @@ def _hold_interrupts_in_extension_imports() -> None:
 
 def _raise_lost_interrupts(unraisable, _default=sys.unraisablehook) -> None:
     """A Ctrl-C that lands in a callback from C (llvmlite's object cache while Numba compiles) cannot propagate:
-    Python would print it and carry on. It is sent again, to arrive where it can be raised."""
+    Python would print it and carry on. It is sent again, to arrive where it can be raised: from a thread, a
+    moment after this hook has returned (raised in here, it would be lost once more, printed as an exception
+    ignored in the hook). Should it land in such a callback again, it comes back here and is sent again."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
+        threading.Timer(0.01, _thread.interrupt_main).start()
     else:
         _default(unraisable)
 
