@@ -136,7 +136,7 @@ def test_a_copy_that_dies_leaves_its_figures_to_the_worker():
     # in a process of its own, single-threaded as the worker is (forking this test process would copy its threads)
     jobs = pickle.dumps(list(THREE_JOBS.values())).hex()
     result = subprocess.run([sys.executable, "-c", _COPY_DIES, figure_worker._PACKAGE_ROOT, jobs], capture_output=True,
-                            text=True, timeout=120, env=figure_worker.WORKER_ENVIRONMENT)
+                            text=True, timeout=120, env=figure_worker.worker_environment())
     assert result.returncode == 0, result.stderr
 
 
@@ -146,7 +146,7 @@ def test_the_worker_has_one_thread_so_it_may_fork():
     if not Path("/proc/self/task").is_dir():
         pytest.skip("no /proc to count threads in")
     result = subprocess.run([sys.executable, "-c", probe, figure_worker._PACKAGE_ROOT], capture_output=True, text=True,
-                            timeout=120, env=figure_worker.WORKER_ENVIRONMENT)
+                            timeout=120, env=figure_worker.worker_environment())
     assert result.stdout.strip() == "1", result.stderr
 
 

@@ -39,13 +39,17 @@ if TYPE_CHECKING:  # the plots' module (numpy) is loaded where figures are drawn
 
 _LENGTH = struct.Struct("<Q")  # a message: its pickle's length, then the pickle
 
-# Drawing needs no threads of numpy's BLAS, and a worker that forks (``spread``) must have no thread but its
-# own: a thread holding a lock at the fork would hold it in the copy for ever.
-WORKER_ENVIRONMENT = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the tpusim package
 
 # What the worker runs: this package where the run found it, whatever the worker's own path would find.
 _WORKER_CODE = f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); from tpusim.report.figure_worker import serve; serve()"
+
+
+def worker_environment() -> dict[str, str]:
+    """The worker's environment: this process's, with one BLAS thread. Drawing needs no threads of numpy's
+    BLAS, and a worker that forks (``spread``) must have no thread but its own: a thread holding a lock at
+    the fork would hold it in the copy for ever."""
+    return {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _write_message(stream: IO[bytes], value: Any) -> None:
@@ -177,7 +181,7 @@ class FigureRenderer:
         try:
             return subprocess.Popen([sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    start_new_session=True, env=WORKER_ENVIRONMENT)
+                                    start_new_session=True, env=worker_environment())
         except OSError:
             return None
 
