@@ -69,14 +69,15 @@ class _ChannelsLastConv:
 _GEMM = "tpusim.kernels.gemm"
 
 
-@jit.kernel(cache=True, nogil=True, imports={"claim_task": _GEMM, "finish_task": _GEMM, "wrap_to_bits": _GEMM})
+@jit.kernel(cache=True, nogil=True, imports={"claim_task": _GEMM, "finish_task": _GEMM, "wrap_to_bits": _GEMM,
+                                             "_requantize_value": "tpusim.quant.fixed_point"})
 def _depthwise_kernel(xt, w, bias, sh, sw, top, left, dh, dw, pad_value, acc_bits, multiplier, right, half,
                       zero_point, qmin, qmax, out, wrapped, counters):
     """A depthwise conv of channels-last xt (B, H, W, C) with w (kh, kw, C) int64 into out (B, Hout, Wout, C),
     fused as the GEMM kernels fuse it: out[b, oh, ow, c] = requantize(wrap(sum over (i, j) of x[b, ih, iw, c] *
     w[i, j, c] + bias[c])), x being ``pad_value`` (the input zero point) outside the input, the sums exact in
     int64 and ``wrapped[task]`` counting those the acc_bits accumulator does not hold; the requantization is
-    :func:`tpusim.kernels.gemm._finish_strip`'s. A task is one output row (b, oh), claimed from counters.
+    :func:`tpusim.quant.fixed_point.requantize`'s. A task is one output row (b, oh), claimed from counters.
     Every loop over channels runs over whole rows from 0, which LLVM vectorises."""
     batch, height, width, channels = xt.shape
     kh, kw = w.shape[0], w.shape[1]
@@ -104,9 +105,7 @@ def _depthwise_kernel(xt, w, bias, sh, sw, top, left, dh, dw, pad_value, acc_bit
             for c in range(channels):
                 stored = wrap_to_bits(exact[c], acc_bits)
                 task_wrapped += stored != exact[c]
-                product = stored * multiplier[c]
-                rounded = (product + half[c] + (product >> 63)) >> right[c]
-                dst[c] = min(max(rounded + zero_point, qmin), qmax)
+                dst[c] = _requantize_value(stored, multiplier[c], right[c], half[c], zero_point, qmin, qmax)
         wrapped[task] = task_wrapped
         finish_task(counters)
         task = claim_task(counters)
