@@ -300,7 +300,7 @@ def test_a_model_file_runs_from_its_bytes_with_the_outputs_of_its_parsed_model(t
     path = tmp_path / "tiny.onnx"
     onnx.save(model, path)
     served = calibrate.model_for_onnxruntime(path)
-    assert isinstance(served, bytes)
+    assert served == calibrate.ModelFile(path)
     from_bytes, from_proto = calibrate.FloatModel(served, graph), calibrate.FloatModel(model, graph)
     assert from_bytes.output_names == from_proto.output_names and from_bytes.fixed_batch == from_proto.fixed_batch
     data = synthetic_inputs(graph.input_shape[1:], 10, 0)

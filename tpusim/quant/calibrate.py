@@ -7,6 +7,7 @@ pure function of them (``tpusim.quant.ranges``).
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
 import warnings
@@ -347,18 +348,28 @@ def graph_tensors(graph: Graph) -> list[str]:
     return [graph.input_name] + [layer.output for layer in graph.layers]
 
 
-def _session_exposing(model: onnx.ModelProto | bytes, tensors: list[str],
+@dataclass(frozen=True)
+class ModelFile:
+    """An ONNX model file that holds its weights (no external data): ONNX Runtime gets its bytes, read when
+    a session is made (:func:`model_for_onnxruntime`)."""
+
+    path: Path
+
+
+def _session_exposing(model: onnx.ModelProto | ModelFile, tensors: list[str],
                       present: set[str] | None = None) -> ort.InferenceSession:
     """A session of ``model`` with ``tensors`` as extra outputs (but those in ``present``: the model's inputs
     and outputs; read from a ModelProto when not given).
 
     A ModelProto gets the outputs only while it is serialised: a copy of the model (its weights) would
-    double what calibration holds. A serialised model (the file's bytes) gets them appended as a second
-    ``graph`` field: a protobuf parser merges repeated occurrences of a message field, appending their
-    repeated fields, so ONNX Runtime reads one graph with the extra outputs and no copy is parsed here."""
+    double what calibration holds. A model file's bytes get them appended as a second ``graph`` field: a
+    protobuf parser merges repeated occurrences of a message field, appending their repeated fields, so
+    ONNX Runtime reads one graph with the extra outputs and no copy is parsed here. The bytes are copied
+    once, from a memory map of the file, with the field after them (reading the file, then appending,
+    would copy them twice: BERT-base, 440 MB more memory to fault in)."""
     if present is None:
         if not isinstance(model, onnx.ModelProto):
-            raise TypeError("a serialised model needs the names of its inputs and outputs (present)")
+            raise TypeError("a model file needs the names of its inputs and outputs (present)")
         present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     added = [onnx.helper.make_empty_tensor_value_info(name) for name in tensors if name not in present]
     if isinstance(model, onnx.ModelProto):
@@ -371,7 +382,8 @@ def _session_exposing(model: onnx.ModelProto | bytes, tensors: list[str],
     else:
         appended = onnx.ModelProto()
         appended.graph.output.extend(added)
-        serialized = model + appended.SerializeToString()
+        with open(model.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            serialized = b"".join((mapped, appended.SerializeToString()))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Between runs tpusim computes (histograms, integer layers): ONNX Runtime's threads must not spin on the
@@ -382,18 +394,18 @@ def _session_exposing(model: onnx.ModelProto | bytes, tensors: list[str],
     return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
 
-def _external_data(serialized: bytes) -> bool:
-    """Whether a serialised ONNX model may keep tensors in external files: each such tensor has an
-    ``external_data`` entry with the key "location" (field 1, 8 bytes). A stray match only costs the
-    slower path that loads the files."""
-    return b"\n\x08location" in serialized
+# An ``external_data`` entry with the key "location" (field 1, 8 bytes): a tensor whose weights are in a file
+# beside the model. A stray match only costs the slower path that loads the files.
+_EXTERNAL_DATA_KEY = b"\n\x08location"
 
 
-def model_for_onnxruntime(path: str | Path) -> onnx.ModelProto | bytes:
-    """The model at ``path`` as :class:`FloatModel` takes it: the file's bytes, unless its weights are in
-    external data files (then loaded with them, as a ModelProto)."""
-    serialized = Path(path).read_bytes()
-    return onnx.load(str(path)) if _external_data(serialized) else serialized
+def model_for_onnxruntime(path: str | Path) -> onnx.ModelProto | ModelFile:
+    """The model at ``path`` as :class:`FloatModel` takes it: the file, unless its weights are in external
+    data files (then loaded with them, as a ModelProto). The file (lowered already, so not empty) is
+    searched in a memory map, not read."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        external = mapped.find(_EXTERNAL_DATA_KEY) != -1
+    return onnx.load(str(path)) if external else ModelFile(Path(path))
 
 
 def _check_finite_parameters(graph: Graph) -> None:
@@ -433,12 +445,12 @@ class FloatModel:
     layer without inputs computes a constant (a materialised embedding); the tensor may not exist in
     ``model``, so it is evaluated once here instead."""
 
-    def __init__(self, model: onnx.ModelProto | bytes, graph: Graph, tensors: list[str] | None = None):
+    def __init__(self, model: onnx.ModelProto | ModelFile, graph: Graph, tensors: list[str] | None = None):
         tensors = graph_tensors(graph) if tensors is None else tensors
         self.graph = graph
         self.constants = {layer.output: layer for layer in graph.layers if not layer.inputs and layer.output in tensors}
         self.tensors = [name for name in tensors if name not in self.constants]
-        # A serialised model is not parsed here: the graph's input and outputs keep their ONNX names. Should
+        # A model file is not parsed here: the graph's input and outputs keep their ONNX names. Should
         # the model have another output among the tensors, ONNX Runtime returns it twice, the same values.
         present = None if isinstance(model, onnx.ModelProto) else {graph.input_name, *graph.outputs}
         self.session = _session_exposing(model, self.tensors, present)
@@ -472,7 +484,7 @@ class FloatModel:
         return {**self.run(batch), **self.constant_values()}
 
 
-def collect_statistics(model: onnx.ModelProto | bytes | None, graph: Graph, data: CalibrationSet, bins: int,
+def collect_statistics(model: onnx.ModelProto | ModelFile | None, graph: Graph, data: CalibrationSet, bins: int,
                        batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
                        tensors: list[str] | None = None, float_model: FloatModel | None = None) -> dict[str, TensorStats]:
     """Run the FP32 model over the calibration set and return merged statistics per graph tensor

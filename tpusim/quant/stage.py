@@ -18,8 +18,8 @@ from tpusim.kernels.systolic import pe_gemm
 from tpusim.frontend.lowering import index_rows
 from tpusim.frontend.reference import run_layer
 from tpusim.quant.arithmetic import QParams
-from tpusim.quant.calibrate import (CalibrationSet, FloatModel, Samples, collect_statistics, load_calibration_set,
-                                    model_for_onnxruntime, synthetic_ids, synthetic_inputs)
+from tpusim.quant.calibrate import (CalibrationSet, FloatModel, ModelFile, Samples, collect_statistics,
+                                    load_calibration_set, model_for_onnxruntime, synthetic_ids, synthetic_inputs)
 from tpusim.quant.equalization import equalize
 from tpusim.quant.execute import GemmEngine
 from tpusim.quant.export import export_fp32
@@ -90,7 +90,7 @@ class Quantized:
     float_model: FloatModel | None = None  # the FP32 model in ONNX Runtime that calibrated, every tensor exposed
 
 
-def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto | bytes, config: HardwareConfig, calib_data,
+def calibrate_and_quantize(graph: Graph, model: onnx.ModelProto | ModelFile, config: HardwareConfig, calib_data,
                            progress: Progress | None = None) -> Quantized:
     quant = config.quant
     rows = index_rows(graph)
