@@ -4,7 +4,7 @@ import numpy as np
 
 from onnx_graphs import GraphBuilder
 from op_checks import check_all_stages
-from tpusim.ops.erf import erf, erf_reference
+from tpusim.ops.erf import _KERNEL_VALUES, _erf_kernel, erf, erf_reference
 
 SHAPE = (1, 4, 8, 8)
 
@@ -32,3 +32,18 @@ def test_the_compiled_erf_equals_its_series_oracle():
     x64 = x32[:300_000].astype(np.float64).reshape(3, -1)
     assert erf(x64).shape == x64.shape
     np.testing.assert_allclose(erf(x64), erf_reference(x64), rtol=0, atol=4e-15)
+
+
+def test_a_few_values_get_the_kernels_bits_from_python():
+    rng = np.random.default_rng(1)
+    for dtype in (np.float32, np.float64):
+        x = np.concatenate([3 * rng.standard_normal(2 * _KERNEL_VALUES), [0.0, -0.0, 1e-300, 6.0, -40.0, np.inf, np.nan]])
+        x = x.astype(dtype)
+        compiled = np.empty_like(x)
+        _erf_kernel(x, compiled)
+        for size in (1, 4801, _KERNEL_VALUES - 1):
+            part = np.concatenate([x[:size - 7], x[-7:]]) if size > 7 else x[:size]
+            expected = np.empty_like(part)
+            _erf_kernel(part, expected)
+            assert erf(part).tobytes() == expected.tobytes()
+        assert erf(x).tobytes() == compiled.tobytes()

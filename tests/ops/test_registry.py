@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from onnx_graphs import GraphBuilder
 from tpusim import ops
 from tpusim.frontend import supported_ops
 from tpusim.ops.base import Op
@@ -57,11 +58,19 @@ def test_every_op_on_the_matrix_unit_counts_its_accumulator_wraps():
     assert {"conv", "gemm", "matmul", "lstm", "gru"} <= {n for n in ops.layer_ops() if ops.op(n).accumulates}
 
 
-def test_lowering_a_float_model_imports_no_numba(tmp_path, generated_workload):
+def _silu_cnn() -> onnx.ModelProto:
+    g = GraphBuilder((1, 4, 8, 8))
+    x = g.conv(g.input_name, 4, 4)
+    return g.model(g.node("Mul", [x, g.node("Sigmoid", [x])]))
+
+
+@pytest.mark.parametrize("model", ["tiny_cnn", "bert_tiny", "silu"])
+def test_lowering_a_float_model_imports_no_numba(tmp_path, generated_workload, model):
     """A run without quantization (and ``tpusim check``) lowers every op but executes none: op modules
-    import the quantization stage, tensor_ops and their kernels, which all import Numba, where they run."""
-    path = tmp_path / "tiny_cnn.onnx"
-    onnx.save(generated_workload("tiny_cnn").model, path)
+    import the quantization stage, tensor_ops and their kernels, which all import Numba, where they run.
+    Identifying a function (BERT's GELU, SiLU) evaluates the known ones on a few thousand points."""
+    path = tmp_path / f"{model}.onnx"
+    onnx.save(_silu_cnn() if model == "silu" else generated_workload(model).model, path)
     code = ("import sys\nimport tpusim.pipeline\nfrom tpusim import ops\nfrom tpusim.frontend import load_onnx\n"
             f"ops.layer_ops()\nload_onnx({str(path)!r}, batch=2)\n"
             "print(sorted(m for m in ('numba', 'tpusim.quant', 'tpusim.kernels', 'tpusim.tensor_ops') if m in sys.modules))")

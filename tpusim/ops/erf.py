@@ -1,7 +1,8 @@
 """Erf, as a 256-entry table (:mod:`tpusim.ops._table`); also a step of GELU's Erf form.
 
 numpy has no erf (and scipy is not a dependency): :func:`erf` is one compiled pass of the C library's
-``erf`` in float64 (Python's ``math.erf``), rounded to the input's float dtype. Its oracle,
+``erf`` in float64 (Python's ``math.erf``; for a few thousand values, ``math.erf`` itself), rounded to the
+input's float dtype. Its oracle,
 :func:`erf_reference`, sums the series ``erf(x) = 2/sqrt(pi) exp(-x^2) sum_n 2^n x^(2n+1) / (1 * 3 * ...
 * (2n+1))`` in numpy, whose terms are all positive (no cancellation), to double precision for |x| < 6;
 beyond, erf is +-1 to double precision; it took BERT-base's FP32 evaluator about a second per sample.
@@ -42,13 +43,22 @@ def _erf_kernel(x, out):
         out[i] = math.erf(np.float64(x[i]))
 
 
+# Below this many values Python's own math.erf (the same C function, the same bits) computes them, in under
+# a millisecond: the kernel's first call sets Numba up (0.2-0.5 s), which a lowering that identifies GELU on
+# its 4,801 probe points would pay, though it runs no kernel otherwise.
+_KERNEL_VALUES = 2**13
+
+
 def erf(x: np.ndarray) -> np.ndarray:
     """erf of ``x`` in float64, returned in ``x``'s float dtype."""
     x = np.asarray(x)
     dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
     flat = np.ascontiguousarray(x, dtype).reshape(-1)
-    out = np.empty(flat.size, dtype)
-    _erf_kernel(flat, out)
+    if flat.size < _KERNEL_VALUES:
+        out = np.fromiter(map(math.erf, flat.tolist()), np.float64, flat.size).astype(dtype)
+    else:
+        out = np.empty(flat.size, dtype)
+        _erf_kernel(flat, out)
     return out.reshape(x.shape)
 
 
