@@ -9,6 +9,8 @@ import sys
 import threading
 from contextlib import contextmanager
 
+from tpusim.allocator import keep_freed_memory
+
 
 @contextmanager
 def _interrupts_held():
@@ -83,28 +85,9 @@ def _exit_interrupted() -> None:
 # sleep at once. Read when the library loads, so set before numpy is imported; a value the user set is kept.
 BLAS_THREAD_TIMEOUT = "4"
 
-# glibc's malloc serves a block of more than 128 KiB (raised to the largest such block freed so far) with a
-# fresh mapping, unmapped when it is freed, and gives the top of its heap back to the kernel once 256 KiB
-# there are free. A run frees and allocates tensors of megabytes all the time (ONNX Runtime's copy of the
-# model as it builds its session, every exposed tensor of each run), and each page of a fresh mapping costs
-# a fault. Kept in the heap up to 32 MiB (glibc's limit) and not trimmed, freed memory is used again:
-# the peak stays where it was (it is the peak), and BERT-base's run takes a sixth fewer faults.
-_MALLOC_OPTIONS = {-1: 2**31 - 1, -3: 32 * 2**20}  # M_TRIM_THRESHOLD (its largest), M_MMAP_THRESHOLD; malloc.h
-
-
-def _keep_freed_memory() -> None:
-    """Tune glibc's malloc (above) for this process; another C library has no ``mallopt`` and is left as it is."""
-    import ctypes
-
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        for option, value in _MALLOC_OPTIONS.items():
-            mallopt(ctypes.c_int(option), ctypes.c_int(value))
-
-
 def main() -> int:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_THREAD_TIMEOUT)
-    _keep_freed_memory()
+    keep_freed_memory()
     try:
         _hold_interrupts_in_extension_imports()
         sys.unraisablehook = _raise_lost_interrupts

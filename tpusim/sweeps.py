@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tpusim.allocator import keep_freed_memory
 from tpusim.arguments import positive_int, shape
 from tpusim.errors import ConfigError, TpusimError
 from tpusim.progress import Progress
@@ -406,6 +407,7 @@ def _worker_main() -> None:
     """A pool worker: reads (function, argument) frames from stdin and answers each with ("ok", result),
     ("user", message) for bad input (a TpusimError), or ("crash", description); exits at end of input."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the result stream
     tasks = os.fdopen(os.dup(0), "rb")
