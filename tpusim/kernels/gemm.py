@@ -35,6 +35,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from tpusim.kernels.rounding import requantize_value
+
 # |uint8 x int8| <= 255 * 128, so this many products always fit an int32 partial sum.
 _INT32_SAFE_TERMS = (2**31 - 1) // (255 * 128)
 _TILE = 4  # a tile is 4 rows of x against 4 weight rows: 16 int32 sums, each a vectorised reduction over K
@@ -482,9 +484,7 @@ def _requantize_strip(acc, rows, width, multiplier, right, half, zero_point, qmi
         src = acc[i, :width]
         dst = out[m0 + i, c0 : c0 + width]
         for j in range(width):
-            product = np.int64(src[j]) * scale[j]
-            rounded = (product + rounding[j]) >> bits[j] if product >= 0 else -((rounding[j] - product) >> bits[j])
-            dst[j] = min(max(rounded + zero_point, qmin), qmax)
+            dst[j] = requantize_value(src[j], scale[j], bits[j], rounding[j], zero_point, qmin, qmax)
 
 
 @njit(cache=True, nogil=True)
@@ -639,10 +639,7 @@ def _finish_strip(acc, rows, width, bias, acc_bits, multiplier, right, half, zer
             exact = np.int64(src[j]) + start[j]
             stored = wrap_to_bits(exact, acc_bits)
             wrapped += stored != exact
-            product = stored * scale[j]
-            # Half away from zero without a branch: for p < 0, -floor((|p| + h) / n) = floor((p + h - 1) / n).
-            rounded = (product + rounding[j] + (product >> 63)) >> bits[j]
-            dst[j] = min(max(rounded + zero_point, qmin), qmax)
+            dst[j] = requantize_value(stored, scale[j], bits[j], rounding[j], zero_point, qmin, qmax)
     return wrapped
 
 

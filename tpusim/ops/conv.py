@@ -70,7 +70,7 @@ _GEMM = "tpusim.kernels.gemm"
 
 
 @jit.kernel(cache=True, nogil=True, imports={"claim_task": _GEMM, "finish_task": _GEMM, "wrap_to_bits": _GEMM,
-                                             "_requantize_value": "tpusim.quant.fixed_point"})
+                                             "requantize_value": "tpusim.kernels.rounding"})
 def _depthwise_kernel(xt, w, bias, sh, sw, top, left, dh, dw, pad_value, acc_bits, multiplier, right, half,
                       zero_point, qmin, qmax, out, wrapped, counters):
     """A depthwise conv of channels-last xt (B, H, W, C) with w (kh, kw, C) int64 into out (B, Hout, Wout, C),
@@ -105,7 +105,7 @@ def _depthwise_kernel(xt, w, bias, sh, sw, top, left, dh, dw, pad_value, acc_bit
             for c in range(channels):
                 stored = wrap_to_bits(exact[c], acc_bits)
                 task_wrapped += stored != exact[c]
-                dst[c] = _requantize_value(stored, multiplier[c], right[c], half[c], zero_point, qmin, qmax)
+                dst[c] = requantize_value(stored, multiplier[c], right[c], half[c], zero_point, qmin, qmax)
         wrapped[task] = task_wrapped
         finish_task(counters)
         task = claim_task(counters)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from tpusim.kernels.rounding import requantize_value
 from tpusim.quant.arithmetic import storage_dtype
 
 # Total right shift 31 + shift must stay in [1, 63]: at least one bit so the rounding term is an
@@ -60,16 +61,6 @@ def multiplier_value(m0: np.ndarray, shift: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
-def _requantize_value(value, multiplier, right, half, zero_point, qmin, qmax):
-    """One accumulator requantized: round(value * multiplier / 2**right), half away from zero without a branch
-    (for p < 0, -floor((|p| + h) / n) = floor((p + h - 1) / n) with n = 2**right, h = n / 2), plus the zero
-    point, clamped."""
-    product = np.int64(value) * multiplier
-    rounded = (product + half + (product >> 63)) >> right
-    return min(max(rounded + zero_point, qmin), qmax)
-
-
-@njit(cache=True)
 def _requantize_kernel(acc, multiplier, right, half, zero_point, qmin, qmax, out):
     """acc, out: (outer, channels, inner) C-contiguous; multiplier, right, half: one entry per channel.
     Every inner loop runs from 0 over a contiguous row, which LLVM vectorises: along the channels when
@@ -80,14 +71,14 @@ def _requantize_kernel(acc, multiplier, right, half, zero_point, qmin, qmax, out
         for o in range(outer):
             src, dst = rows[o], targets[o]
             for c in range(channels):
-                dst[c] = _requantize_value(src[c], multiplier[c], right[c], half[c], zero_point, qmin, qmax)
+                dst[c] = requantize_value(src[c], multiplier[c], right[c], half[c], zero_point, qmin, qmax)
         return
     for o in range(outer):
         for c in range(channels):
             src, dst = acc[o, c], out[o, c]
             m, r, h = multiplier[c], right[c], half[c]
             for i in range(inner):
-                dst[i] = _requantize_value(src[i], m, r, h, zero_point, qmin, qmax)
+                dst[i] = requantize_value(src[i], m, r, h, zero_point, qmin, qmax)
 
 
 def _validated(acc, m0, shift, zero_point, qmin, qmax, channel_axis):
