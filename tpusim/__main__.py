@@ -56,13 +56,22 @@ def _hold_interrupts_in_extension_imports() -> None:
     sys.path_importer_cache.clear()  # the path entries' finders are made again, with the hook above
 
 
+def _interrupt_main_thread() -> None:
+    """SIGINT, sent to the main thread itself: a wait there (a sleep, a lock, a pipe) ends at once, where
+    ``_thread.interrupt_main`` would only flag it for when that wait is over."""
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
+
+
 def _raise_lost_interrupts(unraisable, _default=sys.unraisablehook) -> None:
     """A Ctrl-C that lands in a callback from C (llvmlite's object cache while Numba compiles) cannot propagate:
     Python would print it and carry on. It is sent again, to arrive where it can be raised: from a thread, a
     moment after this hook has returned (raised in here, it would be lost once more, printed as an exception
     ignored in the hook). Should it land in such a callback again, it comes back here and is sent again."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
-        threading.Timer(0.01, _thread.interrupt_main).start()
+        threading.Timer(0.01, _interrupt_main_thread).start()
     else:
         _default(unraisable)
 
