@@ -179,3 +179,12 @@ def test_the_worker_ends_when_its_input_closes_and_prints_nothing():
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = process.communicate(timeout=60)
     assert (process.returncode, out, err) == (0, b"", b"")
+
+
+def test_the_worker_warms_up_only_while_no_request_is_waiting():
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as requests, os.fdopen(write_end, "wb") as run:
+        assert not figure_worker._request_waiting(requests)
+        run.write(b"x")
+        run.flush()
+        assert figure_worker._request_waiting(requests)
