@@ -94,6 +94,7 @@ def _exit_interrupted() -> None:
 # sleep at once. Read when the library loads, so set before numpy is imported; a value the user set is kept.
 BLAS_THREAD_TIMEOUT = "4"
 
+
 def main() -> int:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_THREAD_TIMEOUT)
     keep_freed_memory()

@@ -13,7 +13,9 @@ Only for tpusim's own processes: a program that imports tpusim keeps its allocat
 """
 from __future__ import annotations
 
-_MALLOC_OPTIONS = {-1: 2**31 - 1, -3: 32 * 2**20}  # M_TRIM_THRESHOLD (its largest), M_MMAP_THRESHOLD; malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's option numbers (malloc.h)
+# In bytes: a trim threshold as large as mallopt's int holds (never, for a run), the largest mmap threshold glibc takes
+_MALLOC_OPTIONS = {_M_TRIM_THRESHOLD: 2**31 - 1, _M_MMAP_THRESHOLD: 32 * 2**20}
 
 
 def keep_freed_memory() -> None:
