@@ -35,7 +35,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from tpusim.kernels.rounding import requantize_value
+from tpusim.kernels.rounding import requantize_constants, requantize_value
 
 # |uint8 x int8| <= 255 * 128, so this many products always fit an int32 partial sum.
 _INT32_SAFE_TERMS = (2**31 - 1) // (255 * 128)
@@ -805,21 +805,6 @@ def grouped_int8_gemm(x: np.ndarray, w_nk: np.ndarray, acc_bits: int = 32, bias:
     return GemmResult(out.transpose(0, 2, 1), wrapped)
 
 
-@njit(cache=True)
-def _requant_constants(m0, shift, n_total):
-    """Per output channel: the multiplier, the right shift 31 + shift and half its weight (the rounding
-    term), from one (m0, shift) pair for all channels or one per channel."""
-    multiplier = np.empty(n_total, np.int64)
-    right = np.empty(n_total, np.int64)
-    half = np.empty(n_total, np.int64)
-    for c in range(n_total):
-        k = c if m0.size > 1 else 0
-        multiplier[c] = m0[k]
-        right[c] = 31 + shift[k]
-        half[c] = (np.int64(1) << right[c]) >> 1
-    return multiplier, right, half
-
-
 def requantized_int8_gemm(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int, m0: np.ndarray,
                           shift: np.ndarray, zero_point: int, qmin: int, qmax: int, out_dtype: np.dtype,
                           use_vnni: bool = HAS_VNNI) -> tuple[np.ndarray, int]:
@@ -855,8 +840,8 @@ class RequantizedGemm:
             raise ValueError(f"m0 {m0.shape} and shift {shift.shape} must have 1 or {n_total} entries")
         self._w_nk, self._acc_bits, self._use_vnni = w_nk, acc_bits, use_vnni
         self._x_dtype, self._out_dtype = np.dtype(x_dtype), np.dtype(out_dtype)
-        self._requant = (*_requant_constants(m0.astype(np.int64, copy=False), shift.astype(np.int64, copy=False),
-                                             n_total), np.int64(zero_point), np.int64(qmin), np.int64(qmax))
+        self._requant = (*requantize_constants(m0, shift, n_total), np.int64(zero_point), np.int64(qmin),
+                         np.int64(qmax))
         self._bias64 = _bias64(bias, groups, n_g)
         self._broadcast = None  # (packed weights, bias for uint8 activations, K padded, panel, tasks per row chunk)
         if _vnni_runs(k_total, n_g, acc_bits, use_vnni):

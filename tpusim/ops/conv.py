@@ -116,7 +116,7 @@ class _DepthwiseConv:
     accumulator width; like :class:`_ChannelsLastConv` it returns an NCHW-shaped view of channels-last memory."""
 
     def __init__(self, ql: QLayer, acc_bits: int):
-        from tpusim.kernels.gemm import _requant_constants
+        from tpusim.kernels.rounding import requantize_constants
         from tpusim.quant.arithmetic import storage_dtype
         layer = ql.layer
         conv = layer.conv
@@ -124,12 +124,11 @@ class _DepthwiseConv:
         channels = layer.output_shape[1]
         self._weight = np.ascontiguousarray(ql.weight_q[:, 0].transpose(1, 2, 0), dtype=np.int64)  # (kh, kw, C)
         self._bias = np.zeros(channels, np.int64) if ql.acc_bias is None else ql.acc_bias.astype(np.int64)
-        m0 = np.asarray(ql.requant.m0).reshape(-1).astype(np.int64)
-        shift = np.asarray(ql.requant.shift).reshape(-1).astype(np.int64)
         top, left = conv.pads[0], conv.pads[1]
         self._constants = (conv.strides[0], conv.strides[1], top, left, conv.dilations[0], conv.dilations[1],
                            np.int64(ql.input_qparams[0].zero_point), acc_bits,
-                           *_requant_constants(m0, shift, channels), np.int64(ql.output_qparams.zero_point),
+                           *requantize_constants(ql.requant.m0, ql.requant.shift, channels),
+                           np.int64(ql.output_qparams.zero_point),
                            np.int64(ql.out_qmin), np.int64(ql.out_qmax))
         self._out_dtype = storage_dtype(ql.out_qmin, ql.out_qmax)
 

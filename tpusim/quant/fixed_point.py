@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from tpusim.kernels.rounding import requantize_value
+from tpusim.kernels.rounding import requantize_constants, requantize_value
 from tpusim.quant.arithmetic import storage_dtype
 
 # Total right shift 31 + shift must stay in [1, 63]: at least one bit so the rounding term is an
@@ -120,11 +120,7 @@ def requantize(
     """
     blocks, m0, shift = _validated(acc, m0, shift, zero_point, qmin, qmax, channel_axis)
     out = np.empty(blocks.shape, dtype=storage_dtype(qmin, qmax))
-    channels = blocks.shape[1]
-    per_channel = np.broadcast_to(m0.astype(np.int64), channels), np.broadcast_to(shift.astype(np.int64), channels)
-    multiplier = np.ascontiguousarray(per_channel[0])
-    right = np.ascontiguousarray(31 + per_channel[1])
-    _requantize_kernel(np.ascontiguousarray(blocks), multiplier, right, np.int64(1) << (right - 1),
+    _requantize_kernel(np.ascontiguousarray(blocks), *requantize_constants(m0, shift, blocks.shape[1]),
                        np.int64(zero_point), np.int64(qmin), np.int64(qmax), out)
     return out.reshape(np.shape(acc))
 

@@ -20,9 +20,11 @@ Once its imports are done the worker draws one small figure and drops it: the fi
 draws also loads the font and sets up the rasteriser and the PNG encoder (about 0.08 s), and the worker
 does that while the run is still lowering the model. Where the run's figures are waiting already (a run
 that does not quantize submits them as soon as it has timed the model), the first of them sets that up
-instead: the warm-up would only delay them (0.08-0.15 s of a ResNet-50 ``--no-quantize`` run). A run that will wait for its figures at once (one
-that does not quantize) asks for them ``spread``: the worker forks, and the copy draws every second
-figure while the worker draws the others, on the core the run leaves idle.
+instead: the warm-up would only delay them (0.08-0.15 s of a ResNet-50 ``--no-quantize`` run).
+
+A run that will wait for its figures at once (one that does not quantize) asks for them ``spread``: the
+worker forks, and the copy draws every second figure while the worker draws the others, on the core the
+run leaves idle.
 """
 from __future__ import annotations
 
