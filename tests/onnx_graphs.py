@@ -1,12 +1,37 @@
 """Small ONNX graphs built with onnx.helper for the tests, and an ONNX Runtime runner."""
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
+import llvmlite.binding
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+
+def _onnxruntime_int8_gemm_saturates() -> bool:
+    """Whether ONNX Runtime's 8-bit GEMM may saturate on this CPU. On x86 without VNNI it multiplies with
+    AVX2's ``vpmaddubsw`` (uint8 x int8), which adds each pair of products in int16 with saturation, so a
+    pair past 32767 changes the sum (OpenVINO's "Saturation (overflow) issue" page describes the same for
+    those CPUs; VNNI's ``vpdpbusd`` adds in int32, and ARM's kernels are exact). Its Conv, Gemm and MatMul
+    integers are then no exact reference: seen on a Zen 2 CPU (AVX2), 2 % of a uint8 conv's outputs off by
+    up to 53, and int8 MatMuls off by up to 26."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
+        return False
+    features = llvmlite.binding.get_host_cpu_features()
+    return not any(features.get(name) for name in ("avx512vnni", "avxvnni", "amx-int8"))
+
+
+ORT_INT8_GEMM_SATURATES = _onnxruntime_int8_gemm_saturates()
+SATURATES_HERE = "ONNX Runtime's 8-bit GEMM saturates on this CPU (x86 without VNNI)"
+_GEMM_OPS = frozenset({"conv", "gemm", "matmul"})
+
+
+def onnxruntime_integers_exact(op: str) -> bool:
+    """Whether ONNX Runtime's integers for a layer of this op are an exact reference here."""
+    return not (ORT_INT8_GEMM_SATURATES and op in _GEMM_OPS)
 
 
 class GraphBuilder:

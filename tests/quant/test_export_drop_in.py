@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto
-from onnx_graphs import GraphBuilder
+from onnx_graphs import ORT_INT8_GEMM_SATURATES, SATURATES_HERE, GraphBuilder
 
 from tpusim.cli import main
 from tpusim.config import load_config
@@ -73,6 +73,7 @@ def test_onnxruntime_gives_the_fp32_answer_at_any_batch(tiny):
     assert np.array_equal(np.argmax(got, 1), np.argmax(want, 1))
 
 
+@pytest.mark.skipif(ORT_INT8_GEMM_SATURATES, reason=SATURATES_HERE)
 def test_the_integer_tensors_are_still_inside(tiny):
     _, _, quantized, exported = tiny
     first = quantized.graph.layers[0].output  # before any rounding tie (see test_export.py): bit-identical
@@ -98,6 +99,7 @@ def test_tpusim_reads_the_export_back_with_the_same_integers(tiny, tmp_path):
         np.testing.assert_array_equal(theirs[name], ours[name])
 
 
+@pytest.mark.skipif(ORT_INT8_GEMM_SATURATES, reason=SATURATES_HERE)
 def test_a_resize_by_sizes_follows_the_batch():
     b = GraphBuilder((1, 4, 8, 8))
     y = b.conv("input", 4, 8, pads=[1, 1, 1, 1])

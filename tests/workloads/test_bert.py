@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from onnx_graphs import onnxruntime_integers_exact
 from op_checks import _check_against_ort
 
 from tpusim import pipeline
@@ -86,7 +87,7 @@ def test_bert_tiny_integers_are_onnxruntimes_on_our_qdq_export(tiny):
     session = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
     results = dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_IDS: ids})))
     for ql in qgraph.layers:
-        if ql.layer.op != "softmax":
+        if ql.layer.op != "softmax" and onnxruntime_integers_exact(ql.layer.op):
             ours, _ = run_layer(ql, [results[quantized_name(n)] for n in ql.layer.inputs])
             np.testing.assert_array_equal(ours, results[quantized_name(ql.layer.output)], err_msg=ql.name)
 
