@@ -11,9 +11,10 @@ It then times both again on one thread each (Numba's threads set to 1, ONNX Runt
 threads to 1) by the CPU time of the calling thread, which a busy machine barely changes: on a
 loaded machine, read the kernels' relative speed there.
 
-The int8 kernel's fast path needs AVX-512 VNNI (``vpdpbusd``); the script says whether this CPU
-has it and then times ours again in subprocesses whose Numba compiles for a CPU without it
-(``NUMBA_CPU_NAME``: ``haswell``, AVX2; ``generic``, baseline x86-64), which take the portable kernel.
+The int8 kernel's fast paths need AVX-512 VNNI (``vpdpbusd``) or, without it, AVX2 (``vpmaddwd``); the
+script says which this CPU has and then times ours again in subprocesses: with ``vpdpbusd`` turned off
+(the AVX2 kernel, where this CPU has AVX-512 VNNI), and with Numba compiling for a named CPU
+(``NUMBA_CPU_NAME``: ``haswell``, AVX2; ``generic``, baseline x86-64), which takes the portable kernel.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import onnxruntime as ort
 
 from tpusim.config import load_config
 from tpusim.frontend import lower_model
-from tpusim.kernels.gemm import HAS_VNNI
+from tpusim.kernels import gemm
+from tpusim.kernels.gemm import HAS_AVX2, HAS_VNNI
 from tpusim.quant.calibrate import collect_statistics, synthetic_inputs
 from tpusim.quant.execute import run_integer
 from tpusim.quant.export import export_qdq
@@ -40,6 +42,11 @@ from tpusim.workloads import build_model
 _FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni")
 _OTHER_TARGETS = (("haswell", "AVX2, no AVX-512"), ("generic", "baseline x86-64, SSE2"))
 _OURS_ONLY = "--ours-only"
+_NO_VNNI = "--no-vnni"  # with _OURS_ONLY: vpdpbusd off, as where it fails to compile, so the AVX2 kernel runs
+
+
+_KERNEL = ("AVX-512 VNNI (vpdpbusd)" if HAS_VNNI else "AVX2 (vpmaddwd) where the fused GEMM fits it, else portable"
+           if HAS_AVX2 else "portable")
 
 
 def _quantized(name: str):
@@ -99,7 +106,7 @@ def main(name: str = "resnet50", repeats: int = 7) -> None:
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (both sides slow down under load)")
     print(f"  CPU                       : {llvmlite.binding.get_host_cpu_name()}, "
           + " ".join(f"{f}={'yes' if features.get(f) else 'no'}" for f in _FEATURES)
-          + f"; int8 kernel: {'AVX-512 VNNI (vpdpbusd)' if HAS_VNNI else 'portable'}, "
+          + f"; int8 kernel: {_KERNEL}, "
           f"{numba.get_num_threads()} threads (the caller and helpers claiming tasks, tpusim.kernels.gemm.run_tasks)")
     print(f"  tpusim run_integer        : {best_ours * 1e3:8.1f} ms (engine int8-gemm, the default)")
     print(f"  ONNX Runtime QDQ int8     : {best_theirs * 1e3:8.1f} ms (intra-op threads: default)")
@@ -107,17 +114,27 @@ def main(name: str = "resnet50", repeats: int = 7) -> None:
     print(f"  one thread each, CPU time : {min(ours_cpu) * 1e3:8.1f} ms vs {min(theirs_cpu) * 1e3:.1f} ms: "
           f"{min(ours_cpu) / min(theirs_cpu):.2f}x (load-proof: the kernels' relative speed)")
     print(f"  tpusim run_integer        : {blas * 1e3:8.1f} ms (engine exact-blas: float32 BLAS on exact K chunks)")
+    if HAS_VNNI and HAS_AVX2:
+        seconds = _ours_elsewhere(name, repeats, os.environ, _NO_VNNI)
+        print(f"  tpusim, vpdpbusd off      : {seconds * 1e3:8.1f} ms (the AVX2 kernel, vpmaddwd, where the fused "
+              f"GEMM fits it; {seconds / best_theirs:.2f}x ONNX Runtime here)")
     for cpu, what in _OTHER_TARGETS:
-        env = dict(os.environ, NUMBA_CPU_NAME=cpu)
-        result = subprocess.run([sys.executable, __file__, name, str(repeats), _OURS_ONLY], env=env,
-                                capture_output=True, text=True, check=True)
-        seconds = float(result.stdout.split()[-1])
+        seconds = _ours_elsewhere(name, repeats, dict(os.environ, NUMBA_CPU_NAME=cpu))
         print(f"  tpusim, NUMBA_CPU_NAME={cpu:8s}: {seconds * 1e3:6.1f} ms ({what}: the portable kernel; "
               f"{seconds / best_theirs:.2f}x ONNX Runtime here)")
 
 
+def _ours_elsewhere(name: str, repeats: int, env, *flags: str) -> float:
+    """Our best time in a subprocess with this environment and these flags, in seconds."""
+    result = subprocess.run([sys.executable, __file__, name, str(repeats), _OURS_ONLY, *flags], env=env,
+                            capture_output=True, text=True, check=True)
+    return float(result.stdout.split()[-1])
+
+
 if __name__ == "__main__":
-    arguments = [a for a in sys.argv[1:] if a != _OURS_ONLY]
+    if _NO_VNNI in sys.argv:
+        gemm._vnni_compiles[0] = False
+    arguments = [a for a in sys.argv[1:] if a not in (_OURS_ONLY, _NO_VNNI)]
     workload = arguments[0] if arguments else "resnet50"
     rounds = int(arguments[1]) if len(arguments) > 1 else 7
     (_ours_only if _OURS_ONLY in sys.argv else main)(workload, rounds)

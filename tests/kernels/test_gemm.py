@@ -6,6 +6,7 @@ import pytest
 from numba import njit
 
 from tpusim.kernels.gemm import (
+    HAS_AVX2,
     HAS_VNNI,
     RequantizedGemm,
     _derived,
@@ -26,6 +27,12 @@ from tpusim.quant.fixed_point import quantize_multiplier, requantize_reference
 # The vpdpbusd kernel runs only on CPUs with AVX-512 VNNI; the portable kernel runs everywhere.
 KERNELS = [pytest.param(True, marks=pytest.mark.skipif(not HAS_VNNI, reason="CPU lacks AVX-512 VNNI"), id="vnni"),
            pytest.param(False, id="portable")]
+# The fused GEMM has a third kernel, vpmaddwd tiles, for CPUs with AVX2 where vpdpbusd does not run.
+_NO_VNNI = pytest.mark.skipif(not HAS_VNNI, reason="CPU lacks AVX-512 VNNI")
+FUSED_KERNELS = [pytest.param({"use_vnni": True, "use_avx2": False}, marks=_NO_VNNI, id="vnni"),
+                 pytest.param({"use_vnni": False, "use_avx2": True},
+                              marks=pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2"), id="avx2"),
+                 pytest.param({"use_vnni": False, "use_avx2": False}, id="portable")]
 
 
 def random_operands(rng, m, k, n, unsigned=False):
@@ -199,6 +206,38 @@ def test_grouped_rejects_bad_operands(x, w, bias):
         grouped_int8_gemm(x, w, bias=bias)
 
 
+@pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2")
+def test_an_avx2_kernel_that_does_not_compile_falls_back_to_the_portable_one(monkeypatch):
+    from tpusim.kernels import gemm as gemm_module
+
+    def refuse(*args):
+        raise numba.core.errors.TypingError("intrinsic signature rejected by this LLVM")
+
+    monkeypatch.setattr(gemm_module, "_requantized_pair_kernel", refuse)
+    monkeypatch.setattr(gemm_module, "_pairs_compile", [True])
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 256, (1, 9, 70)).astype(np.uint8)
+    w = rng.integers(-128, 128, (1, 16, 70)).astype(np.int8)
+    m0, shift = quantize_multiplier(np.full(16, 2.0**-10))
+    with pytest.warns(UserWarning, match="AVX2 int8 kernel unavailable"):
+        got, wrapped = requantized_int8_gemm(x, w, None, 32, m0, shift, 0, 0, 255, np.uint8, use_vnni=False,
+                                             use_avx2=True)
+    want, want_wrapped = requantized_reference(x, w, None, 32, m0, shift, 0, 0, 255)
+    np.testing.assert_array_equal(got, want)
+    assert gemm_module._pairs_compile == [False] and wrapped == want_wrapped
+
+
+@pytest.mark.parametrize("k, n, acc_bits, pairs", [(147, 16, 32, True), (9, 1000, 32, True), (64, 13, 16, True),
+                                                   (64, 10, 32, False), (64, 36, 32, False), (65794, 16, 32, False)])
+def test_the_avx2_kernel_is_prepared_where_whole_16_channel_tiles_fit_and_int32_sums_are_exact(k, n, acc_bits, pairs):
+    def prepared(use_avx2):
+        return RequantizedGemm(np.zeros((1, n, k), np.int8), None, acc_bits, np.array([2**30]), np.array([0]), 0, 0,
+                               255, np.uint8, np.uint8, use_vnni=False, use_avx2=use_avx2)._pairs is not None
+
+    assert prepared(use_avx2=True) == pairs
+    assert not prepared(use_avx2=False)
+
+
 def test_a_vnni_kernel_that_does_not_compile_falls_back_to_the_portable_one(monkeypatch):
     import numba
 
@@ -226,15 +265,17 @@ def requantized_reference(x, w_nk, bias, acc_bits, m0, shift, zero_point, qmin, 
     return requantize_reference(rows, m0, shift, zero_point, qmin, qmax, channel_axis=-1), wrapped
 
 
-@pytest.mark.parametrize("use_vnni", KERNELS)
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
 @pytest.mark.parametrize("acc_bits", [32, 16])
 @pytest.mark.parametrize("groups, m, k, n", [
     (1, 8, 64, 8), (1, 13, 147, 10), (3, 9, 128, 4), (5, 7, 9, 1), (2, 70, 300, 7), (1, 6, 37, 12), (1, 97, 4608, 36),
     # Broadcast tiles (whole 64-channel tiles waste little): pixels past a 6-row strip, K and channels padded.
     (1, 70, 192, 64), (2, 13, 147, 250), (1, 301, 64, 256), (1, 6, 4608, 64),
+    # vpmaddwd tiles (whole 16-channel tiles): odd K ending in a zero pair, K of one, channels padded.
+    (1, 37, 147, 16), (3, 11, 9, 30), (1, 6, 1, 48), (2, 61, 10, 1000),
 ])
 @pytest.mark.parametrize("unsigned, per_channel", [(True, True), (False, False)])
-def test_requantized_kernel_equals_gemm_then_requantize(groups, m, k, n, acc_bits, use_vnni, unsigned, per_channel):
+def test_requantized_kernel_equals_gemm_then_requantize(groups, m, k, n, acc_bits, kernel, unsigned, per_channel):
     rng = np.random.default_rng(groups * 1000 + m * 100 + k + n + acc_bits + unsigned)
     x = rng.integers(0, 256, (groups, m, k)).astype(np.uint8) if unsigned else \
         rng.integers(-128, 128, (groups, m, k)).astype(np.int8)
@@ -243,7 +284,7 @@ def test_requantized_kernel_equals_gemm_then_requantize(groups, m, k, n, acc_bit
     # Multipliers from 2**-20 to 4 (negative shifts too): outputs clamp at both ends as well as land inside.
     m0, shift = quantize_multiplier(2.0 ** rng.uniform(-20, 2, groups * n if per_channel else 1))
     want, wrapped = requantized_reference(x, w, bias, acc_bits, m0, shift, 3, -128, 127)
-    got, got_wrapped = requantized_int8_gemm(x, w, bias, acc_bits, m0, shift, 3, -128, 127, np.int8, use_vnni=use_vnni)
+    got, got_wrapped = requantized_int8_gemm(x, w, bias, acc_bits, m0, shift, 3, -128, 127, np.int8, **kernel)
     assert got.shape == (m, groups * n) and got.dtype == np.int8
     np.testing.assert_array_equal(got, want)
     assert got_wrapped == wrapped
@@ -266,22 +307,22 @@ def test_requantized_kernel_rounds_half_away_from_zero_and_clamps():
     assert wrapped == 0
 
 
-@pytest.mark.parametrize("use_vnni", KERNELS)
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
 @pytest.mark.parametrize("x_value, k, wraps", [(255, 65792, 0), (255, 2**17, 64 * 6), (-128, 2**17, 64 * 6)])
-def test_requantized_kernel_at_the_int32_chunk_limit(x_value, k, wraps, use_vnni):
+def test_requantized_kernel_at_the_int32_chunk_limit(x_value, k, wraps, kernel):
     # The broadcast tile's raw int32 sums hold K * 255 * 128 exactly up to the chunk limit; past it
     # the portable kernel's int64 chunks take over and the 32-bit accumulator wraps every output.
     x = np.full((1, 6, k), x_value, np.uint8 if x_value > 127 else np.int8)
     w = np.full((1, 64, k), -128, np.int8)
     m0, shift = quantize_multiplier(np.array([2.0**-24]))
     want, wrapped = requantized_reference(x, w, None, 32, m0, shift, 0, -128, 127)
-    got, got_wrapped = requantized_int8_gemm(x, w, None, 32, m0, shift, 0, -128, 127, np.int8, use_vnni=use_vnni)
+    got, got_wrapped = requantized_int8_gemm(x, w, None, 32, m0, shift, 0, -128, 127, np.int8, **kernel)
     np.testing.assert_array_equal(got, want)
     assert got_wrapped == wrapped == wraps
 
 
-@pytest.mark.parametrize("use_vnni", KERNELS)
-def test_threads_change_no_integer(use_vnni):
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
+def test_threads_change_no_integer(kernel):
     # Enough rows for one task per thread: the split must not change a value or the wrap count.
     rng = np.random.default_rng(11)
     x = rng.integers(0, 256, (1, 301, 256)).astype(np.uint8)
@@ -292,8 +333,8 @@ def test_threads_change_no_integer(use_vnni):
         results = []
         for threads in (1, numba.config.NUMBA_NUM_THREADS):
             numba.set_num_threads(threads)
-            results.append((grouped_int8_gemm(x, w, 16, use_vnni=use_vnni),
-                            requantized_int8_gemm(x, w, None, 16, m0, shift, 0, 0, 255, np.uint8, use_vnni=use_vnni)))
+            results.append((grouped_int8_gemm(x, w, 16, use_vnni=kernel["use_vnni"]),
+                            requantized_int8_gemm(x, w, None, 16, m0, shift, 0, 0, 255, np.uint8, **kernel)))
     finally:
         numba.set_num_threads(previous)
     (plain_1, fused_1), (plain_n, fused_n) = results
@@ -302,16 +343,16 @@ def test_threads_change_no_integer(use_vnni):
     assert plain_1.wrapped_count == plain_n.wrapped_count == fused_1[1] == fused_n[1] > 0
 
 
-@pytest.mark.parametrize("use_vnni", KERNELS)
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
 @pytest.mark.parametrize("unsigned", [True, False])
-def test_a_prepared_gemm_equals_the_reference_on_activations_of_any_row_count(use_vnni, unsigned):
+def test_a_prepared_gemm_equals_the_reference_on_activations_of_any_row_count(kernel, unsigned):
     # Built once, run on several x: M = 3 is below a broadcast strip (the 4 x 4 tile kernel takes it), the rest not.
     rng = np.random.default_rng(5 + unsigned)
     w = rng.integers(-128, 128, (1, 64, 192)).astype(np.int8)
     bias = rng.integers(-2**20, 2**20, 64).astype(np.int32)
     m0, shift = quantize_multiplier(2.0 ** rng.uniform(-16, -8, 64))
     x_dtype = np.uint8 if unsigned else np.int8
-    gemm = RequantizedGemm(w, bias, 32, m0, shift, 4, 0, 255, np.uint8, x_dtype, use_vnni=use_vnni)
+    gemm = RequantizedGemm(w, bias, 32, m0, shift, 4, 0, 255, np.uint8, x_dtype, **kernel)
     for m in (3, 6, 301, 3):
         x = rng.integers(0, 256, (1, m, 192)).astype(np.uint8) if unsigned else \
             rng.integers(-128, 128, (1, m, 192)).astype(np.int8)
@@ -385,8 +426,8 @@ def test_every_task_runs_exactly_once(tasks):
         numba.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("use_vnni", KERNELS)
-def test_broadcast_tasks_split_both_rows_and_weight_panels(use_vnni):
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
+def test_broadcast_tasks_split_both_rows_and_weight_panels(kernel):
     # K = 4608 holds four 16-channel vectors per L2 panel, so 192 channels are three panels; on two or
     # more threads the 150 rows are cut into chunks too. Every (panel, chunk) task must land in place.
     rng = np.random.default_rng(13)
@@ -399,7 +440,7 @@ def test_broadcast_tasks_split_both_rows_and_weight_panels(use_vnni):
     try:
         for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
             numba.set_num_threads(threads)
-            got, got_wrapped = requantized_int8_gemm(x, w, bias, 32, m0, shift, 5, 0, 255, np.uint8, use_vnni=use_vnni)
+            got, got_wrapped = requantized_int8_gemm(x, w, bias, 32, m0, shift, 5, 0, 255, np.uint8, **kernel)
             np.testing.assert_array_equal(got, want)
             assert got_wrapped == wrapped
     finally:

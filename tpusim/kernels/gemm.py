@@ -12,8 +12,11 @@ On CPUs with AVX-512 VNNI the kernels use ``vpdpbusd`` (64 uint8 x int8 products
 instruction) through small LLVM intrinsics (int8 activations are shifted to uint8 first, the
 bias absorbing the shift): for the fused kernel, 6 pixels x 64 channels per tile with each
 pixel's four activation bytes broadcast against packed weights, so no sum is reduced across
-lanes; otherwise 4 x 4 tiles of K-contiguous dot products. Elsewhere, and for shapes that do not
-fill the tiles, a portable loop that LLVM vectorises. All are exact. Rows (and for the fused
+lanes; otherwise 4 x 4 tiles of K-contiguous dot products. On CPUs with AVX2 but not that, the fused
+kernel uses ``vpmaddwd`` (two int16 x int16 products per int32 lane, exact for int8 and uint8 widened
+to int16) the same way: 6 pixels x 16 channels per tile. (AVX2's ``vpmaddubsw`` would be twice as
+dense but saturates its int16 sums.) Elsewhere, and for shapes that do not fill the tiles, a
+portable loop that LLVM vectorises. All are exact. Rows (and for the fused
 kernel, L2-sized panels of weights) are split into tasks that the ``numba.get_num_threads()``
 threads claim one at a time (:func:`run_tasks`); each output is computed by one task, so the
 integers do not depend on the thread count.
@@ -687,6 +690,123 @@ def _pack_broadcast_weights(w_nk: np.ndarray) -> np.ndarray:
                                 .reshape(groups, vectors, k_total // 4, _VNNI_BLOCK))
 
 
+_PAIR_ROWS = 6  # pixels per pair tile: 6 x 2 accumulators, 2 weight vectors and a broadcast fill 15 of 16 ymm
+_PAIR_VECTORS = 2  # 8-channel weight vectors per pair tile
+_PAIR_LANES = 8  # int32 lanes of a ymm: one output channel each
+_PAIR_CHANNELS = _PAIR_VECTORS * _PAIR_LANES
+_PAIR_PANEL_BYTES = 128 * 1024  # packed int8 weights a pair-tile panel holds: half of a Zen 2 core's L2 (widened: all)
+_I8X16 = ir.VectorType(ir.IntType(8), 2 * _PAIR_LANES)
+_I16X16 = ir.VectorType(ir.IntType(16), 2 * _PAIR_LANES)
+_I32X8 = ir.VectorType(ir.IntType(32), _PAIR_LANES)
+HAS_AVX2 = numba.config.CPU_NAME is None and bool(llvmlite.binding.get_host_cpu_features().get("avx2"))
+_pairs_compile = [True]  # set False for good once the AVX2 intrinsic fails to compile here
+
+
+@intrinsic
+def _pair_tile(typingctx, xs, packed, v0, pairs, out, out_col):
+    """Raw int32 sums of the six widened pixels xs[0..5] against channels 8 v0 .. 8 v0 + 15, into out[r, out_col + c].
+
+    xs is (6, 2 pairs) int16 (the pixels' activations, exact for int8 and uint8); packed is (vectors, pairs, 16)
+    int8: packed[v, p, 2 l + t] = w[8 v + l, 2 p + t]. Each step over two k sign-extends the two weight vectors
+    to int16, broadcasts each pixel's two activations to every lane and issues 12 vpmaddwd (two exact products
+    per int32 lane) and adds: lane l of accumulator (r, v) sums output channel 8 v + l of pixel r, so nothing is
+    reduced across lanes and the stores are channels-last rows. Sums wrap modulo 2**32: exact while
+    K * 255 * 128 < 2**31.
+    """
+    sig = types.void(xs, packed, v0, pairs, out, out_col)
+
+    def codegen(context, builder, signature, args):
+        byte, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        x_arr, w_arr, out_arr = (context.make_array(signature.args[a])(context, builder, args[a]) for a in (0, 1, 4))
+        x_stride = cgutils.unpack_tuple(builder, x_arr.strides, 2)[0]
+        out_stride = cgutils.unpack_tuple(builder, out_arr.strides, 2)[0]
+        v0, pairs, out_col = args[2], args[3], args[5]
+        x_bytes = builder.bitcast(x_arr.data, byte.as_pointer())
+        w_bytes = builder.bitcast(w_arr.data, byte.as_pointer())
+        pixels = [builder.gep(x_bytes, [builder.mul(i64(r), x_stride)]) for r in range(_PAIR_ROWS)]
+        vector_bytes = builder.mul(pairs, i64(2 * _PAIR_LANES))
+        vectors = [builder.gep(w_bytes, [builder.mul(builder.add(v0, i64(v)), vector_bytes)])
+                   for v in range(_PAIR_VECTORS)]
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(_I32X8, None)) for _ in range(_PAIR_VECTORS)]
+                for _ in range(_PAIR_ROWS)]
+        madd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_I32X8, [_I16X16, _I16X16]), "llvm.x86.avx2.pmadd.wd")
+        spread = ir.Constant(ir.VectorType(i32, _PAIR_LANES), None)
+        with cgutils.for_range(builder, pairs) as loop:
+            w_offset = builder.mul(loop.index, i64(2 * _PAIR_LANES))
+            x_offset = builder.mul(loop.index, i64(4))
+            weights = [builder.sext(builder.load(builder.bitcast(builder.gep(v, [w_offset]), _I8X16.as_pointer()),
+                                                 align=1), _I16X16) for v in vectors]
+            for r in range(_PAIR_ROWS):
+                word = builder.load(builder.bitcast(builder.gep(pixels[r], [x_offset]), i32.as_pointer()), align=2)
+                lanes = builder.insert_element(ir.Constant(_I32X8, None), word, i32(0))
+                activations = builder.bitcast(builder.shuffle_vector(lanes, lanes, spread), _I16X16)
+                for v in range(_PAIR_VECTORS):
+                    acc = accs[r][v]
+                    builder.store(builder.add(builder.load(acc), builder.call(madd, [activations, weights[v]])), acc)
+        out_bytes = builder.bitcast(out_arr.data, byte.as_pointer())
+        for r in range(_PAIR_ROWS):
+            row = builder.mul(i64(r), out_stride)
+            for v in range(_PAIR_VECTORS):
+                column = builder.mul(builder.add(out_col, i64(v * _PAIR_LANES)), i64(4))
+                target = builder.gep(out_bytes, [builder.add(row, column)])
+                builder.store(builder.load(accs[r][v]), builder.bitcast(target, _I32X8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _requantized_pair_kernel(x, packed, bias64, acc_bits, multiplier, right, half_r, zero_point, qmin, qmax, out,
+                             panel_vectors, chunks, wrapped, counters):
+    """The fused GEMM through _pair_tile: x (G, M, K) int8 or uint8, packed (G, vectors, ceil(K / 2), 16) with
+    vectors a multiple of 2. A task is one group's panel of panel_vectors weight vectors (it stays in L2) swept
+    by every 6-pixel strip of one chunk of the rows, claimed from counters (:func:`run_tasks`); each strip's
+    activations are widened to int16 once per panel (a K that is odd ends in a zero pair)."""
+    groups, m_total, k_total = x.shape
+    n_g = bias64.shape[1]
+    pairs = packed.shape[2]
+    vectors = packed.shape[1]
+    panels = -(-vectors // panel_vectors)
+    tasks = groups * panels * chunks
+    acc = np.empty((_PAIR_ROWS, panel_vectors * _PAIR_LANES), np.int32)
+    widened = np.zeros((_PAIR_ROWS, 2 * pairs), np.int16)
+    task = claim_task(counters)
+    while task < tasks:
+        g, p, chunk = task // (panels * chunks), task // chunks % panels, task % chunks
+        m_lo, m_hi = _rows_range(chunk, chunks, m_total, _PAIR_ROWS)
+        xg, packed_g, bias_g = x[g], packed[g], bias64[g]
+        v_lo = p * panel_vectors
+        v_hi = min(v_lo + panel_vectors, vectors)
+        c_lo, c_hi = v_lo * _PAIR_LANES, min(v_hi * _PAIR_LANES, n_g)
+        task_wrapped = 0
+        for m0 in range(m_lo, m_hi, _PAIR_ROWS):
+            rows = min(_PAIR_ROWS, m_hi - m0)
+            for r in range(rows):  # rows past the last pixel keep stale values: their sums are never read
+                source, target = xg[m0 + r], widened[r, :k_total]
+                for k in range(k_total):
+                    target[k] = source[k]
+            for v0 in range(v_lo, v_hi, _PAIR_VECTORS):
+                _pair_tile(widened, packed_g, v0, pairs, acc, (v0 - v_lo) * _PAIR_LANES)
+            task_wrapped += _finish_strip(acc, rows, c_hi - c_lo, bias_g[c_lo:], acc_bits, multiplier, right, half_r,
+                                          zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
+        wrapped[task] = task_wrapped
+        finish_task(counters)
+        task = claim_task(counters)
+
+
+def _pack_pair_weights(w_nk: np.ndarray) -> np.ndarray:
+    """(G, N, K) -> (G, vectors, ceil(K / 2), 16): 8 channels x 2 k per 16 bytes, channels zero-padded to whole
+    tiles and K to whole pairs."""
+    groups, n_g, k_total = w_nk.shape
+    vectors = -(-n_g // _PAIR_CHANNELS) * _PAIR_VECTORS
+    pairs = -(-k_total // 2)
+    padded = np.zeros((groups, vectors * _PAIR_LANES, 2 * pairs), np.int8)
+    padded[:, :n_g, :k_total] = w_nk
+    return np.ascontiguousarray(padded.reshape(groups, vectors, _PAIR_LANES, pairs, 2).transpose(0, 1, 3, 2, 4)
+                                .reshape(groups, vectors, pairs, 2 * _PAIR_LANES))
+
+
 # Values derived from a weight array or a layer (packed layouts, bias shifts, prepared kernels), per
 # owner and tag: a model's weights are packed once, not once per run. Entries go when their owner
 # does, so a value must not refer to its owner.
@@ -708,6 +828,17 @@ def derived_from(owner: object, tag: object, make):
 def _broadcast_fits(n_g: int, m_total: int) -> bool:
     """The broadcast tile for channel counts that whole 64-channel tiles waste little of, and enough pixels."""
     return 4 * -(-n_g // _TILE_CHANNELS) * _TILE_CHANNELS <= 5 * n_g and m_total >= _ROWS
+
+
+def _pair_tiles_fit(n_g: int, m_total: int) -> bool:
+    """The vpmaddwd tile for channel counts that whole 16-channel tiles waste little of, and enough pixels."""
+    return 4 * -(-n_g // _PAIR_CHANNELS) * _PAIR_CHANNELS <= 5 * n_g and m_total >= _PAIR_ROWS
+
+
+def _pair_tiles_run(k_total: int, n_g: int, acc_bits: int, use_avx2: bool) -> bool:
+    """The vpmaddwd kernel's limits: int32 accumulators, sums that cannot overflow them, channels that fill tiles."""
+    return use_avx2 and _pairs_compile[0] and acc_bits <= 32 and k_total <= _INT32_SAFE_TERMS and \
+        4 * -(-n_g // _PAIR_CHANNELS) * _PAIR_CHANNELS <= 5 * n_g
 
 
 def _row_chunks(m_total: int, other_tasks: int = 1) -> int:
@@ -807,7 +938,7 @@ def grouped_int8_gemm(x: np.ndarray, w_nk: np.ndarray, acc_bits: int = 32, bias:
 
 def requantized_int8_gemm(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int, m0: np.ndarray,
                           shift: np.ndarray, zero_point: int, qmin: int, qmax: int, out_dtype: np.dtype,
-                          use_vnni: bool = HAS_VNNI) -> tuple[np.ndarray, int]:
+                          use_vnni: bool = HAS_VNNI, use_avx2: bool = HAS_AVX2) -> tuple[np.ndarray, int]:
     """:func:`grouped_int8_gemm` with the activation unit's requantization fused in: (M, G*N) integers, wrapped count.
 
     Row m of the result holds all G*N output channels of pixel m (channels-last, group-major), each
@@ -818,7 +949,8 @@ def requantized_int8_gemm(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | No
     same weights again builds a :class:`RequantizedGemm` once instead.
     """
     check_grouped_operands(x, w_nk, bias, acc_bits)
-    return RequantizedGemm(w_nk, bias, acc_bits, m0, shift, zero_point, qmin, qmax, out_dtype, x.dtype, use_vnni)(x)
+    return RequantizedGemm(w_nk, bias, acc_bits, m0, shift, zero_point, qmin, qmax, out_dtype, x.dtype, use_vnni,
+                           use_avx2)(x)
 
 
 class RequantizedGemm:
@@ -828,7 +960,7 @@ class RequantizedGemm:
 
     def __init__(self, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int, m0: np.ndarray, shift: np.ndarray,
                  zero_point: int, qmin: int, qmax: int, out_dtype: np.dtype, x_dtype: np.dtype,
-                 use_vnni: bool = HAS_VNNI):
+                 use_vnni: bool = HAS_VNNI, use_avx2: bool = HAS_AVX2):
         check_grouped_operands(np.empty((w_nk.shape[0], 0, w_nk.shape[2]), x_dtype), w_nk, bias, acc_bits)
         if acc_bits > 32:
             raise ValueError(f"the fused requantization reads int32 accumulators; acc_bits={acc_bits}")
@@ -851,6 +983,12 @@ class RequantizedGemm:
             bias_u8 = self._bias64 + shift_bias if self._x_dtype == np.int8 else self._bias64
             panel = max(_VECTORS, _BROADCAST_PANEL_BYTES // (k_padded * _LANES) // _VECTORS * _VECTORS)
             self._broadcast = (packed, bias_u8, k_padded, panel, groups * -(-packed.shape[1] // panel))
+        self._pairs = None  # (packed weights, panel, tasks per row chunk) where vpmaddwd tiles run instead
+        if self._broadcast is None and _pair_tiles_run(k_total, n_g, acc_bits, use_avx2):
+            packed = derived_from(w_nk, ("pairs", w_nk.shape), lambda: _pack_pair_weights(w_nk))
+            panel = max(_PAIR_VECTORS, _PAIR_PANEL_BYTES // (packed.shape[2] * 2 * _PAIR_LANES)
+                        // _PAIR_VECTORS * _PAIR_VECTORS)
+            self._pairs = (packed, panel, groups * -(-packed.shape[1] // panel))
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """(M, G*N) output integers and the wrapped count for x (G, M, K) of the dtype given at construction."""
@@ -873,6 +1011,17 @@ class RequantizedGemm:
             except (numba.core.errors.NumbaError, RuntimeError) as exc:
                 _vnni_compiles[0] = False
                 warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
+        if self._pairs is not None and _pairs_compile[0] and _pair_tiles_fit(w_nk.shape[1], m_total):
+            packed, panel, other_tasks = self._pairs
+            chunks = _row_chunks(m_total, other_tasks)
+            wrapped = np.zeros(other_tasks * chunks, np.int64)
+            try:
+                run_tasks(_requantized_pair_kernel, wrapped.size, np.ascontiguousarray(x), packed, self._bias64,
+                          self._acc_bits, *self._requant, out, panel, chunks, wrapped)
+                return out, int(wrapped.sum())
+            except (numba.core.errors.NumbaError, RuntimeError) as exc:
+                _pairs_compile[0] = False
+                warnings.warn(f"AVX2 int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
         wrapped = _run_kernels(_requantized_gemm_vnni_kernel, _requantized_gemm_kernel, x, w_nk, self._bias64,
                                self._acc_bits, self._use_vnni, *self._requant, out)
         return out, wrapped
