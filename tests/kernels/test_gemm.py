@@ -206,15 +206,21 @@ def test_grouped_rejects_bad_operands(x, w, bias):
         grouped_int8_gemm(x, w, bias=bias)
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2")
-def test_an_avx2_kernel_that_does_not_compile_falls_back_to_the_portable_one(monkeypatch):
+def refused_kernel(monkeypatch, kernel: str, compiles_flag: str):
+    """tpusim.kernels.gemm with ``kernel`` failing as an intrinsic this LLVM rejects would, its flag still set."""
     from tpusim.kernels import gemm as gemm_module
 
     def refuse(*args):
         raise numba.core.errors.TypingError("intrinsic signature rejected by this LLVM")
 
-    monkeypatch.setattr(gemm_module, "_requantized_pair_kernel", refuse)
-    monkeypatch.setattr(gemm_module, "_pairs_compile", [True])
+    monkeypatch.setattr(gemm_module, kernel, refuse)
+    monkeypatch.setattr(gemm_module, compiles_flag, [True])
+    return gemm_module
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2")
+def test_an_avx2_kernel_that_does_not_compile_falls_back_to_the_portable_one(monkeypatch):
+    gemm_module = refused_kernel(monkeypatch, "_requantized_pair_kernel", "_pairs_compile")
     rng = np.random.default_rng(6)
     x = rng.integers(0, 256, (1, 9, 70)).astype(np.uint8)
     w = rng.integers(-128, 128, (1, 16, 70)).astype(np.int8)
@@ -239,15 +245,7 @@ def test_the_avx2_kernel_is_prepared_where_whole_16_channel_tiles_fit_and_int32_
 
 
 def test_a_vnni_kernel_that_does_not_compile_falls_back_to_the_portable_one(monkeypatch):
-    import numba
-
-    from tpusim.kernels import gemm as gemm_module
-
-    def refuse(*args):
-        raise numba.core.errors.TypingError("intrinsic signature rejected by this LLVM")
-
-    monkeypatch.setattr(gemm_module, "_grouped_gemm_vnni_kernel", refuse)
-    monkeypatch.setattr(gemm_module, "_vnni_compiles", [True])
+    gemm_module = refused_kernel(monkeypatch, "_grouped_gemm_vnni_kernel", "_vnni_compiles")
     rng = np.random.default_rng(5)
     x = rng.integers(-128, 128, (1, 9, 70)).astype(np.int8)
     w = rng.integers(-127, 128, (1, 8, 70)).astype(np.int8)
