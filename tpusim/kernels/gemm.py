@@ -694,7 +694,7 @@ _PAIR_ROWS = 6  # pixels per pair tile: 6 x 2 accumulators, 2 weight vectors and
 _PAIR_VECTORS = 2  # 8-channel weight vectors per pair tile
 _PAIR_LANES = 8  # int32 lanes of a ymm: one output channel each
 _PAIR_CHANNELS = _PAIR_VECTORS * _PAIR_LANES
-_PAIR_PANEL_BYTES = 128 * 1024  # packed int8 weights a pair-tile panel holds: half of a Zen 2 core's L2 (widened: all)
+_PAIR_PANEL_BYTES = 128 * 1024  # packed int8 weights a pair-tile panel holds: a quarter of a Zen 2 core's L2
 _I8X16 = ir.VectorType(ir.IntType(8), 2 * _PAIR_LANES)
 _I16X16 = ir.VectorType(ir.IntType(16), 2 * _PAIR_LANES)
 _I32X8 = ir.VectorType(ir.IntType(32), _PAIR_LANES)
@@ -830,13 +830,9 @@ def _broadcast_fits(n_g: int, m_total: int) -> bool:
     return 4 * -(-n_g // _TILE_CHANNELS) * _TILE_CHANNELS <= 5 * n_g and m_total >= _ROWS
 
 
-def _pair_tiles_fit(n_g: int, m_total: int) -> bool:
-    """The vpmaddwd tile for channel counts that whole 16-channel tiles waste little of, and enough pixels."""
-    return 4 * -(-n_g // _PAIR_CHANNELS) * _PAIR_CHANNELS <= 5 * n_g and m_total >= _PAIR_ROWS
-
-
 def _pair_tiles_run(k_total: int, n_g: int, acc_bits: int, use_avx2: bool) -> bool:
-    """The vpmaddwd kernel's limits: int32 accumulators, sums that cannot overflow them, channels that fill tiles."""
+    """The vpmaddwd kernel's limits: int32 accumulators, sums that cannot overflow them, and channel counts that
+    whole 16-channel tiles waste little of."""
     return use_avx2 and _pairs_compile[0] and acc_bits <= 32 and k_total <= _INT32_SAFE_TERMS and \
         4 * -(-n_g // _PAIR_CHANNELS) * _PAIR_CHANNELS <= 5 * n_g
 
@@ -1011,7 +1007,7 @@ class RequantizedGemm:
             except (numba.core.errors.NumbaError, RuntimeError) as exc:
                 _vnni_compiles[0] = False
                 warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
-        if self._pairs is not None and _pairs_compile[0] and _pair_tiles_fit(w_nk.shape[1], m_total):
+        if self._pairs is not None and _pairs_compile[0] and m_total >= _PAIR_ROWS:
             packed, panel, other_tasks = self._pairs
             chunks = _row_chunks(m_total, other_tasks)
             wrapped = np.zeros(other_tasks * chunks, np.int64)
