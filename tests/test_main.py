@@ -50,8 +50,11 @@ def test_a_ctrl_c_lost_in_a_callback_from_c_arrives_after_it():
     # A KeyboardInterrupt raised where Python cannot propagate it (here a __del__; in a run, llvmlite's object
     # cache called back while Numba compiles) reaches the unraisable hook, which sends it again: it must then
     # interrupt the main thread's next Python work, not be printed as an exception the hook itself ignored.
+    # The child takes Python's own SIGINT handler: started from a shell's background job, SIGINT comes ignored,
+    # and Python keeps it so (the resent interrupt would then never arrive: the test failed so, run with `&`).
     code = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from tpusim import __main__ as entry
 sys.unraisablehook = entry._raise_lost_interrupts
 class Interrupted:
