@@ -25,11 +25,10 @@ from tpusim.kernels.gemm import (
 from tpusim.quant.fixed_point import quantize_multiplier, requantize_reference
 
 # The vpdpbusd kernel runs only on CPUs with AVX-512 VNNI; the portable kernel runs everywhere.
-KERNELS = [pytest.param(True, marks=pytest.mark.skipif(not HAS_VNNI, reason="CPU lacks AVX-512 VNNI"), id="vnni"),
-           pytest.param(False, id="portable")]
+_NEEDS_VNNI = pytest.mark.skipif(not HAS_VNNI, reason="CPU lacks AVX-512 VNNI")
+KERNELS = [pytest.param(True, marks=_NEEDS_VNNI, id="vnni"), pytest.param(False, id="portable")]
 # The fused GEMM has a third kernel, vpmaddwd tiles, for CPUs with AVX2 where vpdpbusd does not run.
-_NO_VNNI = pytest.mark.skipif(not HAS_VNNI, reason="CPU lacks AVX-512 VNNI")
-FUSED_KERNELS = [pytest.param({"use_vnni": True, "use_avx2": False}, marks=_NO_VNNI, id="vnni"),
+FUSED_KERNELS = [pytest.param({"use_vnni": True, "use_avx2": False}, marks=_NEEDS_VNNI, id="vnni"),
                  pytest.param({"use_vnni": False, "use_avx2": True},
                               marks=pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2"), id="avx2"),
                  pytest.param({"use_vnni": False, "use_avx2": False}, id="portable")]

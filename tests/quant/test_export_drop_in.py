@@ -99,7 +99,6 @@ def test_tpusim_reads_the_export_back_with_the_same_integers(tiny, tmp_path):
         np.testing.assert_array_equal(theirs[name], ours[name])
 
 
-@pytest.mark.skipif(ORT_INT8_GEMM_SATURATES, reason=SATURATES_HERE)
 def test_a_resize_by_sizes_follows_the_batch():
     b = GraphBuilder((1, 4, 8, 8))
     y = b.conv("input", 4, 8, pads=[1, 1, 1, 1])
@@ -117,7 +116,8 @@ def test_a_resize_by_sizes_follows_the_batch():
     (want,) = _session(source).run(None, {"input": x})
     (got,) = _session(exported).run(None, {"input": x})
     assert got.shape == want.shape == (2, 5)
-    assert _cosine(got, want) > 0.98
+    if not ORT_INT8_GEMM_SATURATES:  # where ONNX Runtime's int8 convs saturate, its answer is not the export's
+        assert _cosine(got, want) > 0.98
 
 
 def test_cli_quantize_then_run_reports_the_models_quantization(tmp_path, capsys):

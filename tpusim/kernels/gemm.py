@@ -49,6 +49,7 @@ _BROADCAST_PANEL_BYTES = 512 * 1024  # weights a broadcast-tile panel holds: hal
 _VNNI_CHUNK = _INT32_SAFE_TERMS // _VNNI_BLOCK * _VNNI_BLOCK  # whole blocks whose int32 sums cannot overflow
 # Numba compiles for the host CPU unless told otherwise; the intrinsic exists only there.
 HAS_VNNI = numba.config.CPU_NAME is None and bool(llvmlite.binding.get_host_cpu_features().get("avx512vnni"))
+HAS_AVX2 = numba.config.CPU_NAME is None and bool(llvmlite.binding.get_host_cpu_features().get("avx2"))
 _vnni_compiles = [True]  # set False for good once the intrinsic fails to compile here
 
 
@@ -698,7 +699,6 @@ _PAIR_PANEL_BYTES = 128 * 1024  # packed int8 weights a pair-tile panel holds: a
 _I8X16 = ir.VectorType(ir.IntType(8), 2 * _PAIR_LANES)
 _I16X16 = ir.VectorType(ir.IntType(16), 2 * _PAIR_LANES)
 _I32X8 = ir.VectorType(ir.IntType(32), _PAIR_LANES)
-HAS_AVX2 = numba.config.CPU_NAME is None and bool(llvmlite.binding.get_host_cpu_features().get("avx2"))
 _pairs_compile = [True]  # set False for good once the AVX2 intrinsic fails to compile here
 
 
