@@ -113,3 +113,20 @@ def save_small_classifier(path: Path) -> Path:
     y = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
     onnx.save(b.model(b.node("Gemm", [y, b.weight((5, 4))], transB=1)), path)
     return path
+
+
+# A residual add rounds sum_i s_i (q_i - z_i) / s_y: ONNX Runtime in float32 (relative error ~1e-7 of a value
+# below 2**8), we through 31-bit dyadic multipliers into a 2**20 fixed-point domain (error < 2**-18 LSB).
+# Both round correctly except where the exact value lies that close to a rounding boundary.
+ADD_TIE_BAND = 1e-4
+
+
+def assert_add_differences_are_near_ties(ql, inputs, ours, theirs):
+    y_qp = ql.output_qparams
+    exact = np.zeros(ours.shape, np.float64)
+    for x, qp in zip(inputs, ql.input_qparams):
+        exact += float(qp.scale) * (x.astype(np.float64) - int(qp.zero_point))
+    exact = exact / float(y_qp.scale) + int(y_qp.zero_point)
+    differ = (ours != theirs) & ~((ours.astype(np.int64) == -127) & (theirs.astype(np.int64) == -128))
+    distance_to_boundary = np.abs(exact[differ] - np.floor(exact[differ]) - 0.5)
+    assert np.all(distance_to_boundary < ADD_TIE_BAND), float(distance_to_boundary.max(initial=0.0))

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 CACHE_ENV_VAR = "TPUSIM_WORKLOAD_CACHE"
 # Bump whenever a generator's output changes, so cached files from an older generator are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # Tokens per sample of the built-in BERTs (their BertSpec.sequence; a test holds the two equal).
 BERT_SEQUENCE = 128
 

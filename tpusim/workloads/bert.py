@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tpusim import tensor_ops
 from tpusim.ops.erf import erf
 from tpusim.ops.layernorm import layer_norm
-from tpusim.workloads.builder import BATCH_DIM, IR_VERSION, OPSET, OUTPUT_NAME, GeneratedModel
+from tpusim.workloads.builder import BATCH_DIM, IR_VERSION, OPSET, OUTPUT_NAME, GeneratedModel, round_statistic
 
 INPUT_IDS = "input_ids"
 INITIALIZER_RANGE = 0.02    # BERT's std of its embedding tables, biases and LayerNorm shifts
@@ -101,7 +101,8 @@ class _Builder:
 
     def node(self, op: str, inputs: list[str], out: str, value: np.ndarray, **attrs) -> str:
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        self.values[out] = value.astype(np.float32) if value.dtype.kind == "f" else value
+        # float64, as in tpusim.workloads.builder: no BLAS kernel's float32 rounding reaches the weights.
+        self.values[out] = value.astype(np.float64) if value.dtype.kind == "f" else value
         return out
 
     def normal(self, shape, std: float) -> np.ndarray:
@@ -112,7 +113,7 @@ class _Builder:
         ``W`` is N(0, gain^2 / in) times a log-normal factor per output channel (mean square 1)."""
         k = self.values[x].shape[-1]
         spread = np.exp(CHANNEL_SPREAD_SIGMA * self.rng.standard_normal(n_out))
-        std = gain / math.sqrt(k * float(np.mean(self.values[x].astype(np.float64) ** 2)))
+        std = float(round_statistic(gain / math.sqrt(k * float(np.mean(self.values[x] ** 2)))))
         weight = (self.normal((k, n_out), std) * (spread / np.sqrt(np.mean(spread**2)))).astype(np.float32)
         bias = self.normal(n_out, INITIALIZER_RANGE)
         w, b = self.init(f"{name}.weight", weight), self.init(f"{name}.bias", bias)
@@ -207,7 +208,7 @@ def build_bert(spec: BertSpec, seed: int, name: str) -> GeneratedModel:
     helper.set_model_props(model, {"seed": str(seed)})
     stds = {n: float(v.std()) for n, v in b.values.items() if v.dtype.kind == "f" and v.ndim == 3}
     stds[OUTPUT_NAME] = float(output.std())
-    return GeneratedModel(model, ids, output, stds)
+    return GeneratedModel(model, ids, output.astype(np.float32), stds)
 
 
 def bert_base(seed: int) -> GeneratedModel:

@@ -2,8 +2,17 @@
 
 Synthetic weights only look like a trained network's if the batch-norm statistics match the
 activations that actually reach each BN; running the graph while it is built gives those
-activations for free. Every op appends one ONNX node and computes its float32 output on a
-small seeded sample batch.
+activations for free. Every op appends one ONNX node and computes its output on a small seeded
+sample batch.
+
+That forward pass runs in float64 (the weights it multiplies are the model's float32 ones), and only
+the parameters drawn from its statistics are rounded to float32. In float32 the statistics carried
+the rounding of whichever BLAS kernel the CPU picked (OpenBLAS's Haswell, SkylakeX and Prescott
+kernels gave three different ResNet-50 files), so the built-in models, and every figure measured on
+them, differed between machines. Float64 kernels still differ in their last bits (about 1e-14 after a
+few thousand-term sums), so every parameter taken from a statistic is rounded to
+STATISTIC_BITS significant bits (:func:`round_statistic`) before it is used: a difference that small
+moves it only with a probability of about 1e-10.
 """
 from __future__ import annotations
 
@@ -41,6 +50,9 @@ BETA_STD = 0.1
 # Running statistics are estimates over a dataset, never the exact statistics of one batch.
 STAT_JITTER = 0.05
 GEMM_BIAS_STD = 0.05
+# Significant bits kept of a parameter computed from the sample batch's statistics: 2^-12 (0.02 %) is
+# far below the jitter above, and some 10^10 times the float64 rounding that differs between BLAS kernels.
+STATISTIC_BITS = 12
 
 
 @dataclass(frozen=True)
@@ -49,8 +61,14 @@ class GeneratedModel:
 
     model: onnx.ModelProto
     sample_input: np.ndarray
-    sample_output: np.ndarray  # numpy forward pass of sample_input, for checking a runtime
+    sample_output: np.ndarray  # numpy forward pass of sample_input (float64, as float32), for checking a runtime
     activation_std: Mapping[str, float]  # std of every tensor over sample_input
+
+
+def round_statistic(value: np.ndarray | float) -> np.ndarray:
+    """``value`` rounded to STATISTIC_BITS significant bits (zero stays zero)."""
+    mantissa, exponent = np.frexp(np.asarray(value, dtype=np.float64))
+    return np.ldexp(np.round(mantissa * 2.0**STATISTIC_BITS), exponent - STATISTIC_BITS)
 
 
 def synthetic_images(rng: np.random.Generator, batch: int, channels: int, size: int) -> np.ndarray:
@@ -79,7 +97,7 @@ class GraphBuilder:
     def __init__(self, sample_input: np.ndarray, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
         self._sample_input = sample_input.astype(np.float32)
-        self._values: dict[str, np.ndarray] = {INPUT_NAME: self._sample_input}
+        self._values: dict[str, np.ndarray] = {INPUT_NAME: self._sample_input.astype(np.float64)}
         self._nodes: list[onnx.NodeProto] = []
         self._initializers: list[TensorProto] = []
         self._constants: dict[float, str] = {}
@@ -124,6 +142,7 @@ class GraphBuilder:
         running_var = var * np.exp(2.0 * STAT_JITTER * self._rng.standard_normal(channels))
         gamma = gamma_scale * np.exp(gamma_sigma * self._rng.standard_normal(channels))
         beta = BETA_STD * self._rng.standard_normal(channels)
+        running_mean, running_var = round_statistic(running_mean), round_statistic(running_var)
         params = [p.astype(np.float32) for p in (gamma, beta, running_mean, running_var)]
         names = [
             self._initializer(f"{name}.{suffix}", p)
@@ -144,7 +163,7 @@ class GraphBuilder:
         """
         x_value = self._values[x]
         weight = self._channel_scaled_normal((out_features, x_value.shape[1]), gain=1.0)
-        weight *= target_std / float((x_value @ weight.T).std())
+        weight *= np.float32(round_statistic(target_std / float((x_value @ weight.T).std())))
         bias = (GEMM_BIAS_STD * target_std * self._rng.standard_normal(out_features)).astype(np.float32)
         weight_name = self._initializer(f"{name}.weight", weight)
         bias_name = self._initializer(f"{name}.bias", bias)
@@ -217,7 +236,7 @@ class GraphBuilder:
         helper.set_model_props(model, {"seed": str(seed), "generator_version": str(generator_version)})
         stds = {name: float(v.std()) for name, v in self._values.items() if name != output}
         stds[OUTPUT_NAME] = float(out_value.std())
-        return GeneratedModel(model, self._sample_input, out_value, stds)
+        return GeneratedModel(model, self._sample_input, out_value.astype(np.float32), stds)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -253,7 +272,7 @@ class GraphBuilder:
     def _store(self, name: str, y: np.ndarray) -> str:
         if name in self._values:
             raise ValueError(f"tensor name {name!r} used twice")
-        self._values[name] = y.astype(np.float32, copy=False)
+        self._values[name] = y.astype(np.float64, copy=False)
         return name
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from onnx import helper
 
 from tpusim.workloads import GENERATOR_VERSION
-from tpusim.workloads.builder import GeneratedModel, GraphBuilder
+from tpusim.workloads.builder import GeneratedModel, GraphBuilder, round_statistic
 from tpusim.workloads.models import LOGIT_STD, _streams
 
 LAYERS = 6
@@ -44,7 +44,7 @@ def lstm_forward(x: np.ndarray, w: np.ndarray, r: np.ndarray, b: np.ndarray) -> 
     (Y (T, B, H), every step's gate pre-activations (T, B, 4H))."""
     hidden = r.shape[1]
     steps, batch, features = x.shape
-    h = np.zeros((batch, hidden), np.float32)
+    h = np.zeros((batch, hidden), x.dtype)
     c = np.zeros_like(h)
     gx = (x.reshape(steps * batch, features) @ w.T).reshape(steps, batch, 4 * hidden)
     gx += b[: 4 * hidden] + b[4 * hidden :]
@@ -82,7 +82,7 @@ class _Builder(GraphBuilder):
         # contractive, as a trained LSTM's is; scaling R up as well makes the synthetic network chaotic
         # (any perturbation, int8 rounding included, grows step by step, which no trained LSTM does).
         _, pre = lstm_forward(x_value, w, r * np.float32(0), b)
-        w = w * np.float32(GATE_STD / float((pre - pre.mean(axis=(0, 1))).std()))
+        w = w * np.float32(round_statistic(GATE_STD / float((pre - pre.mean(axis=(0, 1))).std())))
         y, _ = lstm_forward(x_value, w, r, b)
         names = [self._initializer(f"{name}.{p}", v[None]) for p, v in (("W", w), ("R", r), ("B", b))]
         y_name = f"{name}.Y"
