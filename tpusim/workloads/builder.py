@@ -6,7 +6,7 @@ activations for free. Every op appends one ONNX node and computes its output on 
 sample batch.
 
 That forward pass runs in float64 (the weights it multiplies are the model's float32 ones), and only
-the parameters drawn from its statistics are rounded to float32. In float32 the statistics carried
+the parameters drawn from its statistics go into the model, as float32. In float32 the statistics carried
 the rounding of whichever BLAS kernel the CPU picked (OpenBLAS's Haswell, SkylakeX and Prescott
 kernels gave three different ResNet-50 files), so the built-in models, and every figure measured on
 them, differed between machines. Float64 kernels still differ in their last bits (about 1e-14 after a
