@@ -124,6 +124,12 @@ def test_graph_statistics_cover_every_tensor(tiny) -> None:
     assert stats[graph.input_name].count == inputs.size
 
 
+# Largest error of the softmax outputs against FP32. Per-channel keeps its first bound (0.008 measured); per-tensor
+# minmax int8 on tiny_cnn's depthwise block reaches 0.066 on generator 3's weights, where generator 2's stayed below
+# 0.05. Either bound still catches a backend that lost track of FP32 (errors of 0.5 and more).
+FP32_BOUND = {"per-tensor": 0.1, "per-channel": 0.05}
+
+
 @pytest.mark.parametrize("weights", ["per-tensor", "per-channel"])
 def test_simulated_and_integer_backends_agree_and_track_fp32(tiny, weights) -> None:
     graph, inputs, stats = tiny
@@ -131,9 +137,7 @@ def test_simulated_and_integer_backends_agree_and_track_fp32(tiny, weights) -> N
     x = inputs[:4]
     reference = run_reference(graph, x)[graph.outputs[0]]
     simulated = acc.simulated_backend(graph, stats, quant)(x)
-    # softmax outputs; per-tensor minmax int8 on tiny_cnn's depthwise block is off by up to 0.066 (generator 3),
-    # a backend that lost track of FP32 by 0.5 or more
-    assert np.abs(simulated - reference).max() < 0.1
+    assert np.abs(simulated - reference).max() < FP32_BOUND[weights]
     pytest.importorskip("tpusim.quant.execute")
     integer = acc.integer_backend(graph, stats, quant)(x)
     assert np.abs(integer - simulated).max() < 0.02

@@ -89,8 +89,6 @@ def isolated_differences(qgraph, ort_tensors):
     return by_op
 
 
-
-
 def assert_matrix_differences_are_near_ties(ql, x, ours, theirs):
     """Where a conv/gemm output differs, its exact value s_x s_w acc / s_y + z_y (acc from the int8 operands in
     float64, exact below 2**53) lies within ADD_TIE_BAND plus one accumulator unit (ORT rounds the bias
