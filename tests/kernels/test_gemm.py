@@ -10,6 +10,7 @@ from tpusim.kernels.gemm import (
     HAS_VNNI,
     RequantizedGemm,
     _derived,
+    _sums_fit,
     claim_task,
     derived_from,
     finish_task,
@@ -253,6 +254,49 @@ def test_a_vnni_kernel_that_does_not_compile_falls_back_to_the_portable_one(monk
     want = gemm_module.int8_gemm_reference(x[0], np.ascontiguousarray(w[0].T))
     np.testing.assert_array_equal(got.result[0], want.result)
     assert gemm_module._vnni_compiles == [False]
+
+
+@pytest.mark.parametrize("k, x_dtype, acc_bits, fits", [
+    # uint8 x int8 products span -32640 .. 32385: 65793 of them fit an int32, 65794 can pass -2**31.
+    (65793, np.uint8, 32, True), (65794, np.uint8, 32, False),
+    # int8 x int8 span -16256 .. 16384: 131071 stay below 2**31, 131072 can reach it.
+    (131071, np.int8, 32, True), (131072, np.int8, 32, False),
+    # A 16-bit accumulator holds one uint8 product, not two.
+    (1, np.uint8, 16, True), (2, np.uint8, 16, False),
+])
+def test_sums_fit_exactly_where_no_sum_can_leave_the_accumulator(k, x_dtype, acc_bits, fits):
+    assert _sums_fit(np.zeros(3, np.int64), k, np.dtype(x_dtype), acc_bits, np.array([2**30])) == fits
+
+
+@pytest.mark.parametrize("bias, multiplier, fits", [
+    ([2**31 - 1 - 32385], [2**30], True), ([2**31 - 32385], [2**30], False),  # one uint8 x int8 product
+    ([-2**31 + 32640], [2**30], True), ([-2**31 + 32639], [2**30], False),
+    ([0, 5], [0, 2**31 - 1], True), ([0], [2**31], False), ([0], [-1], False),  # the multiplier must be an int32
+])
+def test_sums_fit_counts_the_bias_and_needs_int32_multipliers(bias, multiplier, fits):
+    assert _sums_fit(np.array(bias, np.int64), 1, np.dtype(np.uint8), 32, np.array(multiplier)) == fits
+
+
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
+@pytest.mark.parametrize("w_value, bias, fits", [(-128, -32768, True), (-128, -32769, False),
+                                                 (127, 16809727, True), (127, 16809728, False)])
+def test_sums_at_the_edge_of_the_accumulator_requantize_alike_on_both_sides_of_it(kernel, w_value, bias, fits):
+    # 65792 products of 255 and -128 sum to 32768 above -2**31, of 255 and 127 to 16809728 below 2**31: with
+    # the bias the sums end on the accumulator's last value (the epilogue's int32 shortcut) or one past it
+    # (the general epilogue, every output wrapping).
+    k = 65792
+    x = np.full((1, 6, k), 255, np.uint8)
+    w = np.full((1, 64, k), w_value, np.int8)
+    biases = np.full(64, bias, np.int32)
+    m0, shift = quantize_multiplier(np.array([2.0**-24]))
+    gemm = RequantizedGemm(w, biases, 32, m0, shift, 0, -128, 127, np.int8, np.uint8, **kernel)
+    prepared = gemm._broadcast or gemm._pairs
+    if prepared is not None:
+        assert prepared[-1] == fits
+    want, wrapped = requantized_reference(x, w, biases, 32, m0, shift, 0, -128, 127)
+    got, got_wrapped = gemm(x)
+    np.testing.assert_array_equal(got, want)
+    assert got_wrapped == wrapped == (0 if fits else 6 * 64)
 
 
 def requantized_reference(x, w_nk, bias, acc_bits, m0, shift, zero_point, qmin, qmax):

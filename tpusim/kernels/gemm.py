@@ -15,8 +15,10 @@ pixel's four activation bytes broadcast against packed weights, so no sum is red
 lanes; otherwise 4 x 4 tiles of K-contiguous dot products. On CPUs with AVX2 but not that, the fused
 kernel uses ``vpmaddwd`` (two int16 x int16 products per int32 lane, exact for int8 and uint8 widened
 to int16) the same way: 6 pixels x 16 channels per tile. (AVX2's ``vpmaddubsw`` would be twice as
-dense but saturates its int16 sums.) Elsewhere, and for shapes that do not fill the tiles, a
-portable loop that LLVM vectorises. All are exact. Rows (and for the fused
+dense but saturates its int16 sums.) Elsewhere, and for shapes that do not fill
+the tiles, a portable loop that LLVM vectorises. All are exact. Where no sum plus its bias can leave the
+accumulator (:func:`_sums_fit`, decided once per layer from K, the dtypes and the biases), the fused
+epilogue skips the wrap and multiplies 32 x 32 bits. Rows (and for the fused
 kernel, L2-sized panels of weights) are split into tasks that the ``numba.get_num_threads()``
 threads claim one at a time (:func:`run_tasks`); each output is computed by one task, so the
 integers do not depend on the thread count.
@@ -630,12 +632,25 @@ def _broadcast_tile(typingctx, x, packed, m0, m_last, v0, quads, out, out_col):
 
 
 @njit(cache=True)
-def _finish_strip(acc, rows, width, bias, acc_bits, multiplier, right, half, zero_point, qmin, qmax, out, m0, c0):
-    """Bias, wrap and requantize acc[:rows, :width] (raw sums of channels c0..) into out[m0.., c0..]; returns wraps."""
+def _finish_strip(acc, rows, width, bias, acc_bits, sums_fit, multiplier, right, half, zero_point, qmin, qmax, out,
+                  m0, c0):
+    """Bias, wrap and requantize acc[:rows, :width] (raw sums of channels c0..) into out[m0.., c0..]; returns wraps.
+
+    Where ``sums_fit`` (:func:`_sums_fit`: no sum plus its bias can leave the accumulator, of at most 32 bits)
+    nothing wraps, so the sum is an int32 as it stands, and its product with the int32 multiplier is one
+    32 x 32 -> 64-bit multiply (``vpmuldq``) instead of a full 64-bit one."""
     wrapped = 0
     # Slices indexed from 0 let LLVM drop the negative-index wrap and vectorise along the channels.
     start, scale = bias[:width], multiplier[c0 : c0 + width]
     bits, rounding = right[c0 : c0 + width], half[c0 : c0 + width]
+    if sums_fit:
+        for i in range(rows):
+            src = acc[i, :width]
+            dst = out[m0 + i, c0 : c0 + width]
+            for j in range(width):
+                stored = np.int32(np.int64(src[j]) + start[j])
+                dst[j] = requantize_value(stored, np.int32(scale[j]), bits[j], rounding[j], zero_point, qmin, qmax)
+        return wrapped
     for i in range(rows):
         src = acc[i, :width]
         dst = out[m0 + i, c0 : c0 + width]
@@ -648,8 +663,8 @@ def _finish_strip(acc, rows, width, bias, acc_bits, multiplier, right, half, zer
 
 
 @njit(cache=True, nogil=True)
-def _requantized_broadcast_kernel(x, packed, bias64, acc_bits, multiplier, right, half_r, zero_point, qmin, qmax, out,
-                                  panel_vectors, chunks, wrapped, counters):
+def _requantized_broadcast_kernel(x, packed, bias64, acc_bits, sums_fit, multiplier, right, half_r, zero_point, qmin,
+                                  qmax, out, panel_vectors, chunks, wrapped, counters):
     """The fused GEMM through _broadcast_tile: x (G, M, K) uint8 with K a multiple of 64, packed
     (G, vectors, K / 4, 64) with vectors a multiple of 4. A task is one group's panel of panel_vectors
     weight vectors (it stays in L2) swept by every 6-pixel strip of one chunk of the rows, claimed
@@ -673,7 +688,7 @@ def _requantized_broadcast_kernel(x, packed, bias64, acc_bits, multiplier, right
         for m0 in range(m_lo, m_hi, _ROWS):
             for v0 in range(v_lo, v_hi, _VECTORS):
                 _broadcast_tile(xg, packed_g, m0, m_hi - 1, v0, quads, acc, (v0 - v_lo) * _LANES)
-            task_wrapped += _finish_strip(acc, min(_ROWS, m_hi - m0), c_hi - c_lo, bias_g[c_lo:], acc_bits,
+            task_wrapped += _finish_strip(acc, min(_ROWS, m_hi - m0), c_hi - c_lo, bias_g[c_lo:], acc_bits, sums_fit,
                                           multiplier, right, half_r, zero_point, qmin, qmax, out, m0,
                                           g * n_g + c_lo)
         wrapped[task] = task_wrapped
@@ -757,8 +772,8 @@ def _pair_tile(typingctx, xs, packed, v0, pairs, out, out_col):
 
 
 @njit(cache=True, nogil=True)
-def _requantized_pair_kernel(x, packed, bias64, acc_bits, multiplier, right, half_r, zero_point, qmin, qmax, out,
-                             panel_vectors, chunks, wrapped, counters):
+def _requantized_pair_kernel(x, packed, bias64, acc_bits, sums_fit, multiplier, right, half_r, zero_point, qmin,
+                             qmax, out, panel_vectors, chunks, wrapped, counters):
     """The fused GEMM through _pair_tile: x (G, M, K) int8 or uint8, packed (G, vectors, ceil(K / 2), 16) with
     vectors a multiple of 2. A task is one group's panel of panel_vectors weight vectors (it stays in L2) swept
     by every 6-pixel strip of one chunk of the rows, claimed from counters (:func:`run_tasks`); each strip's
@@ -788,8 +803,8 @@ def _requantized_pair_kernel(x, packed, bias64, acc_bits, multiplier, right, hal
                     target[k] = source[k]
             for v0 in range(v_lo, v_hi, _PAIR_VECTORS):
                 _pair_tile(widened, packed_g, v0, pairs, acc, (v0 - v_lo) * _PAIR_LANES)
-            task_wrapped += _finish_strip(acc, rows, c_hi - c_lo, bias_g[c_lo:], acc_bits, multiplier, right, half_r,
-                                          zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
+            task_wrapped += _finish_strip(acc, rows, c_hi - c_lo, bias_g[c_lo:], acc_bits, sums_fit, multiplier, right,
+                                          half_r, zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
         wrapped[task] = task_wrapped
         finish_task(counters)
         task = claim_task(counters)
@@ -823,6 +838,17 @@ def derived_from(owner: object, tag: object, make):
     value = make()
     _derived[key] = (weakref.ref(owner, lambda _, key=key, table=_derived: table.pop(key, None)), value)
     return value
+
+
+def _sums_fit(bias: np.ndarray, k_total: int, x_dtype: np.dtype, acc_bits: int, multiplier: np.ndarray) -> bool:
+    """No sum of k_total products of x_dtype activations and int8 weights, plus its bias, can leave an acc_bits
+    accumulator, and every multiplier is an int32: the condition of :func:`_finish_strip`'s shortcut."""
+    info = np.iinfo(x_dtype)
+    products = [x * w for x in (int(info.min), int(info.max)) for w in (-128, 127)]
+    lowest = int(bias.min(initial=0)) + k_total * min(products)
+    highest = int(bias.max(initial=0)) + k_total * max(products)
+    return (acc_bits <= 32 and -(1 << (acc_bits - 1)) <= lowest and highest < 1 << (acc_bits - 1)
+            and 0 <= int(multiplier.min()) and int(multiplier.max()) < 1 << 31)
 
 
 def _broadcast_fits(n_g: int, m_total: int) -> bool:
@@ -971,20 +997,24 @@ class RequantizedGemm:
         self._requant = (*requantize_constants(m0, shift, n_total), np.int64(zero_point), np.int64(qmin),
                          np.int64(qmax))
         self._bias64 = _bias64(bias, groups, n_g)
-        self._broadcast = None  # (packed weights, bias for uint8 activations, K padded, panel, tasks per row chunk)
+        # (packed weights, bias for uint8 activations, K padded, panel, tasks per row chunk, the sums fit)
+        self._broadcast = None
         if _vnni_runs(k_total, n_g, acc_bits, use_vnni):
             k_padded = vnni_depth(k_total, n_g, acc_bits, use_vnni)
             packed, shift_bias = derived_from(w_nk, ("broadcast", w_nk.shape, k_padded),
                                               lambda: _broadcast_operands(w_nk, k_padded))
             bias_u8 = self._bias64 + shift_bias if self._x_dtype == np.int8 else self._bias64
             panel = max(_VECTORS, _BROADCAST_PANEL_BYTES // (k_padded * _LANES) // _VECTORS * _VECTORS)
-            self._broadcast = (packed, bias_u8, k_padded, panel, groups * -(-packed.shape[1] // panel))
-        self._pairs = None  # (packed weights, panel, tasks per row chunk) where vpmaddwd tiles run instead
+            self._broadcast = (packed, bias_u8, k_padded, panel, groups * -(-packed.shape[1] // panel),
+                               _sums_fit(bias_u8, k_total, np.dtype(np.uint8), acc_bits, self._requant[0]))
+        # (packed weights, panel, tasks per row chunk, the sums fit) where vpmaddwd tiles run instead
+        self._pairs = None
         if self._broadcast is None and _pair_tiles_run(k_total, n_g, acc_bits, use_avx2):
             packed = derived_from(w_nk, ("pairs", w_nk.shape), lambda: _pack_pair_weights(w_nk))
             panel = max(_PAIR_VECTORS, _PAIR_PANEL_BYTES // (packed.shape[2] * 2 * _PAIR_LANES)
                         // _PAIR_VECTORS * _PAIR_VECTORS)
-            self._pairs = (packed, panel, groups * -(-packed.shape[1] // panel))
+            self._pairs = (packed, panel, groups * -(-packed.shape[1] // panel),
+                           _sums_fit(self._bias64, k_total, self._x_dtype, acc_bits, self._requant[0]))
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """(M, G*N) output integers and the wrapped count for x (G, M, K) of the dtype given at construction."""
@@ -994,26 +1024,27 @@ class RequantizedGemm:
         m_total = x.shape[1]
         out = np.empty((m_total, w_nk.shape[0] * w_nk.shape[1]), self._out_dtype)
         if self._broadcast is not None and _vnni_compiles[0] and _broadcast_fits(w_nk.shape[1], m_total):
-            packed, bias_u8, k_padded, panel, other_tasks = self._broadcast
+            packed, bias_u8, k_padded, panel, other_tasks, sums_fit = self._broadcast
             xb = x.view(np.uint8) ^ np.uint8(0x80) if x.dtype == np.int8 else x
             if k_padded != w_nk.shape[2]:
                 xb = np.concatenate([xb, np.zeros((*x.shape[:2], k_padded - w_nk.shape[2]), np.uint8)], axis=2)
+            xb = np.ascontiguousarray(xb)
             chunks = _row_chunks(m_total, other_tasks)
             wrapped = np.zeros(other_tasks * chunks, np.int64)
             try:
-                run_tasks(_requantized_broadcast_kernel, wrapped.size, np.ascontiguousarray(xb), packed, bias_u8,
-                          self._acc_bits, *self._requant, out, panel, chunks, wrapped)
+                run_tasks(_requantized_broadcast_kernel, wrapped.size, xb, packed, bias_u8, self._acc_bits, sums_fit,
+                          *self._requant, out, panel, chunks, wrapped)
                 return out, int(wrapped.sum())
             except (numba.core.errors.NumbaError, RuntimeError) as exc:
                 _vnni_compiles[0] = False
                 warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
         if self._pairs is not None and _pairs_compile[0] and m_total >= _PAIR_ROWS:
-            packed, panel, other_tasks = self._pairs
+            packed, panel, other_tasks, sums_fit = self._pairs
             chunks = _row_chunks(m_total, other_tasks)
             wrapped = np.zeros(other_tasks * chunks, np.int64)
             try:
                 run_tasks(_requantized_pair_kernel, wrapped.size, np.ascontiguousarray(x), packed, self._bias64,
-                          self._acc_bits, *self._requant, out, panel, chunks, wrapped)
+                          self._acc_bits, sums_fit, *self._requant, out, panel, chunks, wrapped)
                 return out, int(wrapped.sum())
             except (numba.core.errors.NumbaError, RuntimeError) as exc:
                 _pairs_compile[0] = False
