@@ -11,9 +11,10 @@ It then times both again on one thread each (Numba's threads set to 1, ONNX Runt
 threads to 1) by the CPU time of the calling thread, which a busy machine barely changes: on a
 loaded machine, read the kernels' relative speed there.
 
-The int8 kernel's fast paths need AVX-512 VNNI (``vpdpbusd``) or, without it, AVX2 (``vpmaddwd``); the
-script says which this CPU has and then times ours again in subprocesses: with ``vpdpbusd`` turned off
-(the AVX2 kernel, where this CPU has AVX-512 VNNI), and with Numba compiling for a named CPU
+The int8 kernel's fast paths need AMX int8 (``tdpbusd``, with Linux granting the process its tiles),
+AVX-512 VNNI (``vpdpbusd``) or, without either, AVX2 (``vpmaddwd``); the script says which this CPU has and
+then times ours again in subprocesses: with the AMX tiles turned off (the VNNI kernel, where this CPU has
+AMX), with ``vpdpbusd`` turned off too (the AVX2 kernel, where this CPU has AVX-512 VNNI), and with Numba compiling for a named CPU
 (``NUMBA_CPU_NAME``: ``haswell``, AVX2; ``generic``, baseline x86-64), which takes the portable kernel.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ import onnxruntime as ort
 from tpusim.config import load_config
 from tpusim.frontend import lower_model
 from tpusim.kernels import gemm
+from tpusim.kernels.amx import amx_ready
 from tpusim.kernels.gemm import HAS_AVX2, HAS_VNNI
 from tpusim.quant.calibrate import collect_statistics, synthetic_inputs
 from tpusim.quant.execute import run_integer
@@ -39,13 +41,15 @@ from tpusim.quant.quantize import quantize_graph
 from tpusim.workloads import build_model
 
 # Without these features a Numba target takes the portable kernel (LLVM's own vectorisation of it).
-_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni")
+_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "amx-int8")
 _OTHER_TARGETS = (("haswell", "AVX2, no AVX-512"), ("generic", "baseline x86-64, SSE2"))
 _OURS_ONLY = "--ours-only"
 _NO_VNNI = "--no-vnni"  # with _OURS_ONLY: vpdpbusd off, as where it fails to compile, so the AVX2 kernel runs
+_NO_AMX = "--no-amx"  # with _OURS_ONLY: the AMX tiles off likewise, so the VNNI kernel runs
 
 
-_KERNEL = ("AVX-512 VNNI (vpdpbusd)" if HAS_VNNI else "AVX2 (vpmaddwd) where the fused GEMM fits it, else portable"
+_KERNEL = ("AMX int8 (tdpbusd) where the fused GEMM fits it, else AVX-512 VNNI (vpdpbusd)" if amx_ready()
+           else "AVX-512 VNNI (vpdpbusd)" if HAS_VNNI else "AVX2 (vpmaddwd) where the fused GEMM fits it, else portable"
            if HAS_AVX2 else "portable")
 
 
@@ -114,8 +118,12 @@ def main(name: str = "resnet50", repeats: int = 7) -> None:
     print(f"  one thread each, CPU time : {min(ours_cpu) * 1e3:8.1f} ms vs {min(theirs_cpu) * 1e3:.1f} ms: "
           f"{min(ours_cpu) / min(theirs_cpu):.2f}x (load-proof: the kernels' relative speed)")
     print(f"  tpusim run_integer        : {blas * 1e3:8.1f} ms (engine exact-blas: float32 BLAS on exact K chunks)")
+    if amx_ready():
+        seconds = _ours_elsewhere(name, repeats, os.environ, _NO_AMX)
+        print(f"  tpusim, AMX off           : {seconds * 1e3:8.1f} ms (the AVX-512 VNNI kernel, vpdpbusd; "
+              f"{seconds / best_theirs:.2f}x ONNX Runtime here)")
     if HAS_VNNI and HAS_AVX2:
-        seconds = _ours_elsewhere(name, repeats, os.environ, _NO_VNNI)
+        seconds = _ours_elsewhere(name, repeats, os.environ, _NO_AMX, _NO_VNNI)
         print(f"  tpusim, vpdpbusd off      : {seconds * 1e3:8.1f} ms (the AVX2 kernel, vpmaddwd, where the fused "
               f"GEMM fits it; {seconds / best_theirs:.2f}x ONNX Runtime here)")
     for cpu, what in _OTHER_TARGETS:
@@ -132,9 +140,11 @@ def _ours_elsewhere(name: str, repeats: int, env, *flags: str) -> float:
 
 
 if __name__ == "__main__":
+    if _NO_AMX in sys.argv:
+        gemm._amx_compiles[0] = False
     if _NO_VNNI in sys.argv:
         gemm._vnni_compiles[0] = False
-    arguments = [a for a in sys.argv[1:] if a not in (_OURS_ONLY, _NO_VNNI)]
+    arguments = [a for a in sys.argv[1:] if a not in (_OURS_ONLY, _NO_VNNI, _NO_AMX)]
     workload = arguments[0] if arguments else "resnet50"
     rounds = int(arguments[1]) if len(arguments) > 1 else 7
     (_ours_only if _OURS_ONLY in sys.argv else main)(workload, rounds)

@@ -1,10 +1,12 @@
 import threading
+import warnings
 
 import numba
 import numpy as np
 import pytest
 from numba import njit
 
+from tpusim.kernels.amx import amx_ready
 from tpusim.kernels.gemm import (
     HAS_AVX2,
     HAS_VNNI,
@@ -28,8 +30,11 @@ from tpusim.quant.fixed_point import quantize_multiplier, requantize_reference
 # The vpdpbusd kernel runs only on CPUs with AVX-512 VNNI; the portable kernel runs everywhere.
 _NEEDS_VNNI = pytest.mark.skipif(not HAS_VNNI, reason="CPU lacks AVX-512 VNNI")
 KERNELS = [pytest.param(True, marks=_NEEDS_VNNI, id="vnni"), pytest.param(False, id="portable")]
-# The fused GEMM has a third kernel, vpmaddwd tiles, for CPUs with AVX2 where vpdpbusd does not run.
-FUSED_KERNELS = [pytest.param({"use_vnni": True, "use_avx2": False}, marks=_NEEDS_VNNI, id="vnni"),
+# The fused GEMM has two more kernels: AMX tiles (tdpbusd) where the CPU has them and the process may use them,
+# and vpmaddwd tiles for CPUs with AVX2 where vpdpbusd does not run.
+_NEEDS_AMX = pytest.mark.skipif(not amx_ready(), reason="CPU lacks AMX int8, or Linux refuses this process its tiles")
+FUSED_KERNELS = [pytest.param({"use_amx": True, "use_vnni": True, "use_avx2": False}, marks=_NEEDS_AMX, id="amx"),
+                 pytest.param({"use_amx": False, "use_vnni": True, "use_avx2": False}, marks=_NEEDS_VNNI, id="vnni"),
                  pytest.param({"use_vnni": False, "use_avx2": True},
                               marks=pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2"), id="avx2"),
                  pytest.param({"use_vnni": False, "use_avx2": False}, id="portable")]
@@ -254,6 +259,38 @@ def test_a_vnni_kernel_that_does_not_compile_falls_back_to_the_portable_one(monk
     want = gemm_module.int8_gemm_reference(x[0], np.ascontiguousarray(w[0].T))
     np.testing.assert_array_equal(got.result[0], want.result)
     assert gemm_module._vnni_compiles == [False]
+
+
+@pytest.mark.skipif(not amx_ready(), reason="CPU lacks AMX int8, or Linux refuses this process its tiles")
+def test_the_amx_kernel_runs_where_the_cpu_has_it(monkeypatch):
+    # With the VNNI broadcast kernel refused, a right answer and no warning can only come from the AMX tiles.
+    gemm_module = refused_kernel(monkeypatch, "_requantized_broadcast_kernel", "_vnni_compiles")
+    monkeypatch.setattr(gemm_module, "_amx_compiles", [True])
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 256, (1, 45, 128)).astype(np.uint8)
+    w = rng.integers(-128, 128, (1, 64, 128)).astype(np.int8)
+    m0, shift = quantize_multiplier(np.full(64, 2.0**-12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, wrapped = requantized_int8_gemm(x, w, None, 32, m0, shift, 0, 0, 255, np.uint8, use_amx=True)
+    want, want_wrapped = requantized_reference(x, w, None, 32, m0, shift, 0, 0, 255)
+    np.testing.assert_array_equal(got, want)
+    assert wrapped == want_wrapped == 0 and gemm_module._vnni_compiles == gemm_module._amx_compiles == [True]
+
+
+@pytest.mark.skipif(not amx_ready(), reason="CPU lacks AMX int8, or Linux refuses this process its tiles")
+def test_an_amx_kernel_that_does_not_compile_falls_back_to_the_vnni_one(monkeypatch):
+    gemm_module = refused_kernel(monkeypatch, "_requantized_amx_kernel", "_amx_compiles")
+    monkeypatch.setattr(gemm_module, "_vnni_compiles", [True])
+    rng = np.random.default_rng(9)
+    x = rng.integers(-128, 128, (1, 40, 70)).astype(np.int8)
+    w = rng.integers(-128, 128, (1, 64, 70)).astype(np.int8)
+    m0, shift = quantize_multiplier(np.full(64, 2.0**-10))
+    with pytest.warns(UserWarning, match="AMX int8 kernel unavailable"):
+        got, wrapped = requantized_int8_gemm(x, w, None, 32, m0, shift, 0, -128, 127, np.int8, use_amx=True)
+    want, want_wrapped = requantized_reference(x, w, None, 32, m0, shift, 0, -128, 127)
+    np.testing.assert_array_equal(got, want)
+    assert wrapped == want_wrapped and gemm_module._amx_compiles == [False] and gemm_module._vnni_compiles == [True]
 
 
 @pytest.mark.parametrize("k, x_dtype, acc_bits, fits", [

@@ -15,7 +15,9 @@ pixel's four activation bytes broadcast against packed weights, so no sum is red
 lanes; otherwise 4 x 4 tiles of K-contiguous dot products. On CPUs with AVX2 but not that, the fused
 kernel uses ``vpmaddwd`` (two int16 x int16 products per int32 lane, exact for int8 and uint8 widened
 to int16) the same way: 6 pixels x 16 channels per tile. (AVX2's ``vpmaddubsw`` would be twice as
-dense but saturates its int16 sums.) Elsewhere, and for shapes that do not fill
+dense but saturates its int16 sums.) On CPUs with AMX int8, where Linux grants the process its tile
+state, the fused kernel feeds the broadcast kernel's operands to ``tdpbusd`` instead
+(:mod:`tpusim.kernels.amx`: 32 pixels x 32 channels a block). Elsewhere, and for shapes that do not fill
 the tiles, a portable loop that LLVM vectorises. All are exact. Where no sum plus its bias can leave the
 accumulator (:func:`_sums_fit`, decided once per layer from K, the dtypes and the biases), the fused
 epilogue skips the wrap and multiplies 32 x 32 bits. Rows (and for the fused
@@ -40,6 +42,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from tpusim.kernels import amx
+from tpusim.kernels.amx import HAS_AMX, amx_ready
 from tpusim.kernels.rounding import requantize_constants, requantize_value
 
 # |uint8 x int8| <= 255 * 128, so this many products always fit an int32 partial sum.
@@ -53,6 +57,7 @@ _VNNI_CHUNK = _INT32_SAFE_TERMS // _VNNI_BLOCK * _VNNI_BLOCK  # whole blocks who
 HAS_VNNI = numba.config.CPU_NAME is None and bool(llvmlite.binding.get_host_cpu_features().get("avx512vnni"))
 HAS_AVX2 = numba.config.CPU_NAME is None and bool(llvmlite.binding.get_host_cpu_features().get("avx2"))
 _vnni_compiles = [True]  # set False for good once the intrinsic fails to compile here
+_amx_compiles = [True]  # likewise for the AMX tiles
 
 
 class GemmResult(NamedTuple):
@@ -696,6 +701,49 @@ def _requantized_broadcast_kernel(x, packed, bias64, acc_bits, sums_fit, multipl
         task = claim_task(counters)
 
 
+# LDTILECFG operands by the rows of a block (row 0 unused): a block past the last full one loads its own.
+_TILE_CONFIGS = np.stack([np.zeros(64, np.uint8)] + [amx.tile_config(rows) for rows in range(1, amx.BLOCK_ROWS + 1)])
+
+
+@njit(cache=True, nogil=True)
+def _requantized_amx_kernel(x, packed, bias64, acc_bits, sums_fit, multiplier, right, half_r, zero_point, qmin,
+                            qmax, out, panel_vectors, chunks, wrapped, configs, counters):
+    """The fused GEMM through AMX tiles (:func:`tpusim.kernels.amx.tile_block`) on the broadcast kernel's
+    operands and tasks: a task is one group's panel of weight vectors swept by every 32-pixel strip of one
+    chunk of the rows; the strip's int32 sums go to acc, then through the same epilogue."""
+    groups, m_total, k_total = x.shape
+    n_g = bias64.shape[1]
+    quads = k_total // 4
+    vectors = packed.shape[1]
+    panels = -(-vectors // panel_vectors)
+    tasks = groups * panels * chunks
+    acc = np.empty((amx.BLOCK_ROWS, panel_vectors * _LANES), np.int32)
+    configured = 0  # the rows of the tile config this thread has loaded
+    task = claim_task(counters)
+    while task < tasks:
+        g, p, chunk = task // (panels * chunks), task // chunks % panels, task % chunks
+        m_lo, m_hi = _rows_range(chunk, chunks, m_total, amx.BLOCK_ROWS)
+        xg, packed_g, bias_g = x[g], packed[g].reshape(vectors, quads * _VNNI_BLOCK), bias64[g]
+        v_lo = p * panel_vectors
+        v_hi = min(v_lo + panel_vectors, vectors)
+        c_lo, c_hi = v_lo * _LANES, min(v_hi * _LANES, n_g)
+        task_wrapped = 0
+        for m0 in range(m_lo, m_hi, amx.BLOCK_ROWS):
+            rows = min(amx.BLOCK_ROWS, m_hi - m0)
+            if rows != configured:
+                amx.load_tile_config(configs[rows])
+                configured = rows
+            for v0 in range(v_lo, v_hi, amx.BLOCK_VECTORS):
+                amx.tile_block(xg, packed_g, m0, np.int64(rows > amx.TILE_ROWS), v0, quads, acc, (v0 - v_lo) * _LANES)
+            task_wrapped += _finish_strip(acc, rows, c_hi - c_lo, bias_g[c_lo:], acc_bits, sums_fit, multiplier, right,
+                                          half_r, zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
+        wrapped[task] = task_wrapped
+        finish_task(counters)
+        task = claim_task(counters)
+    if configured:
+        amx.release_tiles()
+
+
 def _pack_broadcast_weights(w_nk: np.ndarray) -> np.ndarray:
     """(G, N, K) -> (G, vectors, K / 4, 64): 16 channels x 4 k per 64 bytes, channels zero-padded to whole tiles."""
     groups, n_g, k_total = w_nk.shape
@@ -863,12 +911,13 @@ def _pair_tiles_run(k_total: int, n_g: int, acc_bits: int, use_avx2: bool) -> bo
         4 * -(-n_g // _PAIR_CHANNELS) * _PAIR_CHANNELS <= 5 * n_g
 
 
-def _row_chunks(m_total: int, other_tasks: int = 1) -> int:
+def _row_chunks(m_total: int, other_tasks: int = 1, thinnest: int = 6 * _TILE) -> int:
     """Chunks the rows are cut into for each of other_tasks (groups, weight panels): one on one thread, else
-    enough for four tasks per thread (claimed one at a time, see :func:`run_tasks`), none thinner than a few tiles."""
+    enough for four tasks per thread (claimed one at a time, see :func:`run_tasks`), none thinner than
+    ``thinnest`` rows (a few tiles)."""
     threads = numba.get_num_threads()
     wanted = 1 if threads == 1 else -(-4 * threads // other_tasks)
-    return max(1, min(wanted, m_total // (6 * _TILE)))
+    return max(1, min(wanted, m_total // thinnest))
 
 
 def check_grouped_operands(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int) -> None:
@@ -960,7 +1009,8 @@ def grouped_int8_gemm(x: np.ndarray, w_nk: np.ndarray, acc_bits: int = 32, bias:
 
 def requantized_int8_gemm(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int, m0: np.ndarray,
                           shift: np.ndarray, zero_point: int, qmin: int, qmax: int, out_dtype: np.dtype,
-                          use_vnni: bool = HAS_VNNI, use_avx2: bool = HAS_AVX2) -> tuple[np.ndarray, int]:
+                          use_vnni: bool = HAS_VNNI, use_avx2: bool = HAS_AVX2,
+                          use_amx: bool = HAS_AMX) -> tuple[np.ndarray, int]:
     """:func:`grouped_int8_gemm` with the activation unit's requantization fused in: (M, G*N) integers, wrapped count.
 
     Row m of the result holds all G*N output channels of pixel m (channels-last, group-major), each
@@ -972,7 +1022,7 @@ def requantized_int8_gemm(x: np.ndarray, w_nk: np.ndarray, bias: np.ndarray | No
     """
     check_grouped_operands(x, w_nk, bias, acc_bits)
     return RequantizedGemm(w_nk, bias, acc_bits, m0, shift, zero_point, qmin, qmax, out_dtype, x.dtype, use_vnni,
-                           use_avx2)(x)
+                           use_avx2, use_amx)(x)
 
 
 class RequantizedGemm:
@@ -982,7 +1032,7 @@ class RequantizedGemm:
 
     def __init__(self, w_nk: np.ndarray, bias: np.ndarray | None, acc_bits: int, m0: np.ndarray, shift: np.ndarray,
                  zero_point: int, qmin: int, qmax: int, out_dtype: np.dtype, x_dtype: np.dtype,
-                 use_vnni: bool = HAS_VNNI, use_avx2: bool = HAS_AVX2):
+                 use_vnni: bool = HAS_VNNI, use_avx2: bool = HAS_AVX2, use_amx: bool = HAS_AMX):
         check_grouped_operands(np.empty((w_nk.shape[0], 0, w_nk.shape[2]), x_dtype), w_nk, bias, acc_bits)
         if acc_bits > 32:
             raise ValueError(f"the fused requantization reads int32 accumulators; acc_bits={acc_bits}")
@@ -992,7 +1042,7 @@ class RequantizedGemm:
         shift = np.asarray(shift).reshape(-1)
         if m0.shape != shift.shape or m0.size not in (1, n_total):
             raise ValueError(f"m0 {m0.shape} and shift {shift.shape} must have 1 or {n_total} entries")
-        self._w_nk, self._acc_bits, self._use_vnni = w_nk, acc_bits, use_vnni
+        self._w_nk, self._acc_bits, self._use_vnni, self._use_amx = w_nk, acc_bits, use_vnni, use_amx
         self._x_dtype, self._out_dtype = np.dtype(x_dtype), np.dtype(out_dtype)
         self._requant = (*requantize_constants(m0, shift, n_total), np.int64(zero_point), np.int64(qmin),
                          np.int64(qmax))
@@ -1029,6 +1079,16 @@ class RequantizedGemm:
             if k_padded != w_nk.shape[2]:
                 xb = np.concatenate([xb, np.zeros((*x.shape[:2], k_padded - w_nk.shape[2]), np.uint8)], axis=2)
             xb = np.ascontiguousarray(xb)
+            if self._use_amx and _amx_compiles[0] and amx_ready():
+                chunks = _row_chunks(m_total, other_tasks, amx.BLOCK_ROWS)
+                wrapped = np.zeros(other_tasks * chunks, np.int64)
+                try:
+                    run_tasks(_requantized_amx_kernel, wrapped.size, xb, packed, bias_u8, self._acc_bits, sums_fit,
+                              *self._requant, out, panel, chunks, wrapped, _TILE_CONFIGS)
+                    return out, int(wrapped.sum())
+                except (numba.core.errors.NumbaError, RuntimeError) as exc:
+                    _amx_compiles[0] = False
+                    warnings.warn(f"AMX int8 kernel unavailable ({type(exc).__name__}); using the AVX-512 VNNI kernel")
             chunks = _row_chunks(m_total, other_tasks)
             wrapped = np.zeros(other_tasks * chunks, np.int64)
             try:
