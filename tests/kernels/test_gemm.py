@@ -372,6 +372,23 @@ def test_requantized_kernel_equals_gemm_then_requantize(groups, m, k, n, acc_bit
         assert wrapped > 0
 
 
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
+@pytest.mark.parametrize("out_dtype, qmin, qmax", [(np.int32, -2**20, 2**20 - 1), (np.uint8, 0, 255)])
+def test_the_epilogue_stores_each_output_width_whole_and_partial_vectors_alike(kernel, out_dtype, qmin, qmax):
+    # 16-channel vectors and a 9-channel remainder; int32 outputs (grids wider than 8 bits) and bytes.
+    rng = np.random.default_rng(17)
+    x = rng.integers(0, 256, (1, 30, 128)).astype(np.uint8)
+    w = rng.integers(-128, 128, (1, 57, 128)).astype(np.int8)
+    bias = rng.integers(-2**20, 2**20, 57).astype(np.int32)
+    m0, shift = quantize_multiplier(2.0 ** rng.uniform(-12, 4, 57))
+    want, wrapped = requantized_reference(x, w, bias, 32, m0, shift, 5, qmin, qmax)
+    got, got_wrapped = requantized_int8_gemm(x, w, bias, 32, m0, shift, 5, qmin, qmax, out_dtype, **kernel)
+    assert got.dtype == out_dtype and got_wrapped == wrapped == 0
+    np.testing.assert_array_equal(got, want)
+    inside = (got > qmin) & (got < qmax)
+    assert np.count_nonzero(got == qmin) and np.count_nonzero(got == qmax) and np.count_nonzero(inside)
+
+
 def test_requantized_kernel_rounds_half_away_from_zero_and_clamps():
     # acc = x * 1 + bias; multiplier 2**-2 (m0 = 2**30, shift 1): 6/4 -> 2, -6/4 -> -2, 5/4 -> 1, -2/4 -> -1 (ties away)
     x = np.array([[[6], [0], [5], [0], [255]]], np.uint8)
