@@ -980,7 +980,10 @@ def _pair_tiles_run(k_total: int, n_g: int, acc_bits: int, use_avx2: bool) -> bo
         4 * -(-n_g // _PAIR_CHANNELS) * _PAIR_CHANNELS <= 5 * n_g
 
 
-def _row_chunks(m_total: int, other_tasks: int = 1, thinnest: int = 6 * _TILE) -> int:
+_THINNEST_CHUNK = 6 * _TILE  # rows of a row chunk at the least, unless a kernel's blocks are taller
+
+
+def _row_chunks(m_total: int, other_tasks: int = 1, thinnest: int = _THINNEST_CHUNK) -> int:
     """Chunks the rows are cut into for each of other_tasks (groups, weight panels): one on one thread, else
     enough for four tasks per thread (claimed one at a time, see :func:`run_tasks`), none thinner than
     ``thinnest`` rows (a few tiles)."""
@@ -1147,40 +1150,42 @@ class RequantizedGemm:
             xb = x.view(np.uint8) ^ np.uint8(0x80) if x.dtype == np.int8 else x
             if k_padded != w_nk.shape[2]:
                 xb = np.concatenate([xb, np.zeros((*x.shape[:2], k_padded - w_nk.shape[2]), np.uint8)], axis=2)
-            xb = np.ascontiguousarray(xb)
+            operands = (np.ascontiguousarray(xb), packed, bias_u8, self._acc_bits, sums_fit, *self._requant, out, panel)
             if self._use_amx and _amx_compiles[0] and amx_ready():
-                chunks = _row_chunks(m_total, other_tasks, amx.BLOCK_ROWS)
-                wrapped = np.zeros(other_tasks * chunks, np.int64)
-                try:
-                    run_tasks(_requantized_amx_kernel, wrapped.size, xb, packed, bias_u8, self._acc_bits, sums_fit,
-                              *self._requant, out, panel, chunks, wrapped, _TILE_CONFIGS)
-                    return out, int(wrapped.sum())
-                except (numba.core.errors.NumbaError, RuntimeError) as exc:
-                    _amx_compiles[0] = False
-                    warnings.warn(f"AMX int8 kernel unavailable ({type(exc).__name__}); using the AVX-512 VNNI kernel")
-            chunks = _row_chunks(m_total, other_tasks)
-            wrapped = np.zeros(other_tasks * chunks, np.int64)
-            try:
-                run_tasks(_requantized_broadcast_kernel, wrapped.size, xb, packed, bias_u8, self._acc_bits, sums_fit,
-                          *self._requant, out, panel, chunks, wrapped)
-                return out, int(wrapped.sum())
-            except (numba.core.errors.NumbaError, RuntimeError) as exc:
-                _vnni_compiles[0] = False
-                warnings.warn(f"AVX-512 VNNI int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
+                wrapped = _fused_run(_requantized_amx_kernel, _amx_compiles, "AMX", "AVX-512 VNNI", m_total,
+                                     other_tasks, amx.BLOCK_ROWS, operands, (_TILE_CONFIGS,))
+                if wrapped is not None:
+                    return out, wrapped
+            wrapped = _fused_run(_requantized_broadcast_kernel, _vnni_compiles, "AVX-512 VNNI", "portable", m_total,
+                                 other_tasks, _THINNEST_CHUNK, operands)
+            if wrapped is not None:
+                return out, wrapped
         if self._pairs is not None and _pairs_compile[0] and m_total >= _PAIR_ROWS:
             packed, panel, other_tasks, sums_fit = self._pairs
-            chunks = _row_chunks(m_total, other_tasks)
-            wrapped = np.zeros(other_tasks * chunks, np.int64)
-            try:
-                run_tasks(_requantized_pair_kernel, wrapped.size, np.ascontiguousarray(x), packed, self._bias64,
-                          self._acc_bits, sums_fit, *self._requant, out, panel, chunks, wrapped)
-                return out, int(wrapped.sum())
-            except (numba.core.errors.NumbaError, RuntimeError) as exc:
-                _pairs_compile[0] = False
-                warnings.warn(f"AVX2 int8 kernel unavailable ({type(exc).__name__}); using the portable kernel")
+            operands = (np.ascontiguousarray(x), packed, self._bias64, self._acc_bits, sums_fit, *self._requant, out,
+                        panel)
+            wrapped = _fused_run(_requantized_pair_kernel, _pairs_compile, "AVX2", "portable", m_total, other_tasks,
+                                 _THINNEST_CHUNK, operands)
+            if wrapped is not None:
+                return out, wrapped
         wrapped = _run_kernels(_requantized_gemm_vnni_kernel, _requantized_gemm_kernel, x, w_nk, self._bias64,
                                self._acc_bits, self._use_vnni, *self._requant, out)
         return out, wrapped
+
+
+def _fused_run(kernel, compiles: list[bool], name: str, fallback: str, m_total: int, other_tasks: int,
+               thinnest: int, operands: tuple, extra: tuple = ()) -> int | None:
+    """One fused kernel over other_tasks x row chunks (:func:`_row_chunks`): its wrapped count, or None where
+    it does not compile here (``compiles`` then says so for good, and a warning names the kernel taking over)."""
+    chunks = _row_chunks(m_total, other_tasks, thinnest)
+    wrapped = np.zeros(other_tasks * chunks, np.int64)
+    try:
+        run_tasks(kernel, wrapped.size, *operands, chunks, wrapped, *extra)
+    except (numba.core.errors.NumbaError, RuntimeError) as exc:
+        compiles[0] = False
+        warnings.warn(f"{name} int8 kernel unavailable ({type(exc).__name__}); using the {fallback} kernel")
+        return None
+    return int(wrapped.sum())
 
 
 def _broadcast_operands(w_nk: np.ndarray, k_padded: int) -> tuple[np.ndarray, np.ndarray]:
