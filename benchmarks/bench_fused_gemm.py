@@ -77,10 +77,12 @@ def main(name: str = "resnet50", threads: int = 2, repeats: int = 9) -> None:
         for variant in variants:
             totals[variant] += best[variant]
     macs = sum(x.shape[0] * x.shape[1] * fused._w_nk.shape[1] * fused._w_nk.shape[2] for fused, x in calls)
-    print(f"{name}: {len(calls)} fused GEMM calls, {macs / 1e9:.2f} GMAC (K padded as the kernels run it), {fitting} whose sums fit the accumulator; "
-          f"{threads} threads; best of {repeats} back-to-back calls each; same integers and wraps in every variant")
+    print(f"{name}: {len(calls)} fused GEMM calls, {macs / 1e9:.2f} GMAC (K padded as the kernels run it), "
+          f"{fitting} whose sums fit the accumulator; {threads} threads; best of {repeats} back-to-back calls each; "
+          "same integers and wraps in every variant")
     for (kernel, epilogue), seconds in totals.items():
-        print(f"  {kernel:10s} kernel, {epilogue:8s} epilogue: {seconds * 1e3:8.2f} ms ({macs / seconds / 1e9:5.0f} GMAC/s)")
+        print(f"  {kernel:10s} kernel, {epilogue:8s} epilogue: {seconds * 1e3:8.2f} ms "
+              f"({macs / seconds / 1e9:5.0f} GMAC/s)")
 
 
 if __name__ == "__main__":

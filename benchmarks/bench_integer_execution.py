@@ -14,8 +14,9 @@ loaded machine, read the kernels' relative speed there.
 The int8 kernel's fast paths need AMX int8 (``tdpbusd``, with Linux granting the process its tiles),
 AVX-512 VNNI (``vpdpbusd``) or, without either, AVX2 (``vpmaddwd``); the script says which this CPU has and
 then times ours again in subprocesses: with the AMX tiles turned off (the VNNI kernel, where this CPU has
-AMX), with ``vpdpbusd`` turned off too (the AVX2 kernel, where this CPU has AVX-512 VNNI), and with Numba compiling for a named CPU
-(``NUMBA_CPU_NAME``: ``haswell``, AVX2; ``generic``, baseline x86-64), which takes the portable kernel.
+AMX), with ``vpdpbusd`` turned off too (the AVX2 kernel, where this CPU has AVX-512 VNNI), and with Numba
+compiling for a named CPU (``NUMBA_CPU_NAME``: ``haswell``, AVX2; ``generic``, baseline x86-64), which takes
+the portable kernel.
 """
 from __future__ import annotations
 
