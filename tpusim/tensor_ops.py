@@ -3,7 +3,6 @@ generators and the integer executor. They favour clarity; the hot integer paths 
 (:func:`im2col_channels_last`, whose oracle is :func:`im2col` with its columns permuted)."""
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, types
 from numba.core import cgutils, errors
@@ -11,7 +10,7 @@ from numba.extending import intrinsic
 
 from tpusim.frontend.context import conv_output_hw, pool_output_hw
 from tpusim.ir import ConvAttrs, PoolAttrs
-from tpusim.kernels.gemm import claim_task, finish_task, run_tasks
+from tpusim.kernels.gemm import claim_task, finish_task, run_tasks, thread_count
 
 
 # Channels per group from which im2col goes through a channels-last copy (few channels: tiny runs).
@@ -160,7 +159,8 @@ def im2col_channels_last(x: np.ndarray, attrs: ConvAttrs, pad_value: int = 0, de
         return xt.reshape(1, b * h * w, c)
     cols = (np.empty if depth == k else np.zeros)((g, b * h_out * w_out, depth), x.dtype)
     rows = g * b * h_out
-    tasks = max(1, min(4 * numba.get_num_threads() if numba.get_num_threads() > 1 else 1,
+    threads = thread_count()
+    tasks = max(1, min(4 * threads if threads > 1 else 1,
                        cols.nbytes // _GATHER_TASK_BYTES, rows))
     rows_per_task = -(-rows // tasks)
     run_tasks(_gather_windows, -(-rows // rows_per_task), xt.reshape(-1), xt.shape, g, kh, kw, sh, sw, pt, pl, dh, dw,

@@ -21,6 +21,7 @@ from tpusim.kernels.gemm import (
     int8_gemm_reference,
     requantized_int8_gemm,
     run_tasks,
+    thread_count,
     vnni_depth,
     wrap_reference,
     wrap_to_bits,
@@ -570,3 +571,26 @@ def test_a_task_that_raises_on_any_thread_raises_in_the_caller_instead_of_hangin
     caller.start()
     caller.join(timeout=60)
     assert not caller.is_alive() and raised == ["task failed"] * 20
+
+
+def test_thread_count_is_numbas_count_for_each_thread_as_set():
+    seen = {}
+
+    def on_a_new_thread():
+        seen["default"] = (thread_count(), numba.get_num_threads())
+        numba.set_num_threads(1)
+        seen["one"] = (thread_count(), numba.get_num_threads())
+
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        assert thread_count() == numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+        other = threading.Thread(target=on_a_new_thread)
+        other.start()
+        other.join()
+        assert seen == {"default": (numba.config.NUMBA_NUM_THREADS,) * 2, "one": (1, 1)}
+        assert thread_count() == numba.config.NUMBA_NUM_THREADS  # the other thread's setting was its own
+        numba.set_num_threads(1)
+        assert thread_count() == 1
+    finally:
+        numba.set_num_threads(previous)

@@ -375,6 +375,19 @@ class _Helpers:
 
 
 _helpers = _Helpers()
+_thread_count_reader: list = []  # Numba's threading-layer counter, bound once that layer is loaded
+
+
+def thread_count() -> int:
+    """``numba.get_num_threads()`` (this thread's count, as ``numba.set_num_threads`` left it), read straight from
+    Numba's threading layer once it is loaded: Numba's own function takes two locks on every call, 4-5 us where
+    the caches are cold, as a run's kernels leave them between layers (a ResNet-50 run reads it 180 times)."""
+    if not _thread_count_reader:
+        numba.get_num_threads()  # loads the threading layer
+        from numba.np.ufunc import parallel
+        _thread_count_reader.append(getattr(parallel, "_get_num_threads", numba.get_num_threads))
+    count = _thread_count_reader[0]()
+    return count if count > 0 else numba.get_num_threads()  # (Numba's function raises for that)
 # Linux's time.sleep(0) sleeps out the timer slack (50-70 us here, 0.7 us for sched_yield); Windows has
 # no sched_yield, and its sleep(0) yields.
 _yield_core = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
@@ -388,7 +401,7 @@ def run_tasks(work, tasks: int, *args) -> None:
     depends on which thread ran it, or on how many did.
     """
     counters = np.zeros(2, np.int64)
-    helpers = min(numba.get_num_threads(), tasks) - 1
+    helpers = min(thread_count(), tasks) - 1
     if helpers > 0:
         _helpers.start(work, (*args, counters), helpers)
     try:
@@ -987,7 +1000,7 @@ def _row_chunks(m_total: int, other_tasks: int = 1, thinnest: int = _THINNEST_CH
     """Chunks the rows are cut into for each of other_tasks (groups, weight panels): one on one thread, else
     enough for four tasks per thread (claimed one at a time, see :func:`run_tasks`), none thinner than
     ``thinnest`` rows (a few tiles)."""
-    threads = numba.get_num_threads()
+    threads = thread_count()
     wanted = 1 if threads == 1 else -(-4 * threads // other_tasks)
     return max(1, min(wanted, m_total // thinnest))
 
