@@ -41,7 +41,7 @@ from tpusim.walk import walk
 from tpusim.quant.arithmetic import ActivationScheme, WeightGranularity, dequantize, quantize
 from tpusim.quant.calibrate import graph_tensors
 from tpusim.quant.equalization import Relu6Policy, equalize
-from tpusim.quant.histogram import DEFAULT_BINS, TensorStats, merge, observe
+from tpusim.quant.histogram import DEFAULT_BINS, TensorStats, observe, observe_merged
 from tpusim.quant.qlayer import QuantizedGraph
 from tpusim.quant.quantize import quantize_graph
 from tpusim.quant.ranges import RangeMethod
@@ -272,8 +272,8 @@ def graph_statistics(graph: Graph, inputs: np.ndarray, bins: int = DEFAULT_BINS)
     for start in range(0, len(inputs) - batch + 1, batch):
         tensors = run_reference(graph, inputs[start : start + batch], keep_all=True)
         for name in graph_tensors(graph):
-            observed = observe(tensors[name], bins, name=name)
-            stats[name] = observed if name not in stats else merge(stats[name], observed)
+            stats[name] = (observe_merged(stats[name], tensors[name], name=name) if name in stats
+                           else observe(tensors[name], bins, name=name))
     if not stats:
         raise DataError(f"{len(inputs)} calibration inputs are fewer than the graph's batch of {batch}")
     return stats

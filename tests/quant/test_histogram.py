@@ -1,4 +1,5 @@
 import math
+import re
 import time
 
 import numpy as np
@@ -7,14 +8,18 @@ import pytest
 from tpusim.errors import DataError
 from tpusim.quant import histogram
 from tpusim.quant.histogram import (
+    NonFiniteError,
     TensorStats,
     _bin_counts,
+    _bin_counts_and_extremes,
     _coarsened,
     _extremes,
+    bin_counts_and_extremes_reference,
     bin_counts_reference,
     extremes_reference,
     merge,
     observe,
+    observe_merged,
     rebin_reference,
 )
 
@@ -352,3 +357,194 @@ def test_a_merge_is_the_statistics_its_checked_constructor_gives():
             repr((checked.min, checked.max, checked.lo, checked.hi, checked.count))
         assert np.array_equal(total.counts, checked.counts) and total.counts.dtype == np.int64
         assert not total.counts.flags.writeable
+
+
+# ------------------------------------------------------- one pass over a batch that fits the running window
+
+def _one_pass(x: np.ndarray, level: int, first_bin: int, bins: int) -> tuple[bool, int, int, np.ndarray]:
+    int_type, magnitude, _ = histogram._FLOAT_BITS[x.dtype]
+    return _bin_counts_and_extremes(x, x.view(int_type), int_type, magnitude, math.ldexp(1.0, -level), first_bin,
+                                    bins)
+
+
+def _assert_one_pass_matches_oracle(x: np.ndarray, level: int, first_bin: int, bins: int) -> bool:
+    got, want = _one_pass(x, level, first_bin, bins), bin_counts_and_extremes_reference(x, level, first_bin, bins)
+    assert got[0] == want[0], (level, first_bin, bins)
+    if want[0]:  # (outside, the kernel stops early: its keys and counts are of the values before)
+        assert got[1:3] == want[1:3]
+        np.testing.assert_array_equal(got[3], want[3])
+        assert got[3].dtype == np.int64
+    return want[0]
+
+
+def _one_pass_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(21)
+    cases = {}
+    for case, x in _edge_cases().items():
+        flat = np.ascontiguousarray(x).reshape(-1)
+        cases[case] = flat if flat.dtype in (np.float32, np.float64) else flat.astype(np.float64)
+    cases.update({
+        "tiny negatives (-0.0 once scaled)": np.concatenate([-rng.uniform(1, 2, 3000) * 1e-300, [5.0, 0.0, -0.0]]),
+        "tiny negatives float32": np.concatenate([-rng.uniform(1, 2, 2000) * 1e-44, [1e30, -0.0]]).astype(np.float32),
+        "-0.0 extreme before +0.0": np.array([-0.0, 3.0, 0.0, 1.0] * 700, dtype=np.float32),
+        "+0.0 extreme before -0.0": np.array([0.0, -3.0, -0.0, -1.0] * 700),
+        "relu float64, odd size": np.maximum(rng.normal(size=3 * 1024 + 5), 0.0),
+        "uniform float32, odd size": rng.uniform(-5, 100, 7 * 1024 - 1).astype(np.float32),
+    })
+    return cases
+
+
+def test_one_pass_kernel_matches_its_oracle():
+    for case, x in _one_pass_cases().items():
+        for bins in (2, 7, 64, 2048):
+            s = observe(x, bins)
+            windows = [(s.level, s.first_bin), (s.level, s.first_bin + 1), (s.level - 1, s.first_bin)]
+            if s.hi - s.lo < 1e300:
+                wider = merge(s, observe(np.array([-3.0, 5.0]) * (s.hi - s.lo), bins))
+                windows.append((wider.level, wider.first_bin))
+            fits = [_assert_one_pass_matches_oracle(x, level, first, bins) for level, first in windows]
+            assert fits[0] and fits[3:] in ([], [True]), case  # (shifted or finer windows may not fit)
+
+
+def test_one_pass_kernel_on_window_edges_and_just_outside():
+    for dtype in (np.float32, np.float64):
+        lo, hi = -2.0, 6.0  # level -2 (width 1/4), first bin -8, 32 bins
+        edges = np.arange(lo, hi, 0.25).astype(dtype)
+        assert _assert_one_pass_matches_oracle(edges, -2, -8, 32)
+        assert _assert_one_pass_matches_oracle(np.append(edges, np.nextafter(dtype(hi), dtype(0))), -2, -8, 32)
+        for outside in (hi, np.nextafter(dtype(lo), dtype(-10)), 1e30, -1e30):
+            for where in (0, 1500, 2999):  # first value, in a later chunk, last value
+                x = np.resize(edges, 3000)
+                x[where] = outside
+                assert not _assert_one_pass_matches_oracle(x, -2, -8, 32), (dtype, outside, where)
+
+
+def test_one_pass_kernel_finds_nan_and_inf_outside():
+    for dtype in (np.float32, np.float64):
+        for bad in (np.nan, -np.nan, np.inf, -np.inf):
+            for where in (0, 1023, 1024, 4100):
+                x = np.zeros(4101, dtype=dtype)
+                x[where] = bad
+                assert not _one_pass(x, -2, -8, 32)[0], (dtype, bad, where)
+
+
+def _merge_of_observe(running: TensorStats, x: np.ndarray, name: str) -> TensorStats:
+    return merge(running, observe(x, running.bins, name=name))
+
+
+@pytest.fixture
+def fallbacks(monkeypatch) -> list[int]:
+    """Counts the calls of observe_merged that take merge instead of its one pass."""
+    calls = []
+    real_merge = histogram.merge
+
+    def counted(a, b):
+        calls.append(1)
+        return real_merge(a, b)
+
+    monkeypatch.setattr(histogram, "merge", counted)
+    return calls
+
+
+def test_observe_merged_equals_merge_of_observe_on_random_batches(fallbacks):
+    rng = np.random.default_rng(22)
+    cases = list(_edge_cases().values())
+    fits = 0
+    for trial in range(300):
+        bins = int(rng.choice([2, 7, 64, 2048]))
+        scale = 10.0 ** rng.uniform(-20, 20)
+        running = observe(rng.standard_normal(int(rng.integers(1, 5000))) * scale, bins)
+        if trial % 4 == 0:
+            running = merge(running, observe(cases[trial % len(cases)], bins))
+        size = int(rng.integers(1, 5000))
+        x = rng.standard_normal(size) * scale * float(rng.choice([0.01, 0.3, 1.0, 1.5, 4.0]))
+        if trial % 3 == 0:
+            x = np.maximum(x, 0.0)
+        if trial % 5 == 1:
+            x[rng.random(size) < 0.2] = -0.0
+        if trial % 2 == 0:
+            x = x.astype(np.float32)
+        fit = running.lo <= float(x.min()) and float(x.max()) < running.hi
+        fits += fit
+        before = len(fallbacks)
+        got = observe_merged(running, x, name="t")
+        assert len(fallbacks) - before == (not fit)
+        _assert_bit_identical(got, _merge_of_observe(running, x, "t"))
+    assert 60 < fits < 240 and 60 < len(fallbacks)  # both paths, many times each
+
+
+def test_observe_merged_equals_merge_of_observe_on_edge_cases():
+    cases = _edge_cases()
+    names = list(cases)
+    for bins in (2, 7, 2048):
+        for i, running_case in enumerate(names):
+            running = observe(cases[running_case], bins)
+            for x_case in names[i % 3 :: 3]:
+                _assert_bit_identical(observe_merged(running, cases[x_case]), _merge_of_observe(running, cases[x_case],
+                                                                                                  "tensor"))
+
+
+def test_observe_merged_keeps_the_sign_of_zero_extremes(fallbacks):
+    positive = observe(np.array([1.0, 2.0, 3.0]))  # min > 0: a batch's zero becomes the minimum
+    relu_plus, relu_minus = observe(np.array([0.0, 2.5])), observe(np.array([-0.0, 2.5]))
+    negative = observe(np.array([-3.0, -1.0]))  # max < 0: a batch's zero becomes the maximum
+    batches = [np.array(b, dtype=dtype) for dtype in (np.float32, np.float64) for b in
+               ([-0.0, 0.0, 1.0], [0.0, -0.0, 1.0], [1.5, -0.0, 0.0], [-0.0] * 5, [0.0] * 1030 + [-0.0],
+                [-0.5, -0.0, 0.0], [-0.5, 0.0, -0.0])]
+    for running in (positive, relu_plus, relu_minus, negative):
+        for x in batches:
+            got, want = observe_merged(running, x), _merge_of_observe(running, x, "tensor")
+            _assert_bit_identical(got, want)
+    assert len(fallbacks) < len(batches) * 4 / 2  # mostly the one pass
+
+
+def test_observe_merged_raises_as_observe_does():
+    running = observe(np.linspace(-1.0, 1.0, 100))
+    for bad in (np.nan, np.inf, -np.inf):
+        for dtype in (np.float32, np.float64):
+            x = np.zeros(2000, dtype=dtype)
+            x[1500] = bad
+            with pytest.raises(NonFiniteError) as expected:
+                observe(x, name="layer3.relu")
+            with pytest.raises(NonFiniteError) as got:
+                observe_merged(running, x, name="layer3.relu")
+            assert str(got.value) == str(expected.value) == "layer3.relu: tensor contains NaN or inf"
+    with pytest.raises(DataError, match="^conv1: empty tensor$"):
+        observe_merged(running, np.zeros((3, 0), dtype=np.float32), name="conv1")
+
+
+def test_observe_merged_falls_back_where_its_window_is_not_the_merged_one(fallbacks):
+    # a window looser than any observe or merge makes: a merge moves it to the data's own first bin
+    loose = TensorStats(1.0, 2.0, np.array([0, 0, 0, 0, 1, 1, 0, 0]), -2.0, 6.0, 2)
+    x = np.array([1.5, 1.75])
+    _assert_bit_identical(observe_merged(loose, x), _merge_of_observe(loose, x, "tensor"))
+    assert merge(loose, observe(x, 8)).lo == 0.0 and len(fallbacks) == 1
+    # near the largest float: a batch inside a merged window, whose own observe fails
+    huge = merge(observe(np.array([8e307])), observe(np.array([-8e307])))
+    x = np.array([-8e307, 8.9e307])
+    assert huge.lo <= x.min() and x.max() < huge.hi
+    with pytest.raises(Exception) as expected:
+        observe(x)
+    with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+        observe_merged(huge, x)
+
+
+def test_observe_merged_over_batches_equals_the_concatenated_data_exactly(fallbacks):
+    rng = np.random.default_rng(23)
+    surprises = [
+        rng.uniform(0.0, 1.0, 3000),
+        np.zeros(50),
+        rng.normal(0.0, 0.1, 2000),
+        rng.uniform(-3.0, 40.0, 1000),
+        np.array([-1e-3, 1e-4]),
+        rng.laplace(0.0, 5.0, 4000).astype(np.float32),
+    ]
+    settled = [np.maximum(rng.normal(0.0, 1.0, 10_000), 0.0).astype(np.float32) for _ in range(12)]
+    for batches in (surprises, settled, settled[:4] + surprises + settled[4:]):
+        for bins in (2048, 64, 7):
+            running = observe(batches[0], bins)
+            for batch in batches[1:]:
+                running = observe_merged(running, batch)
+            whole = observe(np.concatenate([b.astype(np.float64) for b in batches]), bins)
+            _assert_bit_identical(running, whole)
+    assert len(fallbacks) < 3 * (len(surprises) - 1) + 3 * 12  # the settled batches mostly fit

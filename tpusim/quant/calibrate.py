@@ -23,7 +23,7 @@ import onnxruntime as ort
 from tpusim.config import InputPreprocessingConfig
 from tpusim.errors import CalibrationDataWarning, DataError, ModelError
 from tpusim.ir import Graph, Shape
-from tpusim.quant.histogram import NonFiniteError, TensorStats, merge, observe
+from tpusim.quant.histogram import NonFiniteError, TensorStats, observe, observe_merged
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff")
 
@@ -513,15 +513,16 @@ def collect_statistics(model: onnx.ModelProto | ModelFile | None, graph: Graph, 
             if len(batch) < step and float_model.fixed_batch:
                 break
             results = float_model.run(batch)
-            observing = [observers.submit(observe, results[name], bins, name=name) for name in in_order]
+            observing = [observers.submit(observe, results[name], bins, name=name) if stats[name] is None
+                         else observers.submit(observe_merged, stats[name], results[name], name=name)
+                         for name in in_order]
             for name, future in zip(in_order, observing):
                 try:
-                    observed = future.result()
+                    stats[name] = future.result()
                 except NonFiniteError:
                     raise ModelError(f"model {graph.name!r}: tensor {name!r} is NaN or inf when the FP32 model runs "
                                      f"on the calibration data ({data.source}): weights or values beyond float32's "
                                      "range?") from None
-                stats[name] = observed if stats[name] is None else merge(stats[name], observed)
             del results, observing  # this run's tensors, freed before the next run
             if progress is not None:
                 progress(min(start + step, len(data.inputs)), len(data.inputs))

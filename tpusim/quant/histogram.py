@@ -149,29 +149,37 @@ def _stats(data_min: float, data_max: float, counts: np.ndarray, level: int, fir
 # Each kernel is a single typed pass with a numpy oracle beside it (``*_reference``) that the tests
 # compare it with. observe makes two passes over a tensor: the extremes (which fix the window), then
 # the counts. Both are bound by the machine, not by Python: the extremes by memory bandwidth, the
-# counts by one load and one store per value.
+# counts by one load and one store per value. observe_merged knows its window beforehand (the running
+# statistics'), so one pass finds the extremes while it bins.
 
-# Bit patterns of IEEE floats as signed integers, for each float width: ``bits ^ ((bits >> sign) & magnitude)``
-# orders like the floats themselves (with -0.0 just below +0.0), and a value is NaN or inf exactly when
-# all its ``exponent`` bits are set.
+# Bit patterns of IEEE floats as signed integers (``int_type``), for each float width: flipping the
+# ``magnitude`` bits of the negative ones gives keys that order like the floats themselves (with -0.0 just
+# below +0.0), and a value is NaN or inf exactly when all its ``exponent`` bits are set.
 _FLOAT_BITS = {
-    np.dtype(np.float32): (np.int32, np.int32(31), np.int32(0x7FFFFFFF), np.int32(0x7F800000)),
-    np.dtype(np.float64): (np.int64, np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF), np.int64(0x7FF0000000000000)),
+    np.dtype(np.float32): (np.int32, np.int32(0x7FFFFFFF), np.int32(0x7F800000)),
+    np.dtype(np.float64): (np.int64, np.int64(0x7FFFFFFFFFFFFFFF), np.int64(0x7FF0000000000000)),
 }
 
 
+@njit(inline="always")
+def _ordered_key(b, int_type, magnitude):
+    """The key of bit pattern ``b``, in ``b``'s own width: numba widens int32 arithmetic to int64, which
+    would halve the keys a vector instruction holds."""
+    return int_type(b ^ magnitude) if b < 0 else b
+
+
 @njit(cache=True, nogil=True)
-def _ordered_extremes(bits, sign, magnitude, exponent):
+def _ordered_extremes(bits, int_type, magnitude, exponent):
     """(all finite, lowest key, highest key) of float bit patterns (int32 or int64) in one pass.
 
     Integer minimum and maximum vectorise where float ones do not (a float comparison must mind NaN);
     the keys order as the floats do."""
-    lo = bits[0] ^ ((bits[0] >> sign) & magnitude)
+    lo = _ordered_key(bits[0], int_type, magnitude)
     hi = lo
     special = False
     for i in range(bits.size):
         b = bits[i]
-        key = b ^ ((b >> sign) & magnitude)
+        key = _ordered_key(b, int_type, magnitude)
         lo = min(lo, key)
         hi = max(hi, key)
         special |= (b & exponent) == exponent
@@ -203,21 +211,58 @@ def _extremes(flat: np.ndarray) -> tuple[bool, float, float]:
     """(all finite, min, max) of a non-empty contiguous float32/float64 vector: ``min`` is the first value
     equal to the minimum, ``max`` the first equal to the maximum, so a zero extreme has the sign of the
     tensor's first zero (what a scan that keeps the first of equal values gives)."""
-    int_type, sign, magnitude, exponent = _FLOAT_BITS[flat.dtype]
-    finite, lo, hi = _ordered_extremes(flat.view(int_type), sign, magnitude, exponent)
+    int_type, magnitude, exponent = _FLOAT_BITS[flat.dtype]
+    finite, lo, hi = _ordered_extremes(flat.view(int_type), int_type, magnitude, exponent)
     if not finite:
         return False, 0.0, 0.0
-    keys = np.array([lo, hi], dtype=int_type)
-    data_min, data_max = (float(v) for v in (keys ^ ((keys >> sign) & magnitude)).view(flat.dtype))
+    return (True, *_decoded_extremes(flat, lo, hi))
+
+
+def _decoded_extremes(flat: np.ndarray, lo_key: int, hi_key: int) -> tuple[float, float]:
+    """(min, max) of ``flat`` from its lowest and highest ordered keys, a zero extreme with the sign of its
+    first zero."""
+    int_type, magnitude, _ = _FLOAT_BITS[flat.dtype]
+    keys = np.array([lo_key, hi_key], dtype=int_type)
+    data_min, data_max = (float(v) for v in np.where(keys < 0, keys ^ magnitude, keys).view(flat.dtype))
     if data_min == 0.0 or data_max == 0.0:  # -0.0 orders below +0.0 as a key; as a value it is equal
         zero = float(flat[_first_zero(flat)])
         data_min, data_max = (zero if data_min == 0.0 else data_min), (zero if data_max == 0.0 else data_max)
-    return True, data_min, data_max
+    return data_min, data_max
 
 
 _CHUNK = 1024  # values whose bins are found together (a vectorised loop) before they are counted
 _WAYS = 4  # interleaved copies of the counts: a run of values in one bin updates four counters in turn
 _SPREAD = 8  # slots per copy that share the count of the bin of 0 (ReLU outputs put half their values there)
+
+
+@njit(inline="always")
+def _slot(v, i, inv_width, first_bin, bins):
+    """(bin of ``v`` in the window from global bin ``first_bin``, the slot of ``ways`` the value is counted in).
+
+    The bin is unsigned and at least ``bins`` for a value outside, NaN included (``max(below, NaN)`` is
+    ``below``, clamped to just outside before the integer conversion); a value below 0 is in bin -1 however
+    small. Value ``i`` of a chunk counts the bin of 0 in spread slot ``i % _SPREAD``."""
+    g = np.floor(v * inv_width)
+    g = -1.0 if (g == 0.0) & (v < 0.0) else g  # a tiny negative whose scaled value rounds to -0.0
+    below = np.float64(first_bin) - 1.0
+    above = np.float64(first_bin) + np.float64(bins)
+    j = np.uint32(np.int32(min(max(below, g), above) - np.float64(first_bin)))  # -1 wraps: outside
+    return j, (np.uint32(bins) + np.uint32(i % _SPREAD)) if j == np.uint32(-first_bin) else j
+
+
+@njit(inline="always")
+def _summed_ways(ways, first_bin, bins):
+    """The counts: the ``_WAYS`` copies added, with the bin of 0's spread slots."""
+    stride = bins + _SPREAD
+    zero_bin = -first_bin
+    counts = np.zeros(bins, dtype=np.int64)
+    for w in range(_WAYS):
+        for j in range(bins):
+            counts[j] += ways[w * stride + j]
+        if 0 <= zero_bin < bins:  # (else 0 is outside the window, and the spread slots are empty)
+            for k in range(_SPREAD):
+                counts[zero_bin] += ways[w * stride + bins + k]
+    return counts
 
 
 @njit(cache=True, nogil=True)
@@ -232,20 +277,12 @@ def _bin_counts(x, inv_width, first_bin, bins):
     stride = bins + _SPREAD
     ways = np.zeros(_WAYS * stride, dtype=np.int64)
     index = np.empty(_CHUNK, dtype=np.uint32)
-    below = np.float64(first_bin) - 1.0  # clamped to just outside before the integer conversion
-    above = np.float64(first_bin) + np.float64(bins)
-    n_bins = np.uint32(bins)
-    zero_bin = np.uint32(-first_bin)
     for start in range(0, x.size, _CHUNK):
         chunk = x[start : start + _CHUNK]
         outside = False
         for i in range(chunk.size):
-            v = chunk[i]
-            g = np.floor(v * inv_width)
-            g = -1.0 if (g == 0.0) & (v < 0.0) else g  # a tiny negative whose scaled value rounds to -0.0
-            j = np.uint32(np.int32(min(max(g, below), above) - np.float64(first_bin)))  # -1 wraps: outside
-            outside |= j >= n_bins
-            index[i] = (n_bins + np.uint32(i % _SPREAD)) if j == zero_bin else j
+            j, index[i] = _slot(chunk[i], i, inv_width, first_bin, bins)
+            outside |= j >= np.uint32(bins)
         if outside:
             return False, ways[:bins].copy()
         whole = chunk.size - chunk.size % _WAYS
@@ -254,14 +291,7 @@ def _bin_counts(x, inv_width, first_bin, bins):
                 ways[np.uint64(w * stride) + np.uint64(index[np.uint64(i + w)])] += 1
         for i in range(whole, chunk.size):
             ways[np.uint64(index[np.uint64(i)])] += 1
-    counts = np.zeros(bins, dtype=np.int64)
-    for w in range(_WAYS):
-        for j in range(bins):
-            counts[j] += ways[w * stride + j]
-        if zero_bin < n_bins:  # (else 0 is outside the window, and the spread slots are empty)
-            for k in range(_SPREAD):
-                counts[zero_bin] += ways[w * stride + bins + k]
-    return True, counts
+    return True, _summed_ways(ways, first_bin, bins)
 
 
 def bin_counts_reference(x: np.ndarray, level: int, first_bin: int, bins: int) -> np.ndarray:
@@ -270,6 +300,53 @@ def bin_counts_reference(x: np.ndarray, level: int, first_bin: int, bins: int) -
     g = np.floor(scaled)
     g[(x < 0) & (g >= 0)] = -1
     return np.bincount((g - first_bin).astype(np.int64), minlength=bins).astype(np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _bin_counts_and_extremes(x, bits, int_type, magnitude, inv_width, first_bin, bins):
+    """:func:`_bin_counts` on a window known beforehand, finding in the same pass what :func:`_ordered_extremes`
+    finds: (all inside, lowest key, highest key, counts) of ``x`` and its bit patterns ``bits``.
+
+    The key minimum and maximum join the vectorised loop that finds the bins. A value outside, NaN or inf
+    among them, stops the pass with inside=False, and keys and counts of the values before it. Inside
+    implies finite, so there is no separate check for NaN and inf."""
+    stride = bins + _SPREAD
+    ways = np.zeros(_WAYS * stride, dtype=np.int64)
+    index = np.empty(_CHUNK, dtype=np.uint32)
+    lo = _ordered_key(bits[0], int_type, magnitude)
+    hi = lo
+    for start in range(0, x.size, _CHUNK):
+        chunk = x[start : start + _CHUNK]
+        chunk_bits = bits[start : start + _CHUNK]
+        outside = False
+        for i in range(chunk.size):
+            key = _ordered_key(chunk_bits[i], int_type, magnitude)
+            lo = min(lo, key)
+            hi = max(hi, key)
+            j, index[i] = _slot(chunk[i], i, inv_width, first_bin, bins)
+            outside |= j >= np.uint32(bins)
+        if outside:
+            return False, lo, hi, ways[:bins].copy()
+        whole = chunk.size - chunk.size % _WAYS
+        for i in range(0, whole, _WAYS):
+            for w in range(_WAYS):
+                ways[np.uint64(w * stride) + np.uint64(index[np.uint64(i + w)])] += 1
+        for i in range(whole, chunk.size):
+            ways[np.uint64(index[np.uint64(i)])] += 1
+    return True, lo, hi, _summed_ways(ways, first_bin, bins)
+
+
+def bin_counts_and_extremes_reference(x: np.ndarray, level: int, first_bin: int,
+                                      bins: int) -> tuple[bool, int, int, np.ndarray]:
+    """Numpy oracle of :func:`_bin_counts_and_extremes` (keys and counts meaningful only when inside)."""
+    x = np.asarray(x)
+    int_type, magnitude, _ = _FLOAT_BITS[x.dtype]
+    bits = x.view(int_type).astype(np.int64)
+    keys = bits ^ ((bits >> (8 * x.itemsize - 1)) & int(magnitude))
+    inside = bool(np.all(np.isfinite(x))) and all(
+        first_bin <= grid_index(float(v), level) < first_bin + bins for v in (x.min(), x.max()))
+    counts = bin_counts_reference(x, level, first_bin, bins) if inside else np.zeros(bins, dtype=np.int64)
+    return inside, int(keys.min()), int(keys.max()), counts
 
 
 @njit(cache=True, nogil=True)
@@ -298,16 +375,21 @@ def rebin_reference(counts: np.ndarray, first_bin: int, shift: int, new_first_bi
     return out
 
 
-def observe(x: np.ndarray, bins: int = DEFAULT_BINS, *, name: str = "tensor") -> TensorStats:
-    """Statistics of one batch of a tensor. NaN or inf raise :class:`DataError` naming ``name``."""
-    if bins < 2:
-        raise ValueError(f"bins must be at least 2, got {bins}")
+def _flat_floats(x: np.ndarray, name: str) -> np.ndarray:
+    """``x`` as a contiguous float32 or float64 vector (other types as float64); empty raises naming ``name``."""
     x = np.asarray(x)
     if x.size == 0:
         raise DataError(f"{name}: empty tensor")
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
-    flat = np.ascontiguousarray(x).reshape(-1)
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+def observe(x: np.ndarray, bins: int = DEFAULT_BINS, *, name: str = "tensor") -> TensorStats:
+    """Statistics of one batch of a tensor. NaN or inf raise :class:`DataError` naming ``name``."""
+    if bins < 2:
+        raise ValueError(f"bins must be at least 2, got {bins}")
+    flat = _flat_floats(x, name)
     finite, data_min, data_max = _extremes(flat)
     if not finite:
         raise NonFiniteError(f"{name}: tensor contains NaN or inf")
@@ -336,3 +418,25 @@ def merge(a: TensorStats, b: TensorStats) -> TensorStats:
     level, first_bin = _window(data_min, data_max, a.bins, max(a.level, b.level))
     counts = _rebin(a, level, first_bin) + _rebin(b, level, first_bin)
     return _stats(data_min, data_max, counts, level, first_bin, "merged tensor", merged_count=a.count + b.count)
+
+
+def observe_merged(running: TensorStats, x: np.ndarray, *, name: str = "tensor") -> TensorStats:
+    """``merge(running, observe(x, running.bins, name=name))``, bit for bit, in one pass over ``x`` when its
+    values fall in ``running``'s window, as nearly every batch's do once the ranges settle.
+
+    The merge then keeps that window: ``x``'s own level is no coarser (the window covers ``x`` and 0), so
+    the merged level is ``running``'s, and coarsening ``x``'s counts to it equals binning ``x`` there
+    (``floor(floor(v / w) / 2**k) == floor(v / (w * 2**k))``). Anything else (a value outside, NaN or inf,
+    a window of ``running`` looser than a merge would choose) takes the merge, with its errors."""
+    flat = _flat_floats(x, name)
+    level, first_bin, bins = running.level, running.first_bin, running.bins
+    int_type, magnitude, _ = _FLOAT_BITS[flat.dtype]
+    inside, lo_key, hi_key, counts = _bin_counts_and_extremes(
+        flat, flat.view(int_type), int_type, magnitude, math.ldexp(1.0, -level), first_bin, bins)
+    if inside:  # then observe(x) would not fail either: its window is no wider than running's
+        x_min, x_max = _decoded_extremes(flat, lo_key, hi_key)
+        data_min, data_max = min(running.min, x_min), max(running.max, x_max)
+        if grid_index(min(data_min, 0.0), level) == first_bin:
+            return _stats(data_min, data_max, running.counts + counts, level, first_bin, name,
+                          merged_count=running.count + flat.size)
+    return merge(running, observe(flat, bins, name=name))
