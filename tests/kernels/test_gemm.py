@@ -11,10 +11,8 @@ from tpusim.kernels.gemm import (
     HAS_AVX2,
     HAS_VNNI,
     RequantizedGemm,
-    _derived,
     _sums_fit,
     claim_task,
-    derived_from,
     finish_task,
     grouped_int8_gemm,
     int8_gemm,
@@ -465,22 +463,6 @@ def test_a_prepared_gemm_rejects_activations_it_was_not_built_for():
     for x in (np.zeros((1, 6, 64), np.int8), np.zeros((1, 6, 65), np.uint8), np.zeros((2, 6, 64), np.uint8)):
         with pytest.raises(ValueError, match="w_nk"):
             gemm(x)
-
-
-def test_derived_values_are_made_once_per_owner_and_tag_and_go_with_the_owner():
-    class Owner:
-        pass
-
-    owner, made = Owner(), []
-
-    def make():
-        made.append(1)
-        return len(made)
-
-    assert [derived_from(owner, "a", make), derived_from(owner, "a", make), derived_from(owner, "b", make)] == [1, 1, 2]
-    entries = len(_derived)
-    del owner
-    assert len(_derived) == entries - 2
 
 
 def test_requantized_kernel_rejects_wide_accumulators_and_bad_multipliers():

@@ -31,7 +31,6 @@ import os
 import threading
 import time
 import warnings
-import weakref
 from typing import NamedTuple
 
 import llvmlite.binding
@@ -42,6 +41,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from tpusim.derived import derived_from
 from tpusim.kernels import amx
 from tpusim.kernels.amx import HAS_AMX, amx_ready
 from tpusim.kernels.rounding import requantize_constants, requantize_value
@@ -950,24 +950,6 @@ def _pack_pair_weights(w_nk: np.ndarray) -> np.ndarray:
     padded[:, :n_g, :k_total] = w_nk
     return np.ascontiguousarray(padded.reshape(groups, vectors, _PAIR_LANES, pairs, 2).transpose(0, 1, 3, 2, 4)
                                 .reshape(groups, vectors, pairs, 2 * _PAIR_LANES))
-
-
-# Values derived from a weight array or a layer (packed layouts, bias shifts, prepared kernels), per
-# owner and tag: a model's weights are packed once, not once per run. Entries go when their owner
-# does, so a value must not refer to its owner.
-_derived: dict[tuple[int, object], tuple[weakref.ref, object]] = {}
-
-
-def derived_from(owner: object, tag: object, make):
-    """make(), computed once per live ``owner`` (an array, or any object that takes weak references) and hashable
-    ``tag`` (which must say everything make depends on besides the owner)."""
-    key = (id(owner), tag)
-    entry = _derived.get(key)
-    if entry is not None and entry[0]() is owner:
-        return entry[1]
-    value = make()
-    _derived[key] = (weakref.ref(owner, lambda _, key=key, table=_derived: table.pop(key, None)), value)
-    return value
 
 
 def _sums_fit(bias: np.ndarray, k_total: int, x_dtype: np.dtype, acc_bits: int, multiplier: np.ndarray) -> bool:

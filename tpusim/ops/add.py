@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from tpusim import jit
+from tpusim.derived import derived_from
 from tpusim.ops import register
 from tpusim.ops._binary import binary_passes, lower_binary
 from tpusim.ops.base import Op, VectorCost
@@ -50,12 +51,11 @@ class Add(Op):
         return plain_qlayer(layer, in_qps, y_qp, requant=requant, input_rescales=rescales)
 
     def execute(self, ql, inputs, options):
-        from tpusim.kernels.gemm import derived_from
-        from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, centered, rescale, rescale_output
         if all(q.shape == ql.layer.output_shape for q in inputs):
-            constants = derived_from(ql, ("add", self.signs), lambda: _add_constants(ql, self.signs))
-            if constants is not None:
-                return _fused_add(ql, inputs, constants), 0
+            fused = derived_from(ql, ("add", self.signs), lambda: _FusedAdd.of(ql, self.signs))
+            if fused is not None:
+                return fused(inputs), 0
+        from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, centered, rescale, rescale_output
         total = np.zeros(ql.layer.output_shape, np.int32)
         for q, qp, r, sign in zip(inputs, ql.input_qparams, ql.input_rescales, self.signs):
             shifted = centered(q, qp.zero_point) << ADD_LEFT_SHIFT
@@ -77,6 +77,7 @@ class Add(Op):
 
 
 _ADD_BLOCK = 16384  # elements per parallel task of the add kernel
+_TO_CHANNELS_LAST, _FROM_CHANNELS_LAST = (0, 2, 3, 1), (0, 3, 1, 2)  # NCHW axes of channels-last memory, and back
 
 
 @jit.kernel(cache=True)
@@ -129,23 +130,38 @@ def _add_constants(ql, signs: tuple[int, int]) -> tuple | None:
             np.int64(ql.output_qparams.zero_point), np.int64(ql.out_qmin), np.int64(ql.out_qmax))
 
 
-def _fused_add(ql, inputs: list[np.ndarray], constants: tuple) -> np.ndarray:
-    """Add/Sub of two same-shape tensors in one pass; the general path above (rescale, sum, requantize) is its oracle.
+class _FusedAdd:
+    """Add/Sub of two same-shape tensors in one pass, prepared once per layer; the general path above (rescale,
+    sum, requantize) is its oracle.
 
     It runs over memory in the inputs' own order (the integer conv returns channels-last memory
     behind an NCHW shape), and its output keeps that order.
     """
-    from tpusim.kernels.gemm import run_tasks
-    from tpusim.quant.arithmetic import storage_dtype
-    a, b = inputs
-    if a.ndim == 4 and a.strides[1] == a.itemsize and b.strides == a.strides and a.strides[2] > a.strides[3]:
-        order = (0, 2, 3, 1)  # both channels-last memory, as the integer conv leaves its outputs
-    else:
-        order = np.argsort([-stride for stride in a.strides], kind="stable")
-    a, b = (q.transpose(order) for q in inputs)
-    if not (a.flags.c_contiguous and b.flags.c_contiguous):
-        order = np.arange(inputs[0].ndim)
-        a, b = (np.ascontiguousarray(q) for q in inputs)
-    out = np.empty(a.shape, storage_dtype(ql.out_qmin, ql.out_qmax))
-    run_tasks(_add_kernel, -(-a.size // _ADD_BLOCK), a.reshape(-1), b.reshape(-1), *constants, out.reshape(-1))
-    return out.transpose(np.argsort(order))
+
+    def __init__(self, constants: tuple, out_dtype: np.dtype):
+        from tpusim.kernels.gemm import run_tasks
+        self._constants, self._out_dtype = constants, out_dtype
+        self._run_tasks = run_tasks  # (bound here: an import per call costs more than the lookup)
+
+    @classmethod
+    def of(cls, ql, signs: tuple[int, int]) -> "_FusedAdd | None":
+        """The layer's fused add, or None where its shortcuts would not hold (:func:`_add_constants`)."""
+        from tpusim.quant.arithmetic import storage_dtype
+        constants = _add_constants(ql, signs)
+        return None if constants is None else cls(constants, storage_dtype(ql.out_qmin, ql.out_qmax))
+
+    def __call__(self, inputs: list[np.ndarray]) -> np.ndarray:
+        a, b = inputs
+        if a.ndim == 4 and a.strides[1] == a.itemsize and b.strides == a.strides and a.strides[2] > a.strides[3]:
+            order, back = _TO_CHANNELS_LAST, _FROM_CHANNELS_LAST  # as the integer conv leaves its outputs
+        else:
+            order = np.argsort([-stride for stride in a.strides], kind="stable")
+            back = np.argsort(order)
+        a, b = (q.transpose(order) for q in inputs)
+        if not (a.flags.c_contiguous and b.flags.c_contiguous):
+            back = np.arange(inputs[0].ndim)
+            a, b = (np.ascontiguousarray(q) for q in inputs)
+        out = np.empty(a.shape, self._out_dtype)
+        self._run_tasks(_add_kernel, -(-a.size // _ADD_BLOCK), a.reshape(-1), b.reshape(-1), *self._constants,
+                        out.reshape(-1))
+        return out.transpose(back)

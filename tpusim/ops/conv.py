@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tpusim import jit
+from tpusim.derived import derived_from
 from tpusim.frontend.context import LowerContext, conv_output_hw, node_attrs, require_4d, spatial_pads
 from tpusim.ir import ConvAttrs, Layer
 from tpusim.ops import register
@@ -30,8 +31,6 @@ if TYPE_CHECKING:  # annotations only
 def _channels_last_weight(weight_q: np.ndarray, groups: int, depth: int) -> np.ndarray:
     """OIHW int8 weights as (groups, N/groups, depth) rows in im2col_channels_last's (kh, kw, c) order,
     zero-padded to depth; built once per weight array (the kernel then caches its own packing of it)."""
-    from tpusim.kernels.gemm import derived_from
-
     def build() -> np.ndarray:
         n_out = weight_q.shape[0]
         rows = weight_q.transpose(0, 2, 3, 1).reshape(groups, n_out // groups, -1)
@@ -49,6 +48,7 @@ class _ChannelsLastConv:
     def __init__(self, ql: QLayer, x_dtype: np.dtype, acc_bits: int):
         from tpusim.kernels.gemm import RequantizedGemm, vnni_depth
         from tpusim.quant.arithmetic import storage_dtype
+        from tpusim.tensor_ops import im2col_channels_last
         layer = ql.layer
         self._conv, self._output_shape = layer.conv, layer.output_shape
         groups, n_out = layer.conv.groups, layer.output_shape[1]
@@ -58,11 +58,11 @@ class _ChannelsLastConv:
         self._gemm = RequantizedGemm(weight, ql.acc_bias, acc_bits, ql.requant.m0, ql.requant.shift,
                                      int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax,
                                      storage_dtype(ql.out_qmin, ql.out_qmax), x_dtype)
+        self._columns = im2col_channels_last  # (bound here: an import per call costs more than the lookup)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        from tpusim import tensor_ops
         batch, n_out, h_out, w_out = self._output_shape
-        y, wrapped = self._gemm(tensor_ops.im2col_channels_last(x, self._conv, self._pad_value, self._depth))
+        y, wrapped = self._gemm(self._columns(x, self._conv, self._pad_value, self._depth))
         return y.reshape(batch, h_out, w_out, n_out).transpose(0, 3, 1, 2), wrapped
 
 
@@ -116,8 +116,10 @@ class _DepthwiseConv:
     accumulator width; like :class:`_ChannelsLastConv` it returns an NCHW-shaped view of channels-last memory."""
 
     def __init__(self, ql: QLayer, acc_bits: int):
+        from tpusim.kernels.gemm import run_tasks
         from tpusim.kernels.rounding import requantize_constants
         from tpusim.quant.arithmetic import storage_dtype
+        from tpusim.tensor_ops import channels_last
         layer = ql.layer
         conv = layer.conv
         self._output_shape = layer.output_shape
@@ -131,15 +133,14 @@ class _DepthwiseConv:
                            np.int64(ql.output_qparams.zero_point),
                            np.int64(ql.out_qmin), np.int64(ql.out_qmax))
         self._out_dtype = storage_dtype(ql.out_qmin, ql.out_qmax)
+        self._run_tasks, self._channels_last = run_tasks, channels_last  # (as _ChannelsLastConv binds its own)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        from tpusim import tensor_ops
-        from tpusim.kernels.gemm import run_tasks
         batch, channels, h_out, w_out = self._output_shape
         out = np.empty((batch, h_out, w_out, channels), self._out_dtype)
         wrapped = np.zeros(batch * h_out, np.int64)
-        run_tasks(_depthwise_kernel, wrapped.size, tensor_ops.channels_last(x), self._weight, self._bias,
-                  *self._constants, out, wrapped)
+        self._run_tasks(_depthwise_kernel, wrapped.size, self._channels_last(x), self._weight, self._bias,
+                        *self._constants, out, wrapped)
         return out.transpose(0, 3, 1, 2), int(wrapped.sum())
 
 
@@ -189,10 +190,10 @@ class Conv(Op):
         return quantize_matrix_layer(layer, in_qps[0], y_qp, quant, input_mean)
 
     def execute(self, ql: QLayer, inputs, options: ExecOptions):
-        from tpusim import tensor_ops
-        from tpusim.quant.qlayer import rescale_output
         if options.engine == "int8-gemm" and options.acc_bits <= 32:
             return self._execute_channels_last(ql, inputs[0], options.acc_bits)
+        from tpusim import tensor_ops
+        from tpusim.quant.qlayer import rescale_output
         layer = ql.layer
         batch, _, h_out, w_out = layer.output_shape
         cols = tensor_ops.im2col(inputs[0], layer.conv, pad_value=int(ql.input_qparams[0].zero_point))
@@ -205,7 +206,6 @@ class Conv(Op):
     def _execute_channels_last(self, ql: QLayer, x: np.ndarray, acc_bits: int):
         """The int8 kernel's path: channels-last columns, requantization fused into the GEMM, and an
         NCHW-shaped view of channels-last memory out, which the next conv reads with no transpose."""
-        from tpusim.kernels.gemm import derived_from
         if _depthwise(ql.layer):
             return derived_from(ql, ("depthwise", acc_bits), lambda: _DepthwiseConv(ql, acc_bits))(x)
         plan = derived_from(ql, ("channels-last", acc_bits, x.dtype.str),

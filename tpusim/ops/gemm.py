@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tpusim.derived import derived_from
 from tpusim.frontend.context import LowerContext, node_attrs
 from tpusim.ir import Layer
 from tpusim.ops import register
@@ -32,6 +33,16 @@ def transposed(matrix: np.ndarray) -> np.ndarray:
     for row in range(0, matrix.shape[0], _TRANSPOSE_ROWS):
         out[:, row:row + _TRANSPOSE_ROWS] = matrix[row:row + _TRANSPOSE_ROWS].T
     return out
+
+
+def _requantized_gemm(ql: QLayer, acc_bits: int, x_dtype: np.dtype):
+    """The int8 kernel with the requantization fused in, prepared once per layer, accumulator width and
+    activation dtype."""
+    from tpusim.kernels.gemm import RequantizedGemm
+    from tpusim.quant.arithmetic import storage_dtype
+    return RequantizedGemm(ql.weight_q[None], ql.acc_bias, acc_bits, ql.requant.m0, ql.requant.shift,
+                           int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax,
+                           storage_dtype(ql.out_qmin, ql.out_qmax), x_dtype)
 
 
 @register
@@ -96,19 +107,14 @@ class Gemm(Op):
         return quantize_matrix_layer(layer, in_qps[0], y_qp, quant, input_mean)
 
     def execute(self, ql: QLayer, inputs, options: ExecOptions):
-        from tpusim.kernels.gemm import RequantizedGemm, derived_from
-        from tpusim.quant.arithmetic import storage_dtype
-        from tpusim.quant.qlayer import rescale_output
         k = ql.weight_q.shape[1]
         x = inputs[0].reshape(1, -1, k)
         if options.engine == "int8-gemm" and options.acc_bits <= 32:
-            # The int8 kernel with the requantization fused in, prepared once per layer.
-            gemm = derived_from(ql, ("requantized", options.acc_bits, x.dtype.str), lambda: RequantizedGemm(
-                ql.weight_q[None], ql.acc_bias, options.acc_bits, ql.requant.m0, ql.requant.shift,
-                int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax, storage_dtype(ql.out_qmin, ql.out_qmax),
-                x.dtype))
+            gemm = derived_from(ql, ("requantized", options.acc_bits, x.dtype.str),
+                                lambda: _requantized_gemm(ql, options.acc_bits, x.dtype))
             y, wrapped = gemm(x)
             return y.reshape(ql.layer.output_shape), wrapped
+        from tpusim.quant.qlayer import rescale_output
         acc, wrapped = accumulate(x, ql.weight_q[None], ql.acc_bias, options.acc_bits, options.engine)
         return rescale_output(ql, acc[0].reshape(ql.layer.output_shape), -1), wrapped
 
