@@ -327,6 +327,7 @@ def _bin_counts_and_extremes(x, bits, int_type, magnitude, inv_width, first_bin,
             outside |= j >= np.uint32(bins)
         if outside:
             return False, lo, hi, ways[:bins].copy()
+        # (_bin_counts' counting loop: as a shared inline function it took both kernels 2-4 % longer)
         whole = chunk.size - chunk.size % _WAYS
         for i in range(0, whole, _WAYS):
             for w in range(_WAYS):
