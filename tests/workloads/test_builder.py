@@ -1,6 +1,7 @@
 """The workload builder: the same model bytes whichever BLAS kernel the CPU picks."""
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tpusim.workloads.builder import STATISTIC_BITS, round_statistic
+from tpusim.workloads.builder import INPUT_NAME, STATISTIC_BITS, GraphBuilder, round_statistic
 
 _PRINT_DIGESTS = """
 import hashlib
@@ -44,3 +45,18 @@ def test_built_in_models_do_not_depend_on_the_blas_kernel() -> None:
     ]
     assert digests[0].count("\n") == 3
     assert digests[0] == digests[1]
+
+
+def test_the_builder_keeps_a_sample_value_while_the_model_code_holds_its_name() -> None:
+    sample = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    b = GraphBuilder(sample, seed=0)
+    y = b.relu(b.conv(INPUT_NAME, 4, 3, name="conv"))  # the conv's name is dropped at once
+    kept = b.value(y).copy()
+    z = b.relu(y)
+    gc.collect()
+    with pytest.raises(KeyError):
+        b.value("conv")
+    np.testing.assert_array_equal(b.value(y), kept)  # (still held)
+    model = b.finish(z, graph_name="g", doc="", seed=0, generator_version=0)
+    assert list(model.activation_std) == [INPUT_NAME, "conv", y, "output"]  # every tensor's, dropped or not
+    assert model.activation_std["conv"] > 0 and model.activation_std[y] == float(kept.std())
