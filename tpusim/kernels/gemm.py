@@ -388,6 +388,8 @@ def thread_count() -> int:
         _thread_count_reader.append(getattr(parallel, "_get_num_threads", numba.get_num_threads))
     count = _thread_count_reader[0]()
     return count if count > 0 else numba.get_num_threads()  # (Numba's function raises for that)
+
+
 # Linux's time.sleep(0) sleeps out the timer slack (50-70 us here, 0.7 us for sched_yield); Windows has
 # no sched_yield, and its sleep(0) yields.
 _yield_core = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
