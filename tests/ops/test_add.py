@@ -5,6 +5,7 @@ from onnx_graphs import GraphBuilder
 from op_checks import CONFIG, check_all_stages
 from tpusim import ops
 from tpusim.ir import Layer
+from tpusim.ops.add import _FusedAdd
 from tpusim.quant.arithmetic import QParams
 
 SHAPE = (1, 4, 8, 8)
@@ -90,12 +91,19 @@ def test_one_pass_kernel_equals_the_general_path(name, grids, layouts):
     def stored(q, layout):
         return q if layout == "nchw" else np.ascontiguousarray(q.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
 
-    got, wrapped = module.execute(ql, [stored(a, layouts[0]), stored(b, layouts[1])], None)
+    inputs = [stored(a, layouts[0]), stored(b, layouts[1])]
+    got, wrapped = module.execute(ql, inputs, None)
     assert got.dtype == want.dtype and wrapped == 0
     np.testing.assert_array_equal(got, want)
     assert np.count_nonzero(got == ql.out_qmin)
-    if layouts[0] == layouts[1] == "channels-last":
-        assert got.transpose(0, 2, 3, 1).flags.c_contiguous  # the output keeps its inputs' memory order
+    for int64_lanes in (True, False):  # each CPU takes one kernel; both run everywhere
+        fused = _FusedAdd.of(ql, module.signs, int64_lanes=int64_lanes)
+        assert fused._looks_up is not int64_lanes
+        by_kernel = fused(inputs)
+        assert by_kernel.dtype == want.dtype
+        np.testing.assert_array_equal(by_kernel, want)
+        if layouts[0] == layouts[1] == "channels-last":
+            assert by_kernel.transpose(0, 2, 3, 1).flags.c_contiguous  # the output keeps its inputs' memory order
 
 
 @pytest.mark.parametrize("name", ["add", "sub"])
@@ -111,6 +119,8 @@ def test_one_pass_kernel_on_every_pair_of_values_with_ties_at_both_signs(name):
     inputs = [a.reshape(shape), b.reshape(shape)]
     got, _ = module.execute(ql, inputs, None)
     np.testing.assert_array_equal(got, _general_path(module, ql, inputs))
+    for int64_lanes in (True, False):
+        np.testing.assert_array_equal(_FusedAdd.of(ql, module.signs, int64_lanes=int64_lanes)(inputs), got)
     signed = -1 if name == "sub" else 1
     total = (a.astype(int) - 128) + signed * (b.astype(int) - 128)
     np.testing.assert_array_equal(got.reshape(-1), np.clip(np.sign(total) * ((np.abs(total) + 2) // 4) + 128, 0, 255))
@@ -132,6 +142,8 @@ def test_rescales_that_could_leave_int32_take_the_general_path():
     got, _ = ops.op("add").execute(ql, [a, a], None)
     want = _general_path(ops.op("add"), ql, [a, a])
     np.testing.assert_array_equal(got, want)
+    # Where the shortcuts fail, the table (built by the general path) is the one fused kernel, on any CPU.
+    assert _FusedAdd.of(ql, (1, 1), int64_lanes=True)._looks_up
     # Both terms clamp to 2**31 - 1 and their int32 sum wraps to -2: the lowest output, where unclamped
     # arithmetic gives the highest.
     assert not want.any()
@@ -142,3 +154,22 @@ def test_rescales_that_could_leave_int32_take_the_general_path():
                int(ql.requant.m0[0]), int(ql.input_rescales[0].shift[0]), int(ql.input_rescales[1].shift[0]),
                int(ql.requant.shift[0]), False, 0, 0, 255, unclamped)
     assert (unclamped == 255).all()
+
+
+@pytest.mark.parametrize("name", ["add", "sub"])
+@pytest.mark.parametrize("dtypes", [(np.uint8, np.int8), (np.int8, np.uint8), (np.int8, np.int8)])
+def test_table_holds_the_general_path_for_every_pair_of_bytes_of_either_sign(name, dtypes):
+    # The table is indexed by the inputs' bytes: an int8 input's negative values sit in its upper half.
+    grids = {np.dtype(np.uint8): QParams(np.array(0.0703125), np.array(3), 0, 255),
+             np.dtype(np.int8): QParams(np.array(0.109375), np.array(-5), -128, 127)}
+    qa, qb = (grids[np.dtype(d)] for d in dtypes)
+    shape = (1, 256, 16, 16)
+    layer = Layer(name="a", op=name, inputs=("a", "b"), output="y", input_shapes=(shape, shape), output_shape=shape)
+    module = ops.op(name)
+    ql = module.quantize(layer, (qa, qb), QParams(np.array(0.15625), np.array(-2), -128, 127), CONFIG.quant, None)
+    bytes_a, bytes_b = np.repeat(np.arange(256, dtype=np.uint8), 256), np.tile(np.arange(256, dtype=np.uint8), 256)
+    inputs = [bytes_a.view(dtypes[0]).reshape(shape), bytes_b.view(dtypes[1]).reshape(shape)]
+    fused = _FusedAdd.of(ql, module.signs, int64_lanes=False)
+    assert fused._looks_up and fused.takes(inputs)
+    np.testing.assert_array_equal(fused(inputs), _general_path(module, ql, inputs))
+    assert not fused.takes([inputs[0].astype(np.int32), inputs[1]])  # another dtype than prepared: general path

@@ -53,18 +53,9 @@ class Add(Op):
     def execute(self, ql, inputs, options):
         if all(q.shape == ql.layer.output_shape for q in inputs):
             fused = derived_from(ql, ("add", self.signs), lambda: _FusedAdd.of(ql, self.signs))
-            if fused is not None:
+            if fused is not None and fused.takes(inputs):
                 return fused(inputs), 0
-        from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, centered, rescale, rescale_output
-        total = np.zeros(ql.layer.output_shape, np.int32)
-        for q, qp, r, sign in zip(inputs, ql.input_qparams, ql.input_rescales, self.signs):
-            shifted = centered(q, qp.zero_point) << ADD_LEFT_SHIFT
-            term = rescale(shifted, r, 0, INT32_MIN, INT32_MAX)
-            if sign > 0:
-                total += term
-            else:
-                total -= term
-        return rescale_output(ql, total), 0
+        return _rescaled_sum(ql, self.signs, inputs, ql.layer.output_shape), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
         passes = binary_passes(in_elements, out_elements, lanes)
@@ -113,6 +104,48 @@ def _add_kernel(a, b, zero_points, m0s, shifts, negate_b, zero_point, qmin, qmax
         block = claim_task(counters)
 
 
+def _rescaled_sum(ql, signs: tuple[int, int], inputs: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """The general path, broadcasting: each input rescaled into the common domain, summed in int32 (clamped
+    and wrapping as the activation unit's int32 datapath does), requantized; the fused kernels' oracle."""
+    from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, centered, rescale, rescale_output
+    total = np.zeros(shape, np.int32)
+    for q, qp, r, sign in zip(inputs, ql.input_qparams, ql.input_rescales, signs):
+        shifted = centered(q, qp.zero_point) << ADD_LEFT_SHIFT
+        term = rescale(shifted, r, 0, INT32_MIN, INT32_MAX)
+        if sign > 0:
+            total += term
+        else:
+            total -= term
+    return rescale_output(ql, total)
+
+
+@jit.kernel(cache=True)
+def _look_up_block(a, b, table, out):
+    for i in range(a.size):
+        out[i] = table[(np.int64(a[i]) << 8) | np.int64(b[i])]
+
+
+@jit.kernel(cache=True, nogil=True, imports={"claim_task": "tpusim.kernels.gemm", "finish_task": "tpusim.kernels.gemm"})
+def _table_kernel(a, b, table, out, counters):
+    """out = table[a << 8 | b] element by element (a, b: uint8 views of the inputs), blocks of elements
+    claimed as :func:`_add_kernel`'s are."""
+    blocks = (a.size + _ADD_BLOCK - 1) // _ADD_BLOCK
+    block = claim_task(counters)
+    while block < blocks:
+        lo, hi = block * _ADD_BLOCK, min((block + 1) * _ADD_BLOCK, a.size)
+        _look_up_block(a[lo:hi], b[lo:hi], table, out[lo:hi])
+        finish_task(counters)
+        block = claim_task(counters)
+
+
+def _sum_table(ql, signs: tuple[int, int]) -> np.ndarray:
+    """The layer's output for every pair of input bytes, by the general path: entry a << 8 | b is the output
+    for the inputs whose bytes are a and b (two's complement for int8)."""
+    a, b = np.meshgrid(*(np.arange(256, dtype=np.uint8).view(qp.storage_dtype) for qp in ql.input_qparams),
+                       indexing="ij")
+    return _rescaled_sum(ql, signs, [a, b], a.shape).reshape(-1)
+
+
 def _add_constants(ql, signs: tuple[int, int]) -> tuple | None:
     """The add kernel's constant arguments after the two inputs, or None where its shortcuts would not hold:
     a first input subtracted, or a rescaled input that could reach half the int32 range (``quantize``'s
@@ -131,24 +164,44 @@ def _add_constants(ql, signs: tuple[int, int]) -> tuple | None:
 
 
 class _FusedAdd:
-    """Add/Sub of two same-shape tensors in one pass, prepared once per layer; the general path above (rescale,
-    sum, requantize) is its oracle.
+    """Add/Sub of two same-shape tensors in one pass, prepared once per layer; the general path
+    (:func:`_rescaled_sum`) is its oracle.
 
-    It runs over memory in the inputs' own order (the integer conv returns channels-last memory
-    behind an NCHW shape), and its output keeps that order.
+    Two 8-bit inputs take their outputs from a 64 KiB table of every pair of input bytes (:func:`_sum_table`),
+    built once by the general path, except where the CPU multiplies int64 lanes (AVX-512 DQ's ``vpmullq``) and
+    the arithmetic kernel's shortcuts hold: there :func:`_add_kernel` computes each output. Without ``vpmullq``
+    an int64 product is several instructions a lane, and ResNet-50's 16 adds took 5.0 ms of a 50 ms integer run
+    on an AVX2 Zen 3 against 2.1 ms looked up (``benchmarks/bench_residual_add.py``). Either kernel runs over
+    memory in the inputs' own order (the integer conv returns channels-last memory behind an NCHW shape), and
+    its output keeps that order.
     """
 
-    def __init__(self, constants: tuple, out_dtype: np.dtype):
+    def __init__(self, kernel, constants: tuple, in_dtypes: tuple[np.dtype, np.dtype], out_dtype: np.dtype):
         from tpusim.kernels.gemm import run_tasks
-        self._constants, self._out_dtype = constants, out_dtype
+        self._kernel, self._constants, self._in_dtypes, self._out_dtype = kernel, constants, in_dtypes, out_dtype
+        self._looks_up = kernel is _table_kernel
         self._run_tasks = run_tasks  # (bound here: an import per call costs more than the lookup)
 
     @classmethod
-    def of(cls, ql, signs: tuple[int, int]) -> "_FusedAdd | None":
-        """The layer's fused add, or None where its shortcuts would not hold (:func:`_add_constants`)."""
+    def of(cls, ql, signs: tuple[int, int], int64_lanes: bool | None = None) -> "_FusedAdd | None":
+        """The layer's fused add, or None where neither kernel applies: an input wider than 8 bits and the
+        arithmetic kernel's shortcuts not holding (:func:`_add_constants`). ``int64_lanes`` (default: this
+        CPU's) chooses the arithmetic kernel where both apply."""
+        from tpusim.kernels.gemm import HAS_VECTOR_INT64_MULTIPLY
         from tpusim.quant.arithmetic import storage_dtype
+        in_dtypes = tuple(qp.storage_dtype for qp in ql.input_qparams)
+        out_dtype = storage_dtype(ql.out_qmin, ql.out_qmax)
         constants = _add_constants(ql, signs)
-        return None if constants is None else cls(constants, storage_dtype(ql.out_qmin, ql.out_qmax))
+        arithmetic = HAS_VECTOR_INT64_MULTIPLY if int64_lanes is None else int64_lanes
+        if constants is not None and (arithmetic or any(dtype.itemsize != 1 for dtype in in_dtypes)):
+            return cls(_add_kernel, constants, in_dtypes, out_dtype)
+        if all(dtype.itemsize == 1 for dtype in in_dtypes):
+            return cls(_table_kernel, (_sum_table(ql, signs),), in_dtypes, out_dtype)
+        return None
+
+    def takes(self, inputs: list[np.ndarray]) -> bool:
+        """The inputs have the dtypes the kernel was prepared for (a table is indexed by their bytes)."""
+        return not self._looks_up or (inputs[0].dtype, inputs[1].dtype) == self._in_dtypes
 
     def __call__(self, inputs: list[np.ndarray]) -> np.ndarray:
         a, b = inputs
@@ -162,6 +215,8 @@ class _FusedAdd:
             back = np.arange(inputs[0].ndim)
             a, b = (np.ascontiguousarray(q) for q in inputs)
         out = np.empty(a.shape, self._out_dtype)
-        self._run_tasks(_add_kernel, -(-a.size // _ADD_BLOCK), a.reshape(-1), b.reshape(-1), *self._constants,
-                        out.reshape(-1))
+        a, b = a.reshape(-1), b.reshape(-1)
+        if self._looks_up:
+            a, b = a.view(np.uint8), b.view(np.uint8)
+        self._run_tasks(self._kernel, -(-a.size // _ADD_BLOCK), a, b, *self._constants, out.reshape(-1))
         return out.transpose(back)
