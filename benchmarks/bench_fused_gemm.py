@@ -6,7 +6,8 @@ Usage: python3 benchmarks/bench_fused_gemm.py [workload] [threads] [repeats]
 times each call under every variant back to back, best of ``repeats``, and prints each variant's total.
 Variants: the epilogue that checks every sum for a wrap (``general``) and the one that runs where no sum
 can leave the accumulator (``sums fit``), each on the AVX-512 VNNI kernel and, where the CPU has AMX
-int8 and Linux grants its tiles, on the AMX kernel. Every variant must give the same integers and wrap
+int8 and Linux grants its tiles, on the AMX kernel; where the AVX2 kernel runs, also its epilogue on int32
+lanes (``int32 words``, where every right shift is 32 to 63), which those layers take. Every variant must give the same integers and wrap
 counts; the script stops if one does not. Timing whole calls back to back keeps a busy machine's
 swings out of the comparison, which whole-network runs (``bench_integer_execution.py``) cannot.
 """
@@ -41,28 +42,31 @@ def _recorded_calls(name: str) -> list[tuple[gemm.RequantizedGemm, np.ndarray]]:
     return calls
 
 
-def _set_variant(fused: gemm.RequantizedGemm, amx: bool, sums_fit: bool) -> None:
-    """The kernel (AMX tiles or not) and the epilogue of the next call."""
+def _set_variant(fused: gemm.RequantizedGemm, prepared: dict, amx: bool, epilogue: str) -> None:
+    """The kernel (AMX tiles or not) and the epilogue of the next call; ``prepared``: the layer's own choices."""
     fused._use_amx = amx
-    for attribute in ("_broadcast", "_pairs"):
-        prepared = getattr(fused, attribute)
-        if prepared is not None:
-            setattr(fused, attribute, prepared[:-1] + (sums_fit,))
+    for attribute, chosen in prepared.items():
+        if chosen is not None:
+            if attribute == "_pairs" and epilogue != "int32 words":
+                chosen = chosen[:3] + (None,) + chosen[4:]
+            setattr(fused, attribute, chosen[:-1] + (chosen[-1] and epilogue != "general",))
 
 
 def main(name: str = "resnet50", threads: int = 2, repeats: int = 9) -> None:
     numba.set_num_threads(threads)
     calls = _recorded_calls(name)
     kernels = ["AMX", "VNNI"] if amx_ready() else ["VNNI"] if gemm.HAS_VNNI else ["this CPU's"]
-    variants = [(kernel, epilogue) for kernel in kernels for epilogue in ("general", "sums fit")]
+    words = any(fused._pairs is not None and fused._pairs[3] is not None for fused, _ in calls)
+    epilogues = ("general", "sums fit", "int32 words") if words else ("general", "sums fit")
+    variants = [(kernel, epilogue) for kernel in kernels for epilogue in epilogues]
     totals = dict.fromkeys(variants, 0.0)
     fitting = 0
     for fused, x in calls:
-        fits = bool((fused._broadcast or fused._pairs or (False,))[-1])  # as the layer decided it
-        fitting += fits
+        prepared = {attribute: getattr(fused, attribute) for attribute in ("_broadcast", "_pairs")}
+        fitting += bool((fused._broadcast or fused._pairs or (False,))[-1])  # as the layer decided it
         results = set()
         for kernel, epilogue in variants:
-            _set_variant(fused, kernel == "AMX", fits and epilogue == "sums fit")
+            _set_variant(fused, prepared, kernel == "AMX", epilogue)
             out, wrapped = fused(x)
             results.add((out.tobytes(), wrapped))
         if len(results) != 1:
@@ -70,18 +74,20 @@ def main(name: str = "resnet50", threads: int = 2, repeats: int = 9) -> None:
         best = dict.fromkeys(variants, float("inf"))
         for _ in range(repeats):
             for variant in variants:
-                _set_variant(fused, variant[0] == "AMX", fits and variant[1] == "sums fit")
+                _set_variant(fused, prepared, variant[0] == "AMX", variant[1])
                 start = time.perf_counter()
                 fused(x)
                 best[variant] = min(best[variant], time.perf_counter() - start)
         for variant in variants:
             totals[variant] += best[variant]
+        for attribute, chosen in prepared.items():
+            setattr(fused, attribute, chosen)
     macs = sum(x.shape[0] * x.shape[1] * fused._w_nk.shape[1] * fused._w_nk.shape[2] for fused, x in calls)
     print(f"{name}: {len(calls)} fused GEMM calls, {macs / 1e9:.2f} GMAC (K padded as the kernels run it), "
           f"{fitting} whose sums fit the accumulator; {threads} threads; best of {repeats} back-to-back calls each; "
           "same integers and wraps in every variant")
     for (kernel, epilogue), seconds in totals.items():
-        print(f"  {kernel:10s} kernel, {epilogue:8s} epilogue: {seconds * 1e3:8.2f} ms "
+        print(f"  {kernel:10s} kernel, {epilogue:11s} epilogue: {seconds * 1e3:8.2f} ms "
               f"({macs / seconds / 1e9:5.0f} GMAC/s)")
 
 

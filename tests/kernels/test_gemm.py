@@ -11,7 +11,9 @@ from tpusim.kernels.gemm import (
     HAS_AVX2,
     HAS_VNNI,
     RequantizedGemm,
+    _finish_words_strip,
     _sums_fit,
+    _word_constants,
     claim_task,
     finish_task,
     grouped_int8_gemm,
@@ -386,6 +388,62 @@ def test_the_epilogue_stores_each_output_width_whole_and_partial_vectors_alike(k
     np.testing.assert_array_equal(got, want)
     inside = (got > qmin) & (got < qmax)
     assert np.count_nonzero(got == qmin) and np.count_nonzero(got == qmax) and np.count_nonzero(inside)
+
+
+@pytest.mark.parametrize("out_dtype, zero_point, qmin, qmax", [(np.uint8, 7, 0, 255), (np.int8, -3, -128, 127),
+                                                              (np.int32, 5, -2**20, 2**20 - 1)])
+def test_the_word_epilogue_equals_requantize_at_every_right_shift_it_takes(out_dtype, zero_point, qmin, qmax):
+    # Right shifts 32..63 (shift 1..32), 8-channel vectors and a 5-channel tail; the sums include the int32
+    # extremes, ties at both signs (with multiplier 2**30, s * 2**30 / 2**right is s / 2**(right - 30): a
+    # half for s an odd multiple of 2**(right - 31)), and random sums with random multipliers.
+    rng = np.random.default_rng(3)
+    right = np.arange(32, 64)
+    width = right.size + 5
+    right = np.concatenate([right, [32, 40, 50, 60, 63]])
+    rows = 6
+    ties = (2 * rng.integers(-40, 40, (2, width)) + 1) << np.minimum(right - 31, 24)  # ties up to right 55
+    acc = np.concatenate([ties, rng.integers(-2**31, 2**31, (2, width)),
+                          np.full((1, width), -2**31), np.full((1, width), 2**31 - 1)]).astype(np.int32)[:rows]
+    bias = np.zeros(width, np.int64)
+    bias[::3] = rng.integers(-1000, 1000, bias[::3].size)
+    acc[4:, ::3] -= np.sign(acc[4:, ::3]) * 1000  # the extremes stay int32 with their bias
+    multiplier = np.where(np.arange(width) % 2 == 0, 2**30, rng.integers(2**30, 2**31, width)).astype(np.int64)
+    constants = _word_constants(bias, multiplier, right)
+    assert constants is not None
+    half = np.int64(1) << (right - 1)
+    out = np.zeros((rows, width), out_dtype)
+    _finish_words_strip(acc, rows, width, *constants[:1], constants[1], constants[2], half, zero_point, qmin, qmax,
+                        out, 0, 0)
+    want = requantize_reference((acc + bias).astype(np.int32), multiplier, right - 31, zero_point, qmin, qmax)
+    np.testing.assert_array_equal(out, want)
+    assert np.count_nonzero(out[:2] != zero_point)  # the ties land on both sides, not all on zero
+
+
+@pytest.mark.parametrize("right, words", [([31, 40], False), ([32, 63], True), ([40, 64], False)])
+def test_word_constants_only_for_right_shifts_of_32_to_63(right, words):
+    constants = _word_constants(np.zeros((1, 2), np.int64), np.full(2, 2**30, np.int64), np.array(right, np.int64))
+    assert (constants is not None) == words
+    if words:
+        assert [c.dtype for c in constants] == [np.int32] * 3 and constants[2].tolist() == [0, 31]
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2")
+@pytest.mark.parametrize("first_shift, words", [(0, False), (1, True), (31, True)])
+def test_the_avx2_kernel_takes_the_word_epilogue_where_every_shift_allows_it(first_shift, words):
+    # Channel 0's multiplier is 2**30 / 2**(31 + first_shift); the others lie in [2**-6, 2**-5). Shift 0 (a
+    # multiplier of 1/2, right shift 31) keeps the layer on the 64-bit epilogue; same integers either way.
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 256, (1, 40, 96)).astype(np.uint8)
+    w = rng.integers(-128, 128, (1, 30, 96)).astype(np.int8)
+    bias = rng.integers(-2**12, 2**12, 30).astype(np.int32)
+    m0, shift = quantize_multiplier(2.0 ** -rng.uniform(5, 6, 30))
+    m0[0], shift[0] = 2**30, first_shift
+    gemm = RequantizedGemm(w, bias, 32, m0, shift, 4, 0, 255, np.uint8, np.uint8, use_vnni=False, use_avx2=True)
+    assert gemm._pairs is not None and gemm._pairs[-1] and (gemm._pairs[3] is not None) == words
+    want, wrapped = requantized_reference(x, w, bias, 32, m0, shift, 4, 0, 255)
+    got, got_wrapped = gemm(x)
+    np.testing.assert_array_equal(got, want)
+    assert got_wrapped == wrapped == 0 and np.count_nonzero((got > 0) & (got < 255))
 
 
 def test_requantized_kernel_rounds_half_away_from_zero_and_clamps():

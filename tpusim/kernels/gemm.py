@@ -822,8 +822,12 @@ def _requantized_amx_kernel(x, packed, bias64, acc_bits, sums_fit, multiplier, r
                 configured = rows
             for v0 in range(v_lo, v_hi, amx.BLOCK_VECTORS):
                 amx.tile_block(xg, packed_g, m0, np.int64(rows > amx.TILE_ROWS), v0, quads, acc, (v0 - v_lo) * _LANES)
-            task_wrapped += _finish_strip(acc, rows, c_hi - c_lo, bias_g[c_lo:], acc_bits, sums_fit, multiplier, right,
-                                          half_r, zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
+            if words:
+                _finish_words_strip(acc, rows, c_hi - c_lo, bias32[g, c_lo:], multiplier32, low_right, half_r,
+                                    zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
+            else:
+                task_wrapped += _finish_strip(acc, rows, c_hi - c_lo, bias_g[c_lo:], acc_bits, sums_fit, multiplier,
+                                              right, half_r, zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
         wrapped[task] = task_wrapped
         finish_task(counters)
         task = claim_task(counters)
@@ -906,13 +910,110 @@ def _pair_tile(typingctx, xs, packed, v0, pairs, out, out_col):
     return sig, codegen
 
 
+_I64X8 = ir.VectorType(ir.IntType(64), _PAIR_LANES)
+
+
+@intrinsic
+def _requantize_words(typingctx, acc, row, vectors, bias, multiplier, low_right, half, zero_point, qmin, qmax, out,
+                      out_row, out_col):
+    """:func:`requantize_value` of acc[row, c] + bias[c] into out[out_row, out_col + c] for c < 8 vectors, 8
+    channels a step, where the biased sums fit an int32 and every right shift is 32 to 63.
+
+    Then round(p / 2**right) = ((p + half - [p < 0]) >> 32) >> (right - 32), both shifts flooring: only the
+    product and its rounding term need 64-bit lanes (``vpmuldq`` on the sign-extended int32 operands), and the
+    rest (the shift, ``vpsravd``, zero point, clamp, narrowing) runs on int32 lanes, twice as many a register;
+    AVX2 has no 64-bit arithmetic shift, which :func:`_requantize_lanes` spends several instructions a lane on
+    there. bias, multiplier, low_right (right - 32) are int32 arrays and half an int64 array, indexed from the
+    strip's first channel, with unit stride.
+    """
+    sig = types.void(acc, row, vectors, bias, multiplier, low_right, half, zero_point, qmin, qmax, out, out_row,
+                     out_col)
+
+    def codegen(context, builder, signature, args):
+        byte, i32 = ir.IntType(8), ir.IntType(32)
+        arrays = {a: context.make_array(signature.args[a])(context, builder, args[a]) for a in (0, 3, 4, 5, 6, 10)}
+        acc_stride = cgutils.unpack_tuple(builder, arrays[0].strides, 2)[0]
+        out_stride = cgutils.unpack_tuple(builder, arrays[10].strides, 2)[0]
+        element = context.get_data_type(signature.args[10].dtype)
+        stored_type = ir.VectorType(element, _PAIR_LANES)
+        item_bytes = element.width // 8
+        row, vectors, out_row, out_col = args[1], args[2], args[11], args[12]
+
+        def address(array, offset):
+            return builder.gep(builder.bitcast(array.data, byte.as_pointer()), [offset], source_etype=byte)
+
+        def splat(value):
+            lane = builder.insert_element(ir.Constant(_I32X8, None), builder.trunc(value, i32), i32(0))
+            return builder.shuffle_vector(lane, lane, ir.Constant(ir.VectorType(i32, _PAIR_LANES), None))
+
+        zero_point, qmin, qmax = (splat(args[a]) for a in (7, 8, 9))
+        sign_bit = ir.Constant(_I64X8, [63] * _PAIR_LANES)
+        high_word = ir.Constant(_I64X8, [32] * _PAIR_LANES)
+        acc_row = address(arrays[0], builder.mul(row, acc_stride))
+        out_row_start = address(arrays[10], builder.add(builder.mul(out_row, out_stride),
+                                                        builder.mul(out_col, ir.Constant(out_col.type, item_bytes))))
+        with cgutils.for_range(builder, vectors) as loop:
+            channel = builder.mul(loop.index, ir.Constant(loop.index.type, _PAIR_LANES))
+
+            def load(base, vector_type, width):
+                target = builder.gep(base, [builder.mul(channel, ir.Constant(channel.type, width))], source_etype=byte)
+                return builder.load(builder.bitcast(target, vector_type.as_pointer()), typ=vector_type, align=width)
+
+            stored = builder.add(load(acc_row, _I32X8, 4), load(address(arrays[3], channel.type(0)), _I32X8, 4))
+            product = builder.mul(builder.sext(stored, _I64X8),
+                                  builder.sext(load(address(arrays[4], channel.type(0)), _I32X8, 4), _I64X8))
+            rounding = builder.add(load(address(arrays[6], channel.type(0)), _I64X8, 8), builder.ashr(product, sign_bit))
+            high = builder.trunc(builder.lshr(builder.add(product, rounding), high_word), _I32X8)
+            value = builder.add(builder.ashr(high, load(address(arrays[5], channel.type(0)), _I32X8, 4)), zero_point)
+            value = builder.select(builder.icmp_signed("<", value, qmin), qmin, value)
+            value = builder.select(builder.icmp_signed(">", value, qmax), qmax, value)
+            target = builder.gep(out_row_start, [builder.mul(channel, ir.Constant(channel.type, item_bytes))],
+                                 source_etype=byte)
+            builder.store(builder.trunc(value, stored_type), builder.bitcast(target, stored_type.as_pointer()),
+                          align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _finish_words_strip(acc, rows, width, bias, multiplier, low_right, half, zero_point, qmin, qmax, out, m0, c0):
+    """:func:`_finish_strip` where the sums fit and every right shift is 32 to 63 (:func:`_word_constants`),
+    through :func:`_requantize_words`; bias, multiplier and low_right are int32."""
+    start, scale = bias[:width], multiplier[c0 : c0 + width]
+    low, rounding = low_right[c0 : c0 + width], half[c0 : c0 + width]
+    vectors = width // _PAIR_LANES
+    for i in range(rows):
+        _requantize_words(acc, i, vectors, start, scale, low, rounding, zero_point, qmin, qmax, out, m0 + i, c0)
+        src = acc[i, :width]
+        dst = out[m0 + i, c0 : c0 + width]
+        for j in range(vectors * _PAIR_LANES, width):
+            stored = np.int32(np.int64(src[j]) + start[j])
+            dst[j] = requantize_value(stored, scale[j], np.int64(low[j]) + 32, rounding[j], zero_point, qmin, qmax)
+
+
+_NO_WORD_CONSTANTS = (np.zeros((1, 0), np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32))  # words off
+
+
+def _word_constants(bias64: np.ndarray, multiplier: np.ndarray,
+                    right: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The int32 bias, multiplier and right shift less 32 of :func:`_finish_words_strip`, or None where a right
+    shift lies outside 32..63 (callers have checked that the sums and multipliers fit, :func:`_sums_fit`)."""
+    if int(right.min()) < 32 or int(right.max()) > 63:
+        return None
+    return bias64.astype(np.int32), multiplier.astype(np.int32), (right - 32).astype(np.int32)
+
+
 @njit(cache=True, nogil=True)
 def _requantized_pair_kernel(x, packed, bias64, acc_bits, sums_fit, multiplier, right, half_r, zero_point, qmin,
-                             qmax, out, panel_vectors, chunks, wrapped, counters):
+                             qmax, out, panel_vectors, chunks, wrapped, words, bias32, multiplier32, low_right,
+                             counters):
     """The fused GEMM through _pair_tile: x (G, M, K) int8 or uint8, packed (G, vectors, ceil(K / 2), 16) with
     vectors a multiple of 2. A task is one group's panel of panel_vectors weight vectors (it stays in L2) swept
     by every 6-pixel strip of one chunk of the rows, claimed from counters (:func:`run_tasks`); each strip's
-    activations are widened to int16 once per panel (a K that is odd ends in a zero pair)."""
+    activations are widened to int16 once per panel (a K that is odd ends in a zero pair). With ``words`` (the
+    sums fit and :func:`_word_constants` gave bias32, multiplier32 and low_right) the epilogue is
+    :func:`_finish_words_strip`."""
     groups, m_total, k_total = x.shape
     n_g = bias64.shape[1]
     pairs = packed.shape[2]
@@ -938,8 +1039,12 @@ def _requantized_pair_kernel(x, packed, bias64, acc_bits, sums_fit, multiplier, 
                     target[k] = source[k]
             for v0 in range(v_lo, v_hi, _PAIR_VECTORS):
                 _pair_tile(widened, packed_g, v0, pairs, acc, (v0 - v_lo) * _PAIR_LANES)
-            task_wrapped += _finish_strip(acc, rows, c_hi - c_lo, bias_g[c_lo:], acc_bits, sums_fit, multiplier, right,
-                                          half_r, zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
+            if words:
+                _finish_words_strip(acc, rows, c_hi - c_lo, bias32[g, c_lo:], multiplier32, low_right, half_r,
+                                    zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
+            else:
+                task_wrapped += _finish_strip(acc, rows, c_hi - c_lo, bias_g[c_lo:], acc_bits, sums_fit, multiplier,
+                                              right, half_r, zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
         wrapped[task] = task_wrapped
         finish_task(counters)
         task = claim_task(counters)
@@ -1129,14 +1234,16 @@ class RequantizedGemm:
             panel = max(_VECTORS, _BROADCAST_PANEL_BYTES // (k_padded * _LANES) // _VECTORS * _VECTORS)
             self._broadcast = (packed, bias_u8, k_padded, panel, groups * -(-packed.shape[1] // panel),
                                _sums_fit(bias_u8, k_total, np.dtype(np.uint8), acc_bits, self._requant[0]))
-        # (packed weights, panel, tasks per row chunk, the sums fit) where vpmaddwd tiles run instead
+        # (packed weights, panel, tasks per row chunk, int32 epilogue constants or None, the sums fit) where vpmaddwd
+        # tiles run instead
         self._pairs = None
         if self._broadcast is None and _pair_tiles_run(k_total, n_g, acc_bits, use_avx2):
             packed = derived_from(w_nk, ("pairs", w_nk.shape), lambda: _pack_pair_weights(w_nk))
             panel = max(_PAIR_VECTORS, _PAIR_PANEL_BYTES // (packed.shape[2] * 2 * _PAIR_LANES)
                         // _PAIR_VECTORS * _PAIR_VECTORS)
-            self._pairs = (packed, panel, groups * -(-packed.shape[1] // panel),
-                           _sums_fit(self._bias64, k_total, self._x_dtype, acc_bits, self._requant[0]))
+            sums_fit = _sums_fit(self._bias64, k_total, self._x_dtype, acc_bits, self._requant[0])
+            words = _word_constants(self._bias64, *self._requant[:2]) if sums_fit else None
+            self._pairs = (packed, panel, groups * -(-packed.shape[1] // panel), words, sums_fit)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """(M, G*N) output integers and the wrapped count for x (G, M, K) of the dtype given at construction."""
@@ -1161,11 +1268,12 @@ class RequantizedGemm:
             if wrapped is not None:
                 return out, wrapped
         if self._pairs is not None and _pairs_compile[0] and m_total >= _PAIR_ROWS:
-            packed, panel, other_tasks, sums_fit = self._pairs
+            packed, panel, other_tasks, words, sums_fit = self._pairs
             operands = (np.ascontiguousarray(x), packed, self._bias64, self._acc_bits, sums_fit, *self._requant, out,
                         panel)
+            epilogue = (True, *words) if sums_fit and words is not None else (False, *_NO_WORD_CONSTANTS)
             wrapped = _fused_run(_requantized_pair_kernel, _pairs_compile, "AVX2", "portable", m_total, other_tasks,
-                                 _THINNEST_CHUNK, operands)
+                                 _THINNEST_CHUNK, operands, epilogue)
             if wrapped is not None:
                 return out, wrapped
         wrapped = _run_kernels(_requantized_gemm_vnni_kernel, _requantized_gemm_kernel, x, w_nk, self._bias64,
