@@ -761,7 +761,8 @@ def write_table(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def write_plots(rows: Sequence[dict[str, Any]], parameters: Sequence[str], out_dir: Path) -> list[Path]:
     """Latency, utilization and TOPS/W against each numeric swept parameter (against each swept parameter
-    if none is numeric), a line per combination of the others; a parameter swept in lockstep with one
+    if none is numeric), a line per combination of the others (coloured by one of them past ten lines,
+    :func:`tpusim.report.plots.sweep_figure`); a parameter swept in lockstep with one
     already plotted (``zip``) gets no plot of its own."""
     from tpusim.report.plots import determined_by, plot_sweep
 

@@ -1,6 +1,7 @@
 """Plots are valid PNGs written atomically: a failed plot leaves neither a partial file nor a temp file."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -432,3 +433,51 @@ def test_matplotlib_is_imported_by_the_first_figure_not_by_importing_the_module(
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True"]
     assert (tmp_path / "empty.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def _grid_records(**values):
+    """Every combination of the given parameters' values, with a latency that depends on each."""
+    names = list(values)
+    records = []
+    for combo in itertools.product(*values.values()):
+        record = dict(zip(names, combo))
+        record["latency_s"] = 1e-3 * (1 + sum(i * (v if isinstance(v, (int, float)) else 1)
+                                                for i, v in enumerate(combo, 1)))
+        records.append(record)
+    return records
+
+
+def test_a_sweep_with_more_lines_than_a_legend_names_colours_them_by_one_parameter():
+    # 3 x 12 x 2 points: 24 lines against array.rows, more than a legend names. Coloured by the parameter
+    # with the most values that ten colours tell apart (b, 2 values; a has 12): one artist per colour
+    # holding its 12 lines, NaN between them, and a legend of b's values.
+    records = _grid_records(**{"array.rows": [32, 64, 128], "a": list(range(12)), "b": [1, 2]})
+    fig = plots.sweep_figure(records, "array.rows", ("latency_s",), params=("array.rows", "a", "b"))
+    (ax,) = fig.axes
+    assert len(ax.lines) == 2 and len({line.get_color() for line in ax.lines}) == 2
+    for line in ax.lines:
+        xs = np.asarray(line.get_xdata(), dtype=float)
+        assert np.isnan(xs).sum() == 12 and sorted(set(xs[~np.isnan(xs)])) == [32, 64, 128]
+        assert line.get_linestyle() == "-" and line.get_marker() == "o"
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["1", "2"]
+    assert legend.get_title().get_text() == "b\n24 lines, 12 a colour"
+
+
+def test_a_colour_parameter_of_more_than_ten_values_takes_a_ramp_and_names_ten_of_them():
+    records = _grid_records(batch=[1, 2, 4], a=list(range(12)))
+    fig = plots.sweep_figure(records, "batch", ("latency_s",), params=("batch", "a"))
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["0", "1", "2", "4", "5", "6", "7", "9", "10", "11"]
+    assert legend.get_title().get_text() == "a (10 of 12 values)\n12 lines, 1 a colour"
+    assert len(fig.axes[0].lines) == 12 and len({line.get_color() for line in fig.axes[0].lines}) == 12
+
+
+def test_many_lines_of_a_categorical_sweep_stay_unjoined_markers_side_by_side():
+    records = _grid_records(**{"quant.calibration": ["minmax", "mse"], "a": list(range(6)), "b": [1, 2]})
+    fig = plots.sweep_figure(records, "quant.calibration", ("latency_s",), params=("quant.calibration", "a", "b"))
+    lines = fig.axes[0].lines  # 12 groups, coloured by a (6 values, b has 2)
+    assert len(lines) == 6 and all(line.get_linestyle() == "None" and line.get_marker() == "o" for line in lines)
+    xs = np.concatenate([np.asarray(line.get_xdata(), dtype=float) for line in lines])
+    xs = xs[~np.isnan(xs)]
+    assert len(set(np.round(xs, 6))) == 24 and set(np.round(xs)) == {0, 1}  # 12 offsets in each category

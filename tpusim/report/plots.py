@@ -51,6 +51,7 @@ OPS_PER_MAC = 2  # TOPS counts a MAC as two operations; intensity counts MACs pe
 LOG_SPAN = 4  # a swept parameter's axis is logarithmic once its values span this factor (32, 64, 128 do)
 METRIC_LOG_SPAN = 10  # a metric's axis once its values span this factor (a decade)
 CATEGORY_DODGE = 0.3  # of the gap between categories: the width a category's points are spread over
+LEGEND_LINES = 10  # a sweep plot names each line up to this many; past it, lines are coloured by one parameter
 METRIC_LABELS = {
     "latency_s": "latency (s)",
     "total_cycles": "cycles",
@@ -294,7 +295,11 @@ def zipped_with(records: Rows, x: str, params: Sequence[str]) -> list[str]:
 
 def sweep_figure(records: Rows, x: str, metrics: Sequence[str], *, params: Sequence[str] = (),
                  title: str | None = None) -> Figure:
-    """One panel per metric against ``x``; one line per combination of the other ``params`` that vary.
+    """One panel per metric against ``x``; one line per combination of the other ``params`` that vary, each
+    named in the legend up to :data:`LEGEND_LINES` lines. Past that a legend of hundreds of entries (a
+    1,000-point sweep against one of four parameters draws 100 or 500 lines) could not be read, and
+    took two thirds of the plot's time: the lines are thin and coloured by one of the other parameters
+    (:func:`_colour_key`), the legend names its values, and each colour's lines are one artist.
     Parameters zipped with ``x`` are named with it on the x axis (``array.rows = array.cols``, or each
     tick ``32 / 64`` when their values differ). Points of a categorical ``x`` are markers, never joined:
     a line between categories would say there is something between them."""
@@ -319,22 +324,33 @@ def sweep_figure(records: Rows, x: str, metrics: Sequence[str], *, params: Seque
 
     fig = Figure(figsize=(4.2 * len(metrics) + 0.8, 3.6), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    colours = _colour_key(records, others) if len(groups) > LEGEND_LINES else None
     for ax, metric in zip(axes, metrics):
         plotted: list[float] = []
+        bundles: dict[Any, tuple[list[float], list[float]]] = {}  # colour value -> its lines, NaN between them
         for index, (combo, rows) in enumerate(groups.items()):
             points = sorted((position[r[x]], r[metric]) for r in rows if _is_number(r.get(metric)))
             if not points:
                 continue
+            # side by side within a category, so that equal values do not hide each other
+            shift = (index / (len(groups) - 1) - 0.5) * CATEGORY_DODGE if len(groups) > 1 and not numeric_x else 0.0
+            xs_here, ys_here = [p + shift for p, _ in points], [v for _, v in points]
+            plotted += ys_here
+            if colours is not None:  # too many to name: drawn below, a bundle of thin lines per colour
+                bundle = bundles.setdefault(combo[colours.index], ([], []))
+                bundle[0].extend([*xs_here, math.nan])
+                bundle[1].extend([*ys_here, math.nan])
+                continue
+            cycle = index // 10  # colours repeat after ten lines: then the line style or marker changes
             label = ", ".join(f"{p}={_value_text(v)}" for p, v in zip(others, combo)) or None
-            cycle = index // 10  # colours repeat after ten groups: then the line style or marker changes
             if numeric_x:
-                ax.plot([p for p, _ in points], [v for _, v in points], marker="o", markersize=4,
-                        ls=LINE_STYLES[cycle % len(LINE_STYLES)], label=label)
-            else:  # side by side within a category, so that equal values do not hide each other
-                shift = (index / (len(groups) - 1) - 0.5) * CATEGORY_DODGE if len(groups) > 1 else 0.0
-                ax.plot([p + shift for p, _ in points], [v for _, v in points], ls="none",
-                        marker="os^Dv<>p"[cycle % 8], markersize=5, label=label)
-            plotted += [v for _, v in points]
+                ax.plot(xs_here, ys_here, marker="o", markersize=4, ls=LINE_STYLES[cycle % len(LINE_STYLES)],
+                        label=label)
+            else:
+                ax.plot(xs_here, ys_here, ls="none", marker="os^Dv<>p"[cycle % 8], markersize=5, label=label)
+        for value, (xs_here, ys_here) in bundles.items():  # one artist per colour: 1,000 points draw at once
+            ax.plot(xs_here, ys_here, color=colours.colour[value], lw=0.9, alpha=0.6,
+                    ls="-" if numeric_x else "none", marker="o", markersize=2.5)
         if log_x:
             ax.set_xscale("log", base=2 if _powers_of_two(xs) else 10)
         if _wide_positive(plotted, METRIC_LOG_SPAN):
@@ -349,11 +365,49 @@ def sweep_figure(records: Rows, x: str, metrics: Sequence[str], *, params: Seque
         ax.set_xlabel(x_label)
         ax.set_ylabel(_label(metric))
         ax.grid(True, which="both", alpha=0.3)
-    if others:
+    if colours is not None:
+        from matplotlib.lines import Line2D
+        shown = colours.values if len(colours.values) <= LEGEND_LINES else \
+            [colours.values[round(i * (len(colours.values) - 1) / (LEGEND_LINES - 1))] for i in range(LEGEND_LINES)]
+        handles = [Line2D([], [], color=colours.colour[v], marker="o", markersize=4) for v in shown]
+        per_colour = {sum(combo[colours.index] == v for combo in groups) for v in colours.values}
+        title_lines = [others[colours.index], f"{len(groups)} lines" + (f", {per_colour.pop()} a colour"
+                                                                        if len(per_colour) == 1 else "")]
+        if len(shown) < len(colours.values):
+            title_lines[0] += f" ({len(shown)} of {len(colours.values)} values)"
+        fig.legend(handles, [_value_text(v) for v in shown], loc="outside right upper", fontsize="small",
+                   title="\n".join(title_lines), title_fontsize="small", alignment="left")
+    elif others:
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right upper", fontsize="small" if len(labels) > 6 else "medium")
     fig.suptitle(title or f"sweep over {x_label}")
     return fig
+
+
+@dataclasses.dataclass(frozen=True)
+class _ColourKey:
+    index: int  # of the parameter, among the line-defining ones, whose value gives a line its colour
+    values: list  # that parameter's values, as they first occur
+    colour: dict  # value -> colour
+
+
+def _colour_key(records: Rows, others: Sequence[str]) -> _ColourKey:
+    """The colours of a sweep plot with more lines than a legend can name: by the line-defining parameter with
+    the most values that ten colours tell apart (else the one with the fewest), a colour per value, in a
+    sequential map by rank where there are more than ten."""
+    from matplotlib import colormaps
+
+    counts = [len(_distinct([r.get(p) for r in records])) for p in others]
+    fitting = [i for i, n in enumerate(counts) if n <= LEGEND_LINES]
+    index = max(fitting, key=lambda i: counts[i]) if fitting else min(range(len(others)), key=lambda i: counts[i])
+    values = _distinct([r.get(others[index]) for r in records])
+    if all(_is_number(v) for v in values):
+        values = sorted(values)
+    if len(values) <= LEGEND_LINES:
+        palette = colormaps["tab10"].colors
+        return _ColourKey(index, values, {v: palette[i] for i, v in enumerate(values)})
+    ramp = colormaps["viridis"]
+    return _ColourKey(index, values, {v: ramp(i / (len(values) - 1)) for i, v in enumerate(values)})
 
 
 def plot_sweep(records: Rows, x: str, metrics: Sequence[str], path: str | Path, *, params: Sequence[str] = (),
