@@ -136,6 +136,9 @@ class Graph:
     # A QDQ model's own activation grids (tensor name -> tpusim.quant.arithmetic.QParams); None for a
     # float model, which is calibrated instead.
     model_grids: Mapping[str, Any] | None = None
+    # Whether the model file keeps weights in external data files (ONNX Runtime is then given the model
+    # loaded with them); None for a model lowered from memory, whose file, if any, was not read.
+    external_data: bool | None = None
 
     @property
     def batch(self) -> int:

@@ -618,6 +618,16 @@ def test_external_data_round_trip(tmp_path):
     assert _ops(result.model) == ["Conv", "Relu", "Conv"]
 
 
+def test_reading_a_model_says_whether_it_kept_weights_in_external_files(tmp_path):
+    model = _conv_model()
+    path = _save_external(model, tmp_path)
+    loaded, _, external = canonical.read_model(path)
+    assert external and not any(t.data_location == TensorProto.EXTERNAL for t in loaded.graph.initializer)
+    inline = tmp_path / "inline.onnx"
+    onnx.save(model, inline)
+    assert canonical.read_model(inline)[2] is False
+
+
 def test_unloaded_external_data_is_one_line(tmp_path):
     path = _save_external(_conv_model(), tmp_path)
     unloaded = onnx.load_model(path, load_external_data=False)
@@ -745,7 +755,8 @@ def test_weights_the_checker_read_become_arrays_without_being_read_again(tmp_pat
     b = GraphBuilder((1, 3, 8, 8))
     path = tmp_path / "m.onnx"
     onnx.save(b.model(b.conv("input", 3, 64)), path)
-    model, raw = canonical.read_model(path)
+    model, raw, external = canonical.read_model(path)
+    assert not external
     weight, bias = model.graph.initializer
     assert list(raw) == [weight.name]  # the bias, 64 floats, is small enough to be checked with the graph
     got, want = canonical.tensor_array(weight, raw), numpy_helper.to_array(weight)

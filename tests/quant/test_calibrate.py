@@ -15,7 +15,7 @@ from tpusim.cli import main
 from tpusim.config import load_config
 from tpusim.errors import CalibrationDataWarning, DataError, ModelError
 from tpusim.frontend import lower_model
-from tpusim.frontend.lowering import index_rows
+from tpusim.frontend.lowering import index_rows, load_onnx
 from tpusim.frontend.reference import run_reference
 from tpusim.quant import calibrate
 from tpusim.quant.calibrate import graph_tensors, load_calibration_set, synthetic_ids, synthetic_inputs
@@ -301,6 +301,7 @@ def test_a_model_file_runs_from_its_bytes_with_the_outputs_of_its_parsed_model(t
     onnx.save(model, path)
     served = calibrate.model_for_onnxruntime(path)
     assert served == calibrate.ModelFile(path)
+    assert load_onnx(path).external_data is False and calibrate.model_for_onnxruntime(path, False) == served
     from_bytes, from_proto = calibrate.FloatModel(served, graph), calibrate.FloatModel(model, graph)
     assert from_bytes.output_names == from_proto.output_names and from_bytes.fixed_batch == from_proto.fixed_batch
     data = synthetic_inputs(graph.input_shape[1:], 10, 0)
@@ -315,6 +316,9 @@ def test_a_model_with_external_data_is_loaded_with_it(tmp_path):
               size_threshold=0)
     served = calibrate.model_for_onnxruntime(path)
     assert isinstance(served, onnx.ModelProto)
+    # The lowering of the file knows it (and saves the search of the file); a model in memory does not.
+    assert load_onnx(path).external_data is True and graph.external_data is None
+    assert isinstance(calibrate.model_for_onnxruntime(path, external_data=True), onnx.ModelProto)
     x = np.asarray(synthetic_inputs(graph.input_shape[1:], 1, 0).inputs)
     ours = run_reference(graph, x, keep_all=True)
     theirs = calibrate.FloatModel(served, graph).reference(x)

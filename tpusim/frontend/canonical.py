@@ -286,8 +286,9 @@ class RawWeights(dict):
     the lowering makes its arrays from these bytes instead of reading them again (:func:`tensor_array`)."""
 
 
-def read_model(path: str | Path) -> tuple[onnx.ModelProto, RawWeights]:
-    """:func:`load_model`, and the raw weights its check read."""
+def read_model(path: str | Path) -> tuple[onnx.ModelProto, RawWeights, bool]:
+    """:func:`load_model`, the raw weights its check read, and whether the file keeps weights in external
+    data files (loaded into the model here)."""
     path = Path(path)
     where = str(path)
     if path.is_dir():
@@ -300,8 +301,8 @@ def read_model(path: str | Path) -> tuple[onnx.ModelProto, RawWeights]:
         raise ModelError(f"{where}: not a readable ONNX model (corrupt or truncated): {type(exc).__name__}") from None
     if not model.graph.node:
         raise ModelError(f"{where}: not a readable ONNX model (empty graph; corrupt or truncated?)")
-    _load_external_data(model, path, where)
-    return model, _check(model, where, path)
+    external = _load_external_data(model, path, where)
+    return model, _check(model, where, path), external
 
 
 def _parse(path: Path) -> onnx.ModelProto:
@@ -320,10 +321,11 @@ def _parse(path: Path) -> onnx.ModelProto:
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path, where: str) -> None:
+def _load_external_data(model: onnx.ModelProto, path: Path, where: str) -> bool:
+    """Load the tensors that ``model`` keeps in data files beside ``path``, checking each: whether there were any."""
     external = [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
     if not external:
-        return
+        return False
     folder = path.resolve().parent
     expected: dict[str, tuple[int, str]] = {}
     for tensor in external:
@@ -362,6 +364,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path, where: str) -> None:
             if len(tensor.raw_data) < need:
                 raise ModelError(f"{where}: external data file {location!r} is truncated: initializer "
                                  f"{tensor.name!r} needs {need} bytes, found {len(tensor.raw_data)}")
+    return True
 
 
 _PACKED_4BIT = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")

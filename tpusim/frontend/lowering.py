@@ -87,9 +87,9 @@ def _lower(source: onnx.ModelProto | Path, where: str, batch: int | None, input_
     """:func:`lower_model` of a model the caller keeps (canonicalised as a copy), or of a file, read here
     so that nothing else holds it: canonicalised in place, its weights go once the layers have theirs."""
     if isinstance(source, onnx.ModelProto):
-        model, raw, consume = source, RawWeights(), False
+        model, raw, consume, external = source, RawWeights(), False, None
     else:
-        (model, raw), consume = read_model(source), True
+        (model, raw, external), consume = read_model(source), True
     del source
     if batch is not None and batch < 1:
         raise ModelError(f"{where}: batch must be >= 1, got {batch}")
@@ -155,7 +155,7 @@ def _lower(source: onnx.ModelProto | Path, where: str, batch: int | None, input_
     if elem_type != onnx.TensorProto.FLOAT:
         _check_index_input(where, graph.input[0], layers)
     return Graph(name=graph.name or Path(where).stem, input_name=graph.input[0].name, input_shape=shape,
-                 outputs=outputs, layers=layers, model_grids=grids)
+                 outputs=outputs, layers=layers, model_grids=grids, external_data=external)
 
 
 def _without_initializers(graph: onnx.GraphProto, data_input: onnx.ValueInfoProto) -> onnx.GraphProto:

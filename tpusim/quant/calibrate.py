@@ -402,13 +402,16 @@ def _session_exposing(model: onnx.ModelProto | ModelFile, tensors: list[str],
 _EXTERNAL_DATA_KEY = b"\n\x08location"
 
 
-def model_for_onnxruntime(path: str | Path) -> onnx.ModelProto | ModelFile:
+def model_for_onnxruntime(path: str | Path, external_data: bool | None = None) -> onnx.ModelProto | ModelFile:
     """The model at ``path`` as :class:`FloatModel` takes it: the file, unless its weights are in external
-    data files (then loaded with them, as a ModelProto). The file (lowered already, so not empty) is
-    searched in a memory map, not read."""
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        external = mapped.find(_EXTERNAL_DATA_KEY) != -1
-    return onnx.load(str(path)) if external else ModelFile(Path(path))
+    data files (then loaded with them, as a ModelProto). ``external_data``: whether they are, as the
+    lowering of that file found (:attr:`tpusim.ir.Graph.external_data`); where not known (None) the file
+    (lowered already, so not empty) is searched for an external-data entry in a memory map, not read
+    (BERT-base's 436 MB: 0.3 s)."""
+    if external_data is None:
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            external_data = mapped.find(_EXTERNAL_DATA_KEY) != -1
+    return onnx.load(str(path)) if external_data else ModelFile(Path(path))
 
 
 def _check_finite_parameters(graph: Graph) -> None:

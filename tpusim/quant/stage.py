@@ -167,7 +167,8 @@ def quantize_and_measure(graph: Graph, model_path: Path, config: HardwareConfig,
                          progress: Progress | None = None) -> QuantOutcome:
     quant = config.quant
     # passed, not kept: calibration drops the model once ONNX Runtime has it
-    quantized = calibrate_and_quantize(graph, model_for_onnxruntime(model_path), config, calib_data, progress)
+    quantized = calibrate_and_quantize(graph, model_for_onnxruntime(model_path, graph.external_data), config,
+                                       calib_data, progress)
     graph, data, calibration, qgraph = quantized.graph, quantized.data, quantized.calibration, quantized.qgraph
     available = len(data.inputs)
     held_out = True
