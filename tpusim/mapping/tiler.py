@@ -475,6 +475,15 @@ def _host_extent(program: Program) -> int:
                 for ins in program.instructions if isinstance(ins, (ReadHostMemory, WriteHostMemory))), default=0)
 
 
+def _moved(ins: Instruction, changes: dict[str, int]) -> Instruction:
+    """``dataclasses.replace(ins, **changes)`` for an instruction (a frozen dataclass whose constructor only
+    stores its fields): the fields copied as they are, without the constructor's call per field, which took
+    a tenth of a batch-16 sweep point's time (17,805 instructions concatenated: 80 ms)."""
+    moved = object.__new__(type(ins))
+    moved.__dict__.update(ins.__dict__, **changes)
+    return moved
+
+
 def _concatenate(passes: list[Program]) -> Program:
     """One program running ``passes`` back to back: layer indices and host addresses offset per pass."""
     n_layers = len(passes[0].layer_names)
@@ -487,7 +496,7 @@ def _concatenate(passes: list[Program]) -> Program:
             changes = {"layer": ins.layer + p * n_layers}
             if isinstance(ins, (ReadHostMemory, WriteHostMemory, WriteWeightMemory)):
                 changes["host_addr"] = ins.host_addr + host_base
-            code.append(dataclasses.replace(ins, **changes))
+            code.append(_moved(ins, changes))
         host_base += _host_extent(program)
     first = passes[0]
     return Program(
