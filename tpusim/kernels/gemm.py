@@ -822,12 +822,8 @@ def _requantized_amx_kernel(x, packed, bias64, acc_bits, sums_fit, multiplier, r
                 configured = rows
             for v0 in range(v_lo, v_hi, amx.BLOCK_VECTORS):
                 amx.tile_block(xg, packed_g, m0, np.int64(rows > amx.TILE_ROWS), v0, quads, acc, (v0 - v_lo) * _LANES)
-            if words:
-                _finish_words_strip(acc, rows, c_hi - c_lo, bias32[g, c_lo:], multiplier32, low_right, half_r,
-                                    zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
-            else:
-                task_wrapped += _finish_strip(acc, rows, c_hi - c_lo, bias_g[c_lo:], acc_bits, sums_fit, multiplier,
-                                              right, half_r, zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
+            task_wrapped += _finish_strip(acc, rows, c_hi - c_lo, bias_g[c_lo:], acc_bits, sums_fit, multiplier, right,
+                                          half_r, zero_point, qmin, qmax, out, m0, g * n_g + c_lo)
         wrapped[task] = task_wrapped
         finish_task(counters)
         task = claim_task(counters)
