@@ -11,12 +11,12 @@ they do not. The tables are built before the timing, as a layer builds its table
 from __future__ import annotations
 
 import sys
-import time
 
 import numba
 import numpy as np
 
 from bench_integer_execution import _quantized
+from bench_pe_kernel import best_seconds
 from tpusim.kernels.gemm import HAS_VECTOR_INT64_MULTIPLY
 from tpusim.ops import add
 from tpusim.quant.execute import run_integer
@@ -50,15 +50,6 @@ def _recorded_adds(name: str) -> list[tuple[object, list[np.ndarray]]]:
     return list(layers.values())
 
 
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main(name: str = "resnet50", threads: int = 2, repeats: int = 9) -> None:
     numba.set_num_threads(threads)
     recorded = _recorded_adds(name)
@@ -73,7 +64,7 @@ def main(name: str = "resnet50", threads: int = 2, repeats: int = 9) -> None:
         if not np.array_equal(outputs["arithmetic"], outputs["table"]):
             sys.exit(f"{ql.name}: the two kernels disagree")
         for kind, fused in kernels.items():
-            totals[kind] += _best(lambda: fused(inputs), repeats)
+            totals[kind] += best_seconds(lambda: fused(inputs), repeats)
         elements += inputs[0].size
     taken = "arithmetic" if HAS_VECTOR_INT64_MULTIPLY else "table"
     print(f"{name}: {len(recorded)} fused adds, {elements / 1e6:.1f} M elements; {threads} threads; best of {repeats} "

@@ -654,6 +654,42 @@ def _broadcast_tile(typingctx, x, packed, m0, m_last, v0, quads, out, out_col):
     return sig, codegen
 
 
+class _EpilogueRow:
+    """What both epilogue intrinsics (:func:`_requantize_lanes`, :func:`_requantize_words`) take from their
+    arguments (acc, row, vectors, four constant arrays, zero_point, qmin, qmax, out, out_row, out_col): byte
+    addresses in the row of raw sums and the constant arrays, and the clamped, narrowed store of ``lanes``
+    outputs at a channel of the output row from out_col."""
+
+    def __init__(self, context, builder, signature, args, lanes: int):
+        self.builder, self.byte = builder, ir.IntType(8)
+        self.arrays = {a: context.make_array(signature.args[a])(context, builder, args[a]) for a in (0, 3, 4, 5, 6, 10)}
+        acc_stride = cgutils.unpack_tuple(builder, self.arrays[0].strides, 2)[0]
+        out_stride = cgutils.unpack_tuple(builder, self.arrays[10].strides, 2)[0]
+        element = context.get_data_type(signature.args[10].dtype)
+        self.stored_type = ir.VectorType(element, lanes)
+        self.item_bytes = element.width // 8
+        row, out_row, out_col = args[1], args[11], args[12]
+        self.acc_row = self.address(0, builder.mul(row, acc_stride))
+        self.out_row = self.address(10, builder.add(builder.mul(out_row, out_stride),
+                                                    builder.mul(out_col, ir.Constant(out_col.type, self.item_bytes))))
+
+    def address(self, array: int, offset):
+        """The byte at ``offset`` of argument ``array``'s data."""
+        builder = self.builder
+        return builder.gep(builder.bitcast(self.arrays[array].data, self.byte.as_pointer()), [offset],
+                           source_etype=self.byte)
+
+    def store(self, channel, value, qmin, qmax) -> None:
+        """``value`` clamped to [qmin, qmax] and narrowed to the output's integers, stored from ``channel`` on."""
+        builder = self.builder
+        value = builder.select(builder.icmp_signed("<", value, qmin), qmin, value)
+        value = builder.select(builder.icmp_signed(">", value, qmax), qmax, value)
+        target = builder.gep(self.out_row, [builder.mul(channel, ir.Constant(channel.type, self.item_bytes))],
+                             source_etype=self.byte)
+        builder.store(builder.trunc(value, self.stored_type), builder.bitcast(target, self.stored_type.as_pointer()),
+                      align=1)
+
+
 _I64X16 = ir.VectorType(ir.IntType(64), _LANES)
 
 
@@ -671,17 +707,8 @@ def _requantize_lanes(typingctx, acc, row, vectors, bias, multiplier, right, hal
     sig = types.void(acc, row, vectors, bias, multiplier, right, half, zero_point, qmin, qmax, out, out_row, out_col)
 
     def codegen(context, builder, signature, args):
-        byte, i32 = ir.IntType(8), ir.IntType(32)
-        arrays = {a: context.make_array(signature.args[a])(context, builder, args[a]) for a in (0, 3, 4, 5, 6, 10)}
-        acc_stride = cgutils.unpack_tuple(builder, arrays[0].strides, 2)[0]
-        out_stride = cgutils.unpack_tuple(builder, arrays[10].strides, 2)[0]
-        element = context.get_data_type(signature.args[10].dtype)
-        stored_type = ir.VectorType(element, _LANES)
-        item_bytes = element.width // 8
-        row, vectors, out_row, out_col = args[1], args[2], args[11], args[12]
-
-        def address(array, offset):
-            return builder.gep(builder.bitcast(array.data, byte.as_pointer()), [offset], source_etype=byte)
+        i32 = ir.IntType(32)
+        epilogue = _EpilogueRow(context, builder, signature, args, _LANES)
 
         def splat(value):
             lane = builder.insert_element(ir.Constant(_I64X16, None), value, i32(0))
@@ -692,29 +719,21 @@ def _requantize_lanes(typingctx, acc, row, vectors, bias, multiplier, right, hal
 
         zero_point, qmin, qmax = (splat(args[a]) for a in (7, 8, 9))
         sign_bit = ir.Constant(_I64X16, [63] * _LANES)
-        acc_row = address(arrays[0], builder.mul(row, acc_stride))
-        out_row_start = address(arrays[10], builder.add(builder.mul(out_row, out_stride),
-                                                        builder.mul(out_col, ir.Constant(out_col.type, item_bytes))))
-        with cgutils.for_range(builder, vectors) as loop:
+        with cgutils.for_range(builder, args[2]) as loop:
             channel = builder.mul(loop.index, ir.Constant(loop.index.type, _LANES))
 
             def constants(a):
-                target = address(arrays[a], builder.mul(channel, ir.Constant(channel.type, 8)))
+                target = epilogue.address(a, builder.mul(channel, ir.Constant(channel.type, 8)))
                 return builder.load(builder.bitcast(target, _I64X16.as_pointer()), typ=_I64X16, align=8)
 
-            sums = builder.gep(acc_row, [builder.mul(channel, ir.Constant(channel.type, 4))], source_etype=byte)
+            sums = builder.gep(epilogue.acc_row, [builder.mul(channel, ir.Constant(channel.type, 4))],
+                               source_etype=epilogue.byte)
             raw = builder.load(builder.bitcast(sums, _I32X16.as_pointer()), typ=_I32X16, align=4)
             stored = narrowed(builder.add(builder.sext(raw, _I64X16), constants(3)))
             product = builder.mul(stored, narrowed(constants(4)))
             rounded = builder.ashr(builder.add(builder.add(product, constants(6)), builder.ashr(product, sign_bit)),
                                    constants(5))
-            value = builder.add(rounded, zero_point)
-            value = builder.select(builder.icmp_signed("<", value, qmin), qmin, value)
-            value = builder.select(builder.icmp_signed(">", value, qmax), qmax, value)
-            target = builder.gep(out_row_start, [builder.mul(channel, ir.Constant(channel.type, item_bytes))],
-                                 source_etype=byte)
-            builder.store(builder.trunc(value, stored_type), builder.bitcast(target, stored_type.as_pointer()),
-                          align=1)
+            epilogue.store(channel, builder.add(rounded, zero_point), qmin, qmax)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -926,17 +945,8 @@ def _requantize_words(typingctx, acc, row, vectors, bias, multiplier, low_right,
                      out_col)
 
     def codegen(context, builder, signature, args):
-        byte, i32 = ir.IntType(8), ir.IntType(32)
-        arrays = {a: context.make_array(signature.args[a])(context, builder, args[a]) for a in (0, 3, 4, 5, 6, 10)}
-        acc_stride = cgutils.unpack_tuple(builder, arrays[0].strides, 2)[0]
-        out_stride = cgutils.unpack_tuple(builder, arrays[10].strides, 2)[0]
-        element = context.get_data_type(signature.args[10].dtype)
-        stored_type = ir.VectorType(element, _PAIR_LANES)
-        item_bytes = element.width // 8
-        row, vectors, out_row, out_col = args[1], args[2], args[11], args[12]
-
-        def address(array, offset):
-            return builder.gep(builder.bitcast(array.data, byte.as_pointer()), [offset], source_etype=byte)
+        i32 = ir.IntType(32)
+        epilogue = _EpilogueRow(context, builder, signature, args, _PAIR_LANES)
 
         def splat(value):
             lane = builder.insert_element(ir.Constant(_I32X8, None), builder.trunc(value, i32), i32(0))
@@ -945,28 +955,22 @@ def _requantize_words(typingctx, acc, row, vectors, bias, multiplier, low_right,
         zero_point, qmin, qmax = (splat(args[a]) for a in (7, 8, 9))
         sign_bit = ir.Constant(_I64X8, [63] * _PAIR_LANES)
         high_word = ir.Constant(_I64X8, [32] * _PAIR_LANES)
-        acc_row = address(arrays[0], builder.mul(row, acc_stride))
-        out_row_start = address(arrays[10], builder.add(builder.mul(out_row, out_stride),
-                                                        builder.mul(out_col, ir.Constant(out_col.type, item_bytes))))
-        with cgutils.for_range(builder, vectors) as loop:
+        with cgutils.for_range(builder, args[2]) as loop:
             channel = builder.mul(loop.index, ir.Constant(loop.index.type, _PAIR_LANES))
 
             def load(base, vector_type, width):
-                target = builder.gep(base, [builder.mul(channel, ir.Constant(channel.type, width))], source_etype=byte)
+                target = builder.gep(base, [builder.mul(channel, ir.Constant(channel.type, width))],
+                                     source_etype=epilogue.byte)
                 return builder.load(builder.bitcast(target, vector_type.as_pointer()), typ=vector_type, align=width)
 
-            stored = builder.add(load(acc_row, _I32X8, 4), load(address(arrays[3], channel.type(0)), _I32X8, 4))
-            product = builder.mul(builder.sext(stored, _I64X8),
-                                  builder.sext(load(address(arrays[4], channel.type(0)), _I32X8, 4), _I64X8))
-            rounding = builder.add(load(address(arrays[6], channel.type(0)), _I64X8, 8), builder.ashr(product, sign_bit))
+            def constants(a, vector_type, width):
+                return load(epilogue.address(a, channel.type(0)), vector_type, width)
+
+            stored = builder.add(load(epilogue.acc_row, _I32X8, 4), constants(3, _I32X8, 4))
+            product = builder.mul(builder.sext(stored, _I64X8), builder.sext(constants(4, _I32X8, 4), _I64X8))
+            rounding = builder.add(constants(6, _I64X8, 8), builder.ashr(product, sign_bit))
             high = builder.trunc(builder.lshr(builder.add(product, rounding), high_word), _I32X8)
-            value = builder.add(builder.ashr(high, load(address(arrays[5], channel.type(0)), _I32X8, 4)), zero_point)
-            value = builder.select(builder.icmp_signed("<", value, qmin), qmin, value)
-            value = builder.select(builder.icmp_signed(">", value, qmax), qmax, value)
-            target = builder.gep(out_row_start, [builder.mul(channel, ir.Constant(channel.type, item_bytes))],
-                                 source_etype=byte)
-            builder.store(builder.trunc(value, stored_type), builder.bitcast(target, stored_type.as_pointer()),
-                          align=1)
+            epilogue.store(channel, builder.add(builder.ashr(high, constants(5, _I32X8, 4)), zero_point), qmin, qmax)
         return context.get_dummy_value()
 
     return sig, codegen
