@@ -170,8 +170,8 @@ class _FusedAdd:
     Two 8-bit inputs take their outputs from a 64 KiB table of every pair of input bytes (:func:`_sum_table`),
     built once by the general path, except where the CPU multiplies int64 lanes (AVX-512 DQ's ``vpmullq``) and
     the arithmetic kernel's shortcuts hold: there :func:`_add_kernel` computes each output. Without ``vpmullq``
-    an int64 product is several instructions a lane, and ResNet-50's 16 adds took 5.0 ms of a 50 ms integer run
-    on an AVX2 Zen 3 against 2.1 ms looked up (``benchmarks/bench_residual_add.py``). Either kernel runs over
+    an int64 product is several instructions a lane: on an AVX2 Zen 3, ResNet-50's 16 adds took 5.6-7.3 ms
+    computed against 2.9-3.7 ms looked up, two threads (``benchmarks/bench_residual_add.py``). Either kernel runs over
     memory in the inputs' own order (the integer conv returns channels-last memory behind an NCHW shape), and
     its output keeps that order.
     """
