@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tpusim.report import fonts
 from tpusim.report.files import atomic_write_bytes
 
 # matplotlib (half a second to import) is imported by the functions that draw, on the first figure: a
@@ -120,10 +121,7 @@ def _png_bytes(fig: Figure) -> bytes:
 def figure_png(fig: Figure) -> bytes:
     """``fig`` rendered as PNG, on an Agg canvas. The figure lays itself out (a layout engine or
     :func:`_fit_row`), so it is rendered once, at its own size."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    if not isinstance(fig.canvas, FigureCanvasAgg):
-        FigureCanvasAgg(fig)
+    fonts.canvas(fig)
     return _png_bytes(fig)
 
 
@@ -139,10 +137,7 @@ def _fit_row(fig: Figure, axes: Sequence[Axes], passes: int = 1) -> None:
     What sticks out of an axes does not depend on its size, except for legends anchored at a fraction of
     it: one pass fits a legend to the side to within a hundredth of the axes, a second one a legend
     anchored below. Each pass measures each label once (a layout engine measures each several times)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    renderer = canvas.get_renderer()
+    renderer = fonts.canvas(fig).get_renderer()
     width, height = fig.get_size_inches()
     pad = FIT_PAD_IN
     for _ in range(passes):
