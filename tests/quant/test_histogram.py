@@ -41,6 +41,10 @@ def test_observe_exact_extremes_count_and_grid():
     np.testing.assert_array_equal(s.counts, np.histogram(x.astype(np.float64), bins=s.edges)[0])
 
 
+def _bins(data: np.ndarray, level: int, first_bin: int, bins: int) -> tuple[bool, np.ndarray]:
+    return _bin_counts(data, histogram._grid(np.asarray(data).dtype, level, first_bin, bins), first_bin, bins)
+
+
 def test_bin_kernel_matches_oracle():
     rng = np.random.default_rng(2)
     for level, first_bin, data in [
@@ -48,13 +52,13 @@ def test_bin_kernel_matches_oracle():
         (3, 0, rng.uniform(0, 8 * 100, 5000).astype(np.float32)),
         (-20, -64, np.concatenate([rng.uniform(-64, 0, 100) * 2.0**-20, [0.0, -0.0]])),
     ]:
-        inside, counts = _bin_counts(data, math.ldexp(1.0, -level), first_bin, 128)
+        inside, counts = _bins(data, level, first_bin, 128)
         assert inside
         np.testing.assert_array_equal(counts, bin_counts_reference(data, level, first_bin, 128))
 
 
 def test_bin_kernel_reports_values_outside_window():
-    inside, _ = _bin_counts(np.array([0.5, 9.0]), 1.0, 0, 8)
+    inside, _ = _bins(np.array([0.5, 9.0]), 0, 0, 8)
     assert not inside
 
 
@@ -319,7 +323,7 @@ def test_bin_kernel_matches_oracle_on_zero_heavy_and_constant_data():
         (2, 5, rng.uniform(20, 40, 3000)),  # a window that does not hold 0
         (3, -10, np.zeros(17)),  # fewer values than the ways times the spread
     ]:
-        inside, counts = _bin_counts(data, math.ldexp(1.0, -level), first_bin, 64)
+        inside, counts = _bins(data, level, first_bin, 64)
         assert inside
         np.testing.assert_array_equal(counts, bin_counts_reference(data, level, first_bin, 64))
 
@@ -327,9 +331,64 @@ def test_bin_kernel_matches_oracle_on_zero_heavy_and_constant_data():
 def test_bin_kernel_reports_any_value_outside_the_window():
     for data, first_bin in [([0.5, 9.0], 0), ([1e300], 0), ([-1e300], 0), ([-0.5], 0), ([-1e-310], 0),
                             ([3.0] * 5000 + [-4.0], -3)]:
-        inside, _ = _bin_counts(np.array(data), 1.0, first_bin, 8)
+        inside, _ = _bins(np.array(data), 0, first_bin, 8)
         assert not inside, data
-    assert _bin_counts(np.array([-0.5]), 1.0, -1, 8)[0]
+    assert _bins(np.array([-0.5]), 0, -1, 8)[0]
+
+
+def _float64_grid(level: int, first_bin: int, bins: int) -> tuple:
+    return histogram._grid(np.dtype(np.float64), level, first_bin, bins)
+
+
+def test_float32_data_is_binned_in_float32_where_that_is_exact():
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    assert {type(v) for v in histogram._grid(f32, -5, -100, 2048)} == {np.float32}
+    assert {type(v) for v in histogram._grid(f64, -5, -100, 2048)} == {np.float64}
+    for level, first_bin, bins in [(-128, 0, 8), (127, 0, 8), (-1000, -1, 2048), (0, 2**24 - 7, 8),
+                                   (0, -(2**24), 8), (0, 2**24 - 2047, 2048)]:
+        assert {type(v) for v in histogram._grid(f32, level, first_bin, bins)} == {np.float64}, (level, first_bin)
+    for level, first_bin, bins in [(-127, 0, 8), (126, -1, 8), (0, 2**24 - 8, 8), (0, 1 - 2**24, 8)]:
+        assert {type(v) for v in histogram._grid(f32, level, first_bin, bins)} == {np.float32}, (level, first_bin)
+
+
+def _float32_cases(rng: np.random.Generator) -> list[tuple[int, int, int, np.ndarray]]:
+    """(level, first bin, bins, float32 values) where float32 arithmetic could go wrong if it were not exact:
+    bin edges and the floats either side of them, values whose scaled value is subnormal or -0.0, the ends of
+    float32's range of bin widths and of its integers, values just outside the window and far beyond it."""
+    def around(values: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):  # (edges past float32's largest value become inf: outside too)
+            values = values.astype(np.float32)
+        return np.concatenate([values, np.nextafter(values, np.float32(-np.inf)),
+                               np.nextafter(values, np.float32(np.inf))])
+
+    cases = []
+    for level, first_bin, bins in [(-2, -8, 32), (-20, -64, 128), (3, 0, 64), (-127, -4, 16), (126, -1, 4),
+                                   (0, 2**24 - 8, 8), (0, 1 - 2**24, 8), (-10, -1024, 2048)]:
+        edges = np.ldexp(np.arange(first_bin - 1, first_bin + bins + 2, dtype=np.float64), level)
+        inside = np.ldexp(rng.uniform(first_bin, first_bin + bins, 4000), level)
+        special = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 1e-38, -1e-38, 3e38, -3e38])
+        cases.append((level, first_bin, bins, around(np.concatenate([edges, inside, special]))))
+    return cases
+
+
+def test_float32_binning_equals_float64_binning_and_the_oracle():
+    rng = np.random.default_rng(30)
+    for level, first_bin, bins, data in _float32_cases(rng):
+        assert {type(v) for v in histogram._grid(data.dtype, level, first_bin, bins)} == {np.float32}
+        data = rng.permutation(data)
+        fits = np.array([math.isfinite(v) and first_bin <= histogram.grid_index(float(v), level) < first_bin + bins
+                         for v in data])
+        assert not fits.all()
+        for x in (data, np.ascontiguousarray(data[fits])):
+            ok32, counts32 = _bins(x, level, first_bin, bins)
+            ok64, counts64 = _bin_counts(x, _float64_grid(level, first_bin, bins), first_bin, bins)
+            assert ok32 == ok64 == (x.size == fits.sum()), (level, first_bin)
+        np.testing.assert_array_equal(counts32, counts64)
+        np.testing.assert_array_equal(counts32, bin_counts_reference(x, level, first_bin, bins))
+        int_type, magnitude, _ = histogram._FLOAT_BITS[x.dtype]
+        one_pass = _bin_counts_and_extremes(x, x.view(int_type), int_type, magnitude,
+                                            histogram._grid(x.dtype, level, first_bin, bins), first_bin, bins)
+        assert one_pass[0] and np.array_equal(one_pass[3], counts64), (level, first_bin)
 
 
 def test_coarsening_kernel_matches_its_oracle():
@@ -363,8 +422,8 @@ def test_a_merge_is_the_statistics_its_checked_constructor_gives():
 
 def _one_pass(x: np.ndarray, level: int, first_bin: int, bins: int) -> tuple[bool, int, int, np.ndarray]:
     int_type, magnitude, _ = histogram._FLOAT_BITS[x.dtype]
-    return _bin_counts_and_extremes(x, x.view(int_type), int_type, magnitude, math.ldexp(1.0, -level), first_bin,
-                                    bins)
+    return _bin_counts_and_extremes(x, x.view(int_type), int_type, magnitude,
+                                    histogram._grid(x.dtype, level, first_bin, bins), first_bin, bins)
 
 
 def _assert_one_pass_matches_oracle(x: np.ndarray, level: int, first_bin: int, bins: int) -> bool:

@@ -233,21 +233,39 @@ def _decoded_extremes(flat: np.ndarray, lo_key: int, hi_key: int) -> tuple[float
 _CHUNK = 1024  # values whose bins are found together (a vectorised loop) before they are counted
 _WAYS = 4  # interleaved copies of the counts: a run of values in one bin updates four counters in turn
 _SPREAD = 8  # slots per copy that share the count of the bin of 0 (ReLU outputs put half their values there)
+_FLOAT32_INTEGERS = 2**24  # float32 holds every integer up to this
 
 
 @njit(inline="always")
-def _slot(v, i, inv_width, first_bin, bins):
+def _slot(v, i, grid, first_bin, bins):
     """(bin of ``v`` in the window from global bin ``first_bin``, the slot of ``ways`` the value is counted in).
 
     The bin is unsigned and at least ``bins`` for a value outside, NaN included (``max(below, NaN)`` is
     ``below``, clamped to just outside before the integer conversion); a value below 0 is in bin -1 however
-    small. Value ``i`` of a chunk counts the bin of 0 in spread slot ``i % _SPREAD``."""
+    small. Value ``i`` of a chunk counts the bin of 0 in spread slot ``i % _SPREAD``. ``grid`` is
+    :func:`_grid`'s, all of one float type (a literal would widen float32 arithmetic to float64)."""
+    inv_width, origin, below, above = grid
     g = np.floor(v * inv_width)
-    g = -1.0 if (g == 0.0) & (v < 0.0) else g  # a tiny negative whose scaled value rounds to -0.0
-    below = np.float64(first_bin) - 1.0
-    above = np.float64(first_bin) + np.float64(bins)
-    j = np.uint32(np.int32(min(max(below, g), above) - np.float64(first_bin)))  # -1 wraps: outside
+    g = below - origin if (g == 0.0) & (v < 0.0) else g  # -1 for a tiny negative whose scaled value rounds to -0.0
+    j = np.uint32(np.int32(min(max(below, g), above) - origin))  # -1 wraps: outside
     return j, (np.uint32(bins) + np.uint32(i % _SPREAD)) if j == np.uint32(-first_bin) else j
+
+
+def _grid(dtype: np.dtype, level: int, first_bin: int, bins: int) -> tuple:
+    """What the binning kernels scale and clamp with: (1 / bin width, the window's first global bin, one bin
+    below it, one bin past its end), in float32 for float32 data where that is exact, else in float64.
+
+    Exact in float32 when the width is a power of two whose inverse is a normal float32 and the bins
+    around the window are integers float32 holds (up to 2**24): then ``v * inv_width`` is exact except where
+    it is subnormal, where its floor is 0 or -1 either way (-0.0 is caught as for float64), and an overflow
+    to inf lands outside the window, as the exact value does. The float32 pass handles twice the values
+    per vector instruction of the float64 one, which widens each value first."""
+    window_ends = max(abs(first_bin - 1), abs(first_bin + bins))
+    if dtype == np.float32 and -126 <= -level <= 127 and window_ends <= _FLOAT32_INTEGERS:
+        kind = np.float32
+    else:
+        kind = np.float64
+    return (kind(math.ldexp(1.0, -level)), kind(first_bin), kind(first_bin - 1), kind(first_bin + bins))
 
 
 @njit(inline="always")
@@ -266,7 +284,7 @@ def _summed_ways(ways, first_bin, bins):
 
 
 @njit(cache=True, nogil=True)
-def _bin_counts(x, inv_width, first_bin, bins):
+def _bin_counts(x, grid, first_bin, bins):
     """Counts of ``floor(x * inv_width) - first_bin`` over [0, bins), a value below 0 in bin -1 however
     small; ok=False (and the counts so far) if any value falls outside.
 
@@ -281,7 +299,7 @@ def _bin_counts(x, inv_width, first_bin, bins):
         chunk = x[start : start + _CHUNK]
         outside = False
         for i in range(chunk.size):
-            j, index[i] = _slot(chunk[i], i, inv_width, first_bin, bins)
+            j, index[i] = _slot(chunk[i], i, grid, first_bin, bins)
             outside |= j >= np.uint32(bins)
         if outside:
             return False, ways[:bins].copy()
@@ -303,7 +321,7 @@ def bin_counts_reference(x: np.ndarray, level: int, first_bin: int, bins: int) -
 
 
 @njit(cache=True, nogil=True)
-def _bin_counts_and_extremes(x, bits, int_type, magnitude, inv_width, first_bin, bins):
+def _bin_counts_and_extremes(x, bits, int_type, magnitude, grid, first_bin, bins):
     """:func:`_bin_counts` on a window known beforehand, finding in the same pass what :func:`_ordered_extremes`
     finds: (all inside, lowest key, highest key, counts) of ``x`` and its bit patterns ``bits``.
 
@@ -323,7 +341,7 @@ def _bin_counts_and_extremes(x, bits, int_type, magnitude, inv_width, first_bin,
             key = _ordered_key(chunk_bits[i], int_type, magnitude)
             lo = min(lo, key)
             hi = max(hi, key)
-            j, index[i] = _slot(chunk[i], i, inv_width, first_bin, bins)
+            j, index[i] = _slot(chunk[i], i, grid, first_bin, bins)
             outside |= j >= np.uint32(bins)
         if outside:
             return False, lo, hi, ways[:bins].copy()
@@ -395,7 +413,7 @@ def observe(x: np.ndarray, bins: int = DEFAULT_BINS, *, name: str = "tensor") ->
     if not finite:
         raise NonFiniteError(f"{name}: tensor contains NaN or inf")
     level, first_bin = _window(data_min, data_max, bins, _MIN_LEVEL)
-    inside, counts = _bin_counts(flat, math.ldexp(1.0, -level), first_bin, bins)
+    inside, counts = _bin_counts(flat, _grid(flat.dtype, level, first_bin, bins), first_bin, bins)
     if not inside:
         raise AssertionError("histogram window does not cover the data")
     return _stats(data_min, data_max, counts, level, first_bin, name)
@@ -433,7 +451,7 @@ def observe_merged(running: TensorStats, x: np.ndarray, *, name: str = "tensor")
     level, first_bin, bins = running.level, running.first_bin, running.bins
     int_type, magnitude, _ = _FLOAT_BITS[flat.dtype]
     inside, lo_key, hi_key, counts = _bin_counts_and_extremes(
-        flat, flat.view(int_type), int_type, magnitude, math.ldexp(1.0, -level), first_bin, bins)
+        flat, flat.view(int_type), int_type, magnitude, _grid(flat.dtype, level, first_bin, bins), first_bin, bins)
     if inside:  # then observe(x) would not fail either: its window is no wider than running's
         x_min, x_max = _decoded_extremes(flat, lo_key, hi_key)
         data_min, data_max = min(running.min, x_min), max(running.max, x_max)
