@@ -71,6 +71,12 @@ def test_every_key_of_the_shipped_config_has_a_comment():
     (lambda d: d["unified_buffer"].update(port_bytes_per_cycle=0),
      r"unified_buffer\.port_bytes_per_cycle: must be > 0"),
     (lambda d: d["unified_buffer"].pop("write_ports"), r"unified_buffer\.write_ports: missing key"),
+    (lambda d: d["activation_unit"].update(scale_path_bytes_per_cycle=float("inf")),
+     r"activation_unit\.scale_path_bytes_per_cycle: expected a finite number, got inf"),
+    (lambda d: d["weight_memory"].update(bandwidth_gb_s=float("nan")),
+     r"weight_memory\.bandwidth_gb_s: expected a finite number, got nan"),
+    (lambda d: d["input_preprocessing"].update(mean=[0.0, float("-inf"), 0.0]),
+     r"input_preprocessing\.mean\[1\]: expected a finite number"),
     (lambda d: d.update(host=5), r"host: expected a mapping"),
     (lambda d: d.update(extra={}), r"extra: unknown key"),
 ])

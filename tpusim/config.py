@@ -7,6 +7,7 @@ reports the first problem as one line naming the file and the key path.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -231,6 +232,8 @@ def _check_value(value: Any, tp: Any, meta: Any, where: str, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {path}: expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # YAML's .inf and .nan are numbers; no setting means either
+            raise ConfigError(f"{where}: {path}: expected a finite number, got {value!r}")
     elif tp is str:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: {path}: expected a non-empty string, got {value!r}")
