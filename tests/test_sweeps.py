@@ -109,6 +109,21 @@ def test_point_keys_change_with_every_value_and_the_config_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------ real runs
 
+def test_points_that_reuse_a_compiled_program_equal_direct_simulation(tmp_path):
+    # bandwidths vary fastest: a worker compiles each array shape once and simulates the other points on it
+    grid = {"array.rows": [64, 128], "weight_memory.bandwidth_gb_s": [17.0, 34.0, 400.0],
+            "host.bandwidth_gb_s": [2.0, 14.0]}
+    rows = tpusim.sweep(TPU_V1, "tiny_cnn", grid, batch=[1, 4], jobs=1, progress=False, plots=False)
+    assert len(rows) == 24 and len({r["total_cycles"] for r in rows}) > 4
+    for row in rows:
+        overrides = {key: row[key] for key in grid}
+        direct = tpusim.simulate(TPU_V1, "tiny_cnn", batch=row["batch"], quantize=False, overrides=overrides).summary
+        breakdown = direct["breakdown"]
+        assert (row["total_cycles"], row["weight_stall_cycles"], row["non_matrix_cycles"]) == (
+            direct["total_cycles"], breakdown["weight_stall_cycles"], breakdown["non_matrix_cycles"])
+        assert row["energy_per_inference_pj"] == direct["energy"]["total_pj"] / row["batch"]
+
+
 def test_sweep_rows_equal_direct_simulation(tmp_path):
     grid = {"array.rows": [64, 128], "array.cols": [64, 128]}
     rows = tpusim.sweep(TPU_V1, ["tiny_cnn", "mlp"], grid, zip=True, batch=[1, 4], out=tmp_path, jobs=2,

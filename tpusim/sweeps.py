@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from tpusim.energy.model import RunEnergy
     from tpusim.energy.table import EnergyTable
     from tpusim.ir import Graph
+    from tpusim.mapping.tiler import ProgramCache
 
 POINTS_DIR = "points"
 CSV_NAME = "sweep.csv"
@@ -260,7 +261,8 @@ def simulate_point(config: str, point: SweepPoint) -> dict[str, Any]:
 
     hardware = _point_config(config, point)
     graph = _lowered(point.model, point.model_digest, point.batch, point.input_shape)
-    sim, energy = time_and_energy(graph, hardware, _energy_table(hardware.energy.table, point.config_digest))[1:]
+    sim, energy = time_and_energy(graph, hardware, _energy_table(hardware.energy.table, point.config_digest),
+                                  _programs().program(graph, hardware))[1:]
     return point_record(point, run_report.summary(graph, sim, hardware, energy), energy)
 
 
@@ -290,8 +292,17 @@ def _energy_table(path: str, config_digest: str) -> EnergyTable:
     return load_energy_table(path)
 
 
+@functools.cache
+def _programs() -> ProgramCache:
+    """The compiled programs of this process's current graph: its points at other bandwidths, host links
+    or prices reuse them (the graph's points come to a local worker together, see ``pool_map``'s groups)."""
+    from tpusim.mapping.tiler import ProgramCache
+
+    return ProgramCache()
+
+
 def _clear_caches() -> None:
-    for cache in (_base_config, _lowered, _energy_table):
+    for cache in (_base_config, _lowered, _energy_table, _programs):
         cache.cache_clear()
 
 

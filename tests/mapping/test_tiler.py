@@ -1,4 +1,5 @@
 """Tiler: tile shapes, loop order, accumulator chunking, unified-buffer allocation and spilling."""
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ from tpusim.config import load_config
 from tpusim.errors import ConfigError, TpusimError
 from tpusim.ir import Graph, Layer
 from tpusim.mapping import Activate, MatrixMultiply, ReadHostMemory, ReadWeights, WriteHostMemory, compile_program
-from tpusim.mapping.tiler import UbAllocator, column_tiles, rebatched, spill_bytes
+from tpusim.mapping.tiler import ProgramCache, UbAllocator, column_tiles, rebatched, spill_bytes
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml"
 BASE = load_config(CONFIG)
@@ -221,3 +222,58 @@ def test_a_model_bigger_than_the_weight_memory_fails_before_calibration(tmp_path
     code = cli.main(["run", str(CONFIG), "--model", "tiny_cnn", "--no-progress",
                      "--set", "weight_memory.capacity_bytes=1000", "--out", str(tmp_path / "run")])
     assert code == 2 and "cannot hold model 'tiny_cnn'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ the program cache
+
+TIMING_AND_ENERGY = [{"weight_memory.bandwidth_gb_s": 300.0}, {"weight_memory.latency_cycles": 7},
+                     {"host.bandwidth_gb_s": 2.0}, {"array.clock_mhz": 940.0}, {"energy.static_power_w": 0.0},
+                     {"weight_memory.requests_in_flight": 1}]
+COMPILER_READS = [{"array.rows": 128}, {"array.cols": 64}, {"unified_buffer.capacity_bytes": 96 * 1024},
+                  {"accumulators.entries": 256}, {"accumulators.double_buffered": False},
+                  {"quant.weights": "per-tensor"}, {"mapping.pack_groups": False}, {"mapping.sub_batching": False},
+                  {"activation_unit.lanes": 64}, {"activation_unit.per_channel_requant": "extra_pass"},
+                  {"weight_memory.capacity_bytes": 8 * 2**20}]
+
+
+def _same(a, b) -> bool:
+    """Programs compare by identity; these are equal field by field (every instruction and mapping)."""
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a))
+
+
+def test_program_cache_reuses_a_program_for_settings_the_compiler_does_not_read():
+    graph = chain_graph(512)
+    cache = ProgramCache()
+    first = cache.program(graph, BASE)
+    assert _same(first, compile_program(graph, BASE))
+    for change in TIMING_AND_ENERGY:
+        config = BASE.replace(**change)
+        assert _same(compile_program(graph, config), first), change  # the compiler does not read it, so:
+        assert cache.program(graph, config) is first, change
+
+
+def test_program_cache_compiles_again_for_any_setting_the_compiler_reads():
+    graph = chain_graph(512)
+    cache = ProgramCache(size=len(COMPILER_READS) + 1)
+    first = cache.program(graph, BASE)
+    for change in COMPILER_READS:
+        config = BASE.replace(**change)
+        program = cache.program(graph, config)
+        # compiled again (whether or not the setting changes this graph's program) and kept
+        assert program is not first and _same(program, compile_program(graph, config)), change
+        assert cache.program(graph, config) is program
+    assert not _same(cache.program(graph, BASE.replace(**{"array.rows": 128})), first)
+    assert cache.program(graph, BASE) is first  # still held: the cache holds size programs
+
+
+def test_program_cache_holds_the_programs_of_one_graph_and_its_size():
+    cache = ProgramCache(size=2)
+    graph, other = chain_graph(512), chain_graph(512)
+    first = cache.program(graph, BASE)
+    cache.program(other, BASE)  # another graph object (equal or not): the first's programs go
+    again = cache.program(graph, BASE)
+    assert again is not first and _same(again, first)
+    kept = cache.program(graph, BASE)
+    for rows in (64, 128):
+        cache.program(graph, BASE.replace(**{"array.rows": rows}))
+    assert cache.program(graph, BASE) is not kept  # pushed out by two newer programs

@@ -542,3 +542,54 @@ def compile_program(graph: Graph, cfg: HardwareConfig) -> Program:
     full_passes, rest = divmod(graph.batch, fits)
     batches = [fits] * full_passes + ([rest] if rest else [])
     return _concatenate([program_for(b) for b in batches])
+
+
+class _ReadRecorder:
+    """A view of a config (and of its sections, which it wraps in turn) that notes the value of every
+    setting read through it, by its path: what a program was compiled from."""
+
+    __slots__ = ("_target", "_path", "_reads")
+
+    def __init__(self, target: object, path: tuple[str, ...], reads: dict[tuple[str, ...], object]):
+        self._target, self._path, self._reads = target, path, reads
+
+    def __getattr__(self, name: str) -> object:
+        value = getattr(self._target, name)
+        path = (*self._path, name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return _ReadRecorder(value, path, self._reads)
+        self._reads[path] = value
+        return value
+
+
+def _setting(cfg: object, path: tuple[str, ...]) -> object:
+    for name in path:
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+class ProgramCache:
+    """:func:`compile_program` for many configs of one graph, as a sweep asks: a config whose every setting
+    the compiler read for an earlier program of the graph has that setting's value gets that program
+    instead of a new compile. A sweep over weight-memory bandwidths at one array shape compiles once: the
+    compiler reads no bandwidth (nor any other timing or energy setting), and what it does read is recorded
+    as it compiles, so no list of settings can fall behind the compiler. Holds the ``size`` programs used
+    last, of the graph object used last (a graph holds its weights: the cache keeps no other alive)."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._graph: Graph | None = None
+        self._entries: list[tuple[dict[tuple[str, ...], object], Program]] = []
+
+    def program(self, graph: Graph, cfg: HardwareConfig) -> Program:
+        if graph is not self._graph:
+            self._graph, self._entries = graph, []
+        for i, (reads, program) in enumerate(self._entries):
+            if all(_setting(cfg, path) == value for path, value in reads.items()):
+                self._entries.insert(0, self._entries.pop(i))
+                return program
+        reads: dict[tuple[str, ...], object] = {}
+        program = compile_program(graph, _ReadRecorder(cfg, (), reads))  # type: ignore[arg-type]
+        self._entries.insert(0, (reads, program))
+        del self._entries[self.size:]
+        return program
