@@ -109,6 +109,7 @@ from tpusim.mapping.isa import (
 from tpusim.mapping.tiler import compile_program
 
 ACTIVE, WEIGHT_STALL, WEIGHT_SHIFT, RAW_STALL, INPUT_STALL, OTHER_NON_MATRIX, UB_STALL = range(7)
+_highest = np.maximum.reduce  # ndarray.max() without its Python wrapper: 2.75 against 3.84 us on a row range
 _N_CATEGORIES = 7
 
 
@@ -307,17 +308,20 @@ class _Timeline:
             c = self.counts[ins.layer]
             if isinstance(ins, MatrixMultiply):
                 src = _ub_rows(ins.src, width)
-                data_ready = int(ub_ready[src].max())
-                data_category = INPUT_STALL if ub_from_host[src][int(ub_ready[src].argmax())] else RAW_STALL
+                rows_ready = ub_ready[src]
+                data_ready = int(_highest(rows_ready))
+                # (what a wait for the data is charged to matters only where the MXU waits for it)
+                from_host = data_ready > mxu_free and ub_from_host[src][int(rows_ready.argmax())]
+                data_category = INPUT_STALL if from_host else RAW_STALL
                 acc = slice(ins.acc_addr, ins.acc_addr + ins.m_rows)
                 if ins.accumulate:
                     acc_wait = 0
                 elif acc_double_buffered:
                     # row j is first written when output vector j leaves the array's bottom edge,
                     # start + j + R - 1, which must come after the drain of what the row held
-                    acc_wait = int((acc_free[acc] - row_offset[:ins.m_rows]).max()) - (rows - 1)
+                    acc_wait = int(_highest(acc_free[acc] - row_offset[:ins.m_rows])) - (rows - 1)
                 else:  # one buffer: the fill starts only when the previous chunk has drained
-                    acc_wait = int(acc_free[acc].max())
+                    acc_wait = int(_highest(acc_free[acc]))
                 memory_wait = shift_end = 0
                 shift_start = -1
                 if ins.load_weights:
@@ -377,7 +381,7 @@ class _Timeline:
                 tile = len(fetch_end)
                 src = _ub_rows(ins.src, width)
                 start = max(direct_free, shift_end_of_tile[tile - depth] if tile >= depth else 0,
-                            int(ub_ready[src].max()))
+                            int(_highest(ub_ready[src])))
                 direct_free = start + direct_path.cycles(ins.nbytes)
                 ub_read_done[src] = np.maximum(ub_read_done[src], direct_free)
                 fetch_start.append(start)
@@ -406,11 +410,11 @@ class _Timeline:
                 start = act_free + scale_path.cycles(ins.requant_scale_bytes)
                 if ins.acc_rows:
                     acc = slice(ins.acc_addr, ins.acc_addr + ins.acc_rows)
-                    start = max(start, int(acc_first_row[acc].max()))
+                    start = max(start, int(_highest(acc_first_row[acc])))
                 for region in ins.sources:
-                    start = max(start, int(ub_ready[_ub_rows(region, width)].max()))
+                    start = max(start, int(_highest(ub_ready[_ub_rows(region, width)])))
                 dst = _ub_rows(ins.dst, width)
-                start, read_end = ub_reads.reserve(max(start, int(ub_read_done[dst].max())),
+                start, read_end = ub_reads.reserve(max(start, int(_highest(ub_read_done[dst]))),
                                                    sum(region.nbytes for region in ins.sources))
                 act_free = max(start + ins.vector_passes, read_end)
                 done = act_free + act.pipeline_latency_cycles
@@ -441,7 +445,7 @@ class _Timeline:
                 c["pool_ops"] += ins.pool_ops
             elif isinstance(ins, ReadHostMemory):
                 dst = _ub_rows(ins.dst, width)
-                start = max(host_in_free, int(ub_read_done[dst].max()), int(ub_ready[dst].max()))
+                start = max(host_in_free, int(_highest(ub_read_done[dst])), int(_highest(ub_ready[dst])))
                 arrived = start + transfer_cycles(ins.dst.nbytes, host.bandwidth_gb_s, clock, host.latency_cycles)
                 # the DMA writes the buffer as the data arrive, its last access in the transfer's last cycle at
                 # the earliest; the link stays busy until the write is done
@@ -457,7 +461,7 @@ class _Timeline:
                 c["spill_bytes"] += ins.dst.nbytes if ins.spill else 0
             elif isinstance(ins, WriteHostMemory):
                 src = _ub_rows(ins.src, width)
-                start, read_end = ub_reads.reserve(max(host_out_free, int(ub_ready[src].max())), ins.src.nbytes)
+                start, read_end = ub_reads.reserve(max(host_out_free, int(_highest(ub_ready[src]))), ins.src.nbytes)
                 host_out_free = max(read_end, start + transfer_cycles(ins.src.nbytes, host.bandwidth_gb_s, clock,
                                                                       host.latency_cycles))
                 ub_read_done[src] = np.maximum(ub_read_done[src], host_out_free)
