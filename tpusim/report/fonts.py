@@ -1,9 +1,9 @@
 """An Agg canvas whose fonts FreeType reads from memory.
 
 Matplotlib's fonts are opened as Python files, and FreeType reads each glyph through them: a seek and a
-read, each a call back into Python that the file turns into a system call, every time a glyph is measured, laid out or
-rasterised (nothing is cached between texts). A per-layer figure's layer names are about a thousand
-glyphs. :func:`canvas` gives a figure a canvas whose renderer takes each font's file into memory once and
+read, each a call back into Python that the file turns into a system call, every time a glyph is
+measured, laid out or rasterised (nothing is cached between texts). A per-layer figure's layer names are
+about a thousand glyphs. :func:`canvas` gives a figure a canvas whose renderer takes each font's file into memory once and
 hands FreeType that copy, built as matplotlib 3.11 builds its own (the same face, fallback fonts and Last
 Resort font, the same kerning), so the pixels are the same: the tests compare the PNG bytes with those of
 matplotlib's own canvas. The three figures of a ResNet-50 run, drawn in one process alternately on
@@ -89,7 +89,7 @@ def _font(faces: tuple[tuple[str, int], ...], kerning_factor: int, last_resort: 
         if last_resort and last_resort_face not in faces:
             fallbacks.append(load(*last_resort_face, _warn_if_used=True))  # a glyph found nowhere else warns
         first = load(*faces[0], _fallback_list=fallbacks)
-    except TypeError:  # FT2Font without these arguments: a matplotlib before 3.10
+    except TypeError:  # an FT2Font that takes other arguments (another matplotlib)
         return None
     for face, font in zip((*faces, last_resort_face), (first, *fallbacks)):
         if face == last_resort_face:

@@ -85,8 +85,8 @@ full R-row shift. Accumulator wrap-around needs values: the integer executor cou
 from __future__ import annotations
 
 import bisect
-import functools
 import dataclasses
+import functools
 from dataclasses import dataclass
 from fractions import Fraction
 
