@@ -63,8 +63,10 @@ def test_set_values_are_read_as_yaml():
     assert parse_set("weight_memory.bandwidth_gb_s=1e1,3.4e1") == ("weight_memory.bandwidth_gb_s", [10.0, 34.0])
     with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
         parse_set("array.rows")
-    with pytest.raises(ConfigError, match="comma-separated"):
+    with pytest.raises(ConfigError, match=r"^--set array\.rows: '': expected comma-separated"):
         parse_set("array.rows=")
+    with pytest.raises(ConfigError, match=r"^--set array\.rows: '\[1': cannot read"):
+        parse_set("array.rows=[1")
 
 
 def test_models_and_batches_cross_the_zipped_settings():

@@ -184,7 +184,10 @@ def parse_set(text: str) -> tuple[str, list[Any]]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE[,VALUE...]")
-    return key.strip(), parse_values(raw)
+    try:
+        return key.strip(), parse_values(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"--set {key.strip()}: {exc}") from None
 
 
 def _as_list(value: Any) -> list[Any]:
