@@ -126,6 +126,29 @@ def test_points_that_reuse_a_compiled_program_equal_direct_simulation(tmp_path):
         assert row["energy_per_inference_pj"] == direct["energy"]["total_pj"] / row["batch"]
 
 
+def test_a_quantized_sweep_quantizes_once_per_quantization_and_equals_direct_simulation(monkeypatch):
+    from tpusim import pipeline
+
+    quantized = []
+    real = pipeline.quantize
+    monkeypatch.setattr(pipeline, "quantize", lambda *args: quantized.append(args[0].quant.weights) or real(*args))
+    sweep_module._clear_caches()
+    grid = {"quant.weights": ["per-channel", "per-tensor"], "array.rows": [32, 64],
+            "weight_memory.bandwidth_gb_s": [17.0, 400.0]}
+    rows = tpusim.sweep(TPU_V1, "tiny_cnn", grid, batch=[1, 2], quantize=True, jobs=1, progress=False, plots=False)
+    # array rows, bandwidths and batch sizes share a quantization (batch 2's points find both kept from batch
+    # 1's); the weight granularity does not
+    assert len(rows) == 16 and quantized == ["per-channel", "per-tensor"]
+    monkeypatch.setattr(pipeline, "quantize", real)
+    for row in rows[::3]:
+        direct = tpusim.simulate(TPU_V1, "tiny_cnn", batch=row["batch"], quantize=True,
+                                 overrides={key: row[key] for key in grid}).summary
+        assert row["total_cycles"] == direct["total_cycles"]
+        assert row["top1_agreement"] == direct["fidelity"]["top1_agreement"]
+        assert row["output_sqnr_db"] == direct["fidelity"]["output_sqnr_db"]
+        assert row["energy_per_inference_pj"] == direct["energy"]["total_pj"] / row["batch"]
+
+
 def test_sweep_rows_equal_direct_simulation(tmp_path):
     grid = {"array.rows": [64, 128], "array.cols": [64, 128]}
     rows = tpusim.sweep(TPU_V1, ["tiny_cnn", "mlp"], grid, zip=True, batch=[1, 4], out=tmp_path, jobs=2,

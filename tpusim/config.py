@@ -379,3 +379,35 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ha
 
     load_energy_table(table).dram_pj_per_byte(config.weight_memory.technology)
     return config
+
+
+class ReadRecorder:
+    """A view of a config (and of its sections, which it wraps in turn) that notes the value of every
+    setting read through it, by its path: what a stage's output was computed from, so that a config that
+    :func:`agrees` with those reads gets the same output. With ``whole_sections`` a section read is noted
+    whole and handed out as it is, for code that passes sections on (a coarser note, never a wrong one)."""
+
+    __slots__ = ("_target", "_reads", "_path", "_whole")
+
+    def __init__(self, target: Any, reads: dict[tuple[str, ...], Any], *, path: tuple[str, ...] = (),
+                 whole_sections: bool = False):
+        self._target, self._reads, self._path, self._whole = target, reads, path, whole_sections
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        path = (*self._path, name)
+        if not self._whole and dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return ReadRecorder(value, self._reads, path=path)
+        self._reads[path] = value
+        return value
+
+
+def agrees(config: Any, reads: dict[tuple[str, ...], Any]) -> bool:
+    """Whether ``config`` has every value a :class:`ReadRecorder` noted."""
+    for path, value in reads.items():
+        setting = config
+        for name in path:
+            setting = getattr(setting, name)
+        if setting != value:
+            return False
+    return True

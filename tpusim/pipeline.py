@@ -156,16 +156,19 @@ def quantizes(options: RunOptions, config: HardwareConfig) -> bool:
 
 
 def evaluate(config: HardwareConfig, graph: Graph, model_path: Path, options: RunOptions,
-             timed: Callable[[SimResult, RunEnergy], None] | None = None) -> Evaluation:
+             timed: Callable[[SimResult, RunEnergy], None] | None = None,
+             quantize_with: Callable[[HardwareConfig, Graph, Path, RunOptions], QuantOutcome] | None = None
+             ) -> Evaluation:
     """Timing and energy, then quantization: the timing does not depend on the values, so it comes first
-    and ``timed`` gets it at once (a run hands it to the figures, drawn while quantization runs)."""
+    and ``timed`` gets it at once (a run hands it to the figures, drawn while quantization runs).
+    ``quantize_with`` stands in for :func:`quantize` (a sweep's, which reuses an earlier point's outcome)."""
     program = compile_program(graph, config)  # first: a model the chip cannot hold fails before calibration runs
     current().phase("timing and energy")
     program, sim, energy = time_and_energy(graph, config, program=program)
     rescale = measure_rescale(graph, config, program, sim, energy)
     if timed is not None:
         timed(sim, energy)
-    quant = quantize(config, graph, model_path, options) if quantizes(options, config) else None
+    quant = (quantize_with or quantize)(config, graph, model_path, options) if quantizes(options, config) else None
     rows = run_report.layer_rows(sim, energy, quant)
     summary = run_report.summary(graph, sim, config, energy, quant, rescale)
     return Evaluation(program=program, sim=sim, energy=energy, quant=quant, rescale=rescale, layer_rows=rows,

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from tpusim.energy.table import EnergyTable
     from tpusim.ir import Graph
     from tpusim.mapping.tiler import ProgramCache
+    from tpusim.pipeline import RunOptions
+    from tpusim.quant.stage import QuantOutcome
 
 POINTS_DIR = "points"
 CSV_NAME = "sweep.csv"
@@ -83,6 +85,7 @@ class SweepPoint:
     model_digest: str
     input_shape: tuple[int, ...] | None = None
     calib_data: str | None = None
+    data_digest: str | None = None  # the calibration data's contents
 
     @property
     def params(self) -> dict[str, Any]:
@@ -219,7 +222,8 @@ def build_points(config: str | Path, model: str | Sequence[str], grid: Mapping[s
     data = None if calib_data is None else str(calib_data)
     data_digest = None if data is None else _data_digest(data)
     return [SweepPoint(model=m, batch=b, overrides=overrides, quantize=quantize, input_shape=input_shape,
-                       calib_data=data, config_digest=config_digest, model_digest=model_digests[m],
+                       calib_data=data, data_digest=data_digest, config_digest=config_digest,
+                       model_digest=model_digests[m],
                        key=point_key(config_digest, m, model_digests[m], b, overrides, quantize, input_shape,
                                      data_digest))
             for m, b, overrides in itertools.product(models, batches, settings)]
@@ -252,13 +256,19 @@ def simulate_point(config: str, point: SweepPoint) -> dict[str, Any]:
     A timing point (``quantize`` false) compiles, simulates and prices only: the process reads the
     config, lowers the model and reads the energy table once for all its points, and makes no
     per-tensor twin run (that run measures requantization overhead, which the record has no column
-    for). A quantized point is one ``tpusim.simulate`` call; its calibration costs seconds anyway."""
+    for). A quantized point is what one ``tpusim.simulate`` call does, except that it takes an earlier
+    point's quantization (calibration, integer execution, fidelity: seconds) where nothing that
+    quantization read differs (:func:`_quantization_of`)."""
     if point.quantize:
-        from tpusim.api import simulate
+        from tpusim import pipeline
 
-        result = simulate(config, point.model, batch=point.batch, overrides=dict(point.overrides), quantize=True,
-                          input_shape=point.input_shape, calib_data=point.calib_data)
-        return point_record(point, result.summary, result.evaluation.energy)
+        options = pipeline.RunOptions(config=Path(config), model=point.model, batch=point.batch,
+                                      overrides=dict(point.overrides), input_shape=point.input_shape,
+                                      calib_data=point.calib_data, quantize=True)
+        hardware, graph, model_path = pipeline.prepare(options)
+        evaluation = pipeline.evaluate(hardware, graph, model_path, options,
+                                       quantize_with=functools.partial(_quantization_of, point))
+        return point_record(point, evaluation.summary, evaluation.energy)
     from tpusim.pipeline import time_and_energy
     from tpusim.report import run_report
 
@@ -304,9 +314,36 @@ def _programs() -> ProgramCache:
     return ProgramCache()
 
 
+_quantizations: list[tuple[tuple, dict[tuple[str, ...], Any], QuantOutcome]] = []  # the latest first
+_QUANTIZATIONS_KEPT = 2  # each holds the integer model and the calibration set
+
+
+def _quantization_of(point: SweepPoint, config: HardwareConfig, graph: Graph, model_path: Path,
+                     options: RunOptions) -> QuantOutcome:
+    """``pipeline.quantize``'s outcome for the point, reused from an earlier point of the same model file,
+    input shape and calibration data whose config agreed in every config section quantization read (it
+    reads the quantization settings, the input preprocessing, the accumulators, and the array only for
+    PE-level fidelity): an array-size or bandwidth sweep quantizes once. Quantization runs on a batch-1
+    lowering whatever the point's batch, so batch sizes share it too."""
+    from tpusim import pipeline
+    from tpusim.config import ReadRecorder, agrees
+
+    files = (point.model, point.model_digest, point.input_shape, point.calib_data, point.data_digest)
+    for i, (key, reads, outcome) in enumerate(_quantizations):
+        if key == files and agrees(config, reads):
+            _quantizations.insert(0, _quantizations.pop(i))
+            return outcome
+    reads: dict[tuple[str, ...], Any] = {}
+    outcome = pipeline.quantize(ReadRecorder(config, reads, whole_sections=True), graph, model_path, options)
+    _quantizations.insert(0, (files, reads, outcome))
+    del _quantizations[_QUANTIZATIONS_KEPT:]
+    return outcome
+
+
 def _clear_caches() -> None:
     for cache in (_base_config, _lowered, _energy_table, _programs):
         cache.cache_clear()
+    _quantizations.clear()
 
 
 # Overrides that load_config must see: it resolves a relative energy table against the config's folder

@@ -38,7 +38,7 @@ import threading
 from dataclasses import dataclass
 
 from tpusim import ops
-from tpusim.config import HardwareConfig
+from tpusim.config import HardwareConfig, ReadRecorder, agrees
 from tpusim.errors import ConfigError, TpusimError
 from tpusim.ir import Graph, Layer
 from tpusim.mapping.isa import (
@@ -545,30 +545,6 @@ def compile_program(graph: Graph, cfg: HardwareConfig) -> Program:
     return _concatenate([program_for(b) for b in batches])
 
 
-class _ReadRecorder:
-    """A view of a config (and of its sections, which it wraps in turn) that notes the value of every
-    setting read through it, by its path: what a program was compiled from."""
-
-    __slots__ = ("_target", "_path", "_reads")
-
-    def __init__(self, target: object, path: tuple[str, ...], reads: dict[tuple[str, ...], object]):
-        self._target, self._path, self._reads = target, path, reads
-
-    def __getattr__(self, name: str) -> object:
-        value = getattr(self._target, name)
-        path = (*self._path, name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return _ReadRecorder(value, path, self._reads)
-        self._reads[path] = value
-        return value
-
-
-def _setting(cfg: object, path: tuple[str, ...]) -> object:
-    for name in path:
-        cfg = getattr(cfg, name)
-    return cfg
-
-
 class ProgramCache:
     """:func:`compile_program` for many configs of one graph, as a sweep asks: a config whose every setting
     the compiler read for an earlier program of the graph has that setting's value gets that program
@@ -589,11 +565,11 @@ class ProgramCache:
             if graph is not self._graph:
                 self._graph, self._entries = graph, []
             for i, (reads, program) in enumerate(self._entries):
-                if all(_setting(cfg, path) == value for path, value in reads.items()):
+                if agrees(cfg, reads):
                     self._entries.insert(0, self._entries.pop(i))
                     return program
             reads: dict[tuple[str, ...], object] = {}
-            program = compile_program(graph, _ReadRecorder(cfg, (), reads))  # type: ignore[arg-type]
+            program = compile_program(graph, ReadRecorder(cfg, reads))  # type: ignore[arg-type]
             self._entries.insert(0, (reads, program))
             del self._entries[self.size:]
             return program
