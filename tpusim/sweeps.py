@@ -316,6 +316,9 @@ def _programs() -> ProgramCache:
 
 _quantizations: list[tuple[tuple, dict[tuple[str, ...], Any], QuantOutcome]] = []  # the latest first
 _QUANTIZATIONS_KEPT = 2  # each holds the integer model and the calibration set
+# One quantization at a time: a Dask worker runs points on threads, and each quantization keeps both
+# cores busy (ONNX Runtime's and the kernels' threads) anyway.
+_quantizing = threading.Lock()
 
 
 def _quantization_of(point: SweepPoint, config: HardwareConfig, graph: Graph, model_path: Path,
@@ -329,15 +332,16 @@ def _quantization_of(point: SweepPoint, config: HardwareConfig, graph: Graph, mo
     from tpusim.config import ReadRecorder, agrees
 
     files = (point.model, point.model_digest, point.input_shape, point.calib_data, point.data_digest)
-    for i, (key, reads, outcome) in enumerate(_quantizations):
-        if key == files and agrees(config, reads):
-            _quantizations.insert(0, _quantizations.pop(i))
-            return outcome
-    reads: dict[tuple[str, ...], Any] = {}
-    outcome = pipeline.quantize(ReadRecorder(config, reads, whole_sections=True), graph, model_path, options)
-    _quantizations.insert(0, (files, reads, outcome))
-    del _quantizations[_QUANTIZATIONS_KEPT:]
-    return outcome
+    with _quantizing:
+        for i, (key, reads, outcome) in enumerate(_quantizations):
+            if key == files and agrees(config, reads):
+                _quantizations.insert(0, _quantizations.pop(i))
+                return outcome
+        reads: dict[tuple[str, ...], Any] = {}
+        outcome = pipeline.quantize(ReadRecorder(config, reads, whole_sections=True), graph, model_path, options)
+        _quantizations.insert(0, (files, reads, outcome))
+        del _quantizations[_QUANTIZATIONS_KEPT:]
+        return outcome
 
 
 def _clear_caches() -> None:
