@@ -12,7 +12,7 @@ goes, measured again in this process after the sweep: the set-up in the calling 
 checked, the model checked), a worker's start (a fresh interpreter importing the simulator), lowering
 the model once per batch size, per point the simulation (compile + simulate + energy + record; a worker
 compiles a program once for the points that differ only in settings the compiler does not read, such as
-the bandwidths, ``tpusim.mapping.tiler.ProgramCache``, so the split times runs of consecutive points, as
+the bandwidths, ``tpusim.config.RecordedResults``, so the split times runs of consecutive points, as
 a worker meets them) and the writing of its point file, and the plots. JIT caches must be warm (run any
 ResNet-50 command once first).
 """

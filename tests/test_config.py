@@ -1,12 +1,13 @@
 """The config loader: the shipped configs load; every class of bad input is one ConfigError line."""
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tpusim.config import HardwareConfig, load_config, parse_override
+from tpusim.config import HardwareConfig, ReadRecorder, RecordedResults, agrees, load_config, parse_override
 from tpusim.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -177,3 +178,41 @@ def test_numbers_with_an_exponent_are_numbers_in_a_file_and_on_the_command_line(
         == 4_000_000_000
     with pytest.raises(ConfigError, match=r"array\.rows: expected an integer, got 0\.25"):
         load_config(TPU_V1, {"array.rows": parse_override("array.rows=2.5e-1")[1]})
+
+
+def test_recorded_results_are_kept_by_key_and_by_what_their_computation_read():
+    base = load_config(TPU_V1)
+    cache, computed = RecordedResults(2), []
+
+    def rows_and_cols(config):
+        computed.append(config)
+        return config.array.rows * config.array.cols
+
+    assert cache.get("a", base, rows_and_cols) == 256 * 256
+    assert cache.get("a", base.replace(**{"array.clock_mhz": 940.0}), rows_and_cols) == 256 * 256  # not read
+    assert len(computed) == 1 and isinstance(computed[0], ReadRecorder)
+    assert cache.get("b", base, rows_and_cols) == 256 * 256 and len(computed) == 2  # another key
+    assert cache.get("a", base.replace(**{"array.rows": 128}), rows_and_cols) == 128 * 256  # read: computed
+    assert len(computed) == 3
+    assert cache.get("a", base, rows_and_cols) == 256 * 256 and len(computed) == 4  # pushed out (size 2)
+
+
+def test_recorded_results_note_whole_sections_where_asked():
+    base, reads = load_config(TPU_V1), {}
+    assert ReadRecorder(base, reads, whole_sections=True).array is base.array
+    assert reads == {("array",): base.array}
+    assert agrees(base.replace(**{"energy.static_power_w": 0.0}), reads)
+    assert not agrees(base.replace(**{"array.clock_mhz": 940.0}), reads)  # in the section, though not read
+    fine = {}
+    assert ReadRecorder(base, fine).array.rows == 256 and fine == {("array", "rows"): 256}
+
+
+def test_a_dead_weak_reference_never_matches_a_kept_result():
+    class Owner:
+        pass
+
+    owner, cache = Owner(), RecordedResults(2)
+    cache.get(weakref.ref(owner), load_config(TPU_V1), lambda config: "first owner's")
+    assert cache.get(weakref.ref(owner), load_config(TPU_V1), lambda config: "computed") == "first owner's"
+    del owner
+    assert cache.get(weakref.ref(Owner()), load_config(TPU_V1), lambda config: "computed") == "computed"

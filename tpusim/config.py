@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import threading
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
 
@@ -411,3 +412,33 @@ def agrees(config: Any, reads: dict[tuple[str, ...], Any]) -> bool:
         if setting != value:
             return False
     return True
+
+
+_Result = TypeVar("_Result")
+
+
+class RecordedResults:
+    """Results computed from a config, each kept with what the computation read of the config (through a
+    :class:`ReadRecorder`): a later request under an equal key whose config :func:`agrees` with those reads
+    gets the kept result instead of a new computation. What was read is recorded as the computation runs,
+    so no list of the settings it depends on can fall behind it. Holds the ``size`` results used last.
+    One request at a time: a Dask worker runs a sweep's points on threads."""
+
+    def __init__(self, size: int, *, whole_sections: bool = False):
+        self.size, self.whole_sections = size, whole_sections
+        self._entries: list[tuple[Any, dict[tuple[str, ...], Any], Any]] = []  # the latest first
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, config: Any, compute: Callable[[Any], _Result]) -> _Result:
+        """The result kept for ``key`` and a config that agrees with ``config``, else ``compute(view)`` of a
+        recording view of ``config``, kept."""
+        with self._lock:
+            for i, (kept_key, reads, result) in enumerate(self._entries):
+                if kept_key == key and agrees(config, reads):
+                    self._entries.insert(0, self._entries.pop(i))
+                    return result
+            reads: dict[tuple[str, ...], Any] = {}
+            result = compute(ReadRecorder(config, reads, whole_sections=self.whole_sections))
+            self._entries.insert(0, (key, reads, result))
+            del self._entries[self.size:]
+            return result

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from tpusim.energy.model import RunEnergy
     from tpusim.energy.table import EnergyTable
     from tpusim.ir import Graph
-    from tpusim.mapping.tiler import ProgramCache
+    from tpusim.config import RecordedResults
     from tpusim.pipeline import RunOptions
     from tpusim.quant.stage import QuantOutcome
 
@@ -269,13 +270,17 @@ def simulate_point(config: str, point: SweepPoint) -> dict[str, Any]:
         evaluation = pipeline.evaluate(hardware, graph, model_path, options,
                                        quantize_with=functools.partial(_quantization_of, point))
         return point_record(point, evaluation.summary, evaluation.energy)
+    from tpusim.mapping import compile_program
     from tpusim.pipeline import time_and_energy
     from tpusim.report import run_report
 
     hardware = _point_config(config, point)
     graph = _lowered(point.model, point.model_digest, point.batch, point.input_shape)
+    # keyed by a weak reference: a program is only ever another point's of this very graph object, and the
+    # cache keeps no graph (and its weights) alive
+    program = _programs().get(weakref.ref(graph), hardware, functools.partial(compile_program, graph))
     sim, energy = time_and_energy(graph, hardware, _energy_table(hardware.energy.table, point.config_digest),
-                                  _programs().program(graph, hardware))[1:]
+                                  program)[1:]
     return point_record(point, run_report.summary(graph, sim, hardware, energy), energy)
 
 
@@ -306,19 +311,22 @@ def _energy_table(path: str, config_digest: str) -> EnergyTable:
 
 
 @functools.cache
-def _programs() -> ProgramCache:
-    """The compiled programs of this process's current graph: its points at other bandwidths, host links
-    or prices reuse them (the graph's points come to a local worker together, see ``pool_map``'s groups)."""
-    from tpusim.mapping.tiler import ProgramCache
+def _programs() -> RecordedResults:
+    """This process's compiled programs, by graph: a point reuses one where it differs from an earlier point
+    of its graph only in settings the compiler does not read (the compiler reads 15, none of them a
+    bandwidth, latency or price); a graph's points come to a local worker together (``pool_map``'s groups)."""
+    from tpusim.config import RecordedResults
 
-    return ProgramCache()
+    return RecordedResults(4)
 
 
-_quantizations: list[tuple[tuple, dict[tuple[str, ...], Any], QuantOutcome]] = []  # the latest first
-_QUANTIZATIONS_KEPT = 2  # each holds the integer model and the calibration set
-# One quantization at a time: a Dask worker runs points on threads, and each quantization keeps both
-# cores busy (ONNX Runtime's and the kernels' threads) anyway.
-_quantizing = threading.Lock()
+@functools.cache
+def _quantizations() -> RecordedResults:
+    """This process's quantizations (each holds the integer model and the calibration set, so two), noting
+    the config sections quantization reads whole: it hands them on to the quantizer."""
+    from tpusim.config import RecordedResults
+
+    return RecordedResults(2, whole_sections=True)
 
 
 def _quantization_of(point: SweepPoint, config: HardwareConfig, graph: Graph, model_path: Path,
@@ -329,25 +337,15 @@ def _quantization_of(point: SweepPoint, config: HardwareConfig, graph: Graph, mo
     PE-level fidelity): an array-size or bandwidth sweep quantizes once. Quantization runs on a batch-1
     lowering whatever the point's batch, so batch sizes share it too."""
     from tpusim import pipeline
-    from tpusim.config import ReadRecorder, agrees
 
     files = (point.model, point.model_digest, point.input_shape, point.calib_data, point.data_digest)
-    with _quantizing:
-        for i, (key, reads, outcome) in enumerate(_quantizations):
-            if key == files and agrees(config, reads):
-                _quantizations.insert(0, _quantizations.pop(i))
-                return outcome
-        reads: dict[tuple[str, ...], Any] = {}
-        outcome = pipeline.quantize(ReadRecorder(config, reads, whole_sections=True), graph, model_path, options)
-        _quantizations.insert(0, (files, reads, outcome))
-        del _quantizations[_QUANTIZATIONS_KEPT:]
-        return outcome
+    return _quantizations().get(files, config,
+                                lambda recorded: pipeline.quantize(recorded, graph, model_path, options))
 
 
 def _clear_caches() -> None:
-    for cache in (_base_config, _lowered, _energy_table, _programs):
+    for cache in (_base_config, _lowered, _energy_table, _programs, _quantizations):
         cache.cache_clear()
-    _quantizations.clear()
 
 
 # Overrides that load_config must see: it resolves a relative energy table against the config's folder

@@ -1,16 +1,17 @@
 """Tiler: tile shapes, loop order, accumulator chunking, unified-buffer allocation and spilling."""
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tpusim import cli
-from tpusim.config import load_config
+from tpusim.config import RecordedResults, load_config
 from tpusim.errors import ConfigError, TpusimError
 from tpusim.ir import Graph, Layer
 from tpusim.mapping import Activate, MatrixMultiply, ReadHostMemory, ReadWeights, WriteHostMemory, compile_program
-from tpusim.mapping.tiler import ProgramCache, UbAllocator, column_tiles, rebatched, spill_bytes
+from tpusim.mapping.tiler import UbAllocator, column_tiles, rebatched, spill_bytes
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tpu_v1.yaml"
 BASE = load_config(CONFIG)
@@ -241,39 +242,32 @@ def _same(a, b) -> bool:
     return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a))
 
 
-def test_program_cache_reuses_a_program_for_settings_the_compiler_does_not_read():
+def _cached(cache: RecordedResults, graph, config):
+    """compile_program through the cache, as a sweep worker calls it."""
+    return cache.get(graph, config, functools.partial(compile_program, graph))
+
+
+def test_a_program_is_reused_for_settings_the_compiler_does_not_read():
     graph = chain_graph(512)
-    cache = ProgramCache()
-    first = cache.program(graph, BASE)
+    cache = RecordedResults(4)
+    first = _cached(cache, graph, BASE)
     assert _same(first, compile_program(graph, BASE))
     for change in TIMING_AND_ENERGY:
         config = BASE.replace(**change)
         assert _same(compile_program(graph, config), first), change  # the compiler does not read it, so:
-        assert cache.program(graph, config) is first, change
+        assert _cached(cache, graph, config) is first, change
 
 
-def test_program_cache_compiles_again_for_any_setting_the_compiler_reads():
+def test_the_compiler_reads_the_settings_it_depends_on_through_the_config():
     graph = chain_graph(512)
-    cache = ProgramCache(size=len(COMPILER_READS) + 1)
-    first = cache.program(graph, BASE)
+    cache = RecordedResults(len(COMPILER_READS) + 1)
+    first = _cached(cache, graph, BASE)
     for change in COMPILER_READS:
         config = BASE.replace(**change)
-        program = cache.program(graph, config)
+        program = _cached(cache, graph, config)
         # compiled again (whether or not the setting changes this graph's program) and kept
         assert program is not first and _same(program, compile_program(graph, config)), change
-        assert cache.program(graph, config) is program
-    assert not _same(cache.program(graph, BASE.replace(**{"array.rows": 128})), first)
-    assert cache.program(graph, BASE) is first  # still held: the cache holds size programs
-
-
-def test_program_cache_holds_the_programs_of_one_graph_and_its_size():
-    cache = ProgramCache(size=2)
-    graph, other = chain_graph(512), chain_graph(512)
-    first = cache.program(graph, BASE)
-    cache.program(other, BASE)  # another graph object (equal or not): the first's programs go
-    again = cache.program(graph, BASE)
-    assert again is not first and _same(again, first)
-    kept = cache.program(graph, BASE)
-    for rows in (64, 128):
-        cache.program(graph, BASE.replace(**{"array.rows": rows}))
-    assert cache.program(graph, BASE) is not kept  # pushed out by two newer programs
+        assert _cached(cache, graph, config) is program
+    assert not _same(_cached(cache, graph, BASE.replace(**{"array.rows": 128})), first)
+    assert _cached(cache, graph, BASE) is first  # still held: the cache holds size programs
+    assert _cached(cache, chain_graph(512), BASE) is not first  # another graph object, equal or not

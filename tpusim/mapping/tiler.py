@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 from dataclasses import dataclass
 
 from tpusim import ops
-from tpusim.config import HardwareConfig, ReadRecorder, agrees
+from tpusim.config import HardwareConfig
 from tpusim.errors import ConfigError, TpusimError
 from tpusim.ir import Graph, Layer
 from tpusim.mapping.isa import (
@@ -544,32 +543,3 @@ def compile_program(graph: Graph, cfg: HardwareConfig) -> Program:
     batches = [fits] * full_passes + ([rest] if rest else [])
     return _concatenate([program_for(b) for b in batches])
 
-
-class ProgramCache:
-    """:func:`compile_program` for many configs of one graph, as a sweep asks: a config whose every setting
-    the compiler read for an earlier program of the graph has that setting's value gets that program
-    instead of a new compile. A sweep over weight-memory bandwidths at one array shape compiles once: the
-    compiler reads no bandwidth (nor any other timing or energy setting), and what it does read is recorded
-    as it compiles, so no list of settings can fall behind the compiler. Holds the ``size`` programs used
-    last, of the graph object used last (a graph holds its weights: the cache keeps no other alive). One
-    call at a time: a Dask worker runs its points on threads, and compiling holds the GIL anyway."""
-
-    def __init__(self, size: int = 4):
-        self.size = size
-        self._graph: Graph | None = None
-        self._entries: list[tuple[dict[tuple[str, ...], object], Program]] = []
-        self._lock = threading.Lock()
-
-    def program(self, graph: Graph, cfg: HardwareConfig) -> Program:
-        with self._lock:
-            if graph is not self._graph:
-                self._graph, self._entries = graph, []
-            for i, (reads, program) in enumerate(self._entries):
-                if agrees(cfg, reads):
-                    self._entries.insert(0, self._entries.pop(i))
-                    return program
-            reads: dict[tuple[str, ...], object] = {}
-            program = compile_program(graph, ReadRecorder(cfg, reads))  # type: ignore[arg-type]
-            self._entries.insert(0, (reads, program))
-            del self._entries[self.size:]
-            return program
