@@ -274,6 +274,7 @@ def graph_statistics(graph: Graph, inputs: np.ndarray, bins: int = DEFAULT_BINS)
         for name in graph_tensors(graph):
             stats[name] = (observe_merged(stats[name], tensors[name], name=name) if name in stats
                            else observe(tensors[name], bins, name=name))
+        del tensors  # before the next batch's run: one batch's tensors held at a time, not two
     if not stats:
         raise DataError(f"{len(inputs)} calibration inputs are fewer than the graph's batch of {batch}")
     return stats

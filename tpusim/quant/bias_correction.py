@@ -44,6 +44,7 @@ def input_channel_means(graph: Graph, inputs: np.ndarray) -> dict[str, np.ndarra
             t = t.reshape(-1, t.shape[-1]) if t.ndim == 2 else np.moveaxis(t, 1, -1).reshape(-1, t.shape[1])
             sums[name] = sums.get(name, 0.0) + t.sum(axis=0)
             rows[name] = rows.get(name, 0) + t.shape[0]
+        del tensors  # before the next batch's run: one batch's tensors held at a time, not two
     return {name: sums[name] / rows[name] for name in wanted}
 
 
