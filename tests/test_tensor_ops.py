@@ -62,3 +62,15 @@ def test_channels_last_is_the_transpose_and_a_view_of_channels_last_memory(shape
     np.testing.assert_array_equal(got, x.transpose(0, 2, 3, 1))
     stored = channels_last_memory(x)
     assert np.shares_memory(tensor_ops.channels_last(stored), stored)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 15, 4, 3), (1, 64, 3, 5), (3, 17, 1, 9)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int32, np.float32])
+def test_channels_first_is_the_contiguous_copy_and_x_itself_where_x_is_contiguous(shape, dtype):
+    x = np.random.default_rng(sum(shape)).integers(-100, 100, shape).astype(dtype)
+    assert tensor_ops.channels_first(x) is x
+    for view in (channels_last_memory(x), x[:, :, ::-1], x.transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2)):
+        got = tensor_ops.channels_first(view)  # integer channels-last memory: the compiled copy; else numpy's
+        assert got.flags.c_contiguous and got.dtype == x.dtype
+        assert got is view if view.flags.c_contiguous else not np.shares_memory(got, view)  # (an axis of 1: contiguous)
+        np.testing.assert_array_equal(got, view)

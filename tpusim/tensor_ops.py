@@ -76,6 +76,33 @@ def channels_last(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(xt)
 
 
+@njit(cache=True, nogil=True)
+def _to_channels_first(xt, out):
+    """out[b, c, h, w] = xt[b, h, w, c] for C-contiguous xt, one input row at a time (read from the caches)."""
+    batch, height, width, channels = xt.shape
+    for b in range(batch):
+        for h in range(height):
+            row = xt[b, h]
+            for c in range(channels):
+                dst = out[b, c, h]
+                for w in range(width):
+                    dst[w] = row[w, c]
+
+
+def channels_first(x: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) as C-contiguous memory: x itself when it is, a copy otherwise. An NCHW-shaped view of
+    channels-last integers (as the integer conv returns) is copied by a compiled loop: numpy's transposing
+    copy of ResNet-50's tensors takes 2-4 times as long (0.4-1.0 against 0.2-0.3 ns a byte)."""
+    if x.flags.c_contiguous:
+        return x
+    xt = x.transpose(0, 2, 3, 1) if x.ndim == 4 else None
+    if xt is not None and xt.flags.c_contiguous and x.dtype.kind in "iu":
+        out = np.empty(x.shape, x.dtype)
+        _to_channels_first(xt, out)
+        return out
+    return np.ascontiguousarray(x)
+
+
 @intrinsic
 def _copy_run(typingctx, src, start, dst, at, length):
     """dst[at : at + length] = src[start : start + length] for 1-D contiguous arrays of one dtype, by

@@ -22,6 +22,7 @@ from tpusim.ir import Graph
 from tpusim.quant.arithmetic import QParams, dequantize
 from tpusim.quant.execute import GemmEngine, ProgressCallback, run_integer
 from tpusim.quant.qlayer import QuantizedGraph
+from tpusim.tensor_ops import channels_first
 
 if TYPE_CHECKING:
     from tpusim.quant.calibrate import Samples
@@ -87,7 +88,7 @@ def signal_and_noise(reference: np.ndarray, integers: np.ndarray, qp: QParams) -
         raise ValueError(f"reference of shape {reference.shape} against an integer tensor of shape {shape}")
     inner = qp.channel_block(shape)
     signal, noise = _signal_and_noise(np.ascontiguousarray(reference, np.float32).reshape(-1),
-                                      np.ascontiguousarray(integers).reshape(-1),
+                                      channels_first(integers).reshape(-1),
                                       np.atleast_1d(qp.scale.astype(np.float32)),
                                       np.atleast_1d(qp.zero_point.astype(np.int32)), inner)
     return float(signal), float(noise)
