@@ -96,9 +96,9 @@ def test_one_pass_kernel_equals_the_general_path(name, grids, layouts):
     assert got.dtype == want.dtype and wrapped == 0
     np.testing.assert_array_equal(got, want)
     assert np.count_nonzero(got == ql.out_qmin)
-    for int64_lanes in (True, False):  # each CPU takes one kernel; both run everywhere
-        fused = _FusedAdd.of(ql, module.signs, int64_lanes=int64_lanes)
-        assert fused._looks_up is not int64_lanes
+    for table in (True, False):  # 8-bit inputs take the table; the arithmetic kernel holds it too
+        fused = _FusedAdd.of(ql, module.signs, table=table)
+        assert fused._looks_up is table
         by_kernel = fused(inputs)
         assert by_kernel.dtype == want.dtype
         np.testing.assert_array_equal(by_kernel, want)
@@ -119,8 +119,8 @@ def test_one_pass_kernel_on_every_pair_of_values_with_ties_at_both_signs(name):
     inputs = [a.reshape(shape), b.reshape(shape)]
     got, _ = module.execute(ql, inputs, None)
     np.testing.assert_array_equal(got, _general_path(module, ql, inputs))
-    for int64_lanes in (True, False):
-        np.testing.assert_array_equal(_FusedAdd.of(ql, module.signs, int64_lanes=int64_lanes)(inputs), got)
+    for table in (True, False):
+        np.testing.assert_array_equal(_FusedAdd.of(ql, module.signs, table=table)(inputs), got)
     signed = -1 if name == "sub" else 1
     total = (a.astype(int) - 128) + signed * (b.astype(int) - 128)
     np.testing.assert_array_equal(got.reshape(-1), np.clip(np.sign(total) * ((np.abs(total) + 2) // 4) + 128, 0, 255))
@@ -143,7 +143,7 @@ def test_rescales_that_could_leave_int32_take_the_general_path():
     want = _general_path(ops.op("add"), ql, [a, a])
     np.testing.assert_array_equal(got, want)
     # Where the shortcuts fail, the table (built by the general path) is the one fused kernel, on any CPU.
-    assert _FusedAdd.of(ql, (1, 1), int64_lanes=True)._looks_up
+    assert _FusedAdd.of(ql, (1, 1), table=False)._looks_up
     # Both terms clamp to 2**31 - 1 and their int32 sum wraps to -2: the lowest output, where unclamped
     # arithmetic gives the highest.
     assert not want.any()
@@ -169,7 +169,7 @@ def test_table_holds_the_general_path_for_every_pair_of_bytes_of_either_sign(nam
     ql = module.quantize(layer, (qa, qb), QParams(np.array(0.15625), np.array(-2), -128, 127), CONFIG.quant, None)
     bytes_a, bytes_b = np.repeat(np.arange(256, dtype=np.uint8), 256), np.tile(np.arange(256, dtype=np.uint8), 256)
     inputs = [bytes_a.view(dtypes[0]).reshape(shape), bytes_b.view(dtypes[1]).reshape(shape)]
-    fused = _FusedAdd.of(ql, module.signs, int64_lanes=False)
+    fused = _FusedAdd.of(ql, module.signs)
     assert fused._looks_up and fused.takes(inputs)
     np.testing.assert_array_equal(fused(inputs), _general_path(module, ql, inputs))
     assert not fused.takes([inputs[0].astype(np.int32), inputs[1]])  # another dtype than prepared: general path

@@ -56,9 +56,6 @@ _VNNI_CHUNK = _INT32_SAFE_TERMS // _VNNI_BLOCK * _VNNI_BLOCK  # whole blocks who
 # Numba compiles for the host CPU unless told otherwise; the intrinsic exists only there.
 HAS_VNNI = numba.config.CPU_NAME is None and bool(llvmlite.binding.get_host_cpu_features().get("avx512vnni"))
 HAS_AVX2 = numba.config.CPU_NAME is None and bool(llvmlite.binding.get_host_cpu_features().get("avx2"))
-# vpmullq: int64 products a vector instruction each (elementwise rescales choose their kernel by it)
-HAS_VECTOR_INT64_MULTIPLY = (numba.config.CPU_NAME is None
-                             and bool(llvmlite.binding.get_host_cpu_features().get("avx512dq")))
 _vnni_compiles = [True]  # set False for good once the intrinsic fails to compile here
 _amx_compiles = [True]  # likewise for the AMX tiles
 

@@ -168,12 +168,12 @@ class _FusedAdd:
     (:func:`_rescaled_sum`) is its oracle.
 
     Two 8-bit inputs take their outputs from a 64 KiB table of every pair of input bytes (:func:`_sum_table`),
-    built once by the general path, except where the CPU multiplies int64 lanes (AVX-512 DQ's ``vpmullq``) and
-    the arithmetic kernel's shortcuts hold: there :func:`_add_kernel` computes each output. Without ``vpmullq``
-    an int64 product is several instructions a lane: on an AVX2 Zen 3, ResNet-50's 16 adds took 5.6-7.3 ms
-    computed against 2.9-3.7 ms looked up, two threads (``benchmarks/bench_residual_add.py``). Either kernel runs over
-    memory in the inputs' own order (the integer conv returns channels-last memory behind an NCHW shape), and
-    its output keeps that order.
+    built once by the general path; others, where the arithmetic kernel's shortcuts hold, :func:`_add_kernel`,
+    which computes each output with int64 rescales. The table is the faster on every CPU measured
+    (``benchmarks/bench_residual_add.py``: ResNet-50's 16 adds, two threads): on an AVX2 Zen 3, where an int64
+    product is several instructions a lane, 2.9-3.7 against 5.6-7.3 ms; on an AMX Xeon, whose AVX-512 DQ
+    multiplies int64 lanes (``vpmullq``), 1.40 against 2.20 ms. Either kernel runs over memory in the inputs' own
+    order (the integer conv returns channels-last memory behind an NCHW shape), and its output keeps that order.
     """
 
     def __init__(self, kernel, constants: tuple, in_dtypes: tuple[np.dtype, np.dtype], out_dtype: np.dtype):
@@ -183,20 +183,18 @@ class _FusedAdd:
         self._run_tasks = run_tasks  # (bound here: an import per call costs more than the lookup)
 
     @classmethod
-    def of(cls, ql, signs: tuple[int, int], int64_lanes: bool | None = None) -> "_FusedAdd | None":
+    def of(cls, ql, signs: tuple[int, int], table: bool = True) -> "_FusedAdd | None":
         """The layer's fused add, or None where neither kernel applies: an input wider than 8 bits and the
-        arithmetic kernel's shortcuts not holding (:func:`_add_constants`). ``int64_lanes`` (default: this
-        CPU's) chooses the arithmetic kernel where both apply."""
-        from tpusim.kernels.gemm import HAS_VECTOR_INT64_MULTIPLY
+        arithmetic kernel's shortcuts not holding (:func:`_add_constants`). ``table=False`` takes the arithmetic
+        kernel wherever its shortcuts hold (the table stays where they do not), as tests and benchmarks do."""
         from tpusim.quant.arithmetic import storage_dtype
         in_dtypes = tuple(qp.storage_dtype for qp in ql.input_qparams)
         out_dtype = storage_dtype(ql.out_qmin, ql.out_qmax)
         constants = _add_constants(ql, signs)
-        arithmetic = HAS_VECTOR_INT64_MULTIPLY if int64_lanes is None else int64_lanes
-        if constants is not None and (arithmetic or any(dtype.itemsize != 1 for dtype in in_dtypes)):
-            return cls(_add_kernel, constants, in_dtypes, out_dtype)
-        if all(dtype.itemsize == 1 for dtype in in_dtypes):
+        if all(dtype.itemsize == 1 for dtype in in_dtypes) and (table or constants is None):
             return cls(_table_kernel, (_sum_table(ql, signs),), in_dtypes, out_dtype)
+        if constants is not None:
+            return cls(_add_kernel, constants, in_dtypes, out_dtype)
         return None
 
     def takes(self, inputs: list[np.ndarray]) -> bool:
