@@ -1,4 +1,5 @@
 import threading
+import time
 import warnings
 
 import numba
@@ -12,6 +13,7 @@ from tpusim.kernels.gemm import (
     HAS_VNNI,
     RequantizedGemm,
     _finish_words_strip,
+    _load_value,
     _sums_fit,
     _word_constants,
     claim_task,
@@ -582,6 +584,67 @@ def test_broadcast_tasks_split_both_rows_and_weight_panels(kernel):
     finally:
         numba.set_num_threads(previous)
     assert np.count_nonzero(want == 0) and np.count_nonzero(want == 255) and np.count_nonzero((want > 0) & (want < 255))
+
+
+@njit(nogil=True)
+def _first_task_waits_for_the_second(seen, polls, counters):
+    # task 0 (the caller's: it claims first) polls until another thread has claimed task 1, up to polls times
+    task = claim_task(counters)
+    while task < 2:
+        if task == 0:
+            for _ in range(polls):
+                if _load_value(counters, 0) >= 2:
+                    seen[0] = 1
+                    break
+        finish_task(counters)
+        task = claim_task(counters)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one CPU: no helper threads")
+def test_a_helper_joins_each_of_many_jobs_in_a_row():
+    # a job posted while a helper polls or sleeps: either way it takes the other task while the caller waits in
+    # the first (up to about a second: a helper the OS runs late still counts)
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        joined = []
+        for _ in range(50):
+            seen = np.zeros(1, np.int64)
+            run_tasks(_first_task_waits_for_the_second, 2, seen, 10**9)
+            joined.append(int(seen[0]))
+        assert joined == [1] * 50
+    finally:
+        numba.set_num_threads(previous)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one CPU: no helper threads")
+def test_helpers_sleep_once_jobs_stop_coming():
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        for _ in range(20):
+            run_tasks(_count_runs, 100, np.zeros(100, np.int64))
+        time.sleep(0.05)  # far past the polling
+        cpu, wall = time.process_time(), time.perf_counter()
+        time.sleep(0.2)
+        assert time.process_time() - cpu < 0.02 * (time.perf_counter() - wall) + 0.002
+    finally:
+        numba.set_num_threads(previous)
+
+
+def test_a_slot_is_not_taken_while_a_helper_is_in_its_job():
+    from tpusim.kernels.gemm import _SLOTS, _Helpers
+
+    helpers = _Helpers()
+    first = helpers.take_slot()
+    helpers.counters[first] = (5, 3)
+    helpers.inside[first] = 1  # a helper still in the job (it may yet claim from these counters)
+    taken = [helpers.take_slot() for _ in range(_SLOTS - 1)]  # in turn, passing over the one in use
+    assert first not in taken and len(set(taken)) == _SLOTS - 1
+    helpers.inside[:] = 1
+    assert helpers.take_slot() is None  # (run_tasks then runs the job on the caller alone)
+    helpers.inside[first] = 0
+    assert helpers.take_slot() == first and list(helpers.counters[first]) == [0, 0]
 
 
 @njit(nogil=True)
