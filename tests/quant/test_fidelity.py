@@ -87,12 +87,18 @@ def test_signal_and_noise_agrees_with_its_oracle_on_random_floats():
         signal_and_noise(reference[:2], q, qp)
 
 
-def test_fidelity_measures_against_the_reference_it_is_given():
+def _tiny_cnn_in_onnxruntime():
+    """(graph, its quantized graph, 3 synthetic samples, the FP32 model in ONNX Runtime that calibrated it)."""
     model = build_model("tiny_cnn")
     graph = lower_model(model, "tiny_cnn")
     data = synthetic_inputs(graph.input_shape[1:], 3, seed=0)
     float_model = FloatModel(model, graph)
     qgraph = quantize_graph(graph, collect_statistics(model, graph, data, 2048, float_model=float_model), QUANT)
+    return graph, qgraph, data, float_model
+
+
+def test_fidelity_measures_against_the_reference_it_is_given():
+    graph, qgraph, data, float_model = _tiny_cnn_in_onnxruntime()
     ours, theirs = fidelity(graph, qgraph, data.inputs[:2]), fidelity(graph, qgraph, data.inputs[:2],
                                                                        reference=float_model.reference)
     assert theirs.layer_sqnr_db.keys() == ours.layer_sqnr_db.keys()
@@ -106,11 +112,7 @@ def test_fidelity_lets_go_of_a_batchs_tensors_before_the_next_batch_is_computed(
     # ONNX Runtime gives a run's tensors memory of its own: held across the next run, that run takes and faults in more
     import weakref
 
-    model = build_model("tiny_cnn")
-    graph = lower_model(model, "tiny_cnn")
-    data = synthetic_inputs(graph.input_shape[1:], 3, seed=0)
-    float_model = FloatModel(model, graph)
-    qgraph = quantize_graph(graph, collect_statistics(model, graph, data, 2048, float_model=float_model), QUANT)
+    graph, qgraph, data, float_model = _tiny_cnn_in_onnxruntime()
     final = graph.outputs[-1]
     earlier: list[weakref.ref] = []
     alive_at_each_call = []
