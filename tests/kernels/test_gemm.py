@@ -632,6 +632,20 @@ def test_helpers_sleep_once_jobs_stop_coming():
         numba.set_num_threads(previous)
 
 
+def test_a_helper_takes_a_posted_job_once_its_caller_has_claimed_a_task_and_some_are_left():
+    from tpusim.kernels.gemm import _await_job
+
+    counters, inside = np.zeros((4, 2), np.int64), np.array([0, 1, 0, 0], np.int64)
+    posted = np.array([7, 2, 10, 1], np.int64)  # job 7, in slot 2, of 10 tasks, one helper wanted
+    assert _await_job(posted, counters.reshape(-1), inside, 0, 1, 6, 100) == (False, 6)  # the caller not in it yet
+    assert list(inside) == [0, 0, 0, 0]  # (counted out of slot 1's job first)
+    counters[2] = (3, 1)
+    assert _await_job(posted, counters.reshape(-1), inside, 0, -1, 6, 100) == (True, 7)
+    assert _await_job(posted, counters.reshape(-1), inside, 1, -1, 6, 100) == (False, 7)  # a second helper: unwanted
+    counters[2] = (10, 4)
+    assert _await_job(posted, counters.reshape(-1), inside, 0, -1, 6, 100) == (False, 7)  # every task claimed
+
+
 def test_a_slot_is_not_taken_while_a_helper_is_in_its_job():
     from tpusim.kernels.gemm import _SLOTS, _Helpers
 

@@ -376,11 +376,11 @@ def _spin_pause(typingctx):
 
 
 @njit(cache=True, nogil=True)
-def _await_job(posted, counters, inside, left, seen, polls):
-    """A helper's wait between jobs, without the GIL (``posted``: jobs so far, the last one's slot and tasks):
-    (True, the number of the job posted after ``seen``) once its caller has claimed one of its tasks and some
-    are left, or (False, the last job passed over, else ``seen``) after ``polls`` polls a pause apart; a job
-    whose tasks are all claimed before it is noticed is passed over. A caller that has claimed a task is in its
+def _await_job(posted, counters, inside, index, left, seen, polls):
+    """Helper ``index``'s wait between jobs, without the GIL (``posted``: jobs so far, the last one's slot, tasks
+    and helpers): (True, the number of the job posted after ``seen``) once its caller has claimed one of its
+    tasks and some are left, or (False, the last job passed over, else ``seen``) after ``polls`` polls a pause
+    apart; a job whose tasks are all claimed before it is noticed, or that wants fewer helpers, is passed over. A caller that has claimed a task is in its
     own kernel, so the helper finds the GIL free: a thread waiting for the GIL sleeps, and an idle virtual CPU
     is halted until the host wakes it (20-300 us on the AMX Xeon). First the helper counts itself out of the
     job of slot ``left`` (-1: none), here, where it holds no GIL that its caller could wait for."""
@@ -391,7 +391,7 @@ def _await_job(posted, counters, inside, left, seen, polls):
         if post != seen:
             slot, tasks = _load_value(posted, 1), _load_value(posted, 2)
             claimed = _load_value(counters, 2 * slot)
-            if claimed >= tasks:
+            if claimed >= tasks or index >= _load_value(posted, 3):
                 seen = post
             elif claimed > 0:
                 return True, post
@@ -435,6 +435,7 @@ class _Job(NamedTuple):
     args: tuple  # the kernel's arguments, its task counters last
     slot: int
     post: int
+    helpers: int  # how many may join (numba.get_num_threads() - 1 of the caller, at most the tasks - 1)
 
 
 class _Helpers:
@@ -459,7 +460,7 @@ class _Helpers:
         self._asleep: list[bool] = []  # per helper: blocked on its gate (or about to be), to be released
         self.counters = np.zeros((_SLOTS, 2), np.int64)  # per slot: tasks claimed, tasks finished
         self.inside = np.zeros(_SLOTS, np.int64)  # per slot: helpers in its job's kernel
-        self._posted = np.zeros(3, np.int64)  # jobs posted so far, the last one's slot and tasks
+        self._posted = np.zeros(4, np.int64)  # jobs posted so far, the last one's slot, tasks and helpers
         self._next_slot = 0
         self.helper_polls = self.caller_polls = 0  # polls that take _SPIN_SECONDS and _WAIT_SECONDS here
         self._job: _Job | None = None
@@ -492,9 +493,9 @@ class _Helpers:
             threading.Thread(target=self._serve, args=(len(self._gates) - 1, int(self._posted[0])),
                              name="tpusim-gemm-helper", daemon=True).start()
         post = int(self._posted[0]) + 1
-        self._job = _Job(work, (*args, self.counters[slot]), slot, post)
+        self._job = _Job(work, (*args, self.counters[slot]), slot, post, count)
         self.error = None
-        self._posted[1], self._posted[2] = slot, tasks
+        self._posted[1], self._posted[2], self._posted[3] = slot, tasks, count
         self._posted[0] = post
         for index in range(count):
             if self._asleep[index]:
@@ -510,7 +511,7 @@ class _Helpers:
     def _serve(self, index: int, seen: int) -> None:
         gate, left = self._gates[index], -1
         while True:
-            found, seen = _await_job(self._posted, self.counters.reshape(-1), self.inside, left, seen,
+            found, seen = _await_job(self._posted, self.counters.reshape(-1), self.inside, index, left, seen,
                                      self.helper_polls)
             left = -1
             if not found:
@@ -519,7 +520,7 @@ class _Helpers:
                     gate.acquire()
                 self._asleep[index] = False
             job = self._job
-            if job is None or job.post < seen or (job.post == seen and not found):
+            if job is None or job.post < seen or (job.post == seen and not found) or index >= job.helpers:
                 continue  # (done, or passed over)
             seen, left = job.post, job.slot
             _count_in(self.inside, job.slot)
