@@ -70,7 +70,17 @@ def test_channels_first_is_the_contiguous_copy_and_x_itself_where_x_is_contiguou
     x = np.random.default_rng(sum(shape)).integers(-100, 100, shape).astype(dtype)
     assert tensor_ops.channels_first(x) is x
     for view in (channels_last_memory(x), x[:, :, ::-1], x.transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2)):
-        got = tensor_ops.channels_first(view)  # integer channels-last memory: the compiled copy; else numpy's
+        got = tensor_ops.channels_first(view)  # channels-last memory: the compiled copy; else numpy's
         assert got.flags.c_contiguous and got.dtype == x.dtype
         assert got is view if view.flags.c_contiguous else not np.shares_memory(got, view)  # (an axis of 1: contiguous)
         np.testing.assert_array_equal(got, view)
+
+
+@pytest.mark.parametrize("groups, batch, h, w, n", [(1, 1, 3, 5, 7), (1, 2, 4, 1, 16), (2, 2, 3, 3, 4), (1, 1, 1, 1, 9)])
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_col2nchw_moves_each_groups_channels_into_place(groups, batch, h, w, n, dtype):
+    y = np.random.default_rng(groups + h).standard_normal((groups, batch * h * w, n)).astype(dtype)
+    got = tensor_ops.col2nchw(y, batch, h, w)
+    want = np.concatenate([y[g].reshape(batch, h, w, n).transpose(0, 3, 1, 2) for g in range(groups)], axis=1)
+    assert got.flags.c_contiguous and got.dtype == y.dtype
+    np.testing.assert_array_equal(got, want)

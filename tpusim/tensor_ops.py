@@ -91,12 +91,13 @@ def _to_channels_first(xt, out):
 
 def channels_first(x: np.ndarray) -> np.ndarray:
     """(B, C, H, W) as C-contiguous memory: x itself when it is, a copy otherwise. An NCHW-shaped view of
-    channels-last integers (as the integer conv returns) is copied by a compiled loop: numpy's transposing
-    copy of ResNet-50's tensors takes 2-4 times as long (0.4-1.0 against 0.2-0.3 ns a byte)."""
+    channels-last memory (as the integer conv returns, and a GEMM's output rows are) is copied by a compiled
+    loop: numpy's transposing copy of ResNet-50's tensors takes 2-4 times as long (0.4-1.0 against 0.2-0.3 ns
+    a byte)."""
     if x.flags.c_contiguous:
         return x
     xt = x.transpose(0, 2, 3, 1) if x.ndim == 4 else None
-    if xt is not None and xt.flags.c_contiguous and x.dtype.kind in "iu":
+    if xt is not None and xt.flags.c_contiguous and x.dtype.kind in "iuf":
         out = np.empty(x.shape, x.dtype)
         _to_channels_first(xt, out)
         return out
@@ -198,6 +199,8 @@ def im2col_channels_last(x: np.ndarray, attrs: ConvAttrs, pad_value: int = 0, de
 def col2nchw(y: np.ndarray, batch: int, h_out: int, w_out: int) -> np.ndarray:
     """(groups, B*Hout*Wout, N/groups) -> (B, N, Hout, Wout)."""
     g, _, n = y.shape
+    if g == 1:
+        return channels_first(y.reshape(batch, h_out, w_out, n).transpose(0, 3, 1, 2))
     return np.ascontiguousarray(y.reshape(g, batch, h_out, w_out, n).transpose(1, 0, 4, 2, 3).reshape(batch, g * n, h_out, w_out))
 
 
