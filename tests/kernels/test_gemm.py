@@ -646,19 +646,51 @@ def test_a_helper_takes_a_posted_job_once_its_caller_has_claimed_a_task_and_some
     assert _await_job(posted, counters.reshape(-1), inside, 0, -1, 6, 100) == (False, 7)  # every task claimed
 
 
-def test_a_slot_is_not_taken_while_a_helper_is_in_its_job():
+def test_a_slot_is_not_taken_while_its_caller_or_a_helper_is_in_its_job():
     from tpusim.kernels.gemm import _SLOTS, _Helpers
 
     helpers = _Helpers()
     first = helpers.take_slot()
     helpers.counters[first] = (5, 3)
-    helpers.inside[first] = 1  # a helper still in the job (it may yet claim from these counters)
-    taken = [helpers.take_slot() for _ in range(_SLOTS - 1)]  # in turn, passing over the one in use
-    assert first not in taken and len(set(taken)) == _SLOTS - 1
-    helpers.inside[:] = 1
+    helpers.stop(first)  # its caller is done...
+    helpers.inside[first] = 1  # ...but a helper is still in the job (it may yet claim from these counters)
+    others = [helpers.take_slot() for _ in range(_SLOTS - 1)]  # callers on other threads, each still in its job
+    assert first not in others and len(set(others)) == _SLOTS - 1
     assert helpers.take_slot() is None  # (run_tasks then runs the job on the caller alone)
+    for slot in others:
+        helpers.stop(slot)
     helpers.inside[first] = 0
-    assert helpers.take_slot() == first and list(helpers.counters[first]) == [0, 0]
+    again = []
+    for _ in range(_SLOTS):
+        again.append(helpers.take_slot())
+        helpers.stop(again[-1])
+    assert sorted(again) == list(range(_SLOTS)) and list(helpers.counters[first]) == [0, 0]
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one CPU: no helper threads")
+def test_callers_on_several_threads_at_once_each_get_every_task_done_once():
+    # each thread's jobs have counters of their own, however many jobs the others post meanwhile
+    previous = numba.get_num_threads()
+    failures = []
+
+    def calls(tasks):
+        numba.set_num_threads(2)  # (this thread's own setting)
+        for _ in range(300):
+            runs = np.zeros(tasks, np.int64)
+            run_tasks(_count_runs, tasks, runs)
+            if not (runs == 1).all():
+                failures.append(tasks)
+
+    try:
+        callers = [threading.Thread(target=calls, args=(tasks,), daemon=True) for tasks in (7, 37, 53, 64)]
+        for caller in callers:
+            caller.start()
+        deadline = time.monotonic() + 60
+        for caller in callers:
+            caller.join(timeout=max(0.0, deadline - time.monotonic()))  # a lost task leaves its caller waiting
+        assert not any(caller.is_alive() for caller in callers) and failures == []
+    finally:
+        numba.set_num_threads(previous)
 
 
 @njit(nogil=True)

@@ -461,28 +461,40 @@ class _Helpers:
         self.counters = np.zeros((_SLOTS, 2), np.int64)  # per slot: tasks claimed, tasks finished
         self.inside = np.zeros(_SLOTS, np.int64)  # per slot: helpers in its job's kernel
         self._posted = np.zeros(4, np.int64)  # jobs posted so far, the last one's slot, tasks and helpers
+        self.taken = np.zeros(_SLOTS, np.bool_)  # per slot: its caller is still in run_tasks
+        self.errors: list[BaseException | None] = [None] * _SLOTS  # per slot: what a helper's task raised
         self._next_slot = 0
         self.helper_polls = self.caller_polls = 0  # polls that take _SPIN_SECONDS and _WAIT_SECONDS here
         self._job: _Job | None = None
-        self.error: BaseException | None = None
+        self._lock = threading.Lock()  # callers on several threads take slots and post jobs one at a time
         os.register_at_fork(after_in_child=self._forget_threads)  # a forked child has none of the threads
 
     def _forget_threads(self) -> None:
         self._gates.clear()
         self._asleep.clear()
         self.inside[:] = 0
+        self.taken[:] = False
+        self._lock = threading.Lock()  # (held, maybe, by a thread the child does not have)
 
     def take_slot(self) -> int | None:
-        """A slot of counters, zeroed, whose last job no helper is in any more (None if all 64 have one)."""
-        for step in range(_SLOTS):
-            slot = (self._next_slot + step) % _SLOTS
-            if self.inside[slot] == 0:
-                self._next_slot = slot + 1
-                self.counters[slot] = 0
-                return slot
+        """A slot of counters, zeroed, that no caller has and whose last job no helper is in any more (None if
+        every one is in use); :meth:`stop` gives it back."""
+        with self._lock:
+            for step in range(_SLOTS):
+                slot = (self._next_slot + step) % _SLOTS
+                if not self.taken[slot] and self.inside[slot] == 0:
+                    self._next_slot = slot + 1
+                    self.taken[slot] = True
+                    self.counters[slot] = 0
+                    self.errors[slot] = None
+                    return slot
         return None
 
     def start(self, work, args: tuple, slot: int, tasks: int, count: int) -> None:
+        with self._lock:
+            self._post(work, args, slot, tasks, count)
+
+    def _post(self, work, args: tuple, slot: int, tasks: int, count: int) -> None:
         if not self.helper_polls:
             self.helper_polls, self.caller_polls = _polls_for(_SPIN_SECONDS), _polls_for(_WAIT_SECONDS)
         while len(self._gates) < count:
@@ -494,7 +506,6 @@ class _Helpers:
                              name="tpusim-gemm-helper", daemon=True).start()
         post = int(self._posted[0]) + 1
         self._job = _Job(work, (*args, self.counters[slot]), slot, post, count)
-        self.error = None
         self._posted[1], self._posted[2], self._posted[3] = slot, tasks, count
         self._posted[0] = post
         for index in range(count):
@@ -505,8 +516,13 @@ class _Helpers:
                 except RuntimeError:  # already open: woken for an earlier job it found by polling
                     pass
 
-    def stop(self) -> None:
-        self._job = None  # a helper waking late finds nothing (and keeps no array alive)
+    def stop(self, slot: int) -> None:
+        """The caller of ``slot`` is done: a helper waking late finds nothing (and keeps no array alive)."""
+        with self._lock:
+            job = self._job
+            if job is not None and job.slot == slot:  # (else another thread's caller has posted since)
+                self._job = None
+            self.taken[slot] = False
 
     def _serve(self, index: int, seen: int) -> None:
         gate, left = self._gates[index], -1
@@ -527,7 +543,7 @@ class _Helpers:
             try:
                 job.work(*job.args)
             except BaseException as exc:  # a task it claimed will never finish: the caller raises this instead
-                self.error = exc
+                self.errors[job.slot] = exc
 
 
 _helpers = _Helpers()
@@ -572,11 +588,11 @@ def run_tasks(work, tasks: int, *args) -> None:
         # run for a while, as on a busy machine, where waiting for it to leave the job took a slice of its core).
         if not _await_done(_helpers.counters.reshape(-1), _helpers.inside, slot, tasks, _helpers.caller_polls):
             while counters[1] < tasks:
-                if _helpers.error is not None:
-                    raise _helpers.error
+                if _helpers.errors[slot] is not None:
+                    raise _helpers.errors[slot]
                 _yield_core()
     finally:
-        _helpers.stop()
+        _helpers.stop(slot)
 
 
 @njit(cache=True, nogil=True)
