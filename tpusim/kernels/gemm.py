@@ -449,7 +449,8 @@ class _Helpers:
     only then sleeps on a lock that the caller releases to wake it; the caller waits for its job's end
     without the GIL too (:func:`_await_done`), until the helpers are back to polling, so that neither
     thread waits for the GIL while the other holds it. Each job's task counters are a row of ``counters``
-    that a helper can poll; a row is taken again only once no helper is left in its job (``inside``).
+    that a helper can poll; a row is taken again only once its caller is done (``taken``) and no helper is left
+    in its job (``inside``), so callers on several threads at once each keep counters of their own.
     The layers of a run post a job every 20-300 us; helpers that slept between jobs, and took the GIL as
     they woke, joined too late for one job in three: on an AMX Xeon, 19 of a ResNet-50 run's 53 fused
     GEMMs ran on the caller alone.
