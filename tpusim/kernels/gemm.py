@@ -581,8 +581,8 @@ def run_tasks(work, tasks: int, *args) -> None:
         work(*args, np.zeros(2, np.int64))
         return
     counters = _helpers.counters[slot]
-    _helpers.start(work, args, slot, tasks, helpers)
     try:
+        _helpers.start(work, args, slot, tasks, helpers)
         work(*args, counters)
         # Only tasks a helper claimed are left, or a helper on its way out of the job, back to polling: a short
         # wait for both without the GIL, then, for the tasks alone, yielding the core (a helper the OS has not
