@@ -310,6 +310,11 @@ def _rows_range(task, chunks, m_total, unit=_TILE):
     return unit_lo * unit, min(unit_hi * unit, m_total)
 
 
+def _element(context, builder, array_type, array, index):
+    """The address of ``array[index]`` (a 1-D int64 array) in an intrinsic's code."""
+    return builder.gep(context.make_array(array_type)(context, builder, array).data, [index])
+
+
 def _count_intrinsic(slot: int):
     """An intrinsic adding 1 to counters[slot] atomically and returning the value before."""
 
@@ -317,9 +322,8 @@ def _count_intrinsic(slot: int):
         sig = types.int64(counters)
 
         def codegen(context, builder, signature, args):
-            data = context.make_array(signature.args[0])(context, builder, args[0]).data
-            return builder.atomic_rmw("add", builder.gep(data, [ir.Constant(ir.IntType(64), slot)]),
-                                      ir.Constant(ir.IntType(64), 1), "seq_cst")
+            address = _element(context, builder, signature.args[0], args[0], ir.Constant(ir.IntType(64), slot))
+            return builder.atomic_rmw("add", address, ir.Constant(ir.IntType(64), 1), "seq_cst")
 
         return sig, codegen
 
@@ -338,8 +342,7 @@ def _load_value(typingctx, values, index):
     sig = types.int64(values, index)
 
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.load_atomic(builder.gep(data, [args[1]]), "monotonic", 8)
+        return builder.load_atomic(_element(context, builder, signature.args[0], args[0], args[1]), "monotonic", 8)
 
     return sig, codegen
 
@@ -350,8 +353,7 @@ def _add_value(typingctx, values, index, delta):
     sig = types.void(values, index, delta)
 
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        builder.atomic_rmw("add", builder.gep(data, [args[1]]), args[2], "seq_cst")
+        builder.atomic_rmw("add", _element(context, builder, signature.args[0], args[0], args[1]), args[2], "seq_cst")
         return context.get_dummy_value()
 
     return sig, codegen
@@ -380,10 +382,11 @@ def _await_job(posted, counters, inside, index, left, seen, polls):
     """Helper ``index``'s wait between jobs, without the GIL (``posted``: jobs so far, the last one's slot, tasks
     and helpers): (True, the number of the job posted after ``seen``) once its caller has claimed one of its
     tasks and some are left, or (False, the last job passed over, else ``seen``) after ``polls`` polls a pause
-    apart; a job whose tasks are all claimed before it is noticed, or that wants fewer helpers, is passed over. A caller that has claimed a task is in its
-    own kernel, so the helper finds the GIL free: a thread waiting for the GIL sleeps, and an idle virtual CPU
-    is halted until the host wakes it (20-300 us on the AMX Xeon). First the helper counts itself out of the
-    job of slot ``left`` (-1: none), here, where it holds no GIL that its caller could wait for."""
+    apart; a job whose tasks are all claimed before it is noticed, or that wants fewer helpers, is passed over.
+    A caller that has claimed a task is in its own kernel, so the helper finds the GIL free: a thread waiting
+    for the GIL sleeps, and an idle virtual CPU is halted until the host wakes it (20-300 us on the AMX Xeon).
+    First the helper counts itself out of the job of slot ``left`` (-1: none), here, where it holds no GIL that
+    its caller could wait for."""
     if left >= 0:
         _add_value(inside, left, -1)
     for _ in range(polls):
