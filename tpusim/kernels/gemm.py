@@ -496,29 +496,26 @@ class _Helpers:
 
     def start(self, work, args: tuple, slot: int, tasks: int, count: int) -> None:
         with self._lock:
-            self._post(work, args, slot, tasks, count)
-
-    def _post(self, work, args: tuple, slot: int, tasks: int, count: int) -> None:
-        if not self.helper_polls:
-            self.helper_polls, self.caller_polls = _polls_for(_SPIN_SECONDS), _polls_for(_WAIT_SECONDS)
-        while len(self._gates) < count:
-            gate = threading.Lock()
-            gate.acquire()
-            self._gates.append(gate)
-            self._asleep.append(False)
-            threading.Thread(target=self._serve, args=(len(self._gates) - 1, int(self._posted[0])),
-                             name="tpusim-gemm-helper", daemon=True).start()
-        post = int(self._posted[0]) + 1
-        self._job = _Job(work, (*args, self.counters[slot]), slot, post, count)
-        self._posted[1], self._posted[2], self._posted[3] = slot, tasks, count
-        self._posted[0] = post
-        for index in range(count):
-            if self._asleep[index]:
-                self._asleep[index] = False
-                try:
-                    self._gates[index].release()
-                except RuntimeError:  # already open: woken for an earlier job it found by polling
-                    pass
+            if not self.helper_polls:
+                self.helper_polls, self.caller_polls = _polls_for(_SPIN_SECONDS), _polls_for(_WAIT_SECONDS)
+            while len(self._gates) < count:
+                gate = threading.Lock()
+                gate.acquire()
+                self._gates.append(gate)
+                self._asleep.append(False)
+                threading.Thread(target=self._serve, args=(len(self._gates) - 1, int(self._posted[0])),
+                                 name="tpusim-gemm-helper", daemon=True).start()
+            post = int(self._posted[0]) + 1
+            self._job = _Job(work, (*args, self.counters[slot]), slot, post, count)
+            self._posted[1], self._posted[2], self._posted[3] = slot, tasks, count
+            self._posted[0] = post
+            for index in range(count):
+                if self._asleep[index]:
+                    self._asleep[index] = False
+                    try:
+                        self._gates[index].release()
+                    except RuntimeError:  # already open: woken for an earlier job it found by polling
+                        pass
 
     def stop(self, slot: int) -> None:
         """The caller of ``slot`` is done: a helper waking late finds nothing (and keeps no array alive)."""
