@@ -84,3 +84,20 @@ def test_col2nchw_moves_each_groups_channels_into_place(groups, batch, h, w, n, 
     want = np.concatenate([y[g].reshape(batch, h, w, n).transpose(0, 3, 1, 2) for g in range(groups)], axis=1)
     assert got.flags.c_contiguous and got.dtype == y.dtype
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("make, copied", [
+    (lambda x: x, False),
+    (channels_last_memory, False),                                    # the integer conv's outputs
+    (lambda x: np.ascontiguousarray(x.transpose(2, 0, 3, 1)).transpose(1, 3, 0, 2), False),
+    (lambda x: x[:, ::2], True),                                      # not dense in any order
+    (lambda x: x[:, :, ::-1], True),
+])
+def test_in_memory_order_views_dense_memory_and_puts_its_axes_back(make, copied):
+    x = make(np.arange(2 * 6 * 4 * 5, dtype=np.int16).reshape(2, 6, 4, 5))
+    flat, back = tensor_ops.in_memory_order(x)
+    assert flat.flags.c_contiguous
+    assert np.shares_memory(flat, x) != copied
+    np.testing.assert_array_equal(flat.transpose(back), x)
+    out = np.empty_like(flat)  # an element-wise kernel's output, viewed back: x's shape and layout
+    assert out.transpose(back).strides == (x.strides if not copied else np.ascontiguousarray(x).strides)

@@ -104,6 +104,18 @@ def channels_first(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def in_memory_order(x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(x's axes in the order of its memory, C-contiguous; the permutation that puts them back): an element-wise
+    kernel runs over the first flat and its output, viewed through the second, has x's shape and layout. An
+    NCHW-shaped view of channels-last memory (what the integer conv returns) is transposed for free, its channels
+    last; an array whose memory is not dense in any axis order is copied in C order."""
+    order = tuple(sorted(range(x.ndim), key=lambda axis: -x.strides[axis]))
+    view = x.transpose(order)
+    if not view.flags.c_contiguous:
+        order, view = tuple(range(x.ndim)), np.ascontiguousarray(x)
+    return view, tuple(np.argsort(order))
+
+
 @intrinsic
 def _copy_run(typingctx, src, start, dst, at, length):
     """dst[at : at + length] = src[start : start + length] for 1-D contiguous arrays of one dtype, by
