@@ -61,3 +61,49 @@ def test_affine_kernel_is_exact_for_integer_scales(weights):
     per_channel = (scale.astype(np.int64).reshape(4, 1, 1), np.array([8, -16, 4, 24]).reshape(4, 1, 1))
     acc = (q.astype(np.int64) - 7) * per_channel[0] + per_channel[1]
     np.testing.assert_array_equal(y, np.clip(np.sign(acc) * ((np.abs(acc) + 4) // 8), -127, 127))
+
+
+def _channels_last_memory(q):
+    return np.ascontiguousarray(q.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("weights", ["per-tensor", "per-channel"])
+@pytest.mark.parametrize("shape, axis, layout", [
+    ((2, 5, 3, 4), 1, "nchw"),
+    ((2, 5, 3, 4), 1, "channels-last"),  # a conv's output: the kernel runs along the channels
+    ((3, 7), 1, "nchw"),                 # a GEMM's output, channels last
+    ((2, 6, 9), 1, "nchw"),
+    ((2, 3, 6), 2, "nchw"),              # a transformer's hidden axis
+    ((2, 5, 3, 4), 1, "strided"),        # memory not dense in any order: a copy
+])
+@pytest.mark.parametrize("signed_input", [False, True])
+def test_affine_kernel_is_its_numpy_oracle(weights, shape, axis, layout, signed_input):
+    import dataclasses
+
+    from tpusim.ops.affine import affine_reference
+
+    rng = np.random.default_rng(sum(shape) + axis)
+    channels = shape[axis]
+    scale = rng.uniform(-3, 3, channels).astype(f32)
+    layer = Layer(name="a", op="affine", inputs=("x",), output="y", input_shapes=(shape,), output_shape=shape,
+                  weight=scale, bias=rng.uniform(-2, 2, channels).astype(f32), axis=axis)
+    qx = QParams(np.array(f32(0.03)), np.array(0 if signed_input else 9), -128 if signed_input else 0,
+                 127 if signed_input else 255)
+    qy = QParams(np.array(f32(0.05)), np.array(120), 0, 255)
+    ql = ops.op("affine").quantize(layer, (qx,), qy, dataclasses.replace(CONFIG.quant, weights=weights), None)
+    info = np.iinfo(np.int8 if signed_input else np.uint8)
+    q = rng.integers(info.min, info.max + 1, shape).astype(info.dtype)
+    if layout == "channels-last":
+        q = _channels_last_memory(q)
+    elif layout == "strided":
+        q = np.repeat(q, 2, axis=-1)[..., ::2]
+    y, _ = ops.op("affine").execute(ql, [q], None)
+    np.testing.assert_array_equal(y, affine_reference(ql, q))
+    assert y.dtype == np.uint8 and y.strides == (np.empty_like(q) if layout != "strided" else np.empty(shape, np.uint8)).strides
+    # Accumulators past the int32 range saturate before the requantization, as the oracle's do: a multiplier
+    # that puts the int32 extremes just inside a rounding step tells a saturated accumulator from an exact one.
+    from tpusim.quant.qlayer import Requant
+
+    big = dataclasses.replace(ql, acc_bias=np.where(np.arange(channels) % 2, 2**31 - 5, -(2**31) + 5).astype(np.int32),
+                              requant=Requant.of(np.full(channels, 100.4999 / (2**31 - 1))))
+    np.testing.assert_array_equal(ops.op("affine").execute(big, [q], None)[0], affine_reference(big, q))

@@ -20,10 +20,14 @@ import dataclasses
 
 import numpy as np
 
+from tpusim import jit
+from tpusim.derived import derived_from
 from tpusim.errors import ModelError
 from tpusim.ops import register
 from tpusim.ops._matrix import _bias_safe_weight_qparams
 from tpusim.ops.base import Op, VectorCost, vectors
+
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def channel_shape(layer) -> tuple[int, ...]:
@@ -70,11 +74,10 @@ class Affine(Op):
                       requant=Requant.of(s_x * a_qp.scale / scalar(y_qp.scale)))
 
     def execute(self, ql, inputs, options):
-        from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, rescale_output
-        shape = channel_shape(ql.layer)
-        acc = inputs[0].astype(np.int64) * ql.weight_q.astype(np.int64).reshape(shape) + ql.acc_bias.reshape(shape)
-        acc = np.clip(acc, INT32_MIN, INT32_MAX).astype(np.int32)
-        return rescale_output(ql, acc, channel_axis=ql.layer.axis), 0
+        channels = inputs[0].shape[ql.layer.axis]
+        constants = derived_from(ql, ("affine", channels), lambda: kernel_constants(
+            ql.weight_q, ql.acc_bias, ql.requant, int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax, channels))
+        return per_channel_affine(inputs[0], ql.layer.axis, constants), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
         return VectorCost(f"affine+{layer.activation.label}", "none", vectors(out_elements, lanes),
@@ -89,3 +92,61 @@ class Affine(Op):
         shift = b.const(f"{layer.name}_shift", layer.bias.astype(np.float32).reshape(shape))
         b.node("Mul", [inputs[0], scale], f"{y}__scaled", f"{layer.name}_mul")
         b.node("Add", [f"{y}__scaled", shift], y, layer.name)
+
+
+@jit.kernel(cache=True, nogil=True, imports={"requantize_value": "tpusim.kernels.rounding"})
+def _affine_kernel(x, a, b, multiplier, right, half, zero_point, qmin, qmax, out):
+    """out[o, c, i] = the accumulator ``x[o, c, i] * a[c] + b[c]``, saturated to int32, requantized with channel
+    c's constants; x and out (outer, channels, inner) C-contiguous. The inner loop runs over a contiguous row:
+    along the channels when they are the last axis in memory (inner == 1), else along each channel's run."""
+    outer, channels, inner = x.shape
+    if inner == 1:
+        rows, targets = x.reshape(outer, channels), out.reshape(outer, channels)
+        for o in range(outer):
+            src, dst = rows[o], targets[o]
+            for c in range(channels):
+                acc = min(max(np.int64(src[c]) * a[c] + b[c], _INT32_MIN), _INT32_MAX)
+                dst[c] = requantize_value(acc, multiplier[c], right[c], half[c], zero_point, qmin, qmax)
+        return
+    for o in range(outer):
+        for c in range(channels):
+            src, dst = x[o, c], out[o, c]
+            ac, bc, m, r, h = a[c], b[c], multiplier[c], right[c], half[c]
+            for i in range(inner):
+                acc = min(max(np.int64(src[i]) * ac + bc, _INT32_MIN), _INT32_MAX)
+                dst[i] = requantize_value(acc, m, r, h, zero_point, qmin, qmax)
+
+
+def kernel_constants(a: np.ndarray, b: np.ndarray, requant, zero_point: int, qmin: int, qmax: int,
+                     channels: int) -> tuple:
+    """:func:`per_channel_affine`'s constants: integer scales ``a`` and shifts ``b`` (one, or one per channel),
+    the requantization (a :class:`~tpusim.quant.qlayer.Requant`) and the output grid [qmin, qmax] around
+    ``zero_point``."""
+    from tpusim.kernels.rounding import requantize_constants
+    per_channel = (np.ascontiguousarray(np.broadcast_to(np.asarray(values, np.int64).reshape(-1), channels))
+                   for values in (a, b))
+    return (*per_channel, *requantize_constants(requant.m0, requant.shift, channels),
+            np.int64(zero_point), np.int64(qmin), np.int64(qmax))
+
+
+def per_channel_affine(x: np.ndarray, axis: int, constants: tuple) -> np.ndarray:
+    """The integers ``x * a[c] + b[c]`` of channel c along ``axis``, saturated to int32 and requantized
+    (:func:`kernel_constants`), in x's own memory order (channels last after a conv), which the next conv
+    takes as it is."""
+    from tpusim.quant.arithmetic import storage_dtype
+    from tpusim.tensor_ops import in_memory_order
+    flat, back = in_memory_order(x)
+    axis = int(back[axis % x.ndim])
+    channels = flat.shape[axis]
+    blocks = flat.reshape(int(np.prod(flat.shape[:axis])), channels, int(np.prod(flat.shape[axis + 1 :])))
+    out = np.empty(flat.shape, storage_dtype(int(constants[-2]), int(constants[-1])))
+    _affine_kernel(blocks, *constants, out.reshape(blocks.shape))
+    return out.transpose(back)
+
+
+def affine_reference(ql, q: np.ndarray) -> np.ndarray:
+    """Numpy oracle of :meth:`Affine.execute`: the int64 accumulator, saturated to int32, requantized."""
+    from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, rescale_output
+    shape = channel_shape(ql.layer)
+    acc = q.astype(np.int64) * ql.weight_q.astype(np.int64).reshape(shape) + ql.acc_bias.reshape(shape)
+    return rescale_output(ql, np.clip(acc, INT32_MIN, INT32_MAX).astype(np.int32), channel_axis=ql.layer.axis)
