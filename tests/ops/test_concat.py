@@ -53,3 +53,44 @@ def test_concat_copies_inputs_on_its_grid_and_rescales_the_others():
     assert np.max(np.abs(out[:, :, 4:] - exact)) <= 0.5 + 1e-6  # one dyadic rounding
     cost = module.vector_cost(layer, [qa.size, qb.size], out.size, 256, True)
     assert cost.passes == 2 and cost.requant_ops == qa.size + qb.size  # 64 elements each: a vector apiece
+
+
+def _channels_last_memory(q):
+    return np.ascontiguousarray(q.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("shapes, axis", [
+    ([(2, 3, 4, 5), (2, 6, 4, 5), (2, 1, 4, 5)], 1),
+    ([(1, 4, 3, 5), (1, 4, 2, 5)], 2),
+    ([(1, 4, 3, 5), (1, 4, 3, 2)], 3),
+    ([(2, 6, 8), (2, 6, 3)], 2),
+])
+@pytest.mark.parametrize("layouts", [("nchw",) * 3, ("channels-last",) * 3, ("channels-last", "nchw", "strided"),
+                                     ("strided", "channels-last", "channels-last")])
+def test_concat_kernel_is_its_numpy_oracle(shapes, axis, layouts):
+    from tpusim.ir import Layer
+    from tpusim.ops.concat import concat_reference
+
+    rng = np.random.default_rng(len(shapes) + axis)
+    output = list(shapes[0])
+    output[axis] = sum(s[axis] for s in shapes)
+    layer = Layer(name="c", op="concat", inputs=tuple(f"x{i}" for i in range(len(shapes))), output="y",
+                  input_shapes=tuple(shapes), output_shape=tuple(output), axis=axis)
+    y_qp = activation_qparams(-2.0, 2.0, "asymmetric-uint8")
+    grids = [y_qp, activation_qparams(-0.7, 1.1, "asymmetric-uint8"), activation_qparams(-3.1, 3.1, "symmetric-int8")]
+    in_qps = tuple(grids[:len(shapes)])
+    ql = op("concat").quantize(layer, in_qps, y_qp, CONFIG.quant, None)
+    assert ql.input_rescales[0] is None and all(r is not None for r in ql.input_rescales[1:])
+    inputs = []
+    for shape, qp, layout in zip(shapes, in_qps, layouts):
+        info = np.iinfo(qp.storage_dtype)
+        q = rng.integers(info.min, info.max + 1, shape).astype(qp.storage_dtype)
+        if layout == "channels-last" and q.ndim == 4:
+            q = _channels_last_memory(q)
+        elif layout == "strided":
+            q = np.repeat(q, 2, axis=-1)[..., ::2]
+        inputs.append(q)
+    y, _ = op("concat").execute(ql, inputs, None)
+    expected = concat_reference(ql, inputs)
+    np.testing.assert_array_equal(y, expected)
+    assert y.dtype == expected.dtype
