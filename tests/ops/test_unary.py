@@ -103,3 +103,27 @@ def test_table_covers_the_minus_128_ort_saturates_to():
     x = dequantize(q, qp)
     np.testing.assert_array_equal(y, quantize(x / (1 + np.exp(-x)), qp))
     assert ql.lut.shape == (256,)
+
+
+@pytest.mark.parametrize("storage", ["uint8", "int8", "int16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "strided"])
+def test_table_lookup_is_its_numpy_oracle_and_keeps_the_input_layout(storage, layout):
+    from tpusim.ops._table import look_up_reference, table_range
+
+    shape = (2, 5, 3, 4)
+    layer = Layer(name="t", op="silu", inputs=("x",), output="y", input_shapes=(shape,), output_shape=shape)
+    qp = {"uint8": QParams(np.array(0.0625), np.array(100), 0, 255),
+          "int8": QParams(np.array(0.03125), np.array(0), -127, 127),
+          "int16": QParams(np.array(2.0**-10), np.array(0), -2000, 2000)}[storage]
+    ql = ops.op("silu").quantize(layer, (qp,), QParams(np.array(0.03125), np.array(3), 0, 255), CONFIG.quant, None)
+    lo, hi = table_range(qp)
+    q = np.random.default_rng(3).integers(lo, hi + 1, shape).astype(qp.storage_dtype)
+    if layout == "channels-last":
+        q = np.ascontiguousarray(q.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    elif layout == "strided":
+        q = np.repeat(q, 2, axis=-1)[..., ::2]
+    y, _ = ops.op("silu").execute(ql, [q], None)
+    np.testing.assert_array_equal(y, look_up_reference(ql.lut, q, lo))
+    assert y.dtype == ql.lut.dtype
+    if layout == "channels-last" and storage != "int16":
+        assert y.transpose(0, 2, 3, 1).flags.c_contiguous  # what the next conv reads without a copy

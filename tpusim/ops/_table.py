@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tpusim import ops
+from tpusim import jit, ops
 from tpusim.ir import NO_ACTIVATION
 from tpusim.ops._expr import X, emit, evaluate, substitute
 from tpusim.ops.base import Op, VectorCost, vectors
@@ -93,7 +93,15 @@ class TableOp(Op):
         return plain_qlayer(layer, in_qps, y_qp, lut=quantize(y, y_qp))
 
     def execute(self, ql, inputs, options):
-        return ql.lut[inputs[0].astype(np.int32) - table_range(ql.input_qparams[0])[0]], 0
+        q, lo = inputs[0], table_range(ql.input_qparams[0])[0]
+        if q.dtype.itemsize != 1:  # (a wider grid's table covers [qmin, qmax] only: numpy checks the indices)
+            return look_up_reference(ql.lut, q, lo), 0
+        from tpusim.tensor_ops import in_memory_order
+        # In the input's memory order (channels last after a conv), which the output keeps for the next conv
+        flat, back = in_memory_order(q)
+        out = np.empty(flat.shape, ql.lut.dtype)
+        _look_up(flat.reshape(-1), ql.lut, np.int64(lo), out.reshape(-1))
+        return out.transpose(back), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
         return VectorCost(layer.op, "none", vectors(out_elements, lanes), activation_ops=out_elements,
@@ -105,6 +113,18 @@ class TableOp(Op):
             emit(b, tree, inputs[0], y, layer.name)
         else:
             self.export_function(b, layer, inputs[0], y)
+
+
+@jit.kernel(cache=True, nogil=True)
+def _look_up(q, lut, lo, out):
+    """out = lut[q - lo] for 8-bit q, whose every value the 256-entry table covers."""
+    for i in range(q.size):
+        out[i] = lut[np.uint64(np.int64(q[i]) - lo)]
+
+
+def look_up_reference(lut: np.ndarray, q: np.ndarray, lo: int) -> np.ndarray:
+    """Numpy oracle of the table ops' lookup (and their path for a grid wider than 8 bits)."""
+    return lut[q.astype(np.int32) - lo]
 
 
 # Functions a fused chain is recognised as (layer op, attrs): the first that agrees on the probe grid
