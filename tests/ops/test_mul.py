@@ -51,3 +51,31 @@ def test_mul_kernel_is_the_exact_product_requantized_once():
     p = (a.astype(np.int64) - 120) * b.astype(np.int64)
     rounded = np.sign(p) * ((np.abs(p) + 16) // 32)          # round half away from zero
     np.testing.assert_array_equal(y, np.clip(rounded + 10, 0, 255))
+
+
+@pytest.mark.parametrize("shapes", [
+    ((1, 5, 3, 4), (1, 5, 1, 1)),   # a squeeze-excitation gate
+    ((1, 5, 1, 1), (1, 5, 3, 4)),   # the gate first
+    ((1, 5, 3, 4), (1, 1, 1, 1)),   # one value
+    ((1, 6, 8), (8,)),              # a feature-wise scale of tokens
+    ((1, 5, 3, 4), (1, 5, 3, 4)),   # two full tensors: the broadcasting product itself
+    ((1, 5, 3, 4), (1, 5, 3, 1)),   # broadcast along two axes: the same
+])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_mul_of_a_gate_is_its_numpy_oracle(shapes, layout):
+    from tpusim.ops.mul import mul_reference
+
+    output = tuple(np.broadcast_shapes(*shapes))
+    layer = Layer(name="m", op="mul", inputs=("a", "b"), output="y", input_shapes=shapes, output_shape=output)
+    qps = (QParams(np.array(0.5), np.array(120), 0, 255), QParams(np.array(0.25), np.array(-3), -128, 127))
+    ql = ops.op("mul").quantize(layer, qps, QParams(np.array(0.125), np.array(10), 0, 255), CONFIG.quant, None)
+    rng = np.random.default_rng(len(shapes[0]))
+    inputs = [rng.integers(np.iinfo(qp.storage_dtype).min, np.iinfo(qp.storage_dtype).max + 1, shape)
+              .astype(qp.storage_dtype) for shape, qp in zip(shapes, qps)]
+    if layout == "channels-last":
+        inputs = [np.ascontiguousarray(q.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) if q.ndim == 4 else q
+                  for q in inputs]
+    y, _ = ops.op("mul").execute(ql, inputs, None)
+    expected = mul_reference(ql, inputs)
+    np.testing.assert_array_equal(y, expected)
+    assert y.dtype == expected.dtype and y.shape == output

@@ -12,6 +12,8 @@ and held), one multiply per output element and its requantization.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from tpusim.ops import register
 from tpusim.ops._binary import binary_passes, lower_binary
 from tpusim.ops.base import Op, VectorCost
@@ -36,10 +38,14 @@ class Mul(Op):
         return plain_qlayer(layer, in_qps, y_qp, requant=Requant.of(a * b / scalar(y_qp.scale)))
 
     def execute(self, ql, inputs, options):
-        from tpusim.quant.qlayer import centered, rescale_output
-        qa, qb = ql.input_qparams
-        product = centered(inputs[0], qa.zero_point) * centered(inputs[1], qb.zero_point)
-        return rescale_output(ql, product), 0
+        gated = _gate(ql, inputs)
+        if gated is not None:
+            from tpusim.ops.affine import kernel_constants, per_channel_affine
+            x, x_zero_point, scale, axis = gated
+            return per_channel_affine(x, axis, kernel_constants(
+                scale, -x_zero_point * scale, ql.requant, int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax,
+                x.shape[axis])), 0
+        return mul_reference(ql, inputs), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
         return VectorCost(f"mul+{layer.activation.label}", "none", binary_passes(in_elements, out_elements, lanes),
@@ -47,3 +53,30 @@ class Mul(Op):
 
     def export(self, b, layer, inputs, weight, bias, y):
         b.node("Mul", inputs, y, layer.name)
+
+
+def _gate(ql, inputs) -> tuple | None:
+    """(the full 8-bit input, its zero point, the other's centred integers as int64, the axis they run along)
+    where the other input is one value per channel of that axis (a squeeze-excitation gate) or a single value:
+    the product ``(q_x - z_x)(q_g - z_g)`` is then the per-channel affine ``q_x a_c + b_c`` with
+    ``a_c = q_g - z_g`` and ``b_c = -z_x a_c``, the same integers. Else None."""
+    shape = tuple(ql.layer.output_shape)
+    pairs = list(zip(inputs, ql.input_qparams))
+    for (x, x_qp), (g, g_qp) in (pairs, pairs[::-1]):
+        if x.shape != shape or x.dtype.itemsize != 1 or g.dtype.itemsize != 1 or g.ndim > x.ndim:
+            continue
+        g_shape = (1,) * (x.ndim - g.ndim) + g.shape
+        axes = [axis for axis, n in enumerate(g_shape) if n != 1]
+        if len(axes) > 1:
+            continue
+        axis = axes[0] if axes else x.ndim - 1
+        centred = g.astype(np.int64).reshape(-1) - int(g_qp.zero_point)
+        return x, int(x_qp.zero_point), centred, axis
+    return None
+
+
+def mul_reference(ql, inputs) -> np.ndarray:
+    """The int32 product of the centred inputs, broadcast, requantized: the oracle of the gate's path."""
+    from tpusim.quant.qlayer import centered, rescale_output
+    qa, qb = ql.input_qparams
+    return rescale_output(ql, centered(inputs[0], qa.zero_point) * centered(inputs[1], qb.zero_point))
