@@ -83,73 +83,121 @@ class MaxPool(Op):
         b.node("MaxPool", inputs, y, layer.name, **_pool_export_attrs(layer))
 
 
-@jit.kernel(cache=True)
-def _maxpool_kernel(x, kh, kw, sh, sw, top, left, qmin, qmax, out):
-    """out[b, c, oh, ow] = clamp(max of the window's in-bounds elements, qmin, qmax).
+@jit.kernel(cache=True, nogil=True)
+def _column_range(offset, stride, width, w_out):
+    """The outputs [first, last) whose window column at ``offset`` from ow * stride lies in [0, width)."""
+    return max(0, -(offset // stride)), min(w_out, (width - 1 - offset) // stride + 1)
+
+
+@jit.kernel(cache=True, nogil=True)
+def _maxpool_channels_last_kernel(rows, channels, kh, kw, sh, sw, top, left, qmin, qmax, out):
+    """rows (B, H, W * C), out (B, Hout, Wout * C): channels-last memory with each image row flat.
+    out[b, oh, ow * C + c] = clamp(max of the window's in-bounds elements, qmin, qmax).
 
     Padding and ceil-mode overhang hold the dtype's lowest value in ONNX's definition, so they are
     skipped; a window with no element at all clamps that lowest value (qmin). Each input row and
-    window column is one branch-free pass over the outputs whose window holds it.
+    window column is one pass over the output row: a single run of W * C elements when sw is 1,
+    else a run of C per output, so that LLVM vectorises long runs rather than the few outputs per row.
     """
-    _, _, height, width = x.shape
-    _, _, h_out, w_out = out.shape
-    for b in range(x.shape[0]):
-        for c in range(x.shape[1]):
-            plane = x[b, c]
-            for oh in range(h_out):
-                best = out[b, c, oh]
-                for ow in range(w_out):
-                    best[ow] = qmin
-                for h in range(max(oh * sh - top, 0), min(oh * sh - top + kh, height)):
-                    row = plane[h]
-                    for j in range(kw):
-                        offset = j - left  # input column of output ow is ow * sw + offset
-                        first = max(0, -(offset // sw))
-                        last = min(w_out, (width - 1 - offset) // sw + 1)
-                        for ow in range(first, last):
-                            best[ow] = max(best[ow], row[ow * sw + offset])
-                for ow in range(w_out):
-                    best[ow] = min(best[ow], qmax)
-
-
-@jit.kernel(cache=True)
-def _maxpool_channels_last_kernel(xt, kh, kw, sh, sw, top, left, qmin, qmax, out):
-    """_maxpool_kernel on channels-last xt (B, H, W, C) into out (B, Hout, Wout, C): one pass over the
-    channels per window element."""
-    _, height, width, channels = xt.shape
-    _, h_out, w_out, _ = out.shape
-    for b in range(xt.shape[0]):
+    height, width = rows.shape[1], rows.shape[2] // channels
+    h_out, w_out = out.shape[1], out.shape[2] // channels
+    for b in range(rows.shape[0]):
         for oh in range(h_out):
-            for ow in range(w_out):
-                best = out[b, oh, ow]
-                for c in range(channels):
-                    best[c] = qmin
-                for h in range(max(oh * sh - top, 0), min(oh * sh - top + kh, height)):
-                    for w in range(max(ow * sw - left, 0), min(ow * sw - left + kw, width)):
-                        pixel = xt[b, h, w]
-                        for c in range(channels):
-                            best[c] = max(best[c], pixel[c])
-                for c in range(channels):
-                    best[c] = min(best[c], qmax)
+            best = out[b, oh]
+            best[:] = qmin
+            for h in range(max(oh * sh - top, 0), min(oh * sh - top + kh, height)):
+                row = rows[b, h]
+                for j in range(kw):
+                    offset = j - left  # input column of output ow is ow * sw + offset
+                    first, last = _column_range(offset, sw, width, w_out)
+                    if sw == 1:
+                        dst = best[first * channels : last * channels]
+                        src = row[(first + offset) * channels : (last + offset) * channels]
+                        for k in range(dst.size):
+                            dst[k] = max(dst[k], src[k])
+                    else:
+                        for ow in range(first, last):
+                            dst = best[ow * channels : (ow + 1) * channels]
+                            src = row[(ow * sw + offset) * channels : (ow * sw + offset + 1) * channels]
+                            for k in range(channels):
+                                dst[k] = max(dst[k], src[k])
+            for k in range(best.size):
+                best[k] = min(best[k], qmax)
 
 
 def integer_maxpool(x: np.ndarray, pool: PoolAttrs, qmin: int, qmax: int) -> np.ndarray:
     """Max pooling of integers clamped to [qmin, qmax] (within x's dtype); oracle: ``tensor_ops.maxpool``.
 
-    Channels-last memory (what the integer conv returns behind its NCHW shape) is pooled in place
-    and the output keeps that layout.
+    Pooled in channels-last memory (free for what the integer conv returns, a copy for NCHW memory);
+    the output is an NCHW-shaped view of channels-last memory, which the next conv reads as is.
     """
+    from tpusim.tensor_ops import channels_last
+    batch, channels = x.shape[:2]
     h_out, w_out = pool_output_hw(x.shape[2], x.shape[3], pool)
     (kh, kw), (sh, sw), (top, left, _, _) = pool.kernel, pool.strides, pool.pads
-    lo, hi = x.dtype.type(qmin), x.dtype.type(qmax)
-    xt = x.transpose(0, 2, 3, 1)
-    if xt.flags.c_contiguous and not x.flags.c_contiguous:
-        out = np.empty((x.shape[0], h_out, w_out, x.shape[1]), x.dtype)
-        _maxpool_channels_last_kernel(xt, kh, kw, sh, sw, top, left, lo, hi, out)
-        return out.transpose(0, 3, 1, 2)
-    out = np.empty((*x.shape[:2], h_out, w_out), x.dtype)
-    _maxpool_kernel(np.ascontiguousarray(x), kh, kw, sh, sw, top, left, lo, hi, out)
-    return out
+    xt = channels_last(x)
+    out = np.empty((batch, h_out, w_out, channels), x.dtype)
+    _maxpool_channels_last_kernel(xt.reshape(batch, xt.shape[1], -1), channels, kh, kw, sh, sw, top, left,
+                                  x.dtype.type(qmin), x.dtype.type(qmax), out.reshape(batch, h_out, -1))
+    return out.transpose(0, 3, 1, 2)
+
+
+@jit.kernel(cache=True, nogil=True, imports={"requantize_value": "tpusim.kernels.rounding"})
+def _avgpool_channels_last_kernel(rows, channels, input_zero_point, kh, kw, sh, sw, top, left, counts, multiplier,
+                                  right, half, zero_point, qmin, qmax, out):
+    """rows (B, H, W * C), out (B, Hout, Wout * C) as in :func:`_maxpool_channels_last_kernel`:
+    out[b, oh, ow * C + c] = requantize(sum of the window's in-bounds x - input_zero_point) with the
+    constants of its window's element count ``counts[oh, ow]`` (multiplier[count], right[count],
+    half[count]), as :func:`tpusim.quant.fixed_point.requantize` rounds. Padding and ceil-mode
+    overhang hold the zero point, so they add nothing. The sums wrap in int32 as numpy's do."""
+    height, width = rows.shape[1], rows.shape[2] // channels
+    h_out, w_out = out.shape[1], out.shape[2] // channels
+    sums = np.empty(w_out * channels, np.int32)
+    for b in range(rows.shape[0]):
+        for oh in range(h_out):
+            sums[:] = 0
+            for h in range(max(oh * sh - top, 0), min(oh * sh - top + kh, height)):
+                row = rows[b, h]
+                for j in range(kw):
+                    offset = j - left
+                    first, last = _column_range(offset, sw, width, w_out)
+                    if sw == 1:
+                        dst = sums[first * channels : last * channels]
+                        src = row[(first + offset) * channels : (last + offset) * channels]
+                        for k in range(dst.size):
+                            dst[k] += np.int32(src[k]) - input_zero_point
+                    else:
+                        for ow in range(first, last):
+                            dst = sums[ow * channels : (ow + 1) * channels]
+                            src = row[(ow * sw + offset) * channels : (ow * sw + offset + 1) * channels]
+                            for k in range(channels):
+                                dst[k] += np.int32(src[k]) - input_zero_point
+            for ow in range(w_out):
+                count = counts[oh, ow]
+                scale, bits, rounding = multiplier[count], right[count], half[count]
+                src, dst = sums[ow * channels : (ow + 1) * channels], out[b, oh, ow * channels : (ow + 1) * channels]
+                for c in range(channels):
+                    dst[c] = requantize_value(src[c], scale, bits, rounding, zero_point, qmin, qmax)
+
+
+def integer_avgpool(ql: QLayer, x: np.ndarray) -> np.ndarray:
+    """The layer's average pooling of integers x (requantized per window count); oracle:
+    :func:`integer_avgpool_reference`. Layout as :func:`integer_maxpool`'s."""
+    from tpusim.kernels.rounding import requantize_constants
+    from tpusim.tensor_ops import channels_last
+    pool = ql.layer.pool
+    batch, channels = x.shape[:2]
+    h_out, w_out = ql.pool_counts.shape
+    (kh, kw), (sh, sw), (top, left, _, _) = pool.kernel, pool.strides, pool.pads
+    xt = channels_last(x)
+    out = np.empty((batch, h_out, w_out, channels), ql.output_qparams.storage_dtype)
+    _avgpool_channels_last_kernel(xt.reshape(batch, xt.shape[1], -1), channels,
+                                  np.int32(ql.input_qparams[0].zero_point), kh, kw, sh, sw, top, left,
+                                  np.ascontiguousarray(ql.pool_counts, np.int64),
+                                  *requantize_constants(ql.requant.m0, ql.requant.shift, ql.requant.channels),
+                                  np.int64(ql.output_qparams.zero_point), np.int64(ql.out_qmin),
+                                  np.int64(ql.out_qmax), out.reshape(batch, h_out, -1))
+    return out.transpose(0, 3, 1, 2)
 
 
 def _window_sums(x: np.ndarray, pool: PoolAttrs, out_hw: tuple[int, int]) -> np.ndarray:
@@ -164,6 +212,21 @@ def _window_sums(x: np.ndarray, pool: PoolAttrs, out_hw: tuple[int, int]) -> np.
         for j in range(kw):
             sums += padded[:, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw]
     return sums
+
+
+def integer_avgpool_reference(ql: QLayer, x: np.ndarray) -> np.ndarray:
+    """Numpy oracle of :func:`integer_avgpool`: the padded window sums, rescaled count by count."""
+    from tpusim.quant.qlayer import Requant, centered, rescale
+    # Padding holds the zero point, so it adds nothing to the centred sums.
+    sums = _window_sums(centered(x, ql.input_qparams[0].zero_point), ql.layer.pool, ql.pool_counts.shape)
+    out = np.empty(sums.shape, ql.output_qparams.storage_dtype)
+    zero_point = int(ql.output_qparams.zero_point)
+    for count in np.unique(ql.pool_counts):
+        at = ql.pool_counts == count
+        picked = Requant(ql.requant.m0[count : count + 1], ql.requant.shift[count : count + 1],
+                         ql.requant.real[count : count + 1])
+        out[:, :, at] = rescale(sums[:, :, at], picked, zero_point, ql.out_qmin, ql.out_qmax)
+    return out
 
 
 @register
@@ -193,17 +256,7 @@ class AveragePool(Op):
         return plain_qlayer(layer, in_qps, y_qp, requant=requant, pool_counts=counts)
 
     def execute(self, ql: QLayer, inputs, options):
-        from tpusim.quant.qlayer import Requant, centered, rescale
-        # Padding holds the zero point, so it adds nothing to the centred sums.
-        sums = _window_sums(centered(inputs[0], ql.input_qparams[0].zero_point), ql.layer.pool, ql.pool_counts.shape)
-        out = np.empty(sums.shape, ql.output_qparams.storage_dtype)
-        zero_point = int(ql.output_qparams.zero_point)
-        for count in np.unique(ql.pool_counts):
-            at = ql.pool_counts == count
-            picked = Requant(ql.requant.m0[count : count + 1], ql.requant.shift[count : count + 1],
-                             ql.requant.real[count : count + 1])
-            out[:, :, at] = rescale(sums[:, :, at], picked, zero_point, ql.out_qmin, ql.out_qmax)
-        return out, 0
+        return integer_avgpool(ql, inputs[0]), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
         return _pool_cost(layer, out_elements, lanes, int8, averaging=True)
