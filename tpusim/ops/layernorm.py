@@ -74,7 +74,8 @@ class LayerNormalization(Op):
     def execute(self, ql, inputs, options):
         from tpusim.quant.arithmetic import dequantize, quantize
         from tpusim.quant.qlayer import clamp_output
-        y = self.reference(ql.layer, [dequantize(inputs[0], ql.input_qparams[0])])
+        # C-contiguous, whatever layout the layer before left: numpy's float sums depend on the order they run in
+        y = self.reference(ql.layer, [np.ascontiguousarray(dequantize(inputs[0], ql.input_qparams[0]))])
         return clamp_output(ql, quantize(y, ql.output_qparams)), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):

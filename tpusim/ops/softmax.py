@@ -5,6 +5,8 @@ would: three passes over each vector (max, exp-and-sum, normalise).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from tpusim.frontend.context import node_attrs
 from tpusim.ops import register
 from tpusim.ops.base import Op, VectorCost, vectors
@@ -37,7 +39,8 @@ class Softmax(Op):
         from tpusim import tensor_ops
         from tpusim.quant.arithmetic import dequantize, quantize
         from tpusim.quant.qlayer import clamp_output
-        y = tensor_ops.softmax(dequantize(inputs[0], ql.input_qparams[0]), ql.layer.axis)
+        # C-contiguous, whatever layout the layer before left: numpy's float sums depend on the order they run in
+        y = tensor_ops.softmax(np.ascontiguousarray(dequantize(inputs[0], ql.input_qparams[0])), ql.layer.axis)
         return clamp_output(ql, quantize(ql.layer.activation.apply(y), ql.output_qparams)), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):
