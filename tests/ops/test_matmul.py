@@ -191,3 +191,25 @@ def test_softmax_nan_guard_and_all_zero_mask_are_dropped():
     x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
     graph = check_reference(model, x)
     assert [layer.op for layer in graph.layers] == ["gemm", "transpose", "matmul", "softmax", "matmul"]
+
+
+@pytest.mark.parametrize("k, a_range, b_range", [
+    (40, (-1.3, 3.1), (-2.2, 0.7)),
+    (60_000, (0.0, 3.0), (0.0, 2.0)),  # sums past int32 where the activation unit adds the rows' term: wrapped
+])
+def test_activation_unit_kernel_is_its_numpy_oracle(k, a_range, b_range):
+    from tpusim.ir import Layer
+    from tpusim.ops.matmul import matmul_reference
+
+    layer = Layer(name="m", op="matmul", inputs=("a", "b"), output="y", input_shapes=((2, 3, k), (2, k, 5)),
+                  output_shape=(2, 3, 5))
+    a_qp, b_qp = activation_qparams(*a_range, "asymmetric-uint8"), activation_qparams(*b_range, "asymmetric-uint8")
+    ql = op("matmul").quantize(layer, (a_qp, b_qp), activation_qparams(-9.0, 9.0, "asymmetric-uint8"), CONFIG.quant,
+                               None)
+    rng = np.random.default_rng(k)
+    qa, qb = (rng.integers(200 if k > 1000 else 0, 256, shape).astype(np.uint8) for shape in layer.input_shapes)
+    out, wrapped = op("matmul").execute(ql, [qa, qb], ExecOptions())
+    expected, expected_wrapped = matmul_reference(ql, [qa, qb], ExecOptions())
+    np.testing.assert_array_equal(out, expected)
+    assert out.dtype == expected.dtype and wrapped == expected_wrapped
+    assert (wrapped > 0) == (k > 1000)

@@ -35,6 +35,7 @@ import math
 import numpy as np
 import onnx
 
+from tpusim import jit
 from tpusim.errors import TpusimError
 from tpusim.ir import GemmShape
 from tpusim.mapping.isa import (
@@ -105,26 +106,20 @@ class MatMul(Op):
         return plain_qlayer(layer, in_qps, y_qp, requant=Requant.of(s_a * s_b * factor / scalar(y_qp.scale)))
 
     def execute(self, ql, inputs, options):
-        from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, rescale_output
-        layer = ql.layer
-        g = gemm_view(layer)
-        qa, qb = _operands(layer, inputs[0], inputs[1])
-        a_qp, b_qp = ql.input_qparams
-        z_a, z_b = int(a_qp.zero_point), int(b_qp.zero_point)
-        offset = 128 if qb.dtype == np.uint8 else 0
-        b8 = (qb.astype(np.int16) - offset).astype(np.int8)
-        w_nk = np.ascontiguousarray(b8.transpose(0, 2, 1))
-        col_sums = w_nk.sum(axis=2, dtype=np.int64)
-        acc, wrapped = accumulate(qa, w_nk, (-z_a * col_sums).astype(np.int32).reshape(-1), options.acc_bits,
-                                  options.engine)
-        c = offset - z_b
-        if c:
-            rows = qa.sum(axis=2, dtype=np.int64) - g.k * z_a
-            exact = acc.astype(np.int64) + c * rows[:, :, None]
-            # The activation unit adds in int32, wrapping like the accumulators.
-            acc = (((exact - INT32_MIN) & 0xFFFFFFFF) + INT32_MIN).astype(np.int32)
-            wrapped += int(np.count_nonzero((exact < INT32_MIN) | (exact > INT32_MAX)))
-        return rescale_output(ql, acc.reshape(layer.output_shape), -1), wrapped
+        from tpusim.kernels.rounding import requantize_constants
+        from tpusim.quant.arithmetic import storage_dtype
+        acc, wrapped, row_terms = _accumulated(ql, inputs, options)
+        # Read in the accumulators' memory order (the int8 GEMM's (G, M, N) result is a view of (G, N, M) memory);
+        # the output is written C-contiguous, as the float ops after attention (softmax) sum it in that order.
+        columns_major = not acc.flags.c_contiguous and acc.transpose(0, 2, 1).flags.c_contiguous
+        memory = acc.transpose(0, 2, 1) if columns_major else np.ascontiguousarray(acc)
+        out = np.empty(acc.shape, storage_dtype(ql.out_qmin, ql.out_qmax))
+        wrapped += _rows_added_requantized(memory, row_terms, *requantize_constants(ql.requant.m0, ql.requant.shift,
+                                                                                    acc.shape[2]),
+                                           np.int64(ql.output_qparams.zero_point), np.int64(ql.out_qmin),
+                                           np.int64(ql.out_qmax), out.transpose(0, 2, 1) if columns_major else out,
+                                           columns_major)
+        return out.reshape(ql.layer.output_shape), wrapped
 
     def emit(self, compiler, index, layer, out, is_output):
         _emit(compiler, index, layer, out)
@@ -137,6 +132,54 @@ class MatMul(Op):
         product = b.node("MatMul", inputs, f"{y}__product", layer.name)
         factor = b.const(f"{layer.name}__factor", np.array(scale, np.float32))  # not <name>_scale: the Q/DQ scales'
         b.node("Mul", [product, factor], y, f"{layer.name}__factor")
+
+
+def _accumulated(ql, inputs, options) -> tuple[np.ndarray, int, np.ndarray]:
+    """The matrix unit's (G, M, N) int32 accumulators, ``sum_k q_a b8 - z_a sum_k b8``, how many of their sums
+    wrapped, and the (G, M) int64 term the activation unit adds to each row, ``c (sum_k q_a - K z_a)``."""
+    layer = ql.layer
+    g = gemm_view(layer)
+    qa, qb = _operands(layer, inputs[0], inputs[1])
+    a_qp, b_qp = ql.input_qparams
+    z_a, z_b = int(a_qp.zero_point), int(b_qp.zero_point)
+    offset = 128 if qb.dtype == np.uint8 else 0
+    b8 = (qb.astype(np.int16) - offset).astype(np.int8)
+    w_nk = np.ascontiguousarray(b8.transpose(0, 2, 1))
+    col_sums = w_nk.sum(axis=2, dtype=np.int64)
+    acc, wrapped = accumulate(qa, w_nk, (-z_a * col_sums).astype(np.int32).reshape(-1), options.acc_bits,
+                              options.engine)
+    c = offset - z_b
+    rows = c * (qa.sum(axis=2, dtype=np.int64) - g.k * z_a) if c else np.zeros(acc.shape[:2], np.int64)
+    return acc, wrapped, rows
+
+
+@jit.kernel(cache=True, nogil=True, imports={"requantize_value": "tpusim.kernels.rounding"})
+def _rows_added_requantized(acc, rows, multiplier, right, half, zero_point, qmin, qmax, out, columns_major):
+    """out = requantize(acc + the row's term) with column n's constants, the sum added in int32 and wrapping like
+    the accumulators (the activation unit's adder); returns how many of the sums wrapped. acc and out are (G, M, N),
+    or (G, N, M) when ``columns_major``; the inner loop runs along acc's memory (C-contiguous)."""
+    wrapped = 0
+    for g in range(acc.shape[0]):
+        for i in range(acc.shape[1]):
+            src, dst = acc[g, i], out[g, i]
+            for j in range(src.size):
+                m, n = (j, i) if columns_major else (i, j)
+                exact = np.int64(src[j]) + rows[g, m]
+                value = np.int64(np.int32(exact))  # (two's complement wrap-around)
+                wrapped += np.int64(value != exact)
+                dst[j] = requantize_value(value, multiplier[n], right[n], half[n], zero_point, qmin, qmax)
+    return wrapped
+
+
+def matmul_reference(ql, inputs, options) -> tuple[np.ndarray, int]:
+    """Numpy oracle of :meth:`MatMul.execute`'s activation unit: the rows' term added in int64, wrapped to
+    int32 and counted, then requantized."""
+    from tpusim.quant.qlayer import INT32_MAX, INT32_MIN, rescale_output
+    acc, wrapped, rows = _accumulated(ql, inputs, options)
+    exact = acc.astype(np.int64) + rows[:, :, None]
+    wrapped += int(np.count_nonzero((exact < INT32_MIN) | (exact > INT32_MAX)))
+    acc = (((exact - INT32_MIN) & 0xFFFFFFFF) + INT32_MIN).astype(np.int32)
+    return rescale_output(ql, acc.reshape(ql.layer.output_shape), -1), wrapped
 
 
 def _absorb_scalar_factor(ctx, tensor: str) -> tuple[str, float]:
