@@ -232,6 +232,34 @@ def test_only_blocks_with_the_same_names_in_the_same_order_repeat():
     assert [n for n in shown if n is not None] == names[:9] + names[90:]
 
 
+def _densenet_like_names() -> list[str]:
+    """torch.onnx.export's names of a DenseNet: dense blocks of dense layers of four layers, transitions between."""
+    layer = ("Concat", "norm1/BatchNormalization", "conv1/Conv", "conv2/Conv")
+    names = ["/features/conv0/Conv"]
+    for block, dense_layers in enumerate((6, 12, 24), start=1):
+        names += [f"/features/denseblock{block}/denselayer{i}/{tail}" for i in range(1, dense_layers + 1) for tail in layer]
+        names += [f"/features/transition{block}/norm/BatchNormalization", f"/features/transition{block}/conv/Conv"]
+    return names + ["/classifier/Gemm"]
+
+
+def test_nested_blocks_of_torch_export_names_repeat_at_the_outermost_level_that_repeats():
+    names = _densenet_like_names()  # 172 layers
+    shown, blocks = plots.layer_rows_plan(names)
+    first = "/features/denseblock1/denselayer1"
+    # No dense block repeats another (6, 12 and 24 dense layers), so their dense layers are looked at: each repeats
+    # the first dense layer of the first block; the transitions repeat the first transition.
+    expected = [f"/features/denseblock{b}/denselayer{i} (4 layers, named as in {first})"
+                for b, n in enumerate((6, 12, 24), start=1) for i in range(1, n + 1) if (b, i) != (1, 1)]
+    labels = [block.label for block in blocks if "transition" not in block.label]
+    assert labels == expected
+    assert [block.label for block in blocks if "transition" in block.label] == [
+        f"/features/transition{b} (2 layers, named as in /features/transition1)" for b in (2, 3)]
+    assert [n for n in shown if n is not None] == (names[:5] + names[25:27] + ["/classifier/Gemm"])
+    # "denselayer1" is not a block of "denselayer10": a prefix ends at a separator
+    assert not any(b.first <= names.index("/features/denseblock2/denselayer10/Concat") < b.stop and
+                   "denselayer1 " in b.label for b in blocks)
+
+
 def test_a_large_model_without_repeated_blocks_names_every_layer():
     names = [f"conv{i}" for i in range(plots.NAMED_ROWS_MAX + 20)]
     assert plots.layer_rows_plan(names) == (names, [])

@@ -20,8 +20,11 @@ three quarters of the time of its two breakdown figures, about 1 s each, for twe
 whose 22 names differ only in the block's number. Every layer keeps its bar and tick mark; a block whose names (past
 its number) repeat an earlier block's is one bracketed label over its rows (``encoder.layer.3 (22
 layers, named as in encoder.layer.0)``) and the first such block is named in full, so each row can be
-read off by its place in the block. Up to :data:`NAMED_ROWS_MAX` layers (ResNet-50's 73) every name is
-drawn, as are the names of a large model with no repeated block (see :func:`layer_rows_plan`).
+read off by its place in the block. Blocks nest as torch.onnx.export's module paths do
+(``/features/denseblock2/denselayer5``, a dense layer repeating ``/features/denseblock1/denselayer1``): the
+outermost block that repeats is named (DenseNet-121's 251 names took half of its figures' 1.9 s). Up to
+:data:`NAMED_ROWS_MAX` layers (ResNet-50's 73) every name is drawn, as are the names of a large model with no
+repeated block (see :func:`layer_rows_plan`).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import dataclasses
 import functools
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -563,14 +567,21 @@ class RepeatedBlock:
     label: str
 
 
-def _block_prefix(name: str) -> str | None:
-    """A layer's block: its name up to its first number between dots (``encoder.layer.3`` of
-    ``encoder.layer.3.attention.self.query.matmul``, ``layer2.1`` of ``layer2.1.conv1``); None without one."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return None
+# A part of a layer's name between separators: ``/`` (torch.onnx.export's module paths) and ``.`` (PyTorch's own)
+_NAME_PART = re.compile(r"[^/.]+")
+
+
+def _block_prefixes(name: str) -> list[str]:
+    """The blocks a layer may belong to, outermost first: its name up to each numbered part but the last
+    (``encoder.layer.3`` of ``encoder.layer.3.attention.self.query.matmul``; ``layer2`` and ``layer2.1`` of
+    ``layer2.1.conv1``; ``/features/denseblock1``, ``/features/denseblock1/denselayer1`` and
+    ``/features/denseblock1/denselayer1/norm1`` of ``/features/denseblock1/denselayer1/norm1/BatchNormalization``).
+    A part is numbered when it ends in a digit."""
+    return [name[: part.end()] for part in _NAME_PART.finditer(name) if part.group()[-1].isdigit() and part.end() < len(name)]
+
+
+def _in_block(name: str, prefix: str) -> bool:
+    return name.startswith(prefix) and name[len(prefix) : len(prefix) + 1] in ("/", ".")
 
 
 def layer_rows_plan(layers: Sequence[str]) -> tuple[list[str | None], list[RepeatedBlock]]:
@@ -578,7 +589,9 @@ def layer_rows_plan(layers: Sequence[str]) -> tuple[list[str | None], list[Repea
 
     Up to :data:`NAMED_ROWS_MAX` layers every row is named. Beyond, a run of two or more consecutive
     layers of one block whose names past the block's prefix are those of an earlier block, in order,
-    is named once, as a repeat of the earliest such block, which keeps its names."""
+    is named once, as a repeat of the earliest such block, which keeps its names. Blocks nest (a dense
+    layer in a dense block, a residual unit in a stage): the outermost block that repeats is the one named,
+    and inside one that does not, its inner blocks are looked at."""
     names: list[str | None] = list(layers)
     if len(names) <= NAMED_ROWS_MAX:
         return names, []
@@ -586,16 +599,22 @@ def layer_rows_plan(layers: Sequence[str]) -> tuple[list[str | None], list[Repea
     first_with: dict[tuple[str, ...], str] = {}  # a block's names past its prefix -> the first block with them
     start = 0
     while start < len(layers):
-        prefix = _block_prefix(layers[start])
-        stop = start + 1
-        while prefix is not None and stop < len(layers) and _block_prefix(layers[stop]) == prefix:
-            stop += 1
-        if prefix is not None and stop - start > 1:
+        step = 1
+        for prefix in _block_prefixes(layers[start]):
+            if start and _in_block(layers[start - 1], prefix):
+                continue  # a block is looked at from its first layer on
+            stop = start + 1
+            while stop < len(layers) and _in_block(layers[stop], prefix):
+                stop += 1
+            if stop - start < 2:
+                break  # (an inner block of that layer is no longer)
             earlier = first_with.setdefault(tuple(name[len(prefix):] for name in layers[start:stop]), prefix)
             if earlier != prefix:
                 names[start:stop] = [None] * (stop - start)
                 blocks.append(RepeatedBlock(start, stop, f"{prefix} ({stop - start} layers, named as in {earlier})"))
-        start = stop
+                step = stop - start
+                break
+        start += step
     return names, blocks
 
 
