@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ def main() -> None:
     if args.plots_module is not None:
         spec = importlib.util.spec_from_file_location("plots_under_test", args.plots_module)
         plots = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = plots  # (its dataclasses look their module up there)
         spec.loader.exec_module(plots)
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_plots_"))
