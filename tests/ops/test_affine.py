@@ -99,7 +99,8 @@ def test_affine_kernel_is_its_numpy_oracle(weights, shape, axis, layout, signed_
         q = np.repeat(q, 2, axis=-1)[..., ::2]
     y, _ = ops.op("affine").execute(ql, [q], None)
     np.testing.assert_array_equal(y, affine_reference(ql, q))
-    assert y.dtype == np.uint8 and y.strides == (np.empty_like(q) if layout != "strided" else np.empty(shape, np.uint8)).strides
+    laid_out_as = np.empty_like(q) if layout != "strided" else np.empty(shape, np.uint8)  # a copy is C-contiguous
+    assert y.dtype == np.uint8 and y.strides == laid_out_as.strides
     # Accumulators past the int32 range saturate before the requantization, as the oracle's do: a multiplier
     # that puts the int32 extremes just inside a rounding step tells a saturated accumulator from an exact one.
     from tpusim.quant.qlayer import Requant

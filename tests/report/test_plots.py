@@ -237,7 +237,8 @@ def _densenet_like_names() -> list[str]:
     layer = ("Concat", "norm1/BatchNormalization", "conv1/Conv", "conv2/Conv")
     names = ["/features/conv0/Conv"]
     for block, dense_layers in enumerate((6, 12, 24), start=1):
-        names += [f"/features/denseblock{block}/denselayer{i}/{tail}" for i in range(1, dense_layers + 1) for tail in layer]
+        names += [f"/features/denseblock{block}/denselayer{i}/{tail}"
+                  for i in range(1, dense_layers + 1) for tail in layer]
         names += [f"/features/transition{block}/norm/BatchNormalization", f"/features/transition{block}/conv/Conv"]
     return names + ["/classifier/Gemm"]
 

@@ -76,7 +76,8 @@ class Affine(Op):
     def execute(self, ql, inputs, options):
         channels = inputs[0].shape[ql.layer.axis]
         constants = derived_from(ql, ("affine", channels), lambda: kernel_constants(
-            ql.weight_q, ql.acc_bias, ql.requant, int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax, channels))
+            ql.weight_q, ql.acc_bias, ql.requant, int(ql.output_qparams.zero_point), ql.out_qmin, ql.out_qmax,
+            channels))
         return per_channel_affine(inputs[0], ql.layer.axis, constants), 0
 
     def vector_cost(self, layer, in_elements, out_elements, lanes, int8):

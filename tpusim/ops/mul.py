@@ -76,7 +76,8 @@ def _gate(ql, inputs) -> tuple | None:
 
 
 def mul_reference(ql, inputs) -> np.ndarray:
-    """The int32 product of the centred inputs, broadcast, requantized: the oracle of the gate's path."""
+    """The int32 product of the centred inputs, broadcast, requantized: every other product, and the gate
+    path's oracle."""
     from tpusim.quant.qlayer import centered, rescale_output
     qa, qb = ql.input_qparams
     return rescale_output(ql, centered(inputs[0], qa.zero_point) * centered(inputs[1], qb.zero_point))

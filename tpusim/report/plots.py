@@ -577,7 +577,8 @@ def _block_prefixes(name: str) -> list[str]:
     ``layer2.1.conv1``; ``/features/denseblock1``, ``/features/denseblock1/denselayer1`` and
     ``/features/denseblock1/denselayer1/norm1`` of ``/features/denseblock1/denselayer1/norm1/BatchNormalization``).
     A part is numbered when it ends in a digit."""
-    return [name[: part.end()] for part in _NAME_PART.finditer(name) if part.group()[-1].isdigit() and part.end() < len(name)]
+    return [name[: part.end()] for part in _NAME_PART.finditer(name)
+            if part.group()[-1].isdigit() and part.end() < len(name)]
 
 
 def _in_block(name: str, prefix: str) -> bool:
