@@ -743,3 +743,14 @@ def test_thread_count_is_numbas_count_for_each_thread_as_set():
         assert thread_count() == 1
     finally:
         numba.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("groups, channels, k, k_padded", [(1, 64, 64, 64), (1, 3, 27, 64), (2, 70, 130, 192),
+                                                           (8, 1, 9, 64)])
+def test_packed_weights_are_the_numpy_packing(groups, channels, k, k_padded):
+    w_nk = np.random.default_rng(channels).integers(-128, 128, (groups, channels, k)).astype(np.int8)
+    from tpusim.kernels import gemm
+
+    packed, shift = gemm._broadcast_operands(w_nk, k_padded)
+    np.testing.assert_array_equal(packed, gemm.pack_broadcast_weights_reference(w_nk, k_padded))
+    np.testing.assert_array_equal(shift, -128 * w_nk.astype(np.int64).sum(axis=2))
