@@ -352,8 +352,8 @@ def graph_tensors(graph: Graph) -> list[str]:
 
 @dataclass(frozen=True)
 class ModelFile:
-    """An ONNX model file that holds its weights (no external data): ONNX Runtime gets its bytes, read when
-    a session is made (:func:`model_for_onnxruntime`)."""
+    """An ONNX model file: ONNX Runtime gets its bytes, read when a session is made, and reads its weights
+    from the file or its external data files itself where it can (:func:`model_for_onnxruntime`)."""
 
     path: Path
 
@@ -387,18 +387,20 @@ def _session_exposing(model: onnx.ModelProto | ModelFile, tensors: list[str],
     else:
         appended = onnx.ModelProto()
         appended.graph.output.extend(added)
-        if _READS_EXTERNAL_DATA_OF_BYTES:
+        folder = str(Path(model.path).resolve().parent) if _READS_EXTERNAL_DATA_OF_BYTES else None
+        if folder is not None:
             # The weights stay in the file, ONNX Runtime reads them from there (ResNet-50's session
             # 0.32-0.41 -> 0.12-0.16 s; the same tensors, bit for bit)
             in_place = weights_in_place(model.path, appended.SerializeToString())
             if in_place is not None:
-                folder = str(Path(model.path).resolve().parent)
                 try:
                     return ort.InferenceSession(in_place, _session_options(folder), providers=["CPUExecutionProvider"])
                 except Exception:  # (anything ONNX Runtime refuses there gets the whole bytes, and its own error)
                     pass
         with open(model.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             serialized = b"".join((mapped, appended.SerializeToString()))
+        # (a file with external data files: ONNX Runtime reads those from the file's folder)
+        return ort.InferenceSession(serialized, _session_options(folder), providers=["CPUExecutionProvider"])
     return ort.InferenceSession(serialized, _session_options(), providers=["CPUExecutionProvider"])
 
 
@@ -434,10 +436,13 @@ _EXTERNAL_DATA_KEY = b"\n\x08location"
 
 def model_for_onnxruntime(path: str | Path, external_data: bool | None = None) -> onnx.ModelProto | ModelFile:
     """The model at ``path`` as :class:`FloatModel` takes it: the file, unless its weights are in external
-    data files (then loaded with them, as a ModelProto). ``external_data``: whether they are, as the
-    lowering of that file found (:attr:`tpusim.ir.Graph.external_data`); where not known (None) the file
-    (lowered already, so not empty) is searched for an external-data entry in a memory map, not read
-    (BERT-base's 436 MB: 0.3 s)."""
+    data files and this ONNX Runtime cannot read those of a model given as bytes (then loaded with them, as
+    a ModelProto; ViT-B/16's 346 MB: its session 1.67 s against 0.26 s from the file). ``external_data``:
+    whether they are, as the lowering of that file found (:attr:`tpusim.ir.Graph.external_data`); where not
+    known (None) the file (lowered already, so not empty) is searched for an external-data entry in a memory
+    map, not read (BERT-base's 436 MB: 0.3 s)."""
+    if _READS_EXTERNAL_DATA_OF_BYTES:
+        return ModelFile(Path(path))
     if external_data is None:
         with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             external_data = mapped.find(_EXTERNAL_DATA_KEY) != -1
