@@ -86,3 +86,23 @@ def test_a_session_onnx_runtime_refuses_in_place_gets_the_whole_bytes(tmp_path, 
     assert made[-1] >= path.stat().st_size  # the second session read the whole file's bytes
     x = np.zeros((1, 16, 8, 8), np.float32)
     assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (1, 2, 8, 8)
+
+
+def test_a_model_file_reached_through_a_symlink_is_read_beside_the_link(tmp_path, monkeypatch):
+    if not calibrate._READS_EXTERNAL_DATA_OF_BYTES:
+        pytest.skip(f"ONNX Runtime {ort.__version__} finds no external data of a model given as bytes")
+    target = _model_file(tmp_path, "stored.onnx")
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "linked.onnx"
+    link.symlink_to(target)
+    model = onnx.load(str(target))
+    names = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+    x = np.random.default_rng(1).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    sizes, real = [], ort.InferenceSession
+    monkeypatch.setattr(calibrate.ort, "InferenceSession", lambda data, options, providers: sizes.append(len(data))
+                        or real(data, options, providers=providers))
+    through_link = calibrate._session_exposing(calibrate.ModelFile(link), [], names)
+    assert len(sizes) == 1 and sizes[0] < target.stat().st_size / 2  # in place: no second session of the whole bytes
+    whole = real(str(target), providers=["CPUExecutionProvider"])
+    name = whole.get_inputs()[0].name
+    np.testing.assert_array_equal(through_link.run(None, {name: x})[0], whole.run(None, {name: x})[0])

@@ -387,14 +387,18 @@ def _session_exposing(model: onnx.ModelProto | ModelFile, tensors: list[str],
     else:
         appended = onnx.ModelProto()
         appended.graph.output.extend(added)
-        folder = str(Path(model.path).resolve().parent) if _READS_EXTERNAL_DATA_OF_BYTES else None
+        # A file's external data files are beside the name it was given (a symlink's beside the link, as onnx.load
+        # finds them); its weights left in place are read from the file itself, which a link may not be beside.
+        folder = str(Path(model.path).absolute().parent) if _READS_EXTERNAL_DATA_OF_BYTES else None
         if folder is not None:
             # The weights stay in the file, ONNX Runtime reads them from there (ResNet-50's session
             # 0.32-0.41 -> 0.12-0.16 s; the same tensors, bit for bit)
-            in_place = weights_in_place(model.path, appended.SerializeToString())
+            stored = Path(model.path).resolve()
+            in_place = weights_in_place(stored, appended.SerializeToString())
             if in_place is not None:
                 try:
-                    return ort.InferenceSession(in_place, _session_options(folder), providers=["CPUExecutionProvider"])
+                    return ort.InferenceSession(in_place, _session_options(str(stored.parent)),
+                                                providers=["CPUExecutionProvider"])
                 except Exception:  # (anything ONNX Runtime refuses there gets the whole bytes, and its own error)
                     pass
         with open(model.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
