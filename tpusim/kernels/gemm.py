@@ -1041,7 +1041,7 @@ def pack_broadcast_weights_reference(w_nk: np.ndarray, k_padded: int) -> np.ndar
 def _packed_weights(w_nk, out):
     """out[g, v, b, 4 l + t] = w_nk[g, 16 v + l, 4 b + t], zero past w_nk's channels and K: the layout of
     :func:`pack_broadcast_weights_reference` in one pass (numpy's zero fill, copy and transposing copy took
-    VGG-11's 133 MB of weights 0.6 s)."""
+    VGG-11's 4096 x 25088 classifier 0.14 s, this with the bias shift 0.08 s)."""
     groups, n_g, k_total = w_nk.shape
     vectors, blocks = out.shape[1], out.shape[2]
     for g in range(groups):
