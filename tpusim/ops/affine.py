@@ -27,8 +27,6 @@ from tpusim.ops import register
 from tpusim.ops._matrix import _bias_safe_weight_qparams
 from tpusim.ops.base import Op, VectorCost, vectors
 
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-
 
 def channel_shape(layer) -> tuple[int, ...]:
     """The shape (C, 1, ..., 1) that broadcasts a per-channel vector along the layer's axis."""
@@ -95,7 +93,8 @@ class Affine(Op):
         b.node("Add", [f"{y}__scaled", shift], y, layer.name)
 
 
-@jit.kernel(cache=True, nogil=True, imports={"requantize_value": "tpusim.kernels.rounding"})
+@jit.kernel(cache=True, nogil=True, imports={"requantize_value": "tpusim.kernels.rounding",
+                                             "INT32_MIN": "tpusim.quant.qlayer", "INT32_MAX": "tpusim.quant.qlayer"})
 def _affine_kernel(x, a, b, multiplier, right, half, zero_point, qmin, qmax, out):
     """out[o, c, i] = the accumulator ``x[o, c, i] * a[c] + b[c]``, saturated to int32, requantized with channel
     c's constants; x and out (outer, channels, inner) C-contiguous. The inner loop runs over a contiguous row:
@@ -106,7 +105,7 @@ def _affine_kernel(x, a, b, multiplier, right, half, zero_point, qmin, qmax, out
         for o in range(outer):
             src, dst = rows[o], targets[o]
             for c in range(channels):
-                acc = min(max(np.int64(src[c]) * a[c] + b[c], _INT32_MIN), _INT32_MAX)
+                acc = min(max(np.int64(src[c]) * a[c] + b[c], INT32_MIN), INT32_MAX)
                 dst[c] = requantize_value(acc, multiplier[c], right[c], half[c], zero_point, qmin, qmax)
         return
     for o in range(outer):
@@ -114,7 +113,7 @@ def _affine_kernel(x, a, b, multiplier, right, half, zero_point, qmin, qmax, out
             src, dst = x[o, c], out[o, c]
             ac, bc, m, r, h = a[c], b[c], multiplier[c], right[c], half[c]
             for i in range(inner):
-                acc = min(max(np.int64(src[i]) * ac + bc, _INT32_MIN), _INT32_MAX)
+                acc = min(max(np.int64(src[i]) * ac + bc, INT32_MIN), INT32_MAX)
                 dst[i] = requantize_value(acc, m, r, h, zero_point, qmin, qmax)
 
 
